@@ -1,0 +1,44 @@
+# profiling-agent: the README's two commands are `make run` and `make test`, each one command on a
+# fresh Debian/Ubuntu host (both run `make setup` first).
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+OUTPUT_DIR ?= ./profiles
+ARGS ?=
+# Re-run as root through sudo when it exists; otherwise say exactly what to do.
+AS_ROOT = if [ "$$(id -u)" != 0 ]; then \
+	if command -v sudo >/dev/null; then exec sudo -E $(MAKE) $@ $(MAKEFLAGS); \
+	else echo "make $@ needs root (BPF, kernel headers, apt): run it as root, e.g. 'su -c \"make $@\"'" >&2; exit 1; fi; fi
+
+.PHONY: setup run test test-unit test-bpf lint check clean
+
+setup:
+	@$(AS_ROOT); deploy/host/setup.sh
+
+run: setup
+	@$(AS_ROOT); exec $(VENV)/bin/profiling-agent run --output-dir $(OUTPUT_DIR) $(ARGS)
+
+check: setup
+	@$(AS_ROOT); $(VENV)/bin/profiling-agent check
+
+test: setup
+	@$(AS_ROOT); $(MAKE) --no-print-directory lint && $(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-unit: setup
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test-bpf: setup
+	@$(AS_ROOT); $(PY) -m pytest tests/bpf $(PYTEST_ARGS)
+
+lint:
+	$(VENV)/bin/ruff check agent tests bench
+	$(VENV)/bin/ruff format --check agent tests bench
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) build agent/_proto/*_pb2*.py agent/_proto/*_pb2*.pyi
+
+# OpenTelemetry Collector (ocb build, cached under build/otelcol/) for the end-to-end OTLP tests.
+.PHONY: otelcol
+otelcol:
+	tests/e2e/otelcol/build.sh

@@ -1,0 +1,81 @@
+"""Records produced by the aggregate stage and consumed by the symbolize stage.
+
+An `IntervalProfile` is one profiler's data for one reporting interval: unique
+(pid, tid, cpu, kernel stack, user stack) keys with summed values and the monotonic timestamps of
+the events that made them. Stacks are still raw instruction pointers here; naming them is the
+symbolize stage's job.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class StackStatus(enum.IntEnum):
+    """What the kernel (or the stack-id lookup) said about one stack of one event."""
+
+    OK = 0
+    MISSING = 1  # get_stackid returned -EFAULT: no stack could be walked (e.g. kernel thread's user stack)
+    COLLISION = 2  # -EEXIST: the stack map bucket held another stack
+    MAP_FULL = 3  # -ENOMEM: the stack map was full
+    LOST = 4  # the id was valid but the map no longer held it when user space read it
+    ERROR = 5  # any other negative id
+    TRUNCATED = 6  # walked stack hit the kernel's depth limit; callers beyond it are gone
+    NOT_COLLECTED = 7  # the probe does not collect this stack (e.g. user stack of a kernel thread)
+
+
+@dataclass(frozen=True, slots=True)
+class Stack:
+    """One captured stack, leaf first. Callers' entries are return addresses, as the kernel walked them."""
+
+    status: StackStatus
+    addresses: tuple[int, ...] = ()
+
+
+EMPTY_STACK = Stack(StackStatus.NOT_COLLECTED)
+
+
+@dataclass(frozen=True, slots=True)
+class ValueType:
+    """A pprof/OTLP (type, unit) pair such as ("cpu", "nanoseconds")."""
+
+    type: str
+    unit: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileSpec:
+    """What one profiler's samples mean: names the values and the sampling period."""
+
+    name: str  # "cpu", "alloc", "offcpu": also the file prefix
+    sample_types: tuple[ValueType, ...]
+    period_type: ValueType
+    period: int
+
+
+@dataclass(frozen=True, slots=True)
+class SampleKey:
+    pid: int
+    tid: int
+    cpu: int
+    kernel: Stack
+    user: Stack
+
+
+@dataclass(frozen=True, slots=True)
+class AggregatedSample:
+    key: SampleKey
+    thread_name: str  # the thread's comm as the kernel saw it at the last event
+    values: tuple[int, ...]  # aligned with ProfileSpec.sample_types
+    timestamps_mono_ns: tuple[int, ...]  # CLOCK_MONOTONIC of each event, ascending
+
+
+@dataclass(frozen=True, slots=True)
+class IntervalProfile:
+    spec: ProfileSpec
+    start_mono_ns: int
+    end_mono_ns: int
+    # CLOCK_REALTIME - CLOCK_MONOTONIC at the interval end, to turn event timestamps into Unix time.
+    mono_to_unix_offset_ns: int
+    samples: tuple[AggregatedSample, ...]

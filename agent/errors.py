@@ -1,0 +1,53 @@
+"""Error types shared by every stage.
+
+Start-up errors are fatal and map to distinct exit codes (see `EXIT_CODES`); errors about one pid, one
+frame or one record are counted and logged at debug level by the stage that meets them, never raised
+past it.
+"""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """Base of every error the agent raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(AgentError):
+    """Invalid configuration; `key` names the offending key path (e.g. `export.files.max_files`)."""
+
+    exit_code = 2
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}" if key else message)
+        self.key = key
+        self.message = message
+
+
+class PreflightError(AgentError):
+    """The host cannot run the agent (privileges, BPF, headers, tracefs); the message is the report."""
+
+    exit_code = 3
+
+
+class BpfLoadError(AgentError):
+    """A BPF program failed to compile or load."""
+
+    exit_code = 4
+
+
+class BpfAttachError(AgentError):
+    """A compiled BPF program could not be attached to its event."""
+
+    exit_code = 5
+
+
+class ExportError(AgentError):
+    """A sink failed to deliver a profile; `retryable` says whether trying again can help."""
+
+    exit_code = 6
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable

@@ -1,0 +1,26 @@
+"""Export stage: the `Sink` protocol every exporter (local files, OTLP) implements.
+
+The daemon hands each finished profile, together with its serialized pprof bytes, to every
+configured sink and shuts them down with the remaining deadline at exit.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from agent.symbolize.types import Profile
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """A destination for finished profiles.
+
+    `export` raises `agent.errors.ExportError` when delivery failed; its `retryable` flag says whether
+    handing the same profile over again can help. `shutdown` is safe to call more than once.
+    """
+
+    name: str
+
+    def export(self, profile: Profile, pprof: bytes) -> object: ...
+
+    def shutdown(self, deadline_s: float) -> None: ...

@@ -1,0 +1,216 @@
+"""pprof stage: turns one symbolized `Profile` into a serialized `perftools.profiles.Profile`.
+
+The builder is pure: no I/O, no clocks, no globals, and the same input gives the same bytes. It owns
+the dedup tables (strings, functions, mappings, locations) whose ids start at 1 because 0 means
+"none" in pprof. Addresses follow pprof's runtime convention (formats.md section 7, convention A):
+locations carry the runtime address and mappings the /proc/PID/maps range, exactly as the symbolize
+stage recorded them. The output is uncompressed; sinks compress it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from agent.aggregate.types import ProfileSpec
+from agent.pprof.strings import StringTable
+from agent.symbolize.types import KERNEL_MAPPING_NAME, Frame, FrameKind, MappingInfo, Profile, Sample
+
+try:
+    from agent._proto import profile_pb2
+except ImportError as exc:  # generated at set-up, never committed
+    raise ImportError(
+        "agent._proto.profile_pb2 is missing or does not match the installed protobuf runtime: run `make setup` "
+        "to generate it from proto/profile.proto"
+    ) from exc
+
+logger = logging.getLogger(__name__)
+
+# Kernel frames the symbolize stage left without a mapping still get one, so every kernel location is
+# grouped under `[kernel.kallsyms]`. start = limit = offset = 0 is pprof's "fake" mapping: the address
+# is taken as is, and the bracketed name keeps `go tool pprof` from looking for a file.
+DEFAULT_KERNEL_MAPPING = MappingInfo(path=KERNEL_MAPPING_NAME, start=0, limit=0, file_offset=0)
+
+_LocationKey = tuple[int, int, int]  # (mapping id, address, function id)
+
+
+def build_pprof(profile: Profile) -> bytes:
+    """Serialize `profile` as an uncompressed pprof `Profile` message."""
+    builder = ProfileBuilder(profile.spec)
+    for mapping in mapping_order(profile):
+        builder.add_mapping(mapping)
+    for sample in profile.samples:
+        process = profile.processes.get(sample.pid)
+        # A process whose comm could not be read is still best named by what its thread was called.
+        comm = process.comm if process is not None and process.comm else sample.thread_name
+        builder.add_sample(sample, comm)
+    message = builder.build(profile.start_unix_ns, profile.duration_ns)
+    data: bytes = message.SerializeToString(deterministic=True)
+    logger.debug(
+        "built pprof %s: %d samples, %d locations, %d bytes",
+        profile.spec.name,
+        len(profile.samples),
+        builder.location_count,
+        len(data),
+    )
+    return data
+
+
+def frame_mapping(frame: Frame) -> MappingInfo | None:
+    """The mapping a frame's location points at: none for markers, `[kernel.kallsyms]` for bare kernel frames."""
+    if frame.kind is FrameKind.MARKER:
+        return None
+    if frame.kind is FrameKind.KERNEL and frame.mapping is None:
+        return DEFAULT_KERNEL_MAPPING
+    return frame.mapping
+
+
+def mapping_order(profile: Profile) -> list[MappingInfo]:
+    """Every distinct mapping in the order pprof wants them listed.
+
+    pprof takes mapping[0] to be the main binary, so the executable of the first process (in sample
+    order) whose executable shows up in its own frames comes first; the other user mappings follow in
+    first-seen order and kernel mappings come last.
+    """
+    user: dict[MappingInfo, None] = {}  # dicts as ordered sets
+    kernel: dict[MappingInfo, None] = {}
+    exe_mapping_by_pid: dict[int, MappingInfo] = {}
+    for sample in profile.samples:
+        process = profile.processes.get(sample.pid)
+        exe_path = process.exe_path if process is not None else ""
+        for frame in sample.frames:
+            mapping = frame_mapping(frame)
+            if mapping is None:
+                continue
+            if frame.kind is FrameKind.KERNEL or mapping.path == KERNEL_MAPPING_NAME:
+                kernel.setdefault(mapping, None)
+                continue
+            user.setdefault(mapping, None)
+            if exe_path and mapping.path == exe_path:
+                exe_mapping_by_pid.setdefault(sample.pid, mapping)
+    main = _first_main(profile.samples, exe_mapping_by_pid)
+    ordered = [main] if main is not None else []
+    ordered.extend(m for m in user if m != main)
+    ordered.extend(m for m in kernel if m not in user)
+    return ordered
+
+
+def _first_main(samples: Iterable[Sample], exe_mapping_by_pid: dict[int, MappingInfo]) -> MappingInfo | None:
+    for sample in samples:
+        found = exe_mapping_by_pid.get(sample.pid)
+        if found is not None:
+            return found
+    return None
+
+
+class ProfileBuilder:
+    """Accumulates samples into one pprof `Profile`, deduplicating strings, functions, mappings and locations.
+
+    Ids are assigned 1, 2, 3, ... in first-use order, so call `add_mapping` first for the mappings
+    whose position matters. One builder makes one profile.
+    """
+
+    def __init__(self, spec: ProfileSpec) -> None:
+        self._spec = spec
+        self._strings = StringTable()
+        self._message: Any = profile_pb2.Profile()
+        self._functions: dict[str, int] = {}
+        self._mappings: dict[MappingInfo, int] = {}
+        self._mapping_messages: list[Any] = []
+        self._unnamed_mapping_ids: set[int] = set()
+        self._locations: dict[_LocationKey, int] = {}
+        # Interned first so the value-type names head the string table, which makes dumps easier to read.
+        for value_type in spec.sample_types:
+            self._message.sample_type.add(type=self._s(value_type.type), unit=self._s(value_type.unit))
+
+    @property
+    def location_count(self) -> int:
+        return len(self._locations)
+
+    def add_mapping(self, mapping: MappingInfo) -> int:
+        """The id of `mapping`, creating its entry the first time this exact tuple is seen."""
+        found = self._mappings.get(mapping)
+        if found is not None:
+            return found
+        mapping_id = len(self._mappings) + 1
+        self._mappings[mapping] = mapping_id
+        self._mapping_messages.append(
+            self._message.mapping.add(
+                id=mapping_id,
+                memory_start=mapping.start,
+                memory_limit=mapping.limit,
+                file_offset=mapping.file_offset,
+                filename=self._s(mapping.path),
+                build_id=self._s(mapping.build_id),
+            )
+        )
+        return mapping_id
+
+    def add_sample(self, sample: Sample, comm: str) -> None:
+        """Add one sample; `comm` is the process's name for the `comm` label."""
+        if len(sample.values) != len(self._spec.sample_types):
+            raise ValueError(
+                f"sample of pid {sample.pid} has {len(sample.values)} values but profile {self._spec.name!r} "
+                f"has {len(self._spec.sample_types)} sample types"
+            )
+        message = self._message.sample.add()
+        message.location_id.extend(self._location(frame) for frame in sample.frames)
+        message.value.extend(sample.values)
+        # Numeric labels carry no unit: pid, tid and cpu are identifiers, not quantities.
+        for key, number in (("pid", sample.pid), ("tid", sample.tid), ("cpu", sample.cpu)):
+            message.label.add(key=self._s(key), num=number)
+        for key, text in (("comm", comm), ("thread_name", sample.thread_name)):
+            # pprof reads str == 0 as "not a string label" and drops it, so don't spend bytes on it.
+            if text:
+                message.label.add(key=self._s(key), str=self._s(text))
+
+    def build(self, start_unix_ns: int, duration_ns: int) -> Any:
+        """The finished `profile_pb2.Profile` message."""
+        message = self._message
+        for mapping_message in self._mapping_messages:
+            # Claim functions only when every location got a name, so `go tool pprof` still symbolizes
+            # mappings that have unnamed frames. Filenames and line numbers are never known here.
+            mapping_message.has_functions = mapping_message.id not in self._unnamed_mapping_ids
+        spec = self._spec
+        message.period_type.type = self._s(spec.period_type.type)
+        message.period_type.unit = self._s(spec.period_type.unit)
+        message.period = spec.period
+        message.time_nanos = start_unix_ns
+        message.duration_nanos = duration_ns
+        if spec.sample_types:
+            message.default_sample_type = self._s(spec.sample_types[-1].type)
+        del message.string_table[:]
+        message.string_table.extend(self._strings.strings())
+        return message
+
+    def _s(self, value: str) -> int:
+        return self._strings.index(value)
+
+    def _function(self, name: str) -> int:
+        found = self._functions.get(name)
+        if found is not None:
+            return found
+        function_id = len(self._functions) + 1
+        self._functions[name] = function_id
+        # Kernel and native symbols have no separate mangled form here and no source file is known.
+        index = self._s(name)
+        self._message.function.add(id=function_id, name=index, system_name=index)
+        return function_id
+
+    def _location(self, frame: Frame) -> int:
+        mapping = frame_mapping(frame)
+        mapping_id = self.add_mapping(mapping) if mapping is not None else 0
+        function_id = self._function(frame.function) if frame.function else 0
+        key = (mapping_id, frame.address, function_id)
+        found = self._locations.get(key)
+        if found is not None:
+            return found
+        location_id = len(self._locations) + 1
+        self._locations[key] = location_id
+        location = self._message.location.add(id=location_id, mapping_id=mapping_id, address=frame.address)
+        if function_id:
+            location.line.add(function_id=function_id)
+        elif mapping_id:
+            self._unnamed_mapping_ids.add(mapping_id)
+        return location_id

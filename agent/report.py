@@ -1,0 +1,55 @@
+"""Symbolize -> build -> export: what the report thread does with each finished interval.
+
+Owns the hand-off of one `IntervalProfile` through the symbolizer, the pprof builder and every
+enabled sink. A failing sink is counted and logged and never stops the others. This module starts
+no threads: `agent.daemon` runs `Reporter.report` on the thread it owns.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from typing import Protocol
+
+from agent.aggregate.types import IntervalProfile
+from agent.errors import ExportError
+from agent.export.sink import Sink
+from agent.pprof.builder import build_pprof
+from agent.symbolize.types import Profile
+
+logger = logging.getLogger(__name__)
+
+
+class IntervalSymbolizer(Protocol):
+    def symbolize(self, interval: IntervalProfile) -> Profile: ...
+
+
+class Reporter:
+    def __init__(self, symbolizer: IntervalSymbolizer, sinks: Sequence[Sink]) -> None:
+        self._symbolizer = symbolizer
+        self._sinks = sinks
+        self.intervals = 0
+        self.empty_intervals = 0
+        self.exported: Counter[str] = Counter()
+        self.failed: Counter[str] = Counter()
+
+    def report(self, interval: IntervalProfile) -> None:
+        self.intervals += 1
+        if not interval.samples:
+            self.empty_intervals += 1
+            logger.debug("%s interval had no samples; nothing to export", interval.spec.name)
+            return
+        profile = self._symbolizer.symbolize(interval)
+        pprof = build_pprof(profile)
+        for sink in self._sinks:
+            try:
+                sink.export(profile, pprof)
+            except ExportError as e:
+                self.failed[sink.name] += 1
+                logger.warning("%s sink could not export the %s profile: %s", sink.name, profile.spec.name, e)
+            except Exception:
+                self.failed[sink.name] += 1
+                logger.exception("%s sink failed unexpectedly", sink.name)
+            else:
+                self.exported[sink.name] += 1

@@ -1,0 +1,213 @@
+"""Configuration declarations: every setting's key, default, environment variable, flag, help and validator.
+
+This is the one table the loader (`agent.config`), the command line (`agent.cli`), the example config
+(`config/agent.yaml`) and the docs are generated from, so a setting cannot be documented in one place
+and behave differently in another. Environment variables are `PROFILING_AGENT_<KEY>` with dots as
+underscores, e.g. `PROFILING_AGENT_PROFILING_FREQUENCY_HZ`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+ENV_PREFIX = "PROFILING_AGENT_"
+KNOWN_PROFILERS = ("cpu",)
+
+# A parser turns a value from YAML (any type) or from a string (env, flag) into the typed value, or
+# raises ValueError with a message that says what was expected.
+Parser = Callable[[Any], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    key: str  # dotted path, e.g. "profiling.frequency_hz"
+    default: Any
+    parse: Parser
+    help: str
+    flag: str = ""  # command-line flag of `run`, if any
+    expected: str = ""  # human description of valid values, used in error messages
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.key.upper().replace(".", "_")
+
+    @property
+    def section(self) -> str:
+        return self.key.rsplit(".", 1)[0]
+
+    @property
+    def field(self) -> str:
+        return self.key.rsplit(".", 1)[1]
+
+
+def parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def parse_auto_bool(value: Any) -> bool | None:
+    if value is None or str(value).strip().lower() == "auto":
+        return None
+    return parse_bool(value)
+
+
+def ranged_int(low: int, high: int) -> Parser:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ValueError(f"expected an integer in [{low}, {high}], got {value!r}")
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValueError(f"expected an integer in [{low}, {high}], got {value!r}") from None
+        if not low <= number <= high:
+            raise ValueError(f"expected an integer in [{low}, {high}], got {number}")
+        return number
+
+    return parse
+
+
+def ranged_float(low: float, high: float) -> Parser:
+    def parse(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ValueError(f"expected a number in [{low:g}, {high:g}], got {value!r}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"expected a number in [{low:g}, {high:g}], got {value!r}") from None
+        if not low <= number <= high:
+            raise ValueError(f"expected a number in [{low:g}, {high:g}], got {number:g}")
+        return number
+
+    return parse
+
+
+def parse_str(value: Any) -> str:
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        raise ValueError(f"expected a string, got {value!r}")
+    return str(value)
+
+
+def choice(*options: str) -> Parser:
+    def parse(value: Any) -> str:
+        text = parse_str(value).strip().lower()
+        if text not in options:
+            raise ValueError(f"expected one of {', '.join(options)}, got {value!r}")
+        return text
+
+    return parse
+
+
+def parse_profilers(value: Any) -> tuple[str, ...]:
+    items = _as_list(value)
+    names = tuple(dict.fromkeys(str(item).strip().lower() for item in items if str(item).strip()))
+    if not names:
+        raise ValueError("expected at least one profiler")
+    unknown = [name for name in names if name not in KNOWN_PROFILERS]
+    if unknown:
+        raise ValueError(f"unknown profiler {unknown[0]!r}; known: {', '.join(KNOWN_PROFILERS)}")
+    return names
+
+
+def parse_pids(value: Any) -> tuple[int, ...]:
+    pids = []
+    for item in _as_list(value):
+        text = str(item).strip()
+        if not re.fullmatch(r"[1-9][0-9]{0,9}", text):
+            raise ValueError(f"expected process ids (positive integers), got {item!r}")
+        pids.append(int(text))
+    return tuple(sorted(set(pids)))
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, list | tuple):
+        return list(value)
+    if isinstance(value, str):
+        return [part for part in re.split(r"[,\s]+", value) if part]
+    return [value]
+
+
+MiB = 1024 * 1024
+SETTINGS: tuple[Setting, ...] = (
+    # profiling: what the probes collect and how often the pipeline reports
+    Setting("profiling.profilers", ("cpu",), parse_profilers, "Profilers to run, comma-separated.", "--profilers"),
+    Setting("profiling.frequency_hz", 19, ranged_int(1, 1000), "CPU sampling frequency per CPU (Hz).", "--frequency"),
+    Setting("profiling.interval_s", 10.0, ranged_float(1.0, 3600.0), "Reporting interval (s).", "--interval"),
+    Setting(
+        "profiling.duration_s",
+        0.0,
+        ranged_float(0.0, 1e9),
+        "Stop after this long, counted from when sampling starts, then flush and exit 0 (0: run until stopped).",
+        "--duration",
+    ),
+    Setting("profiling.pids", (), parse_pids, "Profile only these processes (repeatable flag).", "--pid"),
+    Setting(
+        "profiling.perf_buffer_pages",
+        64,
+        ranged_int(1, 4096),
+        "Perf buffer size per CPU, in pages (rounded up to a power of two).",
+    ),
+    Setting(
+        "profiling.stack_map_entries",
+        8192,
+        ranged_int(256, 1 << 20),
+        "Entries in each of the two BPF stack-trace maps (one is filled while the other is read).",
+    ),
+    Setting(
+        "profiling.queue_size",
+        65536,
+        ranged_int(1024, 1 << 24),
+        "Records buffered between the perf-buffer reader and the pipeline; the oldest are dropped (and counted) "
+        "when it is full.",
+    ),
+    # symbolize
+    Setting("symbolize.elf_cache_size", 128, ranged_int(1, 100_000), "ELF symbol tables kept in memory."),
+    Setting(
+        "symbolize.process_ttl_intervals",
+        6,
+        ranged_int(1, 10_000),
+        "Forget a process's captured mappings after this many intervals without samples.",
+    ),
+    # export.files: the embedded default sink
+    Setting(
+        "export.files.enabled",
+        None,
+        parse_auto_bool,
+        "Write gzipped pprof files locally: true, false or auto (on when OTLP export is off).",
+        expected="true, false or auto",
+    ),
+    Setting(
+        "export.files.output_dir",
+        "/var/lib/profiling-agent/profiles",
+        parse_str,
+        "Directory for <profiler>-<UTC start>.pb.gz files.",
+        "--output-dir",
+    ),
+    Setting(
+        "export.files.max_files",
+        1000,
+        ranged_int(0, 10_000_000),
+        "Keep at most this many profile files; oldest deleted first (0: no limit).",
+    ),
+    Setting(
+        "export.files.max_bytes",
+        1024 * MiB,
+        ranged_int(0, 1 << 50),
+        "Keep at most this many bytes of profile files; oldest deleted first (0: no limit).",
+    ),
+    # logging
+    Setting("logging.level", "info", choice("debug", "info", "warning", "error"), "Log level.", "--log-level"),
+    Setting("logging.format", "text", choice("text", "json"), "Log format: text or JSON lines.", "--log-format"),
+)
+
+SETTINGS_BY_KEY = {setting.key: setting for setting in SETTINGS}

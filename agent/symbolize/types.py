@@ -1,0 +1,75 @@
+"""Records produced by the symbolize stage and consumed by the pprof builder and the exporters.
+
+A `Profile` is an `IntervalProfile` whose stacks have been turned into named frames with their
+mappings, and whose timestamps are Unix nanoseconds. It is the one model every output format is
+built from.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from agent.aggregate.types import ProfileSpec
+
+KERNEL_MAPPING_NAME = "[kernel.kallsyms]"
+
+
+class FrameKind(enum.StrEnum):
+    KERNEL = "kernel"
+    NATIVE = "native"
+    MARKER = "marker"  # stands for a stack that could not be captured (see `marker_name`)
+
+
+@dataclass(frozen=True, slots=True)
+class MappingInfo:
+    """A file mapping as /proc/PID/maps showed it (runtime addresses), or the kernel pseudo-mapping."""
+
+    path: str  # path inside the process's mount namespace, or KERNEL_MAPPING_NAME
+    start: int
+    limit: int
+    file_offset: int
+    build_id: str = ""  # lowercase hex of the GNU build id; "" when unknown
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One stack frame.
+
+    `address` follows pprof's convention: the leaf's sampled PC as is, every caller's return address
+    minus one so it lands inside the call instruction. `function` is "" when the frame could not be
+    named; it then keeps its mapping and address so a server can symbolize it later.
+    """
+
+    kind: FrameKind
+    address: int
+    function: str
+    mapping: MappingInfo | None
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessInfo:
+    pid: int
+    comm: str  # the process's (main thread's) comm
+    exe_path: str  # /proc/PID/exe target; "" when unknown (kernel threads, vanished processes)
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    pid: int
+    tid: int
+    cpu: int
+    thread_name: str
+    frames: tuple[Frame, ...]  # leaf first: kernel frames, then user frames
+    values: tuple[int, ...]  # aligned with ProfileSpec.sample_types
+    timestamps_unix_ns: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    spec: ProfileSpec
+    start_unix_ns: int
+    duration_ns: int
+    samples: tuple[Sample, ...]
+    processes: Mapping[int, ProcessInfo]  # one per pid that appears in `samples`
