@@ -1,0 +1,97 @@
+"""Symbolize stage: the thread-safe registry of process snapshots.
+
+This module owns `ProcessRegistry`: which pids have a `ProcessMaps` snapshot, capturing one the first
+time a pid is seen (so a process that exits before the interval ends can still be symbolized),
+forgetting it on exec, and expiring snapshots of pids absent from `ttl_intervals` consecutive
+intervals so memory stays bounded on a busy host.
+
+`observe` runs on the event thread and `symbolize` on the report thread. The lock only guards the
+dictionary and the counters; /proc is read outside it, so neither thread waits on the other's I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.symbolize.proc_maps import ProcessMaps, read_process_maps
+from agent.symbolize.stats import ErrorReason, SymbolizerStats
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Tracked:
+    maps: ProcessMaps
+    last_seen: int  # the registry generation (count of ended intervals) when the pid was last seen
+
+
+class ProcessRegistry:
+    def __init__(self, proc_root: Path, ttl_intervals: int, stats: SymbolizerStats) -> None:
+        if ttl_intervals < 1:
+            raise ValueError(f"process_ttl_intervals must be at least 1, got {ttl_intervals}")
+        self._proc_root = proc_root
+        self._ttl = ttl_intervals
+        self._stats = stats
+        self._lock = threading.Lock()
+        self._tracked: dict[int, _Tracked] = {}
+        self._generation = 0
+
+    def observe(self, pid: int) -> ProcessMaps | None:
+        """The pid's snapshot, captured now if there is none; None when it cannot be captured."""
+        with self._lock:
+            tracked = self._tracked.get(pid)
+            if tracked is not None:
+                tracked.last_seen = self._generation
+                return tracked.maps
+        return self.capture(pid)
+
+    def capture(self, pid: int) -> ProcessMaps | None:
+        """Take a fresh snapshot, replacing any older one; on failure keep the older one and return None."""
+        if pid <= 0:
+            return None  # pid 0 is the idle task: no /proc entry, no user space
+        try:
+            maps = read_process_maps(self._proc_root, pid)
+        except (FileNotFoundError, ProcessLookupError):
+            with self._lock:
+                self._stats.processes_vanished += 1
+            logger.debug("pid %d vanished before its mappings could be read", pid)
+            return None
+        except OSError as e:
+            with self._lock:
+                self._stats.errors[ErrorReason.PROC_UNREADABLE] += 1
+            logger.debug("cannot read mappings of pid %d: %s", pid, e)
+            return None
+        with self._lock:
+            self._tracked[pid] = _Tracked(maps, self._generation)
+            self._stats.processes_captured += 1
+        return maps
+
+    def get(self, pid: int) -> ProcessMaps | None:
+        with self._lock:
+            tracked = self._tracked.get(pid)
+            return tracked.maps if tracked is not None else None
+
+    def forget(self, pid: int) -> None:
+        with self._lock:
+            self._tracked.pop(pid, None)
+
+    def end_interval(self, seen_pids: Iterable[int]) -> None:
+        """Mark `seen_pids` as seen in the interval that just ended, then expire the long-unseen ones."""
+        with self._lock:
+            self._generation += 1
+            for pid in seen_pids:
+                tracked = self._tracked.get(pid)
+                if tracked is not None:
+                    tracked.last_seen = self._generation
+            expired = [pid for pid, t in self._tracked.items() if self._generation - t.last_seen >= self._ttl]
+            for pid in expired:
+                del self._tracked[pid]
+            self._stats.processes_expired += len(expired)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._tracked)

@@ -1,0 +1,196 @@
+"""Symbolize stage entry point: `IntervalProfile` (raw addresses) in, `Profile` (named frames) out.
+
+This module owns `Symbolizer`, the object the daemon keeps for the agent's lifetime. It ties together
+the process registry (snapshots taken as soon as a pid is seen), the kernel symbol table, the native
+resolver with its ELF cache, and the marker frames, and converts monotonic timestamps to Unix time.
+
+Threads: `observe_process` and `on_exec` are called from the event thread, `symbolize` from the report
+thread; only the process registry is shared and it carries its own lock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+from agent.aggregate.types import AggregatedSample, IntervalProfile, Stack, StackStatus
+from agent.symbolize.kallsyms import KallsymsCache
+from agent.symbolize.markers import NO_STACK, pprof_addresses, status_marker
+from agent.symbolize.native import NativeResolver
+from agent.symbolize.proc_maps import ProcessMaps
+from agent.symbolize.processes import ProcessRegistry
+from agent.symbolize.stats import SymbolizerStats
+from agent.symbolize.types import Frame, FrameKind, ProcessInfo, Profile, Sample
+
+_FRAMES_BY_STATUS = (StackStatus.OK, StackStatus.TRUNCATED)
+
+
+@dataclass(frozen=True, slots=True)
+class _Frames:
+    """Frames of one stack with how many of them got a name, memoized per `symbolize` call."""
+
+    frames: tuple[Frame, ...]
+    named: int
+    unnamed: int
+
+
+_NONE = _Frames((), 0, 0)
+
+
+@dataclass(slots=True)
+class _CallState:
+    """Memos of one `symbolize` call: identical stacks are symbolized once."""
+
+    kernel: dict[Stack, _Frames] = field(default_factory=dict)
+    kernel_frames: dict[int, Frame] = field(default_factory=dict)  # by adjusted address
+    user: dict[tuple[int, Stack], _Frames] = field(default_factory=dict)
+    maps: dict[int, ProcessMaps | None] = field(default_factory=dict)  # None: could not be captured
+    refreshed: set[int] = field(default_factory=set)
+
+
+class Symbolizer:
+    """Turns raw stacks into named frames; see the module docstring for the threading rules."""
+
+    def __init__(
+        self, proc_root: Path = Path("/proc"), elf_cache_size: int = 128, process_ttl_intervals: int = 6
+    ) -> None:
+        self.stats = SymbolizerStats()
+        self._processes = ProcessRegistry(proc_root, process_ttl_intervals, self.stats)
+        self._kallsyms = KallsymsCache(proc_root / "kallsyms", self.stats)
+        self._native = NativeResolver(proc_root, elf_cache_size, self.stats)
+
+    def observe_process(self, pid: int) -> None:
+        """Capture `pid`'s mappings, comm and exe now unless already captured; failures are counted."""
+        self._processes.observe(pid)
+
+    def on_exec(self, pid: int) -> None:
+        """Forget `pid`'s snapshot: exec replaced its image, the next observation recaptures it."""
+        self._processes.forget(pid)
+
+    def cache_sizes(self) -> dict[str, int]:
+        """Current entry counts of the caches, for the metrics stage."""
+        return {
+            **self._native.cache.sizes(),
+            "processes": len(self._processes),
+            "kernel_symbols": self._kallsyms.size(),
+        }
+
+    def symbolize(self, interval: IntervalProfile) -> Profile:
+        """Name every sample's frames (kernel then user, leaf first) and convert times to Unix nanoseconds.
+
+        Per-pid, per-file and per-kernel-table failures are counted in `stats` and leave frames with
+        their mapping and address; they never raise.
+        """
+        self._native.begin_call()
+        state = _CallState()
+        offset = interval.mono_to_unix_offset_ns
+        samples = tuple(self._sample(agg, offset, state) for agg in interval.samples)
+        pids = sorted({s.pid for s in samples})
+        processes = self._process_infos(pids, interval.samples)
+        self._processes.end_interval(pids)
+        return Profile(
+            spec=interval.spec,
+            start_unix_ns=interval.start_mono_ns + offset,
+            duration_ns=interval.end_mono_ns - interval.start_mono_ns,
+            samples=samples,
+            processes=MappingProxyType(processes),
+        )
+
+    def _sample(self, agg: AggregatedSample, offset: int, state: _CallState) -> Sample:
+        key = agg.key
+        kernel = self._kernel_frames(key.kernel, state)
+        user = self._user_frames(key.pid, key.user, state)
+        frames = kernel.frames + user.frames or (NO_STACK,)
+        self.stats.frames_symbolized += kernel.named + user.named
+        self.stats.frames_unsymbolized += kernel.unnamed + user.unnamed
+        return Sample(
+            pid=key.pid,
+            tid=key.tid,
+            cpu=key.cpu,
+            thread_name=agg.thread_name,
+            frames=frames,
+            values=agg.values,
+            timestamps_unix_ns=tuple(t + offset for t in agg.timestamps_mono_ns),
+        )
+
+    def _kernel_frames(self, stack: Stack, state: _CallState) -> _Frames:
+        if stack.status not in _FRAMES_BY_STATUS or not stack.addresses:
+            return _marker_only(stack, "kernel")
+        result = state.kernel.get(stack)
+        if result is None:
+            table = self._kallsyms.table()
+            frames = []
+            for address in pprof_addresses(stack.addresses):
+                frame = state.kernel_frames.get(address)
+                if frame is None:
+                    frame = Frame(FrameKind.KERNEL, address, table.lookup(address), table.mapping)
+                    state.kernel_frames[address] = frame
+                frames.append(frame)
+            result = _finish(frames, stack, "kernel")
+            state.kernel[stack] = result
+        return result
+
+    def _user_frames(self, pid: int, stack: Stack, state: _CallState) -> _Frames:
+        if stack.status not in _FRAMES_BY_STATUS or not stack.addresses:
+            return _marker_only(stack, "user")
+        result = state.user.get((pid, stack))
+        if result is None:
+            addresses = pprof_addresses(stack.addresses)
+            maps = self._maps_covering(pid, addresses, state)
+            if maps is None:
+                frames = [Frame(FrameKind.NATIVE, address, "", None) for address in addresses]
+            else:
+                frames = self._native.frames(maps, addresses)
+            result = _finish(frames, stack, "user")
+            state.user[(pid, stack)] = result
+        return result
+
+    def _maps_covering(self, pid: int, addresses: Iterable[int], state: _CallState) -> ProcessMaps | None:
+        """The pid's snapshot, captured now if missing (the process may still be alive).
+
+        An address outside every mapping means the process mapped code after its snapshot (dlopen, JIT):
+        the snapshot is retaken once per call, and kept as it was when the process has gone.
+        """
+        if pid in state.maps:
+            maps = state.maps[pid]
+        else:
+            maps = state.maps[pid] = self._processes.get(pid) or self._processes.observe(pid)
+        if maps is None or pid in state.refreshed:
+            return maps
+        if any(maps.index_of(address) < 0 for address in addresses):
+            state.refreshed.add(pid)
+            refreshed = self._processes.capture(pid)
+            if refreshed is not None:
+                self.stats.processes_refreshed += 1
+                maps = state.maps[pid] = refreshed
+        return maps
+
+    def _process_infos(self, pids: Iterable[int], samples: Iterable[AggregatedSample]) -> dict[int, ProcessInfo]:
+        # Never-captured pids (pid 0, gone too soon) fall back to their main thread's name as comm.
+        main_thread_names = {s.key.pid: s.thread_name for s in samples if s.key.tid == s.key.pid}
+        infos: dict[int, ProcessInfo] = {}
+        for pid in pids:
+            maps = self._processes.get(pid)
+            if maps is not None:
+                infos[pid] = ProcessInfo(pid, maps.comm, maps.exe_path)
+            else:
+                infos[pid] = ProcessInfo(pid, main_thread_names.get(pid, ""), "")
+        return infos
+
+
+def _marker_only(stack: Stack, side: str) -> _Frames:
+    frame = status_marker(stack.status, side)
+    return _Frames((frame,), 0, 0) if frame is not None else _NONE
+
+
+def _finish(frames: list[Frame], stack: Stack, side: str) -> _Frames:
+    """Count named frames and append the truncation marker at the root end of a TRUNCATED stack."""
+    named = sum(1 for f in frames if f.function)
+    unnamed = len(frames) - named
+    if stack.status == StackStatus.TRUNCATED:
+        frame = status_marker(stack.status, side)
+        if frame is not None:
+            frames.append(frame)
+    return _Frames(tuple(frames), named, unnamed)

@@ -1,0 +1,272 @@
+"""End-to-end tests of `agent.symbolize.symbolizer.Symbolizer` on a fake /proc with real compiled binaries.
+
+The truth comes from binutils: function addresses from `nm`, load segments from `readelf`, and the
+fake maps place each binary the way the dynamic loader would (PIE at 0x555555554000).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from agent.aggregate.types import (
+    EMPTY_STACK,
+    AggregatedSample,
+    IntervalProfile,
+    ProfileSpec,
+    SampleKey,
+    Stack,
+    StackStatus,
+    ValueType,
+)
+from agent.symbolize.stats import ErrorReason
+from agent.symbolize.symbolizer import Symbolizer
+from agent.symbolize.types import KERNEL_MAPPING_NAME, FrameKind, Profile
+
+NmFunctions = Callable[[Path], dict[str, tuple[int, int]]]
+MapsFor = Callable[[Path, int], list[str]]
+AddFakeProcess = Callable[..., Path]
+
+PIE_BASE = 0x555555554000
+SPEC = ProfileSpec("cpu", (ValueType("samples", "count"),), ValueType("cpu", "nanoseconds"), 10_000_000)
+KALLSYMS = "ffffffff81000000 T _stext\nffffffff81000100 T do_syscall_64\nffffffff81000200 t vfs_read\n"
+
+
+def agg(pid: int, user: Stack = EMPTY_STACK, kernel: Stack = EMPTY_STACK, tid: int | None = None) -> AggregatedSample:
+    key = SampleKey(pid=pid, tid=pid if tid is None else tid, cpu=0, kernel=kernel, user=user)
+    return AggregatedSample(key=key, thread_name="worker", values=(1,), timestamps_mono_ns=(1_500,))
+
+
+def interval(*samples: AggregatedSample) -> IntervalProfile:
+    return IntervalProfile(SPEC, 1_000, 2_000, 1_700_000_000_000_000_000, samples)
+
+
+def user_stack(*addresses: int) -> Stack:
+    return Stack(StackStatus.OK, addresses)
+
+
+def functions(profile: Profile, index: int = 0) -> list[str]:
+    return [f.function for f in profile.samples[index].frames]
+
+
+def build_id_of(path: Path) -> str:
+    notes = subprocess.run(["readelf", "-n", str(path)], check=True, capture_output=True, text=True).stdout
+    match = re.search(r"Build ID: ([0-9a-f]+)", notes)
+    assert match is not None
+    return match.group(1)
+
+
+@pytest.fixture
+def pie_process(
+    symbolize_binaries: dict[str, Path], maps_for: MapsFor, add_fake_process: AddFakeProcess, fake_proc: Path
+) -> Path:
+    """pid 100 runs the PIE binary loaded at PIE_BASE; returns the binary."""
+    pie = symbolize_binaries["pie"]
+    add_fake_process(100, maps_for(pie, PIE_BASE), comm="workload", exe=pie)
+    (fake_proc / "kallsyms").write_text(KALLSYMS)
+    return pie
+
+
+def test_pie_addresses_resolve_through_the_load_bias(
+    pie_process: Path, fake_proc: Path, nm_functions: NmFunctions
+) -> None:
+    nm = nm_functions(pie_process)
+    stack = user_stack(
+        PIE_BASE + nm["leaf_a"][0] + 4, PIE_BASE + nm["middle_b"][0] + 9, PIE_BASE + nm["outer_c"][0] + 9
+    )
+    symbolizer = Symbolizer(proc_root=fake_proc)
+    symbolizer.observe_process(100)
+    profile = symbolizer.symbolize(interval(agg(100, user=stack)))
+    frames = profile.samples[0].frames
+    assert [f.function for f in frames] == ["leaf_a", "middle_b", "outer_c"]
+    assert [f.kind for f in frames] == [FrameKind.NATIVE] * 3
+    assert [f.address for f in frames] == [stack.addresses[0], stack.addresses[1] - 1, stack.addresses[2] - 1]
+    mapping = frames[0].mapping
+    assert mapping is not None
+    assert mapping.path == str(pie_process)
+    assert mapping.build_id == build_id_of(pie_process)
+    assert mapping.start <= stack.addresses[0] < mapping.limit
+    assert mapping.file_offset == mapping.start - PIE_BASE  # separate-code layout: vaddr == file offset
+    assert profile.processes[100].comm == "workload"
+    assert profile.processes[100].exe_path == str(pie_process)
+
+
+def test_non_pie_addresses_resolve_without_bias(
+    symbolize_binaries: dict[str, Path],
+    maps_for: MapsFor,
+    add_fake_process: AddFakeProcess,
+    fake_proc: Path,
+    nm_functions: NmFunctions,
+) -> None:
+    binary = symbolize_binaries["nopie"]
+    nm = nm_functions(binary)
+    add_fake_process(200, maps_for(binary, 0), exe=binary)
+    stack = user_stack(nm["middle_b"][0] + 3, nm["outer_c"][0] + 9, nm["main"][0] + 20)
+    profile = Symbolizer(proc_root=fake_proc).symbolize(interval(agg(200, user=stack)))
+    assert functions(profile) == ["middle_b", "outer_c", "main"]
+
+
+def test_caller_return_address_at_next_function_start_names_the_caller(
+    pie_process: Path, fake_proc: Path, nm_functions: NmFunctions
+) -> None:
+    nm = nm_functions(pie_process)
+    leaf_start, leaf_size = nm["leaf_a"]
+    boundary = nm["middle_b"][0]
+    assert leaf_start + leaf_size == boundary, "leaf_a must end exactly where middle_b starts"
+    stack = user_stack(PIE_BASE + boundary, PIE_BASE + boundary)
+    profile = Symbolizer(proc_root=fake_proc).symbolize(interval(agg(100, user=stack)))
+    frames = profile.samples[0].frames
+    assert [f.function for f in frames] == ["middle_b", "leaf_a"]
+    assert [f.address for f in frames] == [PIE_BASE + boundary, PIE_BASE + boundary - 1]
+
+
+def test_kernel_frames_come_first_and_use_the_kernel_mapping(
+    pie_process: Path, fake_proc: Path, nm_functions: NmFunctions
+) -> None:
+    # The caller's return address is do_syscall_64's first byte: minus one, it names the caller (_stext).
+    kernel = Stack(StackStatus.OK, (0xFFFFFFFF81000210, 0xFFFFFFFF81000100))
+    user = user_stack(PIE_BASE + nm_functions(pie_process)["main"][0] + 1)
+    profile = Symbolizer(proc_root=fake_proc).symbolize(interval(agg(100, user=user, kernel=kernel)))
+    frames = profile.samples[0].frames
+    assert [f.function for f in frames] == ["vfs_read", "_stext", "main"]
+    assert [f.kind for f in frames] == [FrameKind.KERNEL, FrameKind.KERNEL, FrameKind.NATIVE]
+    assert [f.address for f in frames] == [0xFFFFFFFF81000210, 0xFFFFFFFF810000FF, user.addresses[0]]
+    kernel_mapping = frames[0].mapping
+    assert kernel_mapping is not None and kernel_mapping.path == KERNEL_MAPPING_NAME
+    assert kernel_mapping.start == 0xFFFFFFFF81000000 and kernel_mapping.file_offset == 0
+
+
+def test_hidden_kallsyms_keeps_kernel_addresses_unnamed(fake_proc: Path) -> None:
+    (fake_proc / "kallsyms").write_text(re.sub(r"^ffffffff[0-9a-f]+", "0" * 16, KALLSYMS, flags=re.MULTILINE))
+    symbolizer = Symbolizer(proc_root=fake_proc)
+    kernel = Stack(StackStatus.OK, (0xFFFFFFFF81000210, 0xFFFFFFFF81000110))
+    profile = symbolizer.symbolize(interval(agg(0, kernel=kernel)))
+    frames = profile.samples[0].frames
+    assert [(f.kind, f.function, f.address) for f in frames] == [
+        (FrameKind.KERNEL, "", 0xFFFFFFFF81000210),
+        (FrameKind.KERNEL, "", 0xFFFFFFFF8100010F),
+    ]
+    assert all(f.mapping is not None and f.mapping.path == KERNEL_MAPPING_NAME for f in frames)
+    assert symbolizer.stats.errors[ErrorReason.KALLSYMS_RESTRICTED] == 1
+    assert symbolizer.stats.frames_unsymbolized == 2
+
+
+def test_vanished_process_is_symbolized_from_its_snapshot(
+    pie_process: Path, fake_proc: Path, nm_functions: NmFunctions
+) -> None:
+    symbolizer = Symbolizer(proc_root=fake_proc)
+    symbolizer.observe_process(100)
+    shutil.rmtree(fake_proc / "100")
+    stack = user_stack(PIE_BASE + nm_functions(pie_process)["outer_c"][0] + 2)
+    profile = symbolizer.symbolize(interval(agg(100, user=stack)))
+    assert functions(profile) == ["outer_c"]
+    assert profile.processes[100].comm == "workload"
+
+
+def test_vanished_process_whose_binary_changed_keeps_module_and_address(
+    symbolize_binaries: dict[str, Path],
+    maps_for: MapsFor,
+    add_fake_process: AddFakeProcess,
+    fake_proc: Path,
+    tmp_path: Path,
+    nm_functions: NmFunctions,
+) -> None:
+    binary = tmp_path / "copy_of_pie"
+    shutil.copy(symbolize_binaries["pie"], binary)
+    add_fake_process(300, maps_for(binary, PIE_BASE), exe=binary)
+    symbolizer = Symbolizer(proc_root=fake_proc)
+    symbolizer.observe_process(300)
+    shutil.rmtree(fake_proc / "300")
+    os.utime(binary, ns=(0, 1))  # the host path now names a file with another identity
+    address = PIE_BASE + nm_functions(binary)["leaf_a"][0]
+    frame = symbolizer.symbolize(interval(agg(300, user=user_stack(address)))).samples[0].frames[0]
+    assert (frame.function, frame.address) == ("", address)
+    assert frame.mapping is not None and frame.mapping.path == str(binary)
+    assert symbolizer.stats.errors[ErrorReason.ELF_UNREACHABLE] == 1
+
+
+def test_garbage_executable_is_counted_once_and_keeps_module_and_address(
+    fake_proc: Path, add_fake_process: AddFakeProcess, tmp_path: Path
+) -> None:
+    garbage = tmp_path / "garbage.bin"
+    garbage.write_bytes(os.urandom(8192))
+    inode = os.stat(garbage).st_ino
+    add_fake_process(400, [f"7f0000000000-7f0000002000 r-xp 00000000 fd:01 {inode} {garbage}"])
+    symbolizer = Symbolizer(proc_root=fake_proc)
+    sample = agg(400, user=user_stack(0x7F0000000123, 0x7F0000001000))
+    for _ in range(3):
+        frames = symbolizer.symbolize(interval(sample)).samples[0].frames
+        assert [(f.function, f.address) for f in frames] == [("", 0x7F0000000123), ("", 0x7F0000000FFF)]
+        assert all(f.mapping is not None and f.mapping.path == str(garbage) for f in frames)
+    assert symbolizer.stats.errors[ErrorReason.ELF_NOT_ELF] == 1
+    assert symbolizer.stats.elf_cache_hits == 2 and symbolizer.stats.elf_cache_misses == 1
+
+
+def test_special_mappings_keep_mapping_and_address(fake_proc: Path, add_fake_process: AddFakeProcess) -> None:
+    lines = [
+        "7ffff7fc1000-7ffff7fc3000 r-xp 00000000 00:00 0 [vdso]",
+        "7f0000000000-7f0000001000 rwxp 00000000 00:00 0 ",
+        "7f1000000000-7f1000001000 r-xp 00000000 00:01 9 /memfd:jit (deleted)",
+        "7f2000000000-7f2000001000 r-xp 00000000 fd:01 9 /old/lib.so (deleted)",
+    ]
+    add_fake_process(500, lines)
+    addresses = (0x7FFFF7FC1010, 0x7F0000000011, 0x7F1000000011, 0x7F2000000011)
+    profile = Symbolizer(proc_root=fake_proc).symbolize(interval(agg(500, user=user_stack(*addresses))))
+    frames = profile.samples[0].frames
+    assert [f.function for f in frames] == ["", "", "", ""]
+    assert [f.mapping.path if f.mapping else None for f in frames] == [
+        "[vdso]",
+        "",
+        "/memfd:jit (deleted)",
+        "/old/lib.so (deleted)",
+    ]
+
+
+def test_address_outside_every_mapping_has_no_mapping(pie_process: Path, fake_proc: Path) -> None:
+    symbolizer = Symbolizer(proc_root=fake_proc)
+    frame = symbolizer.symbolize(interval(agg(100, user=user_stack(0x10)))).samples[0].frames[0]
+    assert (frame.kind, frame.function, frame.address, frame.mapping) == (FrameKind.NATIVE, "", 0x10, None)
+
+
+def test_one_binary_is_parsed_once_for_many_samples_processes_and_intervals(
+    pie_process: Path, fake_proc: Path, maps_for: MapsFor, add_fake_process: AddFakeProcess, nm_functions: NmFunctions
+) -> None:
+    add_fake_process(101, maps_for(pie_process, PIE_BASE + 0x10000000))
+    nm = nm_functions(pie_process)
+    samples = [agg(100, user=user_stack(PIE_BASE + nm["leaf_a"][0] + i), tid=1000 + i) for i in range(50)]
+    samples.append(agg(101, user=user_stack(PIE_BASE + 0x10000000 + nm["main"][0])))
+    symbolizer = Symbolizer(proc_root=fake_proc)
+    for _ in range(2):
+        profile = symbolizer.symbolize(interval(*samples))
+        assert [functions(profile, i) for i in range(len(samples))] == [["leaf_a"]] * 50 + [["main"]]
+    assert symbolizer.stats.elf_tables_loaded == 1
+    assert symbolizer.stats.frames_symbolized == 102
+    assert symbolizer.cache_sizes()["elf_tables"] == 1
+
+
+def test_non_utf8_path_still_opens_and_is_reported_as_valid_utf8(
+    symbolize_binaries: dict[str, Path],
+    maps_for: MapsFor,
+    fake_proc: Path,
+    add_fake_process: AddFakeProcess,
+    tmp_path: Path,
+    nm_functions: NmFunctions,
+) -> None:
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/bin\xff"))
+    shutil.copy(symbolize_binaries["pie"], odd)
+    pid_dir = add_fake_process(600, [], exe=odd)
+    (pid_dir / "maps").write_bytes(b"".join(os.fsencode(line) + b"\n" for line in maps_for(odd, PIE_BASE)))
+    address = PIE_BASE + nm_functions(odd)["middle_b"][0]
+    profile = Symbolizer(proc_root=fake_proc).symbolize(interval(agg(600, user=user_stack(address))))
+    frame = profile.samples[0].frames[0]
+    assert frame.function == "middle_b"
+    assert frame.mapping is not None and frame.mapping.path.endswith("/bin\ufffd")
+    assert profile.processes[600].exe_path.endswith("/bin\ufffd")
+    frame.mapping.path.encode("utf-8")  # protobuf strings must be valid UTF-8
+    profile.processes[600].exe_path.encode("utf-8")
