@@ -218,8 +218,8 @@ def check_kprobes() -> Check:
     return Check(
         "kprobes",
         False,
-        "not available (kernel without CONFIG_KPROBES, or tracefs unmounted): off-CPU profiling falls back to "
-        "the sched:sched_switch tracepoint",
+        "not available (kernel without CONFIG_KPROBES, or tracefs unmounted): only tracepoints and "
+        "perf events are used",
         fatal=False,
     )
 
@@ -235,25 +235,27 @@ def check_bcc() -> Check:
     )
 
 
-def _guard(name: str, probe: Callable[[], Check | list[Check]]) -> list[Check]:
+def _guard(name: str, probe: Callable[[], Check | list[Check]], fatal: bool) -> list[Check]:
     try:
         result = probe()
+    except PermissionError as e:
+        return [Check(name, False, f"cannot be checked: {e.filename} is not readable", "run as root", fatal)]
     except OSError as e:  # an unreadable /proc or /sys entry is a finding, not a crash
-        return [Check(name, False, f"could not be checked: {e}", "see the error above")]
+        return [Check(name, False, f"cannot be checked: {e}", "see the error above", fatal)]
     return result if isinstance(result, list) else [result]
 
 
 def run_checks() -> Report:
     checks: list[Check] = []
-    for name, probe in (
-        ("privileges", check_privileges),
-        ("bpf syscall", check_bpf_syscall),
-        ("perf events", check_perf_events),
-        ("tracefs", check_tracefs),
-        ("kernel headers", check_kernel_headers),
-        ("BTF", check_btf),
-        ("kprobes", check_kprobes),
-        ("BCC", check_bcc),
+    for name, probe, fatal in (
+        ("privileges", check_privileges, True),
+        ("bpf syscall", check_bpf_syscall, True),
+        ("perf events", check_perf_events, True),
+        ("tracefs", check_tracefs, True),
+        ("kernel headers", check_kernel_headers, True),
+        ("BTF", check_btf, False),
+        ("kprobes", check_kprobes, False),
+        ("BCC", check_bcc, True),
     ):
-        checks += _guard(name, probe)
+        checks += _guard(name, probe, fatal)
     return Report(tuple(checks))

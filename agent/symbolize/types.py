@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from agent.aggregate.types import ProfileSpec
 
@@ -33,9 +34,8 @@ class MappingInfo:
     build_id: str = ""  # lowercase hex of the GNU build id; "" when unknown
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
-    """One stack frame.
+class Frame(NamedTuple):
+    """One stack frame (a NamedTuple: symbolization builds millions, and tuples are ~5x cheaper to make).
 
     `address` follows pprof's convention: the leaf's sampled PC as is, every caller's return address
     minus one so it lands inside the call instruction. `function` is "" when the frame could not be

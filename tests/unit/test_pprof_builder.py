@@ -64,7 +64,7 @@ def fixture_profile() -> Profile:
     samples = (
         sample(100, 101, 0, "app-main", HOT_STACK, 30),
         # Same stack (equal, separately built frames) on another thread: must share the locations.
-        sample(100, 102, 1, "app-io", tuple(dataclasses.replace(f) for f in HOT_STACK), 10),
+        sample(100, 102, 1, "app-io", tuple(f._replace() for f in HOT_STACK), 10),
         sample(100, 101, 0, "app-main", (UNNAMED, APP_MAIN), 5),
         sample(100, 103, 2, "app-pool", (FIX_WORK_APP, APP_MAIN), 8),
         sample(200, 200, 3, "worker", (FIX_WORK_WORKER, WORKER_MAIN), 17),
