@@ -105,6 +105,8 @@ def _read_file(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError("", f"cannot read config file {path}: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError("", f"config file {path} is not UTF-8 text: {e}") from e
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -148,7 +150,8 @@ def _parse(setting: Setting, value: Any, origin: str) -> Any:
         return setting.parse(value)
     except ValueError as e:
         where = f" ({origin})" if origin else ""
-        raise ConfigError(setting.key, f"{e}{where}") from None
+        problem = f"expected {setting.expected}, got {value!r}" if setting.expected else str(e)
+        raise ConfigError(setting.key, f"{problem}{where}") from None
 
 
 def _assemble(values: Mapping[str, Any]) -> AgentConfig:

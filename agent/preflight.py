@@ -190,7 +190,7 @@ def check_kernel_headers(release: str | None = None, modules: Path = Path("/lib/
             + note,
             f"link the matching linux-headers-*-common tree to {source} (make setup does this)",
         )
-    if release in target.name:
+    if release in target.name or not build.is_symlink():  # a real build/ directory is the kernel's own
         return Check("kernel headers", True, f"{target}" + note)
     return Check(
         "kernel headers",

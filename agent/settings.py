@@ -81,7 +81,7 @@ def ranged_float(low: float, high: float) -> Parser:
             raise ValueError(f"expected a number in [{low:g}, {high:g}], got {value!r}")
         try:
             number = float(value)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise ValueError(f"expected a number in [{low:g}, {high:g}], got {value!r}") from None
         if not low <= number <= high:
             raise ValueError(f"expected a number in [{low:g}, {high:g}], got {number:g}")
@@ -128,10 +128,11 @@ def parse_pids(value: Any) -> tuple[int, ...]:
 
 
 def _as_list(value: Any) -> list[Any]:
+    """Items of a YAML list, a comma/space separated string, or repeated flags that may each be one."""
     if value is None:
         return []
     if isinstance(value, list | tuple):
-        return list(value)
+        return [part for item in value for part in _as_list(item)]
     if isinstance(value, str):
         return [part for part in re.split(r"[,\s]+", value) if part]
     return [value]

@@ -69,7 +69,7 @@ class IntervalAggregator:
         )
         # Events read after their interval ended (in flight at the drain) stretch it rather than
         # falling outside it: profile timestamps must lie inside the profile's window.
-        latest = max((s.timestamps_mono_ns[-1] for s in samples), default=end_mono_ns)
+        latest = max((s.timestamps_mono_ns[-1] for s in samples), default=end_mono_ns - 1)
         earliest = min((s.timestamps_mono_ns[0] for s in samples), default=self._start)
         profile = IntervalProfile(
             spec=self.spec,
