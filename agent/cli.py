@@ -42,13 +42,17 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     for setting in SETTINGS:
         if not setting.flag:
             continue
+        help_text = f"{setting.help} [{setting.key}; env {setting.env}]"
+        if setting.flag_is_switch:
+            parser.add_argument(setting.flag, dest=setting.key, action="store_const", const=True, help=help_text)
+            continue
         repeatable = setting.key == "profiling.pids"
         parser.add_argument(
             setting.flag,
             dest=setting.key,
             action="append" if repeatable else "store",
             default=None,
-            help=f"{setting.help} [{setting.key}; env {setting.env}]",
+            help=help_text,
         )
 
 
@@ -94,7 +98,7 @@ def _run(config: AgentConfig, *, dump_bpf: bool) -> int:
     logs.configure(config.logging.level, config.logging.format)
     daemon = Daemon(config)
     if dump_bpf:
-        print(daemon.probe.dump())
+        print("\n".join(probe.dump() for probe in daemon.probes))
         return 0
     daemon.install_signal_handlers()
     return daemon.run()

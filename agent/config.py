@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from agent.errors import ConfigError
+from agent.export.otlp.config import OtlpConfig
 from agent.settings import SETTINGS, SETTINGS_BY_KEY, Setting
 
 
@@ -56,6 +57,7 @@ class LoggingConfig:
 @dataclass(frozen=True, slots=True)
 class ExportConfig:
     files: FilesConfig
+    otlp: OtlpConfig  # `enabled` already resolved: auto means "an endpoint was configured"
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,15 +69,16 @@ class AgentConfig:
 
     @property
     def files_enabled(self) -> bool:
-        """Local files are the embedded default: on unless configured off."""
+        """Local files are the embedded default: on unless configured off, or auto with OTLP on."""
         enabled = self.export.files.enabled
-        return True if enabled is None else enabled
+        return not self.export.otlp.enabled if enabled is None else enabled
 
 
 SECTION_TYPES: dict[str, type] = {
     "profiling": ProfilingConfig,
     "symbolize": SymbolizeConfig,
     "export.files": FilesConfig,
+    "export.otlp": OtlpConfig,
     "logging": LoggingConfig,
 }
 SECTIONS = frozenset(SECTION_TYPES) | {"export"}
@@ -88,16 +91,26 @@ def load_config(
 ) -> AgentConfig:
     """Build the effective configuration; `overrides` are command-line values keyed by setting key."""
     values: dict[str, Any] = {setting.key: setting.default for setting in SETTINGS}
+    explicit: set[str] = set()  # keys set by the file, the environment or a flag
     if path:
-        values.update(_read_file(Path(path)))
+        from_file = _read_file(Path(path))
+        values.update(from_file)
+        explicit.update(from_file)
     env = os.environ if environ is None else environ
     for setting in SETTINGS:
         if setting.env in env:
             values[setting.key] = _parse(setting, env[setting.env], f"environment variable {setting.env}")
+            explicit.add(setting.key)
     for key, value in (overrides or {}).items():
         setting = SETTINGS_BY_KEY[key]
         values[key] = _parse(setting, value, f"flag {setting.flag}" if setting.flag else "")
-    return _assemble(values)
+        explicit.add(key)
+    if values["export.otlp.enabled"] is None:
+        values["export.otlp.enabled"] = "export.otlp.endpoint" in explicit
+    config = _assemble(values)
+    if config.export.otlp.enabled:
+        config.export.otlp.validate()  # reads the TLS files: only when they will be used
+    return config
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -162,7 +175,7 @@ def _assemble(values: Mapping[str, Any]) -> AgentConfig:
     return AgentConfig(
         profiling=sections["profiling"],
         symbolize=sections["symbolize"],
-        export=ExportConfig(files=sections["export.files"]),
+        export=ExportConfig(files=sections["export.files"], otlp=sections["export.otlp"]),
         logging=sections["logging"],
     )
 
@@ -178,7 +191,7 @@ def as_dict(config: AgentConfig) -> dict[str, Any]:
         *parents, leaf = setting.key.split(".")
         for parent in parents:
             cursor = cursor.setdefault(parent, {})
-        cursor[leaf] = _plain(node)
+        cursor[leaf] = dict(node) if setting.key == "export.otlp.headers" else _plain(node)
     return out
 
 
@@ -198,6 +211,7 @@ def example_yaml() -> str:
         "# Generated from agent/settings.py by `profiling-agent config --example`; do not edit by hand.",
     ]
     defaults = as_dict(_assemble({s.key: s.default for s in SETTINGS}))
+    defaults["export"]["otlp"]["enabled"] = "auto"  # the declared default, before it is resolved
     _emit(defaults, "", 0, lines)
     return "\n".join(lines) + "\n"
 
@@ -206,7 +220,7 @@ def _emit(node: dict[str, Any], prefix: str, depth: int, lines: list[str]) -> No
     indent = "  " * depth
     for name, value in node.items():
         key = f"{prefix}{name}"
-        if isinstance(value, dict):
+        if key not in SETTINGS_BY_KEY:  # a section
             lines.append(f"{indent}{name}:")
             _emit(value, key + ".", depth + 1, lines)
             continue
@@ -214,4 +228,5 @@ def _emit(node: dict[str, Any], prefix: str, depth: int, lines: list[str]) -> No
         flag = f", flag {setting.flag}" if setting.flag else ""
         lines.append(f"{indent}# {setting.help} (env {setting.env}{flag})")
         rendered = yaml.safe_dump({name: value}, default_flow_style=True, width=1000).strip()
-        lines.append(f"{indent}{rendered[1:-1]}")
+        comment = "# " if setting.commented_in_example else ""
+        lines.append(f"{indent}{comment}{rendered[1:-1]}")

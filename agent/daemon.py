@@ -23,13 +23,15 @@ from agent.aggregate.types import IntervalProfile
 from agent.config import AgentConfig
 from agent.errors import PreflightError
 from agent.export.files import FileSink
+from agent.export.otlp.sink import OtlpSink
 from agent.export.sink import Sink
-from agent.pipeline import Pipeline
+from agent.pipeline import Pipeline, Stream
 from agent.preflight import run_checks
-from agent.probes.cpu import CpuProbe, cpu_profile_spec
 from agent.probes.events import IntervalMark
 from agent.probes.loader import release_compiler_memory
 from agent.probes.queue import DropOldestQueue
+from agent.probes.reader import PerfReader
+from agent.probes.registry import make_probes
 from agent.report import Reporter
 from agent.symbolize.symbolizer import Symbolizer
 
@@ -47,6 +49,7 @@ class _Threads:
     reader: threading.Thread
     pipeline: threading.Thread
     reporter: threading.Thread
+    senders: list[threading.Thread]
 
 
 class Daemon:
@@ -58,7 +61,10 @@ class Daemon:
         self._intervals: DropOldestQueue[IntervalProfile | None] = DropOldestQueue(REPORT_QUEUE_SIZE)
         self._reader_done = threading.Event()
         self.sinks: list[Sink] = []
-        self.probe = CpuProbe(config.profiling, self._events.put)
+        self.otlp: OtlpSink | None = None
+        self.probes = make_probes(config.profiling, self._events.put)
+        self._reader: PerfReader | None = None
+        self._sender_stop = threading.Event()
         self.symbolizer = Symbolizer(
             elf_cache_size=config.symbolize.elf_cache_size,
             process_ttl_intervals=config.symbolize.process_ttl_intervals,
@@ -78,20 +84,23 @@ class Daemon:
             raise PreflightError(report.render())
         self.sinks = self._make_sinks()
         self.reporter = Reporter(self.symbolizer, self.sinks)
-        self.probe.load()
-        release_compiler_memory()
         try:
-            self.probe.attach()
+            for probe in self.probes:
+                probe.load()
+            release_compiler_memory()
+            for probe in self.probes:
+                probe.attach()
+            self._reader = PerfReader(self.probes)
             started = time.monotonic()
             logger.info("profiling started: %s", self._describe())
             threads = self._start_threads()
             self._tick_until_stopped(started)
             self._shutdown(threads)
         finally:
-            self.probe.close()
-            deadline = time.monotonic() + SHUTDOWN_DEADLINE_S
+            for probe in self.probes:
+                probe.close()
             for sink in self.sinks:
-                sink.shutdown(max(0.0, deadline - time.monotonic()))
+                sink.shutdown(0.0)  # after a clean shutdown this does nothing; after a failure it spools
         logger.info("profiling stopped")
         return 0
 
@@ -99,25 +108,39 @@ class Daemon:
         cfg = self.config.profiling
         scope = f"pids {','.join(map(str, cfg.pids))}" if cfg.pids else "all processes"
         sinks = ", ".join(sink.name for sink in self.sinks)
-        return f"{','.join(cfg.profilers)} at {cfg.frequency_hz} Hz, {scope}, every ~{cfg.interval_s:g} s to {sinks}"
+        probes = "; ".join(f"{probe.name}: {probe.attach_method}" for probe in self.probes)
+        return f"{probes}; {scope}; every ~{cfg.interval_s:g} s to {sinks}"
 
     def _make_sinks(self) -> list[Sink]:
-        files = self.config.export.files
+        files, otlp = self.config.export.files, self.config.export.otlp
         sinks: list[Sink] = []
         if self.config.files_enabled:
             sinks.append(FileSink(Path(files.output_dir), files.max_files, files.max_bytes))
+        if otlp.enabled:
+            self.otlp = OtlpSink(otlp)
+            sinks.append(self.otlp)
         return sinks
 
     def _start_threads(self) -> _Threads:
-        spec = cpu_profile_spec(self.config.profiling.frequency_hz)
-        assert self.probe.stacks is not None and self.reporter is not None
-        pipeline = Pipeline(spec, self.probe.stacks, self.symbolizer, self._intervals.put)
+        assert self.reporter is not None
+        streams = {}
+        for probe in self.probes:
+            assert probe.stacks is not None, "probes are loaded before threads start"
+            streams[probe.name] = Stream(probe.spec, probe.stacks)
+        pipeline = Pipeline(streams, self.symbolizer, self._intervals.put)
+        # Sinks that deliver in the background get their own thread; it runs until the agent stops.
+        senders = []
+        if self.otlp is not None:
+            senders.append(
+                threading.Thread(target=self.otlp.run, args=(self._sender_stop,), name="otlp-sender", daemon=True)
+            )
         threads = _Threads(
             reader=threading.Thread(target=self._read_loop, name="perf-reader", daemon=True),
             pipeline=threading.Thread(target=self._pipeline_loop, args=(pipeline,), name="pipeline", daemon=True),
             reporter=threading.Thread(target=self._report_loop, args=(self.reporter,), name="report", daemon=True),
+            senders=senders,
         )
-        for thread in (threads.reader, threads.pipeline, threads.reporter):
+        for thread in (threads.reader, threads.pipeline, threads.reporter, *threads.senders):
             thread.start()
         return threads
 
@@ -135,31 +158,43 @@ class Daemon:
             self.stop_event.wait(max(0.0, min(next_tick, end) - now))
 
     def _shutdown(self, threads: _Threads) -> None:
+        """Stop sampling and flush the pipeline; the sinks' own shutdown gets what remains of the deadline."""
         self.stop_event.set()
         deadline = time.monotonic() + SHUTDOWN_DEADLINE_S
         for thread in (threads.reader, threads.pipeline, threads.reporter):
             thread.join(max(0.1, deadline - time.monotonic()))
             if thread.is_alive():
                 logger.error("%s thread did not finish within the shutdown deadline", thread.name)
+        # The final profiles are queued in the sinks now. Stop the background senders' loops (their
+        # backoff waits end at once), then each sink flushes what it holds within the remaining time
+        # and keeps the rest (the OTLP spool survives restarts).
+        self._sender_stop.set()
+        for sink in self.sinks:
+            sink.shutdown(max(0.0, deadline - time.monotonic()))
+        for thread in threads.senders:
+            thread.join(max(0.1, deadline - time.monotonic()))
 
     # Thread bodies. Each catches everything at the top so one bad interval cannot kill the agent.
 
     def _read_loop(self) -> None:
         try:
+            assert self._reader is not None
             while not self.stop_event.is_set():
-                self.probe.poll(POLL_TIMEOUT_MS)
+                self._reader.poll(POLL_TIMEOUT_MS)
                 if self._rotate.is_set():
                     self._rotate.clear()
-                    self.probe.drain()
+                    self._reader.drain()
                     self._events.put(IntervalMark(time.monotonic_ns()))
         except Exception:
             logger.exception("perf-buffer reader failed; stopping the agent")
             self.stop_event.set()
         finally:
             # Stop sampling first so the final drain sees everything that was sampled.
-            self.probe.stop_sampling()
+            for probe in self.probes:
+                probe.stop_sampling()
             try:
-                self.probe.drain()
+                for probe in self.probes:
+                    probe.drain()
             except Exception:
                 logger.exception("final drain of the perf buffers failed")
             self._events.put(IntervalMark(time.monotonic_ns(), final=True))

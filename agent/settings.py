@@ -29,6 +29,9 @@ class Setting:
     help: str
     flag: str = ""  # command-line flag of `run`, if any
     expected: str = ""  # human description of valid values, used in error messages
+    flag_is_switch: bool = False  # the flag takes no value and sets True
+    # Shown commented out in the example config, because setting it at all changes behaviour.
+    commented_in_example: bool = False
 
     @property
     def env(self) -> str:
@@ -104,6 +107,28 @@ def choice(*options: str) -> Parser:
         return text
 
     return parse
+
+
+def parse_headers(value: Any) -> tuple[tuple[str, str], ...]:
+    """A YAML mapping {name: value}, or "name=value,name2=value2" from the environment."""
+    if value is None:
+        return ()
+    if isinstance(value, dict):
+        pairs = [(str(k), str(v)) for k, v in value.items()]
+    elif isinstance(value, list | tuple) and all(isinstance(pair, list | tuple) and len(pair) == 2 for pair in value):
+        pairs = [(str(k), str(v)) for k, v in value]
+    elif isinstance(value, str):
+        pairs = []
+        for item in (part.strip() for part in value.split(",")):
+            if not item:
+                continue
+            name, sep, text = item.partition("=")
+            if not sep or not name.strip():
+                raise ValueError(f"expected name=value pairs separated by commas, got {item!r}")
+            pairs.append((name.strip(), text.strip()))
+    else:
+        raise ValueError(f"expected a mapping of header names to values, got {value!r}")
+    return tuple((name.lower(), text) for name, text in pairs)
 
 
 def parse_profilers(value: Any) -> tuple[str, ...]:
@@ -205,6 +230,67 @@ SETTINGS: tuple[Setting, ...] = (
         1024 * MiB,
         ranged_int(0, 1 << 50),
         "Keep at most this many bytes of profile files; oldest deleted first (0: no limit).",
+    ),
+    # export.otlp: OTLP profiles over gRPC (opentelemetry-proto profiles/v1development, proto v1.10)
+    Setting(
+        "export.otlp.enabled",
+        None,
+        parse_auto_bool,
+        "Send OTLP profiles: true, false or auto (on when an endpoint is configured).",
+        expected="true, false or auto",
+    ),
+    Setting(
+        "export.otlp.endpoint",
+        "127.0.0.1:4317",
+        parse_str,
+        "OTLP/gRPC receiver as host:port; setting it turns OTLP export on (when enabled is auto).",
+        "--otlp-endpoint",
+        commented_in_example=True,
+    ),
+    Setting(
+        "export.otlp.insecure",
+        False,
+        parse_bool,
+        "Plaintext gRPC instead of TLS.",
+        "--otlp-insecure",
+        flag_is_switch=True,
+    ),
+    Setting("export.otlp.ca_file", "", parse_str, "PEM CA bundle for TLS (empty: the system roots)."),
+    Setting("export.otlp.cert_file", "", parse_str, "PEM client certificate for mutual TLS (with key_file)."),
+    Setting("export.otlp.key_file", "", parse_str, "PEM client key for mutual TLS."),
+    Setting(
+        "export.otlp.headers",
+        (),
+        parse_headers,
+        "gRPC metadata sent with every request, e.g. an auth token (env: name=value,name2=value2).",
+    ),
+    Setting("export.otlp.timeout_s", 10.0, ranged_float(0.1, 600.0), "Per-request timeout (s)."),
+    Setting("export.otlp.compression", "gzip", choice("gzip", "none"), "gzip or none."),
+    Setting(
+        "export.otlp.spool_dir",
+        "/var/lib/profiling-agent/spool",
+        parse_str,
+        "Where requests wait while the receiver is unreachable; they survive restarts.",
+    ),
+    Setting(
+        "export.otlp.spool_max_bytes",
+        256 * MiB,
+        ranged_int(1, 1 << 50),
+        "Bound of the spool; the oldest requests are dropped (and counted) beyond it.",
+    ),
+    Setting("export.otlp.queue_size", 64, ranged_int(1, 100_000), "Requests kept in memory (the rest wait on disk)."),
+    Setting(
+        "export.otlp.retry_deadline_s",
+        300.0,
+        ranged_float(1.0, 86_400.0),
+        "One deadline across all retries of one request before it waits in the spool for the next round.",
+    ),
+    Setting("export.otlp.include_pprof", False, parse_bool, "Also send the pprof bytes as original_payload."),
+    Setting(
+        "export.otlp.service_name",
+        "",
+        parse_str,
+        "Resource service.name for every process (empty: the process's executable name).",
     ),
     # logging
     Setting("logging.level", "info", choice("debug", "info", "warning", "error"), "Log level.", "--log-level"),

@@ -30,7 +30,10 @@ class ProcessEventKind(enum.IntEnum):
 
 
 @dataclass(frozen=True, slots=True)
-class CpuEvent:
+class StackEvent:
+    """One sampled event of any profiler: who, where (stack ids), when, and what it is worth."""
+
+    profiler: str
     timestamp_ns: int
     pid: int
     tid: int
@@ -40,6 +43,7 @@ class CpuEvent:
     stack_gen: int
     kernel_thread: bool
     comm: str
+    values: tuple[int, ...]  # aligned with the profiler's ProfileSpec.sample_types
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,12 +68,14 @@ def _view(data: int, size: int, record_type: type[ctypes.Structure]) -> ctypes.S
     return ctypes.cast(data, ctypes.POINTER(record_type)).contents
 
 
-def decode_cpu_sample(data: int, size: int) -> CpuEvent:
+def decode_cpu_sample(data: int, size: int, values: tuple[int, ...]) -> StackEvent:
+    """A CPU sample; every sample is worth the same `values` (one sample, one period of CPU time)."""
     record = _view(data, size, CpuSampleRecord)
     stack_gen = record.stack_gen
     if stack_gen not in (0, 1):
         raise MalformedRecord(f"cpu_sample: stack generation {stack_gen}")
-    return CpuEvent(
+    return StackEvent(
+        profiler="cpu",
         timestamp_ns=record.timestamp_ns,
         pid=record.pid,
         tid=record.tid,
@@ -79,6 +85,7 @@ def decode_cpu_sample(data: int, size: int) -> CpuEvent:
         stack_gen=stack_gen,
         kernel_thread=bool(record.flags & SAMPLE_FLAG_KERNEL_THREAD),
         comm=bytes(record.comm).split(b"\0", 1)[0].decode("utf-8", "replace"),
+        values=values,
     )
 
 

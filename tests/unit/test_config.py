@@ -230,7 +230,7 @@ def test_a_valid_flag_does_not_mask_an_invalid_file(tmp_path: Path) -> None:
         # misplaced keys: the right name in the wrong section
         ("frequency_hz: 99\n", "frequency_hz", "profiling.frequency_hz"),
         ("max_bytes: 10\n", "max_bytes", "export.files.max_bytes"),
-        ("export:\n  enabled: true\n", "export.enabled", "export.files.enabled"),
+        ("export:\n  output_dir: /tmp\n", "export.output_dir", "export.files.output_dir"),
         ("profling:\n  frequency_hz: 99\n", "profling", "profiling"),
     ],
 )

@@ -7,7 +7,7 @@ import ctypes
 import pytest
 
 from agent.probes.events import (
-    CpuEvent,
+    StackEvent,
     MalformedRecord,
     ProcessEvent,
     ProcessEventKind,
@@ -50,13 +50,17 @@ def set_comm(record: CpuSampleRecord, raw: bytes) -> None:
     ctypes.memmove(ctypes.addressof(record) + CpuSampleRecord.comm.offset, buffer, AGENT_COMM_LEN)
 
 
-def decode(record: ctypes.Structure, size: int | None = None) -> CpuEvent:
-    return decode_cpu_sample(ctypes.addressof(record), ctypes.sizeof(record) if size is None else size)
+VALUES = (1, 52_631_579)
+
+
+def decode(record: ctypes.Structure, size: int | None = None) -> StackEvent:
+    return decode_cpu_sample(ctypes.addressof(record), ctypes.sizeof(record) if size is None else size, VALUES)
 
 
 def test_decode_cpu_sample_copies_every_field() -> None:
     record = cpu_record(user_stack_id=17, kernel_stack_id=EFAULT_ID, stack_gen=1)
-    assert decode(record) == CpuEvent(
+    assert decode(record) == StackEvent(
+        profiler="cpu",
         timestamp_ns=123_456_789_012,
         pid=4242,
         tid=4243,
@@ -66,6 +70,7 @@ def test_decode_cpu_sample_copies_every_field() -> None:
         stack_gen=1,
         kernel_thread=False,
         comm="worker",
+        values=VALUES,
     )
 
 
@@ -110,7 +115,7 @@ def test_decode_from_a_larger_raw_buffer() -> None:
     # perf-buffer records carry trailing padding: a larger size is fine.
     record = cpu_record()
     raw = ctypes.create_string_buffer(bytes(record) + b"\0" * 4)
-    event = decode_cpu_sample(ctypes.addressof(raw), ctypes.sizeof(record) + 4)
+    event = decode_cpu_sample(ctypes.addressof(raw), ctypes.sizeof(record) + 4, VALUES)
     assert (event.pid, event.comm) == (4242, "worker")
 
 

@@ -10,8 +10,8 @@ from collections.abc import Iterable
 import pytest
 
 from agent.aggregate.types import EMPTY_STACK, IntervalProfile, ProfileSpec, SampleKey, Stack, StackStatus, ValueType
-from agent.pipeline import Pipeline
-from agent.probes.events import CpuEvent, IntervalMark, ProcessEvent, ProcessEventKind
+from agent.pipeline import Pipeline, Stream
+from agent.probes.events import StackEvent, IntervalMark, ProcessEvent, ProcessEventKind
 from agent.probes.queue import DropOldestQueue
 from agent.probes.stacks import StackResolver
 
@@ -111,7 +111,7 @@ class Harness:
         self.stacks = StackResolver(self.tables, self.generations.append)
         self.observer = RecordingObserver()
         self.delivered: list[IntervalProfile] = []
-        self.pipeline = Pipeline(SPEC, self.stacks, self.observer, self.delivered.append)
+        self.pipeline = Pipeline({"cpu": Stream(SPEC, self.stacks)}, self.observer, self.delivered.append)
 
 
 @pytest.fixture
@@ -129,8 +129,9 @@ def cpu_event(
     stack_gen: int = 0,
     kernel_thread: bool = False,
     comm: str = "worker",
-) -> CpuEvent:
-    return CpuEvent(
+) -> StackEvent:
+    return StackEvent(
+        profiler="cpu",
         timestamp_ns=timestamp_ns or time.monotonic_ns(),
         pid=pid,
         tid=pid if tid is None else tid,
@@ -140,6 +141,7 @@ def cpu_event(
         stack_gen=stack_gen,
         kernel_thread=kernel_thread,
         comm=comm,
+        values=(1, SPEC.period),
     )
 
 

@@ -1,0 +1,256 @@
+"""Export stage, OTLP sink: `Profile`s -> OTLP `ExportProfilesServiceRequest`s (profiles v1development).
+
+Pure apart from the htlhash file reads (see `fileid`). For each request:
+* one `ProfilesDictionary` shared by everything in it (`dictionary.DictionaryBuilder`);
+* one `ResourceProfiles` per process (pid), with a single `ScopeProfiles` naming this agent, holding
+  one OTLP `Profile` per input profile that has samples of that process;
+* value types and per-sample shapes as `shapes` documents; samples with the same stack and
+  attributes are merged, as the spec asks;
+* locations carry `profile.frame.type`: `kernel`, `native`, or `abort-marker` for the marker frames
+  that stand for a stack that could not be captured (the value opentelemetry-ebpf-profiler uses for
+  its "unwinding aborted" frames; the marker text is the frame's function name);
+* mappings use the runtime-address convention of the input (pprof's), their filename is the file's
+  basename (as opentelemetry-ebpf-profiler sends it: the build ids, not the path, identify the
+  file, and a path inside a container means little elsewhere), and they carry
+  `process.executable.build_id.gnu` when known and `.htlhash` when the file is readable;
+* samples carry `thread.id`, `thread.name` (when known) and `cpu.logical_number`.
+
+The pprof bytes, when asked for, ride as `original_payload` on the first OTLP profile made from
+their input profile. A profile without samples is never emitted and an empty request never
+returned. Requests larger than `max_request_bytes` (the collector's default gRPC receive limit is
+4 MiB) are split by process, and a single process's samples in halves; a pprof copy too large to
+fit is left out (logged) rather than costing the samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import ExportProfilesServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
+from opentelemetry.proto.profiles.v1development.profiles_pb2 import Profile as OtlpProfile
+from opentelemetry.proto.profiles.v1development.profiles_pb2 import ResourceProfiles, ScopeProfiles
+from opentelemetry.proto.profiles.v1development.profiles_pb2 import Sample as OtlpSample
+from opentelemetry.proto.profiles.v1development.profiles_pb2 import ValueType as OtlpValueType
+
+from agent import __version__
+from agent.aggregate.types import ValueType
+from agent.export.otlp.dictionary import AttrValue, DictionaryBuilder
+from agent.export.otlp.fileid import FileIdCache
+from agent.export.otlp.resource import ResourceOptions, process_resource
+from agent.export.otlp.shapes import Shape, ValueMapping, choose_shape, profile_window, value_mapping
+from agent.export.otlp.stats import Counters
+from agent.symbolize.types import KERNEL_MAPPING_NAME, Frame, FrameKind, MappingInfo, ProcessInfo, Profile, Sample
+
+logger = logging.getLogger(__name__)
+
+SCOPE_NAME = "profiling-agent"
+PPROF_FORMAT = "pprof"
+# Below the 4 MiB default receive limit of grpc servers (the collector's otlp receiver included).
+MAX_REQUEST_BYTES = 3 * 1024 * 1024 + 512 * 1024
+FRAME_TYPE_KEY = "profile.frame.type"
+FRAME_TYPES = {FrameKind.KERNEL: "kernel", FrameKind.NATIVE: "native", FrameKind.MARKER: "abort-marker"}
+BUILD_ID_GNU = "process.executable.build_id.gnu"
+BUILD_ID_HTLHASH = "process.executable.build_id.htlhash"
+
+
+@dataclass(frozen=True, slots=True)
+class _Unit:
+    """The samples of one process from one input profile: the unit requests are split by."""
+
+    profile: Profile
+    pid: int
+    samples: tuple[Sample, ...]
+    payload: bytes  # pprof bytes to attach, or b""
+
+
+def encode_request(
+    profiles: Sequence[tuple[Profile, bytes]],
+    resource: ResourceOptions,
+    include_pprof: bool,
+    *,
+    extra_resource: Mapping[int, Mapping[str, AttrValue]] | None = None,
+    file_ids: FileIdCache | None = None,
+    max_request_bytes: int = MAX_REQUEST_BYTES,
+) -> list[ExportProfilesServiceRequest]:
+    """Encode one interval's profiles (each with its pprof bytes) into as few requests as fit.
+
+    `extra_resource` adds resource attributes per pid (e.g. `container.id`); `file_ids` caches
+    htlhashes across calls (a private cache is used when omitted).
+    """
+    units: list[_Unit] = []
+    for profile, pprof in profiles:
+        by_pid: dict[int, list[Sample]] = {}
+        for sample in profile.samples:
+            by_pid.setdefault(sample.pid, []).append(sample)
+        payload = pprof if include_pprof else b""
+        for pid, samples in by_pid.items():
+            units.append(_Unit(profile, pid, tuple(samples), payload))
+            payload = b""  # once per input profile
+    context = _Context(resource, extra_resource or {}, file_ids or FileIdCache(Counters()), max_request_bytes)
+    return _encode_split(units, context)
+
+
+@dataclass(frozen=True, slots=True)
+class _Context:
+    resource: ResourceOptions
+    extra_resource: Mapping[int, Mapping[str, AttrValue]]
+    file_ids: FileIdCache
+    max_request_bytes: int
+
+
+def _encode_split(units: list[_Unit], context: _Context) -> list[ExportProfilesServiceRequest]:
+    if not units:
+        return []
+    encoder = _RequestEncoder(context)
+    for unit in units:
+        encoder.add(unit)
+    request = encoder.request()
+    if request is None:
+        return []
+    size = request.ByteSize()
+    if size <= context.max_request_bytes:
+        return [request]
+    if len(units) > 1:
+        half = len(units) // 2
+        return _encode_split(units[:half], context) + _encode_split(units[half:], context)
+    unit = units[0]
+    if unit.payload and len(unit.payload) >= context.max_request_bytes // 2:
+        # The optional pprof copy alone would crowd out the samples: send the samples without it.
+        logger.warning("pprof original_payload of %d bytes left out of an OTLP request", len(unit.payload))
+        return _encode_split([_Unit(unit.profile, unit.pid, unit.samples, b"")], context)
+    if len(unit.samples) == 1:
+        logger.warning("OTLP request of one sample is %d bytes, above the %d limit", size, context.max_request_bytes)
+        return [request]
+    half = len(unit.samples) // 2
+    first = _Unit(unit.profile, unit.pid, unit.samples[:half], unit.payload)
+    second = _Unit(unit.profile, unit.pid, unit.samples[half:], b"")
+    return _encode_split([first], context) + _encode_split([second], context)
+
+
+class _RequestEncoder:
+    """Builds one request: its dictionary, and one ResourceProfiles per pid in first-seen order."""
+
+    def __init__(self, context: _Context) -> None:
+        self._context = context
+        self._dict = DictionaryBuilder()
+        self._resources: dict[int, ResourceProfiles] = {}
+        self._mappings: dict[tuple[int, MappingInfo], int] = {}
+        self._locations: dict[tuple[int, Frame], int] = {}
+
+    def add(self, unit: _Unit) -> None:
+        profile = self._profile(unit)
+        if profile is None:
+            return
+        resource = self._resources.get(unit.pid)
+        if resource is None:
+            process = unit.profile.processes.get(unit.pid) or ProcessInfo(unit.pid, "", "")
+            extra = self._context.extra_resource.get(unit.pid)
+            resource = ResourceProfiles(
+                resource=process_resource(self._context.resource, process, extra),
+                scope_profiles=[ScopeProfiles(scope=InstrumentationScope(name=SCOPE_NAME, version=__version__))],
+            )
+            self._resources[unit.pid] = resource
+        resource.scope_profiles[0].profiles.append(profile)
+
+    def request(self) -> ExportProfilesServiceRequest | None:
+        if not self._resources:
+            return None
+        return ExportProfilesServiceRequest(
+            resource_profiles=list(self._resources.values()), dictionary=self._dict.dictionary
+        )
+
+    def _profile(self, unit: _Unit) -> OtlpProfile | None:
+        spec = unit.profile.spec
+        mapping = value_mapping(spec)
+        merged = self._merge(unit, mapping)
+        if not merged:
+            return None
+        shape = choose_shape(mapping, [(value, len(ts)) for value, ts in merged.values()])
+        samples: list[OtlpSample] = []
+        timestamps: list[int] = []
+        for (stack_index, attributes), (value, ts) in merged.items():
+            sample = OtlpSample(stack_index=stack_index, attribute_indices=attributes)
+            if shape is Shape.TIMESTAMPS:
+                sample.timestamps_unix_nano.extend(sorted(ts))
+            else:
+                sample.values.append(value)
+                if len(ts) == 1:
+                    sample.timestamps_unix_nano.append(ts[0])
+            timestamps.extend(sample.timestamps_unix_nano)
+            samples.append(sample)
+        time_ns, duration_ns = profile_window(unit.profile.start_unix_ns, unit.profile.duration_ns, timestamps)
+        result = OtlpProfile(
+            sample_type=self._value_type(mapping.sample_type),
+            samples=samples,
+            time_unix_nano=time_ns,
+            duration_nano=duration_ns,
+            period_type=self._value_type(mapping.period_type),
+            period=mapping.period,
+        )
+        if unit.payload:
+            result.original_payload_format = PPROF_FORMAT
+            result.original_payload = unit.payload
+        return result
+
+    def _merge(self, unit: _Unit, mapping: ValueMapping) -> dict[tuple[int, tuple[int, ...]], tuple[int, list[int]]]:
+        """Samples keyed by OTLP identity (stack, attributes): summed value and all timestamps."""
+        spec = unit.profile.spec
+        merged: dict[tuple[int, tuple[int, ...]], tuple[int, list[int]]] = {}
+        for sample in unit.samples:
+            if len(sample.values) != len(spec.sample_types):
+                raise ValueError(
+                    f"{spec.name} sample has {len(sample.values)} values for {len(spec.sample_types)} types"
+                )
+            value = sample.values[mapping.value_index]
+            if value <= 0 and not sample.timestamps_unix_ns:
+                continue  # nothing to say; receivers skip zero values anyway
+            stack = self._dict.stack(tuple(self._location(unit.pid, frame) for frame in sample.frames))
+            key = (stack, self._sample_attributes(sample))
+            previous, ts = merged.get(key, (0, []))
+            ts.extend(sample.timestamps_unix_ns)
+            merged[key] = (previous + value, ts)
+        return merged
+
+    def _sample_attributes(self, sample: Sample) -> tuple[int, ...]:
+        attributes = [self._dict.attribute("thread.id", sample.tid)]
+        if sample.thread_name:
+            attributes.append(self._dict.attribute("thread.name", sample.thread_name))
+        if sample.cpu >= 0:
+            attributes.append(self._dict.attribute("cpu.logical_number", sample.cpu))
+        return tuple(attributes)
+
+    def _value_type(self, value_type: ValueType) -> OtlpValueType:
+        return OtlpValueType(
+            type_strindex=self._dict.string(value_type.type), unit_strindex=self._dict.string(value_type.unit)
+        )
+
+    def _location(self, pid: int, frame: Frame) -> int:
+        # The kernel is the same in every process, so its frames are resolved once per request.
+        key = (-1 if frame.kind is FrameKind.KERNEL else pid, frame)
+        index = self._locations.get(key)
+        if index is None:
+            mapping_index = self._mapping(pid, frame.mapping) if frame.mapping is not None else 0
+            function_index = self._dict.function(frame.function) if frame.function else 0
+            frame_type = self._dict.attribute(FRAME_TYPE_KEY, FRAME_TYPES[frame.kind])
+            index = self._dict.location(mapping_index, frame.address, function_index, (frame_type,))
+            self._locations[key] = index
+        return index
+
+    def _mapping(self, pid: int, info: MappingInfo) -> int:
+        key = (-1 if info.path == KERNEL_MAPPING_NAME else pid, info)
+        index = self._mappings.get(key)
+        if index is None:
+            attributes: list[int] = []
+            if info.build_id:
+                attributes.append(self._dict.attribute(BUILD_ID_GNU, info.build_id))
+            htlhash = None if info.path == KERNEL_MAPPING_NAME else self._context.file_ids.htlhash(pid, info.path)
+            if htlhash:
+                attributes.append(self._dict.attribute(BUILD_ID_HTLHASH, htlhash))
+            filename = posixpath.basename(info.path) or info.path
+            index = self._dict.mapping(info.start, info.limit, info.file_offset, filename, tuple(attributes))
+            self._mappings[key] = index
+        return index

@@ -1,0 +1,150 @@
+"""Probes stage: what every BPF profiler shares: loading, stack maps, process announcements, buffers.
+
+A profiler's program (`bpf/<name>.bpf.c`) declares the same shared maps (`stacks_0`, `stacks_1`,
+`control`, `pid_filter`, `known_pids`, `proc_events`: see `bpf/common.h`); this base class loads it,
+builds the `StackResolver` over its stack maps, fills the pid filter, opens the process-event buffer,
+counts lost and malformed records, and exposes its perf readers so one thread can poll every
+profiler at once. Subclasses add their own buffer and attach their own events.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.aggregate.types import ProfileSpec
+from agent.config import ProfilingConfig
+from agent.probes.events import MalformedRecord, decode_proc_event
+from agent.probes.loader import dump_program, load_program
+from agent.probes.stacks import StackResolver
+
+logger = logging.getLogger(__name__)
+
+KNOWN_PIDS_ENTRIES = 65536
+PROC_EVENT_PAGES = 8
+
+Emit = Callable[[object], None]
+Decoder = Callable[[int, int], object]
+
+
+@dataclass(slots=True)
+class ReaderStats:
+    received: int = 0
+    malformed: int = 0
+    lost: dict[str, int] = field(default_factory=dict)  # by perf buffer
+
+
+def page_count(pages: int) -> int:
+    """BCC needs a power of two."""
+    return 1 << max(0, (pages - 1).bit_length())
+
+
+class BpfProbe(ABC):
+    name: str  # the profiler: "cpu", ...
+    program: str  # bpf/<program>.bpf.c
+
+    def __init__(self, config: ProfilingConfig, emit: Emit) -> None:
+        self._config = config
+        self._emit = emit
+        self._bpf: Any = None
+        self.attach_method = ""  # what the events were attached with, for check/metrics/logs
+        self.stats = ReaderStats()
+        self.stacks: StackResolver | None = None
+
+    @property
+    @abstractmethod
+    def spec(self) -> ProfileSpec: ...
+
+    def extra_defines(self) -> dict[str, int | str]:
+        return {}
+
+    @property
+    def defines(self) -> dict[str, int | str]:
+        return {
+            "STACK_MAP_ENTRIES": self._config.stack_map_entries,
+            "KNOWN_PIDS_ENTRIES": KNOWN_PIDS_ENTRIES,
+            "FILTER_PIDS": 1 if self._config.pids else 0,
+            **self.extra_defines(),
+        }
+
+    def dump(self) -> str:
+        return dump_program(self.program, self.defines)
+
+    def load(self) -> None:
+        self._bpf = load_program(self.program, self.defines)
+        control = self._bpf["control"]
+
+        def set_generation(generation: int) -> None:
+            control[ctypes.c_int(0)] = ctypes.c_uint32(generation)
+
+        self.stacks = StackResolver((self._bpf["stacks_0"], self._bpf["stacks_1"]), set_generation)
+        if self._config.pids:
+            pid_filter = self._bpf["pid_filter"]
+            for pid in self._config.pids:
+                pid_filter[ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
+
+    def attach(self) -> None:
+        """Open the perf buffers first, so no early record finds no reader; then start the events."""
+        # Process announcements are rare and urgent (the process may exit soon): wake on each.
+        self.open_buffer("proc_events", decode_proc_event, PROC_EVENT_PAGES, wakeup_events=1)
+        self.open_event_buffers()
+        self.attach_events()
+        logger.info("%s profiler attached with %s", self.name, self.attach_method)
+
+    @abstractmethod
+    def open_event_buffers(self) -> None: ...
+
+    @abstractmethod
+    def attach_events(self) -> None: ...
+
+    @abstractmethod
+    def detach_events(self) -> None: ...
+
+    def open_buffer(self, table: str, decode: Decoder, pages: int, wakeup_events: int) -> None:
+        def on_record(cpu: int, data: int, size: int) -> None:
+            try:
+                event = decode(data, size)
+            except MalformedRecord as e:
+                self._malformed(e)
+                return
+            self.stats.received += 1
+            self._emit(event)
+
+        def on_lost(count: int) -> None:
+            self.stats.lost[table] = self.stats.lost.get(table, 0) + count
+
+        self._bpf[table].open_perf_buffer(
+            on_record, page_cnt=page_count(pages), lost_cb=on_lost, wakeup_events=wakeup_events
+        )
+
+    def _malformed(self, error: MalformedRecord) -> None:
+        self.stats.malformed += 1
+        if self.stats.malformed & (self.stats.malformed - 1) == 0:  # log the 1st, 2nd, 4th, 8th, ...
+            logger.debug("%s: malformed record (%d so far): %s", self.name, self.stats.malformed, error)
+
+    def readers(self) -> list[int]:
+        """The perf readers of every open buffer, for a poll across all profilers."""
+        return list(self._bpf.perf_buffers.values()) if self._bpf is not None else []
+
+    def drain(self) -> None:
+        """Read whatever sits in the buffers below the wakeup threshold."""
+        if self._bpf is not None:
+            self._bpf.perf_buffer_consume()
+
+    def stop_sampling(self) -> None:
+        if self._bpf is None:
+            return
+        try:
+            self.detach_events()
+        except Exception as e:  # bcc raises bare Exception; detaching at shutdown must not stop the flush
+            logger.warning("%s: could not detach its events: %s", self.name, e)
+
+    def close(self) -> None:
+        if self._bpf is not None:
+            self.stop_sampling()
+            self._bpf.cleanup()
+            self._bpf = None

@@ -1,0 +1,134 @@
+"""OTLP sink against the real OpenTelemetry Collector (otlp receiver -> debug + file exporters).
+
+Synthetic CPU profiles of two processes, with kernel and native frames and a known 3:1 split
+between two functions, go through `OtlpSink` (encode, spool, gRPC with gzip) to the collector. The
+collector must accept every request without partial success or logged errors, and its JSON file
+output must name both functions in the same 3:1 proportion.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from agent.aggregate.types import ProfileSpec, ValueType
+from agent.export.otlp import OtlpConfig, OtlpSink, ResourceOptions
+from agent.export.otlp.stats import DROPPED, REQUESTS
+from agent.symbolize.types import KERNEL_MAPPING_NAME, Frame, FrameKind, MappingInfo, ProcessInfo, Profile, Sample
+
+if TYPE_CHECKING:  # the fixture type only; pytest itself loads conftest
+    from tests.e2e.conftest import Collector
+
+CPU = ProfileSpec(
+    name="cpu",
+    sample_types=(ValueType("samples", "count"), ValueType("cpu", "nanoseconds")),
+    period_type=ValueType("cpu", "nanoseconds"),
+    period=10_000_000,
+)
+KERNEL = MappingInfo(KERNEL_MAPPING_NAME, 0, 0, 0)
+INTERVALS = 3
+HOT, COLD = 30, 10  # samples per thread per interval: the 3:1 split
+
+
+def _frames(exe: str, function: str) -> tuple[Frame, ...]:
+    binary = MappingInfo(exe, 0x400000, 0x500000, 0, build_id="ab" * 20)
+    return (
+        Frame(FrameKind.KERNEL, 0xFFFFFFFF81000010, "asm_sysvec_apic_timer_interrupt", KERNEL),
+        Frame(FrameKind.NATIVE, 0x401000 if function == "hot_loop" else 0x402000, function, binary),
+        Frame(FrameKind.NATIVE, 0x403000, "main", binary),
+    )
+
+
+def _profile(interval: int) -> Profile:
+    start = 1_800_000_000_000_000_000 + interval * 10_000_000_000
+    samples = []
+    for pid, exe in ((4242, sys.executable), (4343, "/bin/sh")):
+        for function, count in (("hot_loop", HOT), ("cold_path", COLD)):
+            timestamps = tuple(start + 1_000 + i * 100_000 for i in range(count))
+            samples.append(
+                Sample(pid, pid, 1, "worker", _frames(exe, function), (count, count * CPU.period), timestamps)
+            )
+    processes = {4242: ProcessInfo(4242, "python", sys.executable), 4343: ProcessInfo(4343, "sh", "/bin/sh")}
+    return Profile(CPU, start, 10_000_000_000, tuple(samples), processes)
+
+
+def _strings_of(document: dict[str, Any]) -> list[str]:
+    return list(document["dictionary"]["stringTable"])
+
+
+def _attribute(document: dict[str, Any], attribute: dict[str, Any]) -> tuple[str, Any]:
+    """(key, value) of a resource or dictionary attribute, plain or string-table referenced."""
+    strings = _strings_of(document)
+    key = attribute.get("key") or strings[attribute.get("keyStrindex", 0)]
+    value = attribute.get("value", {})
+    if "stringValueStrindex" in value:
+        return key, strings[value["stringValueStrindex"]]
+    for kind in ("stringValue", "intValue"):
+        if kind in value:
+            return key, value[kind]
+    return key, None
+
+
+def _function_counts(documents: list[dict[str, Any]]) -> tuple[Counter[str], Counter[str], Counter[str]]:
+    """Samples per function name, per frame type and per pid, read through the dictionary tables."""
+    functions: Counter[str] = Counter()
+    frame_types: Counter[str] = Counter()
+    pids: Counter[str] = Counter()
+    for document in documents:
+        dictionary = document["dictionary"]
+        strings = _strings_of(document)
+        for resource_profiles in document["resourceProfiles"]:
+            resource = dict(_attribute(document, a) for a in resource_profiles["resource"]["attributes"])
+            for scope in resource_profiles["scopeProfiles"]:
+                for profile in scope["profiles"]:
+                    for sample in profile["samples"]:
+                        weight = len(sample.get("timestampsUnixNano", [])) or sum(map(int, sample.get("values", [])))
+                        pids[str(resource["process.pid"])] += weight
+                        stack = dictionary["stackTable"][sample.get("stackIndex", 0)]
+                        for location_index in stack.get("locationIndices", []):
+                            location = dictionary["locationTable"][location_index]
+                            for attribute_index in location.get("attributeIndices", []):
+                                attribute = dictionary["attributeTable"][attribute_index]
+                                frame_types[str(_attribute(document, attribute)[1])] += weight
+                            for line in location.get("lines", []):
+                                function = dictionary["functionTable"][line.get("functionIndex", 0)]
+                                functions[strings[function.get("nameStrindex", 0)]] += weight
+    return functions, frame_types, pids
+
+
+def test_collector_receives_every_profile_with_the_right_proportions(otelcol: Collector, tmp_path: Path) -> None:
+    config = OtlpConfig(enabled=True, endpoint=otelcol.endpoint, insecure=True, spool_dir=str(tmp_path / "spool"))
+    sink = OtlpSink(config, resource=ResourceOptions(host_name="e2e-host", host_arch="amd64"))
+    stop = threading.Event()
+    sender = threading.Thread(target=sink.run, args=(stop,), daemon=True)
+    sender.start()
+    try:
+        for interval in range(INTERVALS):
+            assert sink.export(_profile(interval), b"") != ()
+        expected_samples = INTERVALS * 2 * (HOT + COLD)
+        documents = otelcol.wait_for(lambda docs: sum(_function_counts(docs)[2].values()) >= expected_samples)
+    finally:
+        stop.set()
+        sink.shutdown(5.0)
+        sender.join(10)
+
+    assert sink.counters.get(REQUESTS, "success") == INTERVALS
+    assert sink.counters.total(REQUESTS) == INTERVALS  # nothing partial, rejected or expired
+    assert sink.counters.total(DROPPED) == 0
+    assert sink.queue_depth == 0
+    log = otelcol.log_text()
+    assert "\terror\t" not in log.lower(), log
+    assert "rejected" not in log.lower(), log
+
+    functions, frame_types, pids = _function_counts(documents)
+    assert functions["hot_loop"] == INTERVALS * 2 * HOT
+    assert functions["cold_path"] == INTERVALS * 2 * COLD
+    assert functions["hot_loop"] == 3 * functions["cold_path"]
+    assert functions["main"] == functions["hot_loop"] + functions["cold_path"]
+    assert set(frame_types) == {"kernel", "native"}
+    assert pids == {"4242": INTERVALS * (HOT + COLD), "4343": INTERVALS * (HOT + COLD)}
+    # The debug exporter printed the same data in detail.
+    assert "hot_loop" in log and "cold_path" in log
