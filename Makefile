@@ -42,3 +42,8 @@ clean:
 .PHONY: otelcol
 otelcol:
 	tests/e2e/otelcol/build.sh
+
+# Install the agent under /opt/profiling-agent, its config under /etc and the systemd unit (as root).
+.PHONY: install-service
+install-service:
+	@$(AS_ROOT); deploy/host/install-service.sh
