@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import yaml
@@ -69,7 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "config":
             sys.stdout.write(example_yaml() if args.example else yaml.safe_dump(as_dict(config), sort_keys=False))
             return 0
-        return _run(config, dump_bpf=args.dump_bpf)
+        overrides = _overrides(args)
+        return _run(config, lambda: load_config(args.config, overrides=overrides), dump_bpf=args.dump_bpf)
     except ConfigError as e:
         print(f"profiling-agent: configuration error: {e}", file=sys.stderr)
         return e.exit_code
@@ -91,12 +92,12 @@ def _check() -> int:
     return 0 if report.ok else 1
 
 
-def _run(config: AgentConfig, *, dump_bpf: bool) -> int:
+def _run(config: AgentConfig, reload_config: Callable[[], AgentConfig], *, dump_bpf: bool) -> int:
     from agent import logs
     from agent.daemon import Daemon  # imports the pipeline only when it is going to run
 
     logs.configure(config.logging.level, config.logging.format)
-    daemon = Daemon(config)
+    daemon = Daemon(config, reload_config)
     if dump_bpf:
         print("\n".join(probe.dump() for probe in daemon.probes))
         return 0

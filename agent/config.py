@@ -19,6 +19,7 @@ import yaml
 
 from agent.errors import ConfigError
 from agent.export.otlp.config import OtlpConfig
+from agent.metadata.filters import ProcessFilter
 from agent.settings import SETTINGS, SETTINGS_BY_KEY, Setting
 
 
@@ -30,7 +31,6 @@ class ProfilingConfig:
     duration_s: float
     pids: tuple[int, ...]
     perf_buffer_pages: int
-    stack_map_entries: int
     queue_size: int
 
 
@@ -46,6 +46,18 @@ class FilesConfig:
     output_dir: str
     max_files: int
     max_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    enabled: bool
+    address: str
+    ready_export_failure_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class MetadataConfig:
+    node_name: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +77,12 @@ class AgentConfig:
     profiling: ProfilingConfig
     symbolize: SymbolizeConfig
     export: ExportConfig
+    metrics: MetricsConfig
+    metadata: MetadataConfig
+    filters: ProcessFilter
     logging: LoggingConfig
+    # systemd's NOTIFY_SOCKET (not a setting: the service manager sets it); "" outside systemd.
+    notify_socket: str = ""
 
     @property
     def files_enabled(self) -> bool:
@@ -79,6 +96,9 @@ SECTION_TYPES: dict[str, type] = {
     "symbolize": SymbolizeConfig,
     "export.files": FilesConfig,
     "export.otlp": OtlpConfig,
+    "metrics": MetricsConfig,
+    "metadata": MetadataConfig,
+    "filters": ProcessFilter,
     "logging": LoggingConfig,
 }
 SECTIONS = frozenset(SECTION_TYPES) | {"export"}
@@ -107,7 +127,7 @@ def load_config(
         explicit.add(key)
     if values["export.otlp.enabled"] is None:
         values["export.otlp.enabled"] = "export.otlp.endpoint" in explicit
-    config = _assemble(values)
+    config = dataclasses.replace(_assemble(values), notify_socket=env.get("NOTIFY_SOCKET", ""))
     if config.export.otlp.enabled:
         config.export.otlp.validate()  # reads the TLS files: only when they will be used
     return config
@@ -170,12 +190,15 @@ def _parse(setting: Setting, value: Any, origin: str) -> Any:
 def _assemble(values: Mapping[str, Any]) -> AgentConfig:
     sections: dict[str, Any] = {}
     for name, section_type in SECTION_TYPES.items():
-        fields = {field.name: values[f"{name}.{field.name}"] for field in dataclasses.fields(section_type)}
+        fields = {f.name: values[f"{name}.{f.name}"] for f in dataclasses.fields(section_type) if f.init}
         sections[name] = section_type(**fields)
     return AgentConfig(
         profiling=sections["profiling"],
         symbolize=sections["symbolize"],
         export=ExportConfig(files=sections["export.files"], otlp=sections["export.otlp"]),
+        metrics=sections["metrics"],
+        metadata=sections["metadata"],
+        filters=sections["filters"],
         logging=sections["logging"],
     )
 

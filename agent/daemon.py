@@ -1,10 +1,11 @@
 """The daemon: wires the stages together and owns every thread the agent runs.
 
-Start-up, in order: preflight, sinks (exporters), load and attach BPF, start the reader, pipeline and
-report threads, then sampling is live. Every wait is `stop_event.wait(timeout)`, so a signal (whose
-handler only sets the event) interrupts ticks at once. Shutdown, in order: stop sampling, drain the
-perf buffers, flush the partial interval through the pipeline and the sinks, detach and unload BPF,
-then shut the sinks down with what remains of the deadline.
+Start-up, in order: preflight, sinks (exporters), the metrics server, load and attach BPF, start the
+reader, pipeline, report and sender threads, then READY=1. The main thread ticks the intervals; every
+wait is an `Event.wait(timeout)`, so a signal (whose handler only sets events) interrupts it at once.
+Shutdown, in order: stop sampling, drain the perf buffers, flush the partial interval through the
+pipeline and the sinks (within the deadline), unload BPF, stop the metrics server. SIGHUP reloads the
+config file (see `agent.reload`).
 """
 
 from __future__ import annotations
@@ -14,25 +15,33 @@ import random
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+from http.server import ThreadingHTTPServer
 from types import FrameType
 
+from agent import logs
 from agent.aggregate.types import IntervalProfile
 from agent.config import AgentConfig
-from agent.errors import PreflightError
-from agent.export.files import FileSink
+from agent.errors import ConfigError, PreflightError
+from agent.export.otlp.resource import ResourceOptions
 from agent.export.otlp.sink import OtlpSink
 from agent.export.sink import Sink
-from agent.pipeline import Pipeline, Stream
+from agent.health import HealthState, make_server
+from agent.metadata.process import ProcessMetadata
+from agent.metadata.selector import ProcessSelector
+from agent.metrics import QueueStats, make_registry
+from agent.pipeline import Pipeline
 from agent.preflight import run_checks
 from agent.probes.events import IntervalMark
 from agent.probes.loader import release_compiler_memory
 from agent.probes.queue import DropOldestQueue
 from agent.probes.reader import PerfReader
 from agent.probes.registry import make_probes
+from agent.reload import changed_keys, is_live, merge_live
 from agent.report import Reporter
+from agent.sdnotify import Notifier
+from agent.sinks import make_file_sink
 from agent.symbolize.symbolizer import Symbolizer
 
 logger = logging.getLogger(__name__)
@@ -43,142 +52,224 @@ INTERVAL_JITTER = 0.2
 SHUTDOWN_DEADLINE_S = 10.0
 REPORT_QUEUE_SIZE = 4
 
-
-@dataclass(slots=True)
-class _Threads:
-    reader: threading.Thread
-    pipeline: threading.Thread
-    reporter: threading.Thread
-    senders: list[threading.Thread]
+ConfigLoader = Callable[[], AgentConfig]
 
 
 class Daemon:
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, reload_config: ConfigLoader | None = None) -> None:
         self.config = config
+        self._reload_config = reload_config
         self.stop_event = threading.Event()
+        self._wake = threading.Event()  # interrupts the main loop: stop or reload
+        self._reload_requested = threading.Event()
         self._rotate = threading.Event()
+        self._sender_stop = threading.Event()
+        self._reader_done = threading.Event()
         self._events: DropOldestQueue[object] = DropOldestQueue(config.profiling.queue_size)
         self._intervals: DropOldestQueue[IntervalProfile | None] = DropOldestQueue(REPORT_QUEUE_SIZE)
-        self._reader_done = threading.Event()
-        self.sinks: list[Sink] = []
-        self.otlp: OtlpSink | None = None
         self.probes = make_probes(config.profiling, self._events.put)
-        self._reader: PerfReader | None = None
-        self._sender_stop = threading.Event()
+        self.metadata = ProcessMetadata()
         self.symbolizer = Symbolizer(
             elf_cache_size=config.symbolize.elf_cache_size,
             process_ttl_intervals=config.symbolize.process_ttl_intervals,
+            metadata=self.metadata,
         )
+        self.selector = ProcessSelector(config.filters, self.metadata)
+        self.sinks: list[Sink] = []
+        self.otlp: OtlpSink | None = None
         self.reporter: Reporter | None = None
+        self.pipeline: Pipeline | None = None
+        self.health = HealthState(config.metrics.ready_export_failure_s)
+        self.notifier = Notifier(config.notify_socket or None)
+        self.reloads: Counter[str] = Counter()
+        self._reader: PerfReader | None = None
+        self._server: ThreadingHTTPServer | None = None
+        self._threads: list[threading.Thread] = []
+
+    # What the metrics collector reads (agent.metrics.MetricsSource).
+    @property
+    def queues(self) -> dict[str, QueueStats]:
+        return {"events": self._events, "intervals": self._intervals}
+
+    @property
+    def sampling_parameters(self) -> dict[tuple[str, str], float]:
+        return {(probe.name, name): value for probe in self.probes for name, value in probe.parameters().items()}
 
     def install_signal_handlers(self) -> None:
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            self.stop_event.set()  # nothing else: no logging, no I/O in a signal handler
+        def on_stop(signum: int, frame: FrameType | None) -> None:
+            self.stop_event.set()  # only events: no logging, no I/O in a signal handler
+            self._wake.set()
 
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGTERM, on_signal)
+        def on_reload(signum: int, frame: FrameType | None) -> None:
+            self._reload_requested.set()
+            self._wake.set()
+
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGHUP, on_reload)
 
     def run(self) -> int:
         report = run_checks()
         if not report.ok:
             raise PreflightError(report.render())
-        self.sinks = self._make_sinks()
-        self.reporter = Reporter(self.symbolizer, self.sinks)
+        self._make_sinks()
+        self._start_metrics_server()
         try:
-            for probe in self.probes:
-                probe.load()
-            release_compiler_memory()
-            for probe in self.probes:
-                probe.attach()
-            self._reader = PerfReader(self.probes)
+            self._load_and_attach()
             started = time.monotonic()
+            self._start_threads()
+            self.health.attached = True
+            self.notifier.ready()
+            self.notifier.status(f"profiling: {self._describe()}")
             logger.info("profiling started: %s", self._describe())
-            threads = self._start_threads()
             self._tick_until_stopped(started)
-            self._shutdown(threads)
+            self.notifier.stopping()
+            self._shutdown()
         finally:
             for probe in self.probes:
                 probe.close()
             for sink in self.sinks:
                 sink.shutdown(0.0)  # after a clean shutdown this does nothing; after a failure it spools
+            if self._server is not None:
+                self._server.shutdown()
+                self._server.server_close()
         logger.info("profiling stopped")
         return 0
+
+    def _load_and_attach(self) -> None:
+        for probe in self.probes:
+            probe.load()
+        release_compiler_memory()
+        for probe in self.probes:
+            probe.attach()
+        self._reader = PerfReader(self.probes)
 
     def _describe(self) -> str:
         cfg = self.config.profiling
         scope = f"pids {','.join(map(str, cfg.pids))}" if cfg.pids else "all processes"
-        sinks = ", ".join(sink.name for sink in self.sinks)
         probes = "; ".join(f"{probe.name}: {probe.attach_method}" for probe in self.probes)
-        return f"{probes}; {scope}; every ~{cfg.interval_s:g} s to {sinks}"
+        sinks = ", ".join(sink.name for sink in self.sinks) or "no sink"
+        return f"{probes}; {scope}; every ~{self.config.profiling.interval_s:g} s to {sinks}"
 
-    def _make_sinks(self) -> list[Sink]:
-        files, otlp = self.config.export.files, self.config.export.otlp
-        sinks: list[Sink] = []
-        if self.config.files_enabled:
-            sinks.append(FileSink(Path(files.output_dir), files.max_files, files.max_bytes))
+    def _make_sinks(self) -> None:
+        otlp = self.config.export.otlp
+        file_sink = make_file_sink(self.config)
+        self.sinks = [file_sink] if file_sink is not None else []
         if otlp.enabled:
-            self.otlp = OtlpSink(otlp)
-            sinks.append(self.otlp)
-        return sinks
+            resource = ResourceOptions.detect(otlp.service_name, node_name=self.config.metadata.node_name)
+            self.otlp = OtlpSink(otlp, resource=resource)
+            self.sinks.append(self.otlp)
+            self.health.backlogs["otlp"] = self.otlp
+        self.reporter = Reporter(self.symbolizer, self.sinks)
+        self.health.failures = self.reporter
 
-    def _start_threads(self) -> _Threads:
+    def _start_metrics_server(self) -> None:
+        if not self.config.metrics.enabled:
+            return
+        address = self.config.metrics.address
+        try:
+            self._server = make_server(address, make_registry(self), self.health)
+        except OSError as e:
+            raise ConfigError("metrics.address", f"cannot listen on {address}: {e.strerror or e}") from e
+        thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
+        thread.start()
+        logger.info("metrics, /healthz and /readyz on http://%s/", address)
+
+    def _start_threads(self) -> None:
         assert self.reporter is not None
-        streams = {}
-        for probe in self.probes:
-            assert probe.stacks is not None, "probes are loaded before threads start"
-            streams[probe.name] = Stream(probe.spec, probe.stacks)
-        pipeline = Pipeline(streams, self.symbolizer, self._intervals.put)
-        # Sinks that deliver in the background get their own thread; it runs until the agent stops.
-        senders = []
-        if self.otlp is not None:
-            senders.append(
-                threading.Thread(target=self.otlp.run, args=(self._sender_stop,), name="otlp-sender", daemon=True)
-            )
-        threads = _Threads(
-            reader=threading.Thread(target=self._read_loop, name="perf-reader", daemon=True),
-            pipeline=threading.Thread(target=self._pipeline_loop, args=(pipeline,), name="pipeline", daemon=True),
-            reporter=threading.Thread(target=self._report_loop, args=(self.reporter,), name="report", daemon=True),
-            senders=senders,
+        self.pipeline = Pipeline(
+            {probe.name: probe.spec for probe in self.probes}, self.symbolizer, self._intervals.put, self.selector
         )
-        for thread in (threads.reader, threads.pipeline, threads.reporter, *threads.senders):
+        targets: list[tuple[str, Callable[[], None]]] = [
+            ("perf-reader", self._read_loop),
+            ("pipeline", self._pipeline_loop),
+            ("report", self._report_loop),
+        ]
+        if self.otlp is not None:
+            otlp = self.otlp
+            targets.append(("otlp-sender", lambda: otlp.run(self._sender_stop)))
+        self._threads = [threading.Thread(target=target, name=name, daemon=True) for name, target in targets]
+        for thread in self._threads:
             thread.start()
-        return threads
+        self.health.threads = list(self._threads)
 
     def _tick_until_stopped(self, started: float) -> None:
-        cfg = self.config.profiling
-        end = started + cfg.duration_s if cfg.duration_s > 0 else float("inf")
-        next_tick = started + _jittered(cfg.interval_s)
+        end = started + self.config.profiling.duration_s if self.config.profiling.duration_s > 0 else float("inf")
+        next_tick = started + _jittered(self.config.profiling.interval_s)
         while not self.stop_event.is_set():
             now = time.monotonic()
             if now >= end:
                 break
+            if self._reload_requested.is_set():
+                self._reload_requested.clear()
+                next_tick = self._reload(next_tick)
             if now >= next_tick:
                 self._rotate.set()
-                next_tick = now + _jittered(cfg.interval_s)
-            self.stop_event.wait(max(0.0, min(next_tick, end) - now))
+                next_tick = now + _jittered(self.config.profiling.interval_s)
+            self._wake.wait(max(0.0, min(next_tick, end) - now))
+            self._wake.clear()
 
-    def _shutdown(self, threads: _Threads) -> None:
-        """Stop sampling and flush the pipeline; the sinks' own shutdown gets what remains of the deadline."""
+    def _reload(self, next_tick: float) -> float:
+        """Apply a SIGHUP'd config: live settings now, the rest after a restart. Returns the next tick."""
+        if self._reload_config is None:
+            logger.warning("SIGHUP ignored: the agent was started without a config file to reload")
+            self.reloads["ignored"] += 1
+            return next_tick
+        try:
+            new = self._reload_config()
+        except ConfigError as e:
+            self.reloads["invalid"] += 1
+            logger.error("config reload refused, the running configuration stays: %s", e)
+            return next_tick
+        changed = changed_keys(self.config, new)
+        restart_only = [key for key in changed if not is_live(key)]
+        if restart_only:
+            logger.warning("config reload: %s take effect only after a restart", ", ".join(restart_only))
+        old, self.config = self.config, merge_live(self.config, new)
+        logs.configure(self.config.logging.level, self.config.logging.format)
+        self.selector.set_filter(self.config.filters)
+        self.health.set_limit(self.config.metrics.ready_export_failure_s)
+        if old.export.files != self.config.export.files:
+            self._swap_file_sink()
+        self.reloads["applied"] += 1
+        logger.info("config reloaded: %s", ", ".join(key for key in changed if is_live(key)) or "no change")
+        if old.profiling.interval_s != self.config.profiling.interval_s:
+            return time.monotonic() + _jittered(self.config.profiling.interval_s)
+        return next_tick
+
+    def _swap_file_sink(self) -> None:
+        assert self.reporter is not None
+        old_files = [sink for sink in self.sinks if sink is not self.otlp]
+        new_file = make_file_sink(self.config)
+        self.sinks = ([new_file] if new_file is not None else []) + ([self.otlp] if self.otlp else [])
+        self.reporter.set_sinks(self.sinks)
+        for sink in old_files:
+            sink.shutdown(1.0)
+
+    def _shutdown(self) -> None:
+        """Stop sampling and flush the pipeline; the sinks get what remains of the deadline."""
         self.stop_event.set()
         deadline = time.monotonic() + SHUTDOWN_DEADLINE_S
-        for thread in (threads.reader, threads.pipeline, threads.reporter):
-            thread.join(max(0.1, deadline - time.monotonic()))
-            if thread.is_alive():
-                logger.error("%s thread did not finish within the shutdown deadline", thread.name)
-        # The final profiles are queued in the sinks now. Stop the background senders' loops (their
-        # backoff waits end at once), then each sink flushes what it holds within the remaining time
-        # and keeps the rest (the OTLP spool survives restarts).
+        senders = [thread for thread in self._threads if thread.name.endswith("-sender")]
+        for thread in self._threads:
+            if thread not in senders:
+                thread.join(max(0.1, deadline - time.monotonic()))
+                if thread.is_alive():
+                    logger.error("%s thread did not finish within the shutdown deadline", thread.name)
+        # The final profiles are in the sinks now. Stop the background senders' loops (their backoff
+        # waits end at once), then each sink flushes what it holds within the remaining time and keeps
+        # the rest (the OTLP spool survives restarts).
         self._sender_stop.set()
         for sink in self.sinks:
             sink.shutdown(max(0.0, deadline - time.monotonic()))
-        for thread in threads.senders:
+        for thread in senders:
             thread.join(max(0.1, deadline - time.monotonic()))
 
     # Thread bodies. Each catches everything at the top so one bad interval cannot kill the agent.
 
     def _read_loop(self) -> None:
+        assert self._reader is not None
         try:
-            assert self._reader is not None
             while not self.stop_event.is_set():
                 self._reader.poll(POLL_TIMEOUT_MS)
                 if self._rotate.is_set():
@@ -188,34 +279,37 @@ class Daemon:
         except Exception:
             logger.exception("perf-buffer reader failed; stopping the agent")
             self.stop_event.set()
+            self._wake.set()
         finally:
             # Stop sampling first so the final drain sees everything that was sampled.
             for probe in self.probes:
                 probe.stop_sampling()
             try:
-                for probe in self.probes:
-                    probe.drain()
+                self._reader.drain()
             except Exception:
                 logger.exception("final drain of the perf buffers failed")
             self._events.put(IntervalMark(time.monotonic_ns(), final=True))
             self._reader_done.set()
 
-    def _pipeline_loop(self, pipeline: Pipeline) -> None:
+    def _pipeline_loop(self) -> None:
+        assert self.pipeline is not None
         try:
-            _consume(self._events, pipeline.handle, lambda: self._reader_done.is_set() and not len(self._events))
+            _consume(self._events, self.pipeline.handle, lambda: self._reader_done.is_set() and not len(self._events))
         except Exception:
             logger.exception("pipeline failed; stopping the agent")
             self.stop_event.set()
+            self._wake.set()
         finally:
             self._intervals.put(None)
 
-    def _report_loop(self, reporter: Reporter) -> None:
+    def _report_loop(self) -> None:
+        assert self.reporter is not None
         while True:
             for interval in self._intervals.get_batch(timeout=1.0):
                 if interval is None:
                     return
                 try:
-                    reporter.report(interval)
+                    self.reporter.report(interval)
                 except Exception:
                     logger.exception("reporting the %s interval failed; continuing", interval.spec.name)
 

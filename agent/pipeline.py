@@ -1,23 +1,26 @@
 """Decode-to-aggregate routing: what the pipeline thread does with each event from the reader.
 
-Stack events get their stack ids resolved against their own profiler's stack maps (probes) and are
-summed into that profiler's interval (aggregate); process events tell the symbolizer to capture a
-process's mappings while it is alive; an `IntervalMark` rotates every profiler's stack maps and hands
-each finished interval to `deliver`. This module starts no threads: `agent.daemon` runs
+Stack events are summed into their profiler's interval (aggregate); process events tell the
+symbolizer to capture a process's mappings while it is alive; an `IntervalMark` hands each
+profiler's finished interval to `deliver`. This module starts no threads: `agent.daemon` runs
 `Pipeline.handle` on the thread it owns.
+
+Process filters: with a selector (`agent.metadata.selector.ProcessSelector`), stack events of
+rejected processes are dropped before they are aggregated and counted in `filtered`, and rejected
+processes are never captured by the symbolizer. Every process event makes the selector forget its
+decision about the pid, since a new process or an exec changes what the filters look at. Kernel
+threads are decided by their name alone: with any include pattern they are dropped (see the selector).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Protocol
 
 from agent.aggregate.interval import IntervalAggregator
 from agent.aggregate.types import IntervalProfile, ProfileSpec
 from agent.probes.events import IntervalMark, ProcessEvent, ProcessEventKind, StackEvent
-from agent.probes.stacks import StackResolver
 
 logger = logging.getLogger(__name__)
 
@@ -30,27 +33,33 @@ class ProcessObserver(Protocol):
     def on_exec(self, pid: int) -> None: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Stream:
-    """One profiler's event stream: what its values mean and where its stack ids resolve."""
+class ProcessSelectorLike(Protocol):
+    """What the pipeline needs from the process filters (`agent.metadata.selector.ProcessSelector`)."""
 
-    spec: ProfileSpec
-    stacks: StackResolver
+    def admits(self, pid: int) -> bool: ...
+
+    def admits_kernel_thread(self, comm: str) -> bool: ...
+
+    def forget(self, pid: int) -> None: ...
 
 
 class Pipeline:
     def __init__(
         self,
-        streams: Mapping[str, Stream],
+        specs: Mapping[str, ProfileSpec],
         processes: ProcessObserver,
         deliver: Callable[[IntervalProfile], None],
+        selector: ProcessSelectorLike | None = None,
     ) -> None:
-        self._streams = dict(streams)
-        self._aggregators = {name: IntervalAggregator(stream.spec) for name, stream in streams.items()}
+        self._aggregators = {name: IntervalAggregator(spec) for name, spec in specs.items()}
         self._processes = processes
         self._deliver = deliver
+        self._selector = selector
         self._seen_pids: set[int] = set()
+        self._received = dict.fromkeys(specs, 0)  # stack events per profiler in the current interval
         self.unknown_items = 0
+        self.filtered = 0  # stack events dropped by the process filters
+        self.last_rates: dict[str, float] = {}  # stack events per second over the last interval
 
     def handle(self, item: object) -> bool:
         """Process one queued item; True once the final intervals have been delivered."""
@@ -66,34 +75,44 @@ class Pipeline:
         return False
 
     def _on_stack_event(self, event: StackEvent) -> None:
-        stream = self._streams.get(event.profiler)
-        if stream is None:
+        aggregator = self._aggregators.get(event.profiler)
+        if aggregator is None:
             self.unknown_items += 1
+            return
+        self._received[event.profiler] += 1
+        if not self._admits(event):
+            self.filtered += 1
             return
         if event.pid not in self._seen_pids and not event.kernel_thread:
             # Covers a process whose announcement was lost, and is cheap once captured.
             self._seen_pids.add(event.pid)
             self._processes.observe_process(event.pid)
-        kernel = stream.stacks.resolve(event.stack_gen, event.kernel_stack_id, kernel=True)
-        user = stream.stacks.resolve(
-            event.stack_gen, event.user_stack_id, kernel=False, kernel_thread=event.kernel_thread
-        )
-        self._aggregators[event.profiler].add(
+        aggregator.add(
             pid=event.pid,
             tid=event.tid,
             cpu=event.cpu,
-            kernel=kernel,
-            user=user,
+            kernel=event.kernel,
+            user=event.user,
             thread_name=event.comm,
             values=event.values,
             timestamp_ns=event.timestamp_ns,
         )
 
+    def _admits(self, event: StackEvent) -> bool:
+        if self._selector is None:
+            return True
+        if event.kernel_thread:
+            return self._selector.admits_kernel_thread(event.comm)
+        return self._selector.admits(event.pid)
+
     def _on_process_event(self, event: ProcessEvent) -> None:
         # NEW comes once per process image (first sample, or first after exec): always capture afresh,
-        # since a reused pid or a finished exec makes an older snapshot wrong.
+        # since a reused pid or a finished exec makes an older snapshot wrong. The same goes for the
+        # filters' decision, which is taken again now, while the process is alive.
+        if self._selector is not None:
+            self._selector.forget(event.pid)
         self._processes.on_exec(event.pid)
-        if event.kind is ProcessEventKind.NEW:
+        if event.kind is ProcessEventKind.NEW and (self._selector is None or self._selector.admits(event.pid)):
             self._processes.observe_process(event.pid)
             self._seen_pids.add(event.pid)
         else:
@@ -101,8 +120,12 @@ class Pipeline:
 
     def _on_mark(self, mark: IntervalMark) -> bool:
         self._seen_pids.clear()
+        rates: dict[str, float] = {}
         for name, aggregator in self._aggregators.items():
             interval = aggregator.finish(mark.end_mono_ns)
-            self._streams[name].stacks.rotate()
+            seconds = (interval.end_mono_ns - interval.start_mono_ns) / 1e9
+            rates[name] = self._received[name] / seconds if seconds > 0 else 0.0
+            self._received[name] = 0
             self._deliver(interval)
+        self.last_rates = rates
         return mark.final

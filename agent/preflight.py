@@ -79,7 +79,8 @@ def check_privileges(proc_root: Path = Path("/proc")) -> Check:
         "privileges",
         False,
         f"running as uid {os.geteuid()} without CAP_BPF+CAP_PERFMON or CAP_SYS_ADMIN",
-        "run as root (sudo profiling-agent ...), or grant CAP_BPF,CAP_PERFMON,CAP_SYS_RESOURCE,CAP_SYS_PTRACE",
+        "run as root (sudo profiling-agent ...), or grant CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE, "
+        "CAP_DAC_READ_SEARCH and CAP_SYSLOG (see systemd/profiling-agent.service)",
     )
 
 

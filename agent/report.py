@@ -8,6 +8,7 @@ no threads: `agent.daemon` runs `Reporter.report` on the thread it owns.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Sequence
 from typing import Protocol
@@ -33,6 +34,11 @@ class Reporter:
         self.empty_intervals = 0
         self.exported: Counter[str] = Counter()
         self.failed: Counter[str] = Counter()
+        self.failing_since: dict[str, float] = {}  # sink -> monotonic time of its first failure in a row
+
+    def set_sinks(self, sinks: Sequence[Sink]) -> None:
+        """Swap the sinks (a config reload); takes effect from the next interval."""
+        self._sinks = sinks
 
     def report(self, interval: IntervalProfile) -> None:
         self.intervals += 1
@@ -46,10 +52,15 @@ class Reporter:
             try:
                 sink.export(profile, pprof)
             except ExportError as e:
-                self.failed[sink.name] += 1
+                self._failed(sink.name)
                 logger.warning("%s sink could not export the %s profile: %s", sink.name, profile.spec.name, e)
             except Exception:
-                self.failed[sink.name] += 1
+                self._failed(sink.name)
                 logger.exception("%s sink failed unexpectedly", sink.name)
             else:
                 self.exported[sink.name] += 1
+                self.failing_since.pop(sink.name, None)
+
+    def _failed(self, sink: str) -> None:
+        self.failed[sink] += 1
+        self.failing_since.setdefault(sink, time.monotonic())

@@ -32,10 +32,11 @@ class Setting:
     flag_is_switch: bool = False  # the flag takes no value and sets True
     # Shown commented out in the example config, because setting it at all changes behaviour.
     commented_in_example: bool = False
+    env_name: str = ""  # overrides the derived environment variable name
 
     @property
     def env(self) -> str:
-        return ENV_PREFIX + self.key.upper().replace(".", "_")
+        return self.env_name or ENV_PREFIX + self.key.upper().replace(".", "_")
 
     @property
     def section(self) -> str:
@@ -142,6 +143,27 @@ def parse_profilers(value: Any) -> tuple[str, ...]:
     return names
 
 
+def parse_patterns(value: Any) -> tuple[str, ...]:
+    """Shell glob patterns: a YAML list, or a comma-separated string."""
+    if value is None:
+        return ()
+    items = value if isinstance(value, list | tuple) else str(value).split(",")
+    patterns = tuple(str(item).strip() for item in items if str(item).strip())
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise ValueError(f"expected glob patterns, got {pattern!r}")
+    return patterns
+
+
+def parse_address(value: Any) -> str:
+    """host:port to listen on; the host must be given (0.0.0.0 only when asked for)."""
+    text = parse_str(value).strip()
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected host:port (e.g. 127.0.0.1:9464), got {value!r}")
+    return text
+
+
 def parse_pids(value: Any) -> tuple[int, ...]:
     pids = []
     for item in _as_list(value):
@@ -182,12 +204,6 @@ SETTINGS: tuple[Setting, ...] = (
         64,
         ranged_int(1, 4096),
         "Perf buffer size per CPU, in pages (rounded up to a power of two).",
-    ),
-    Setting(
-        "profiling.stack_map_entries",
-        8192,
-        ranged_int(256, 1 << 20),
-        "Entries in each of the two BPF stack-trace maps (one is filled while the other is read).",
     ),
     Setting(
         "profiling.queue_size",
@@ -291,6 +307,40 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         parse_str,
         "Resource service.name for every process (empty: the process's executable name).",
+    ),
+    # metrics and health
+    Setting("metrics.enabled", True, parse_bool, "Serve Prometheus metrics, /healthz and /readyz."),
+    Setting(
+        "metrics.address",
+        "127.0.0.1:9464",
+        parse_address,
+        "Address of the metrics and health server (use 0.0.0.0:9464 to expose it, e.g. in Kubernetes).",
+        "--metrics-address",
+    ),
+    Setting(
+        "metrics.ready_export_failure_s",
+        300.0,
+        ranged_float(1.0, 86_400.0),
+        "/readyz fails once exports have been failing (or undelivered) for this long.",
+    ),
+    # metadata: labels and resource attributes
+    Setting(
+        "metadata.node_name",
+        "",
+        parse_str,
+        "Kubernetes node name (k8s.node.name); the DaemonSet sets it from the downward API.",
+        env_name="PROFILING_AGENT_NODE_NAME",
+    ),
+    # filters: which processes are profiled (shell globs; exclude wins; no include = everything)
+    *(
+        Setting(f"filters.{kind}_{what}", (), parse_patterns, f"{kind.capitalize()} processes whose {label} match.")
+        for kind in ("include", "exclude")
+        for what, label in (
+            ("exe", "executable (a pattern with / matches the full path, else the file name)"),
+            ("comm", "comm"),
+            ("unit", "systemd unit"),
+            ("cgroup", "cgroup path"),
+        )
     ),
     # logging
     Setting("logging.level", "info", choice("debug", "info", "warning", "error"), "Log level.", "--log-level"),

@@ -1,24 +1,22 @@
 /* CPU profiler: samples every online CPU at a fixed frequency and sends one record per sample.
  *
  * Attach points: a perf_event per CPU (PERF_COUNT_HW_CPU_CYCLES where the PMU exists, else the
- *   software cpu-clock) running on_cpu_sample; tracepoint sched:sched_process_exec.
- * Output: perf buffer `samples` (struct cpu_sample) and perf buffer `proc_events` (struct proc_event).
- * Stacks go into one of two stack-trace maps chosen by control[0]: user space flips the generation at
- *   each interval end and clears the idle map only after every record that refers to it has been read,
- *   so a stack id is never read after its bucket was reused.
- * Minimum kernel: 4.9 (BPF on perf events); 4.18 for BPF_MAP_TYPE_LRU_HASH semantics used here.
+ *   software cpu-clock) running on_cpu_sample; tracepoints sched:sched_process_exec and
+ *   sched:sched_process_exit.
+ * Output: perf buffer `samples` (struct stack_event with both stacks inline) and perf buffer
+ *   `proc_events` (struct proc_event: a process's first sample, so user space captures its mappings
+ *   while it is alive, and exec).
+ * Minimum kernel: 4.18 (bpf_get_stack from perf_event programs).
  *
- * Compile-time parameters (cflags): STACK_MAP_ENTRIES, KNOWN_PIDS_ENTRIES, FILTER_PIDS (0/1).
+ * Compile-time parameters (cflags): KNOWN_PIDS_ENTRIES, FILTER_PIDS (0/1).
  */
 #include <uapi/linux/bpf_perf_event.h>
 #include <linux/sched.h>
 #include "common.h"
 
-BPF_STACK_TRACE(stacks_0, STACK_MAP_ENTRIES);
-BPF_STACK_TRACE(stacks_1, STACK_MAP_ENTRIES);
-BPF_ARRAY(control, u32, 1);                            /* [0]: active stack generation (0 or 1) */
+BPF_PERCPU_ARRAY(scratch, struct stack_event, 1); /* records are too big for the 512-byte BPF stack */
 BPF_TABLE("lru_hash", u32, u8, known_pids, KNOWN_PIDS_ENTRIES); /* processes already announced */
-BPF_HASH(pid_filter, u32, u8, 4096);                   /* used only when FILTER_PIDS */
+BPF_HASH(pid_filter, u32, u8, 4096);                            /* used only when FILTER_PIDS */
 BPF_PERF_OUTPUT(samples);
 BPF_PERF_OUTPUT(proc_events);
 
@@ -43,28 +41,22 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
     if (!pid_filter.lookup(&pid))
         return 0;
 #endif
-    struct cpu_sample sample = {};
-    sample.timestamp_ns = bpf_ktime_get_ns();
-    sample.pid = pid;
-    sample.tid = tid;
-    sample.cpu = bpf_get_smp_processor_id();
-    u32 zero = 0;
-    u32 *gen = control.lookup(&zero);
-    sample.stack_gen = gen ? (*gen & 1) : 0;
-    if (sample.stack_gen == 0) {
-        sample.kernel_stack_id = stacks_0.get_stackid(&ctx->regs, 0);
-        sample.user_stack_id = stacks_0.get_stackid(&ctx->regs, BPF_F_USER_STACK);
-    } else {
-        sample.kernel_stack_id = stacks_1.get_stackid(&ctx->regs, 0);
-        sample.user_stack_id = stacks_1.get_stackid(&ctx->regs, BPF_F_USER_STACK);
-    }
+    int zero = 0;
+    struct stack_event *e = scratch.lookup(&zero);
+    if (!e)
+        return 0;
+    e->timestamp_ns = bpf_ktime_get_ns();
+    e->value = 0;
+    e->pid = pid;
+    e->tid = tid;
+    e->cpu = bpf_get_smp_processor_id();
     struct task_struct *task = (struct task_struct *)bpf_get_current_task();
-    if (task->flags & PF_KTHREAD)
-        sample.flags |= SAMPLE_FLAG_KERNEL_THREAD;
-    bpf_get_current_comm(&sample.comm, sizeof(sample.comm));
-    samples.perf_submit(ctx, &sample, sizeof(sample));
-    if (!(sample.flags & SAMPLE_FLAG_KERNEL_THREAD))
-        announce_process(ctx, pid, sample.timestamp_ns);
+    e->flags = (task->flags & PF_KTHREAD) ? SAMPLE_FLAG_KERNEL_THREAD : 0;
+    bpf_get_current_comm(&e->comm, sizeof(e->comm));
+    u32 size = collect_stacks(ctx, e);
+    samples.perf_submit(ctx, e, size);
+    if (!(e->flags & SAMPLE_FLAG_KERNEL_THREAD))
+        announce_process(ctx, pid, e->timestamp_ns);
     return 0;
 }
 

@@ -13,16 +13,13 @@ from dataclasses import dataclass
 
 
 class StackStatus(enum.IntEnum):
-    """What the kernel (or the stack-id lookup) said about one stack of one event."""
+    """What the kernel said about one stack of one event."""
 
     OK = 0
-    MISSING = 1  # get_stackid returned -EFAULT: no stack could be walked (e.g. kernel thread's user stack)
-    COLLISION = 2  # -EEXIST: the stack map bucket held another stack
-    MAP_FULL = 3  # -ENOMEM: the stack map was full
-    LOST = 4  # the id was valid but the map no longer held it when user space read it
-    ERROR = 5  # any other negative id
-    TRUNCATED = 6  # walked stack hit the kernel's depth limit; callers beyond it are gone
-    NOT_COLLECTED = 7  # the probe does not collect this stack (e.g. user stack of a kernel thread)
+    MISSING = 1  # bpf_get_stack returned -EFAULT for a task that has user space: no stack could be walked
+    ERROR = 2  # any other negative result
+    TRUNCATED = 3  # the walk hit the kernel's depth limit; callers beyond it are gone
+    NOT_COLLECTED = 4  # no such stack (a user-mode sample's kernel stack, a kernel thread's user stack)
 
 
 @dataclass(frozen=True, slots=True)

@@ -81,6 +81,12 @@ class ProcessMetadata:
         with self._lock:
             return len(self._cache)
 
+    def forget(self, pid: int) -> None:
+        """Drop `pid`'s cached labels: exec keeps the pid and start time but replaces exe and comm."""
+        with self._lock:
+            for key in [key for key in self._cache if key[0] == pid]:
+                del self._cache[key]
+
     def read(self, pid: int) -> ProcessLabels:
         """The labels of `pid`, from the cache when the same process (same start time) was read before."""
         if pid <= 0:

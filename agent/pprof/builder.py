@@ -5,6 +5,9 @@ the dedup tables (strings, functions, mappings, locations) whose ids start at 1 
 "none" in pprof. Addresses follow pprof's runtime convention (formats.md section 7, convention A):
 locations carry the runtime address and mappings the /proc/PID/maps range, exactly as the symbolize
 stage recorded them. The output is uncompressed; sinks compress it.
+
+Sample labels: numeric `pid`, `tid`, `cpu`; string `comm`, `thread_name`, and the process metadata
+`container_id`, `pod_uid`, `systemd_unit` (from `Profile.processes`), each only when it is not empty.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any
 
 from agent.aggregate.types import ProfileSpec
 from agent.pprof.strings import StringTable
-from agent.symbolize.types import KERNEL_MAPPING_NAME, Frame, FrameKind, MappingInfo, Profile, Sample
+from agent.symbolize.types import KERNEL_MAPPING_NAME, Frame, FrameKind, MappingInfo, ProcessInfo, Profile, Sample
 
 try:
     from agent._proto import profile_pb2
@@ -44,7 +47,7 @@ def build_pprof(profile: Profile) -> bytes:
         process = profile.processes.get(sample.pid)
         # A process whose comm could not be read is still best named by what its thread was called.
         comm = process.comm if process is not None and process.comm else sample.thread_name
-        builder.add_sample(sample, comm)
+        builder.add_sample(sample, comm, process)
     message = builder.build(profile.start_unix_ns, profile.duration_ns)
     data: bytes = message.SerializeToString(deterministic=True)
     logger.debug(
@@ -147,8 +150,9 @@ class ProfileBuilder:
         )
         return mapping_id
 
-    def add_sample(self, sample: Sample, comm: str) -> None:
-        """Add one sample; `comm` is the process's name for the `comm` label."""
+    def add_sample(self, sample: Sample, comm: str, process: ProcessInfo | None = None) -> None:
+        """Add one sample; `comm` is the process's name for the `comm` label, `process` gives the
+        metadata labels (`container_id`, `pod_uid`, `systemd_unit`)."""
         if len(sample.values) != len(self._spec.sample_types):
             raise ValueError(
                 f"sample of pid {sample.pid} has {len(sample.values)} values but profile {self._spec.name!r} "
@@ -160,7 +164,14 @@ class ProfileBuilder:
         # Numeric labels carry no unit: pid, tid and cpu are identifiers, not quantities.
         for key, number in (("pid", sample.pid), ("tid", sample.tid), ("cpu", sample.cpu)):
             message.label.add(key=self._s(key), num=number)
-        for key, text in (("comm", comm), ("thread_name", sample.thread_name)):
+        texts = [("comm", comm), ("thread_name", sample.thread_name)]
+        if process is not None:
+            texts += [
+                ("container_id", process.container_id),
+                ("pod_uid", process.pod_uid),
+                ("systemd_unit", process.systemd_unit),
+            ]
+        for key, text in texts:
             # pprof reads str == 0 as "not a string label" and drops it, so don't spend bytes on it.
             if text:
                 message.label.add(key=self._s(key), str=self._s(text))

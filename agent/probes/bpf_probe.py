@@ -1,10 +1,10 @@
 """Probes stage: what every BPF profiler shares: loading, stack maps, process announcements, buffers.
 
-A profiler's program (`bpf/<name>.bpf.c`) declares the same shared maps (`stacks_0`, `stacks_1`,
-`control`, `pid_filter`, `known_pids`, `proc_events`: see `bpf/common.h`); this base class loads it,
-builds the `StackResolver` over its stack maps, fills the pid filter, opens the process-event buffer,
-counts lost and malformed records, and exposes its perf readers so one thread can poll every
-profiler at once. Subclasses add their own buffer and attach their own events.
+A profiler's program (`bpf/<name>.bpf.c`) declares the same shared maps (`pid_filter`, `known_pids`,
+`proc_events`) and sends `struct stack_event` records (see `bpf/common.h`); this base class loads it,
+fills the pid filter, opens the process-event buffer, owns the profiler's `StackDecoder`, counts lost
+and malformed records, and exposes its perf readers so one thread can poll every profiler at once.
+Subclasses add their own buffer and attach their own events.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from agent.aggregate.types import ProfileSpec
 from agent.config import ProfilingConfig
 from agent.probes.events import MalformedRecord, decode_proc_event
 from agent.probes.loader import dump_program, load_program
-from agent.probes.stacks import StackResolver
+from agent.probes.stacks import StackDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class BpfProbe(ABC):
         self._bpf: Any = None
         self.attach_method = ""  # what the events were attached with, for check/metrics/logs
         self.stats = ReaderStats()
-        self.stacks: StackResolver | None = None
+        self.stacks = StackDecoder()  # used only by the reader thread, inside the callbacks
 
     @property
     @abstractmethod
@@ -62,10 +62,13 @@ class BpfProbe(ABC):
     def extra_defines(self) -> dict[str, int | str]:
         return {}
 
+    def parameters(self) -> dict[str, float]:
+        """Current sampling parameters, by name, for logs and metrics."""
+        return {}
+
     @property
     def defines(self) -> dict[str, int | str]:
         return {
-            "STACK_MAP_ENTRIES": self._config.stack_map_entries,
             "KNOWN_PIDS_ENTRIES": KNOWN_PIDS_ENTRIES,
             "FILTER_PIDS": 1 if self._config.pids else 0,
             **self.extra_defines(),
@@ -76,12 +79,6 @@ class BpfProbe(ABC):
 
     def load(self) -> None:
         self._bpf = load_program(self.program, self.defines)
-        control = self._bpf["control"]
-
-        def set_generation(generation: int) -> None:
-            control[ctypes.c_int(0)] = ctypes.c_uint32(generation)
-
-        self.stacks = StackResolver((self._bpf["stacks_0"], self._bpf["stacks_1"]), set_generation)
         if self._config.pids:
             pid_filter = self._bpf["pid_filter"]
             for pid in self._config.pids:

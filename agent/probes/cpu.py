@@ -12,7 +12,7 @@ from functools import partial
 from agent.aggregate.types import ProfileSpec, ValueType
 from agent.errors import BpfAttachError
 from agent.probes.bpf_probe import BpfProbe
-from agent.probes.events import decode_cpu_sample
+from agent.probes.events import decode_stack_event
 
 # Perf-event ids as in linux/perf_event.h (bcc.PerfType / PerfHWConfig / PerfSWConfig).
 PERF_TYPE_HARDWARE, PERF_COUNT_HW_CPU_CYCLES = 0, 0
@@ -45,8 +45,12 @@ class CpuProbe(BpfProbe):
     def spec(self) -> ProfileSpec:
         return cpu_profile_spec(self._config.frequency_hz)
 
+    def parameters(self) -> dict[str, float]:
+        return {"frequency_hz": self._config.frequency_hz}
+
     def open_event_buffers(self) -> None:
-        decode = partial(decode_cpu_sample, values=(1, self.spec.period))
+        values = (1, self.spec.period)  # every sample stands for one period of CPU time
+        decode = partial(decode_stack_event, stacks=self.stacks, profiler=self.name, values_of=lambda _: values)
         wakeup = max(1, self._config.frequency_hz // WAKEUPS_PER_SECOND)
         self.open_buffer("samples", decode, self._config.perf_buffer_pages, wakeup)
 

@@ -1,23 +1,32 @@
 """Probes stage: typed, immutable events decoded from perf-buffer records, and their decoders.
 
 The decoders run inside the perf-buffer callbacks: they copy every field out of the ctypes view
-(the view points into the ring buffer and is reused as soon as the callback returns) and reject
-records that are too short or carry impossible values with `MalformedRecord`, which the reader counts.
+(the view points into the ring buffer and is reused as soon as the callback returns), turn the inline
+stacks into `Stack`s, and reject records that are too short or carry impossible values with
+`MalformedRecord`, which the reader counts.
 """
 
 from __future__ import annotations
 
 import ctypes
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
+from agent.aggregate.types import Stack
 from agent.probes.records import (
+    MAX_STACK_DEPTH,
     PROC_EVENT_EXEC,
     PROC_EVENT_NEW,
     SAMPLE_FLAG_KERNEL_THREAD,
-    CpuSampleRecord,
+    STACK_EVENT_HEADER_SIZE,
     ProcEventRecord,
+    StackEventRecord,
 )
+from agent.probes.stacks import StackDecoder
+
+R = TypeVar("R", bound=ctypes.Structure)
 
 
 class MalformedRecord(ValueError):
@@ -31,18 +40,17 @@ class ProcessEventKind(enum.IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class StackEvent:
-    """One sampled event of any profiler: who, where (stack ids), when, and what it is worth."""
+    """One sampled event of any profiler: who, where (both stacks), when, and what it is worth."""
 
     profiler: str
     timestamp_ns: int
     pid: int
     tid: int
     cpu: int
-    user_stack_id: int
-    kernel_stack_id: int
-    stack_gen: int
     kernel_thread: bool
     comm: str
+    kernel: Stack
+    user: Stack
     values: tuple[int, ...]  # aligned with the profiler's ProfileSpec.sample_types
 
 
@@ -62,30 +70,39 @@ class IntervalMark:
     final: bool = False
 
 
-def _view(data: int, size: int, record_type: type[ctypes.Structure]) -> ctypes.Structure:
-    if size < ctypes.sizeof(record_type):
-        raise MalformedRecord(f"{record_type.__name__}: {size} bytes, expected {ctypes.sizeof(record_type)}")
+def _view(data: int, size: int, record_type: type[R], minimum: int | None = None) -> R:
+    """A view of the record (valid only inside the callback), after checking enough bytes arrived."""
+    needed = ctypes.sizeof(record_type) if minimum is None else minimum
+    if size < needed:
+        raise MalformedRecord(f"{record_type.__name__}: {size} bytes, expected at least {needed}")
     return ctypes.cast(data, ctypes.POINTER(record_type)).contents
 
 
-def decode_cpu_sample(data: int, size: int, values: tuple[int, ...]) -> StackEvent:
-    """A CPU sample; every sample is worth the same `values` (one sample, one period of CPU time)."""
-    record = _view(data, size, CpuSampleRecord)
-    stack_gen = record.stack_gen
-    if stack_gen not in (0, 1):
-        raise MalformedRecord(f"cpu_sample: stack generation {stack_gen}")
+ValuesOf = Callable[[StackEventRecord], tuple[int, ...]]
+
+
+def decode_stack_event(data: int, size: int, stacks: StackDecoder, profiler: str, values_of: ValuesOf) -> StackEvent:
+    """One profiler's record; `values_of` reads what the event is worth from the record's fixed part."""
+    record = _view(data, size, StackEventRecord, STACK_EVENT_HEADER_SIZE)
+    kernel_len, user_len = record.kernel_stack_len, record.user_stack_len
+    if kernel_len > MAX_STACK_DEPTH or user_len > MAX_STACK_DEPTH:
+        raise MalformedRecord(f"stack_event: stack lengths {kernel_len}/{user_len} exceed {MAX_STACK_DEPTH}")
+    kernel_bytes, user_bytes = max(kernel_len, 0) * 8, max(user_len, 0) * 8
+    if size < STACK_EVENT_HEADER_SIZE + kernel_bytes + user_bytes:
+        raise MalformedRecord(f"stack_event: {size} bytes cannot hold {kernel_len}+{user_len} frames")
+    raw = ctypes.string_at(data + STACK_EVENT_HEADER_SIZE, kernel_bytes + user_bytes)
+    kernel_thread = bool(record.flags & SAMPLE_FLAG_KERNEL_THREAD)
     return StackEvent(
-        profiler="cpu",
+        profiler=profiler,
         timestamp_ns=record.timestamp_ns,
         pid=record.pid,
         tid=record.tid,
         cpu=record.cpu,
-        user_stack_id=record.user_stack_id,
-        kernel_stack_id=record.kernel_stack_id,
-        stack_gen=stack_gen,
-        kernel_thread=bool(record.flags & SAMPLE_FLAG_KERNEL_THREAD),
+        kernel_thread=kernel_thread,
         comm=bytes(record.comm).split(b"\0", 1)[0].decode("utf-8", "replace"),
-        values=values,
+        kernel=stacks.decode(kernel_len, raw[:kernel_bytes], kernel=True),
+        user=stacks.decode(user_len, raw[kernel_bytes:], kernel=False, kernel_thread=kernel_thread),
+        values=values_of(record),
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 
 AGENT_COMM_LEN = 16
+MAX_STACK_DEPTH = 127
 
 SAMPLE_FLAG_KERNEL_THREAD = 1
 
@@ -17,19 +18,23 @@ PROC_EVENT_NEW = 1
 PROC_EVENT_EXEC = 2
 
 
-class CpuSampleRecord(ctypes.Structure):
+class StackEventRecord(ctypes.Structure):
     _fields_ = (
         ("timestamp_ns", ctypes.c_uint64),
+        ("value", ctypes.c_uint64),
         ("pid", ctypes.c_uint32),
         ("tid", ctypes.c_uint32),
         ("cpu", ctypes.c_uint32),
-        ("user_stack_id", ctypes.c_int32),
-        ("kernel_stack_id", ctypes.c_int32),
-        ("stack_gen", ctypes.c_uint32),
         ("flags", ctypes.c_uint32),
-        ("_pad", ctypes.c_uint32),
+        ("kernel_stack_len", ctypes.c_int32),
+        ("user_stack_len", ctypes.c_int32),
         ("comm", ctypes.c_char * AGENT_COMM_LEN),
+        ("ips", ctypes.c_uint64 * (2 * MAX_STACK_DEPTH)),
     )
+
+
+# Records are sent truncated after the last filled frame: this much always arrives.
+STACK_EVENT_HEADER_SIZE = StackEventRecord.ips.offset
 
 
 class ProcEventRecord(ctypes.Structure):
@@ -42,6 +47,6 @@ class ProcEventRecord(ctypes.Structure):
 
 # C struct name in bpf/common.h -> mirror, for the layout test.
 MIRRORS: dict[str, type[ctypes.Structure]] = {
-    "cpu_sample": CpuSampleRecord,
+    "stack_event": StackEventRecord,
     "proc_event": ProcEventRecord,
 }

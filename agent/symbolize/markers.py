@@ -1,7 +1,7 @@
 """Symbolize stage: marker frames for stacks that could not be captured, and pprof address adjustment.
 
 This module owns the names of marker frames. A sample whose stack was lost keeps its value under a
-frame that says why (`[missing user stack]`, `[kernel stack collision]`, ...), so the totals of a
+frame that says why (`[missing user stack]`, `[truncated user stack]`, ...), so the totals of a
 profile still add up and the loss is visible where it happened.
 """
 
@@ -14,9 +14,6 @@ from agent.symbolize.types import Frame, FrameKind
 
 _TEMPLATES = {
     StackStatus.MISSING: "[missing {side} stack]",
-    StackStatus.COLLISION: "[{side} stack collision]",
-    StackStatus.MAP_FULL: "[{side} stack map full]",
-    StackStatus.LOST: "[lost {side} stack]",
     StackStatus.ERROR: "[{side} stack error]",
     StackStatus.TRUNCATED: "[truncated {side} stack]",
 }

@@ -3,10 +3,13 @@
 This module owns `ProcessRegistry`: which pids have a `ProcessMaps` snapshot, capturing one the first
 time a pid is seen (so a process that exits before the interval ends can still be symbolized),
 forgetting it on exec, and expiring snapshots of pids absent from `ttl_intervals` consecutive
-intervals so memory stays bounded on a busy host.
+intervals so memory stays bounded on a busy host. Each snapshot also keeps the process's labels
+(container, pod, systemd unit) read through `agent.metadata.process.ProcessMetadata` at the same
+moment, while the process is alive.
 
 `observe` runs on the event thread and `symbolize` on the report thread. The lock only guards the
-dictionary and the counters; /proc is read outside it, so neither thread waits on the other's I/O.
+dictionary and the counters; /proc (maps and cgroup alike) is read outside it, so neither thread waits
+on the other's I/O.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.metadata.process import ProcessLabels, ProcessMetadata
 from agent.symbolize.proc_maps import ProcessMaps, read_process_maps
 from agent.symbolize.stats import ErrorReason, SymbolizerStats
+from agent.symbolize.types import ProcessInfo
 
 logger = logging.getLogger(__name__)
 
@@ -26,14 +31,22 @@ logger = logging.getLogger(__name__)
 @dataclass(slots=True)
 class _Tracked:
     maps: ProcessMaps
+    labels: ProcessLabels
     last_seen: int  # the registry generation (count of ended intervals) when the pid was last seen
 
 
 class ProcessRegistry:
-    def __init__(self, proc_root: Path, ttl_intervals: int, stats: SymbolizerStats) -> None:
+    def __init__(
+        self,
+        proc_root: Path,
+        ttl_intervals: int,
+        stats: SymbolizerStats,
+        metadata: ProcessMetadata | None = None,
+    ) -> None:
         if ttl_intervals < 1:
             raise ValueError(f"process_ttl_intervals must be at least 1, got {ttl_intervals}")
         self._proc_root = proc_root
+        self._metadata = metadata if metadata is not None else ProcessMetadata(proc_root)
         self._ttl = ttl_intervals
         self._stats = stats
         self._lock = threading.Lock()
@@ -65,8 +78,10 @@ class ProcessRegistry:
                 self._stats.errors[ErrorReason.PROC_UNREADABLE] += 1
             logger.debug("cannot read mappings of pid %d: %s", pid, e)
             return None
+        # Best effort and never raises: a process gone by now keeps its snapshot with empty labels.
+        labels = self._metadata.read(pid)
         with self._lock:
-            self._tracked[pid] = _Tracked(maps, self._generation)
+            self._tracked[pid] = _Tracked(maps, labels, self._generation)
             self._stats.processes_captured += 1
         return maps
 
@@ -74,6 +89,15 @@ class ProcessRegistry:
         with self._lock:
             tracked = self._tracked.get(pid)
             return tracked.maps if tracked is not None else None
+
+    def process_info(self, pid: int) -> ProcessInfo | None:
+        """What the profiles say about `pid` (names from the snapshot, labels read with it); None if untracked."""
+        with self._lock:
+            tracked = self._tracked.get(pid)
+        if tracked is None:
+            return None
+        maps, labels = tracked.maps, tracked.labels
+        return ProcessInfo(pid, maps.comm, maps.exe_path, labels.container_id, labels.pod_uid, labels.systemd_unit)
 
     def forget(self, pid: int) -> None:
         with self._lock:

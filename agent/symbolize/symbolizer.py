@@ -1,8 +1,10 @@
 """Symbolize stage entry point: `IntervalProfile` (raw addresses) in, `Profile` (named frames) out.
 
 This module owns `Symbolizer`, the object the daemon keeps for the agent's lifetime. It ties together
-the process registry (snapshots taken as soon as a pid is seen), the kernel symbol table, the native
-resolver with its ELF cache, and the marker frames, and converts monotonic timestamps to Unix time.
+the process registry (snapshots and process labels taken as soon as a pid is seen), the kernel symbol
+table, the native resolver with its ELF cache, and the marker frames, and converts monotonic timestamps
+to Unix time. Each `Profile.processes` entry carries the labels (container, pod, systemd unit) the
+metadata stage read when the process was captured.
 
 Threads: `observe_process` and `on_exec` are called from the event thread, `symbolize` from the report
 thread; only the process registry is shared and it carries its own lock.
@@ -16,6 +18,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from agent.aggregate.types import AggregatedSample, IntervalProfile, Stack, StackStatus
+from agent.metadata.process import ProcessMetadata
 from agent.symbolize.kallsyms import KallsymsCache
 from agent.symbolize.markers import NO_STACK, pprof_addresses, status_marker
 from agent.symbolize.native import NativeResolver
@@ -54,15 +57,22 @@ class Symbolizer:
     """Turns raw stacks into named frames; see the module docstring for the threading rules."""
 
     def __init__(
-        self, proc_root: Path = Path("/proc"), elf_cache_size: int = 128, process_ttl_intervals: int = 6
+        self,
+        proc_root: Path = Path("/proc"),
+        elf_cache_size: int = 128,
+        process_ttl_intervals: int = 6,
+        metadata: ProcessMetadata | None = None,
     ) -> None:
+        """`metadata` reads the process labels (default: a private `ProcessMetadata(proc_root)`); pass the
+        daemon's shared one so the process filters and the labels read each /proc/PID/cgroup once."""
         self.stats = SymbolizerStats()
-        self._processes = ProcessRegistry(proc_root, process_ttl_intervals, self.stats)
+        self._metadata = metadata if metadata is not None else ProcessMetadata(proc_root)
+        self._processes = ProcessRegistry(proc_root, process_ttl_intervals, self.stats, self._metadata)
         self._kallsyms = KallsymsCache(proc_root / "kallsyms", self.stats)
         self._native = NativeResolver(proc_root, elf_cache_size, self.stats)
 
     def observe_process(self, pid: int) -> None:
-        """Capture `pid`'s mappings, comm and exe now unless already captured; failures are counted."""
+        """Capture `pid`'s mappings, comm, exe and labels now unless already captured; failures are counted."""
         self._processes.observe(pid)
 
     def on_exec(self, pid: int) -> None:
@@ -74,6 +84,7 @@ class Symbolizer:
         return {
             **self._native.cache.sizes(),
             "processes": len(self._processes),
+            "process_labels": len(self._metadata),
             "kernel_symbols": self._kallsyms.size(),
         }
 
@@ -172,11 +183,8 @@ class Symbolizer:
         main_thread_names = {s.key.pid: s.thread_name for s in samples if s.key.tid == s.key.pid}
         infos: dict[int, ProcessInfo] = {}
         for pid in pids:
-            maps = self._processes.get(pid)
-            if maps is not None:
-                infos[pid] = ProcessInfo(pid, maps.comm, maps.exe_path)
-            else:
-                infos[pid] = ProcessInfo(pid, main_thread_names.get(pid, ""), "")
+            info = self._processes.process_info(pid)
+            infos[pid] = info if info is not None else ProcessInfo(pid, main_thread_names.get(pid, ""), "")
         return infos
 
 

@@ -50,9 +50,14 @@ class Frame(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class ProcessInfo:
+    """What the profiles say about one process; the metadata fields are "" when unknown or not applicable."""
+
     pid: int
     comm: str  # the process's (main thread's) comm
     exe_path: str  # /proc/PID/exe target; "" when unknown (kernel threads, vanished processes)
+    container_id: str = ""  # from /proc/PID/cgroup (agent.metadata), docker/containerd/CRI-O/podman
+    pod_uid: str = ""  # Kubernetes pod UID, from a kubepods cgroup path
+    systemd_unit: str = ""  # the .service/.scope the process runs in
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from tests.support.profiles import ReadSample, read_all, samples_of
 from tests.support.workloads import compile_workload
 
 pytestmark = pytest.mark.bpf
-FREQUENCY = 49
+FREQUENCY = 99
 
 
 def run_workload_under_agent(

@@ -77,7 +77,7 @@ def test_dump_bpf_prints_source_and_flags() -> None:
     assert result.returncode == 0, result.stderr
     assert "-DFILTER_PIDS=1" in result.stdout
     assert "int on_cpu_sample(struct bpf_perf_event_data *ctx)" in result.stdout
-    assert "struct cpu_sample {" in result.stdout
+    assert "struct stack_event {" in result.stdout
 
 
 def test_without_privileges_the_report_is_printed_not_a_traceback(tmp_path: Path) -> None:

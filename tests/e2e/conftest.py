@@ -105,32 +105,48 @@ def otelcol_binary() -> Path:
     return BINARY
 
 
-@pytest.fixture
-def otelcol(otelcol_binary: Path, tmp_path: Path) -> Iterator[Collector]:
-    """A running collector; stopped (and its log kept in tmp_path) after the test."""
-    grpc_port = _free_port()
-    output = tmp_path / "profiles.jsonl"
-    config = tmp_path / "otelcol.yaml"
+def start_collector(binary: Path, directory: Path, grpc_port: int | None = None) -> Collector:
+    """Start a collector (on `grpc_port`, or a free one) and wait until it listens."""
+    grpc_port = grpc_port or _free_port()
+    directory.mkdir(parents=True, exist_ok=True)
+    output = directory / "profiles.jsonl"
+    config = directory / "otelcol.yaml"
     config.write_text(CONFIG.format(grpc_port=grpc_port, output=output))
-    log = tmp_path / "otelcol.log"
+    log = directory / "otelcol.log"
     with log.open("wb") as log_file:
         process = subprocess.Popen(
-            [str(otelcol_binary), "--config", str(config), "--feature-gates=service.profilesSupport"],
+            [str(binary), "--config", str(config), "--feature-gates=service.profilesSupport"],
             stdout=log_file,
             stderr=subprocess.STDOUT,
         )
     collector = Collector(f"127.0.0.1:{grpc_port}", output, log, process)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not _listening(grpc_port):
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_collector(collector)
+            pytest.fail(f"collector did not start listening on {grpc_port}:\n{collector.log_text()}")
+        time.sleep(0.1)
+    return collector
+
+
+def stop_collector(collector: Collector) -> None:
+    collector.process.terminate()
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not _listening(grpc_port):
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"collector did not start listening on {grpc_port}:\n{collector.log_text()}")
-            time.sleep(0.1)
+        collector.process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        collector.process.kill()
+        collector.process.wait()
+
+
+def free_port() -> int:
+    return _free_port()
+
+
+@pytest.fixture
+def otelcol(otelcol_binary: Path, tmp_path: Path) -> Iterator[Collector]:
+    """A running collector; stopped (and its log kept in tmp_path) after the test."""
+    collector = start_collector(otelcol_binary, tmp_path)
+    try:
         yield collector
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_collector(collector)

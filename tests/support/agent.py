@@ -11,10 +11,13 @@ AGENT = [sys.executable, "-m", "agent"]
 REPO = Path(__file__).resolve().parent.parent.parent
 
 
-def start_agent(output_dir: Path, *args: str, log_path: Path | None = None) -> subprocess.Popen[bytes]:
-    log = open(log_path or output_dir.parent / "agent.log", "wb")  # noqa: SIM115 - owned by the Popen
+def start_agent(output_dir: Path | None, *args: str, log_path: Path | None = None) -> subprocess.Popen[bytes]:
+    """`profiling-agent run` in the background; `output_dir` None leaves the directory to the config."""
+    assert log_path is not None or output_dir is not None
+    log = open(log_path or output_dir.parent / "agent.log", "wb")  # type: ignore[union-attr]  # noqa: SIM115
+    directory = ["--output-dir", str(output_dir)] if output_dir is not None else []
     return subprocess.Popen(
-        [*AGENT, "run", "--output-dir", str(output_dir), *args],
+        [*AGENT, "run", *directory, *args],
         cwd=REPO,
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import errno
 import threading
 import time
-from collections.abc import Iterable
 
 import pytest
 
 from agent.aggregate.types import EMPTY_STACK, IntervalProfile, ProfileSpec, SampleKey, Stack, StackStatus, ValueType
-from agent.pipeline import Pipeline, Stream
-from agent.probes.events import StackEvent, IntervalMark, ProcessEvent, ProcessEventKind
+from agent.pipeline import Pipeline
+from agent.probes.events import IntervalMark, ProcessEvent, ProcessEventKind, StackEvent
 from agent.probes.queue import DropOldestQueue
-from agent.probes.stacks import StackResolver
 
 # DropOldestQueue
 
@@ -77,20 +74,9 @@ PERIOD = 52_631_578
 SPEC = ProfileSpec(
     "cpu", (ValueType("samples", "count"), ValueType("cpu", "nanoseconds")), ValueType("cpu", "nanoseconds"), PERIOD
 )
-USER = (0x401000, 0x402000)
-KERNEL = (0xFFFFFFFF81000000, 0xFFFFFFFF81000100)
-
-
-class FakeStackTable:
-    def __init__(self, stacks: dict[int, tuple[int, ...]]) -> None:
-        self.stacks = stacks
-        self.clears = 0
-
-    def walk(self, stack_id: int) -> Iterable[int]:
-        return iter(self.stacks[stack_id])
-
-    def clear(self) -> None:
-        self.clears += 1
+OTHER_SPEC = ProfileSpec("other", (ValueType("bytes", "bytes"),), ValueType("space", "bytes"), 1)
+USER = Stack(StackStatus.OK, (0x401000, 0x402000))
+KERNEL = Stack(StackStatus.OK, (0xFFFFFFFF81000000, 0xFFFFFFFF81000100))
 
 
 class RecordingObserver:
@@ -106,12 +92,12 @@ class RecordingObserver:
 
 class Harness:
     def __init__(self) -> None:
-        self.tables = (FakeStackTable({1: USER, 2: KERNEL}), FakeStackTable({1: (0xABC,)}))
-        self.generations: list[int] = []
-        self.stacks = StackResolver(self.tables, self.generations.append)
         self.observer = RecordingObserver()
         self.delivered: list[IntervalProfile] = []
-        self.pipeline = Pipeline({"cpu": Stream(SPEC, self.stacks)}, self.observer, self.delivered.append)
+        self.pipeline = Pipeline({"cpu": SPEC, "other": OTHER_SPEC}, self.observer, self.delivered.append)
+
+    def delivered_for(self, name: str) -> list[IntervalProfile]:
+        return [profile for profile in self.delivered if profile.spec.name == name]
 
 
 @pytest.fixture
@@ -124,24 +110,24 @@ def cpu_event(
     *,
     tid: int | None = None,
     timestamp_ns: int = 0,
-    user_stack_id: int = 1,
-    kernel_stack_id: int = -errno.EFAULT,
-    stack_gen: int = 0,
+    user: Stack = USER,
+    kernel: Stack = EMPTY_STACK,
     kernel_thread: bool = False,
     comm: str = "worker",
+    profiler: str = "cpu",
+    values: tuple[int, ...] = (1, PERIOD),
 ) -> StackEvent:
     return StackEvent(
-        profiler="cpu",
+        profiler=profiler,
         timestamp_ns=timestamp_ns or time.monotonic_ns(),
         pid=pid,
         tid=pid if tid is None else tid,
         cpu=2,
-        user_stack_id=user_stack_id,
-        kernel_stack_id=kernel_stack_id,
-        stack_gen=stack_gen,
         kernel_thread=kernel_thread,
         comm=comm,
-        values=(1, SPEC.period),
+        kernel=kernel,
+        user=user,
+        values=values,
     )
 
 
@@ -150,34 +136,61 @@ def mark(final: bool = False) -> IntervalMark:
 
 
 def test_cpu_events_are_aggregated_with_one_sample_and_one_period(h: Harness) -> None:
-    assert h.pipeline.handle(cpu_event(100, kernel_stack_id=2)) is False
-    h.pipeline.handle(cpu_event(100, kernel_stack_id=2))
+    assert h.pipeline.handle(cpu_event(100, kernel=KERNEL)) is False
+    h.pipeline.handle(cpu_event(100, kernel=Stack(StackStatus.OK, KERNEL.addresses)))  # equal, not identical
     h.pipeline.handle(cpu_event(100, tid=101, comm="helper"))
     h.pipeline.handle(mark())
-    (profile,) = h.delivered
+    (profile,) = h.delivered_for("cpu")
     assert profile.spec is SPEC
     samples = {sample.key: sample for sample in profile.samples}
-    user = Stack(StackStatus.OK, USER)
-    main_key = SampleKey(100, 100, 2, Stack(StackStatus.OK, KERNEL), user)
-    helper_key = SampleKey(100, 101, 2, EMPTY_STACK, user)
+    main_key = SampleKey(100, 100, 2, KERNEL, USER)
+    helper_key = SampleKey(100, 101, 2, EMPTY_STACK, USER)
     assert set(samples) == {main_key, helper_key}
     assert samples[main_key].values == (2, 2 * PERIOD)
     assert samples[helper_key].values == (1, PERIOD)
     assert samples[helper_key].thread_name == "helper"
 
 
-def test_kernel_thread_events_resolve_without_a_user_stack(h: Harness) -> None:
-    h.pipeline.handle(cpu_event(2, user_stack_id=-errno.EFAULT, kernel_stack_id=2, kernel_thread=True))
+def test_events_values_are_summed_as_given(h: Harness) -> None:
+    h.pipeline.handle(cpu_event(100, values=(1, 10), timestamp_ns=5))
+    h.pipeline.handle(cpu_event(100, values=(2, 30), timestamp_ns=3))
     h.pipeline.handle(mark())
-    (sample,) = h.delivered[0].samples
+    (sample,) = h.delivered_for("cpu")[0].samples
+    assert sample.values == (3, 40)
+    assert sample.timestamps_mono_ns == (3, 5)
+
+
+def test_events_keep_their_stacks_as_they_are(h: Harness) -> None:
+    missing, truncated = Stack(StackStatus.MISSING), Stack(StackStatus.TRUNCATED, (0x1, 0x2))
+    h.pipeline.handle(cpu_event(100, kernel=KERNEL, user=missing))
+    h.pipeline.handle(cpu_event(100, user=truncated))
+    h.pipeline.handle(mark())
+    keys = {sample.key for sample in h.delivered_for("cpu")[0].samples}
+    assert keys == {SampleKey(100, 100, 2, KERNEL, missing), SampleKey(100, 100, 2, EMPTY_STACK, truncated)}
+
+
+def test_kernel_thread_events_are_aggregated_without_a_user_stack(h: Harness) -> None:
+    h.pipeline.handle(cpu_event(2, user=EMPTY_STACK, kernel=KERNEL, kernel_thread=True))
+    h.pipeline.handle(mark())
+    (sample,) = h.delivered_for("cpu")[0].samples
     assert sample.key.user is EMPTY_STACK
-    assert sample.key.kernel == Stack(StackStatus.OK, KERNEL)
+    assert sample.key.kernel == KERNEL
 
 
-def test_stack_ids_are_resolved_in_the_events_generation(h: Harness) -> None:
-    h.pipeline.handle(cpu_event(100, stack_gen=1))
+def test_each_profiler_aggregates_into_its_own_interval(h: Harness) -> None:
+    h.pipeline.handle(cpu_event(100))
+    h.pipeline.handle(cpu_event(100, profiler="other", values=(4096,)))
+    h.pipeline.handle(cpu_event(100, profiler="other", values=(100,)))
+    h.pipeline.handle(cpu_event(200, profiler="other", values=(7,)))
     h.pipeline.handle(mark())
-    assert h.delivered[0].samples[0].key.user == Stack(StackStatus.OK, (0xABC,))
+    assert sorted(profile.spec.name for profile in h.delivered) == ["cpu", "other"]
+    (cpu,) = h.delivered_for("cpu")
+    (other,) = h.delivered_for("other")
+    assert cpu.spec is SPEC and other.spec is OTHER_SPEC
+    assert [(s.key.pid, s.values) for s in cpu.samples] == [(100, (1, PERIOD))]
+    assert sorted((s.key.pid, s.values) for s in other.samples) == [(100, (4196,)), (200, (7,))]
+    # A process is observed once, whichever profiler saw it first.
+    assert h.observer.calls == [("observe_process", 100), ("observe_process", 200)]
 
 
 def test_new_process_event_calls_on_exec_then_observe_process(h: Harness) -> None:
@@ -208,27 +221,29 @@ def test_first_cpu_event_of_an_unseen_pid_observes_it_once_per_interval(h: Harne
 
 
 def test_kernel_thread_events_do_not_observe_the_process(h: Harness) -> None:
-    h.pipeline.handle(cpu_event(2, user_stack_id=-errno.EFAULT, kernel_thread=True))
+    h.pipeline.handle(cpu_event(2, user=EMPTY_STACK, kernel=KERNEL, kernel_thread=True))
     assert h.observer.calls == []
     assert len(h.delivered) == 0
 
 
-def test_interval_mark_delivers_rotates_and_returns_final(h: Harness) -> None:
+def test_interval_mark_delivers_every_profilers_interval_and_returns_final(h: Harness) -> None:
     h.pipeline.handle(cpu_event(100))
     end = time.monotonic_ns()
     assert h.pipeline.handle(IntervalMark(end)) is False
-    assert len(h.delivered) == 1
-    assert h.delivered[0].end_mono_ns >= end
-    assert len(h.delivered[0].samples) == 1
-    assert h.generations == [0, 1]
-    assert (h.tables[0].clears, h.tables[1].clears) == (0, 1)
-    assert h.stacks.active_generation == 1
+    assert sorted(profile.spec.name for profile in h.delivered) == ["cpu", "other"]
+    (cpu,) = h.delivered_for("cpu")
+    (other,) = h.delivered_for("other")
+    assert cpu.end_mono_ns >= end
+    assert len(cpu.samples) == 1
+    assert other.samples == ()  # a profiler without events still delivers its (empty) interval
+    assert other.end_mono_ns == end
 
     assert h.pipeline.handle(mark(final=True)) is True
-    assert len(h.delivered) == 2
-    assert h.delivered[1].samples == ()  # the first interval's samples went with it
-    assert h.delivered[1].start_mono_ns == h.delivered[0].end_mono_ns
-    assert h.generations == [0, 1, 0]
+    assert len(h.delivered) == 4
+    cpu_next = h.delivered_for("cpu")[1]
+    assert cpu_next.samples == ()  # the first interval's samples went with it
+    assert cpu_next.start_mono_ns == cpu.end_mono_ns
+    assert h.delivered_for("other")[1].start_mono_ns == other.end_mono_ns
 
 
 def test_unknown_items_are_counted_and_ignored(h: Harness) -> None:
@@ -236,3 +251,11 @@ def test_unknown_items_are_counted_and_ignored(h: Harness) -> None:
     assert h.pipeline.handle(None) is False
     assert h.pipeline.unknown_items == 2
     assert h.observer.calls == [] and h.delivered == []
+
+
+def test_events_of_an_unknown_profiler_are_counted_and_ignored(h: Harness) -> None:
+    assert h.pipeline.handle(cpu_event(100, profiler="offcpu")) is False
+    assert h.pipeline.unknown_items == 1
+    assert h.observer.calls == []  # not even observed: nothing would ever use the mappings
+    h.pipeline.handle(mark())
+    assert all(profile.samples == () for profile in h.delivered)

@@ -1,8 +1,11 @@
 """The ctypes mirrors in `agent.probes.records` must match the C structs in `bpf/common.h` byte for byte.
 
 gcc compiles a small program that includes common.h (with the BCC kernel typedefs defined first) and
-prints sizeof, every field's offset and size, and the shared constants. Field names are parsed from
-common.h itself, so a field added on only one side fails here rather than garbling records at run time.
+prints sizeof, every field's offset and size, and the shared constants. Field names and constants are
+parsed from common.h itself, so one added on only one side fails here rather than garbling records at
+run time. The same program runs common.h's `collect_stacks()` against a scripted `bpf_get_stack`
+stand-in, pinning down the record layout the decoder relies on (kernel frames, then user frames, sent
+truncated after the last one).
 """
 
 from __future__ import annotations
@@ -19,7 +22,50 @@ from agent.probes import records
 from agent.probes.records import MIRRORS
 
 COMMON_H = Path(__file__).resolve().parents[2] / "bpf" / "common.h"
-BCC_TYPEDEFS = "typedef unsigned long long u64; typedef unsigned int u32; typedef int s32; typedef unsigned char u8;\n"
+BCC_TYPEDEFS = "typedef unsigned long long u64; typedef unsigned int u32; typedef int s32; typedef unsigned char u8;"
+# What BCC and the kernel headers give common.h's helper, so that plain gcc compiles the very same file.
+# The bpf_get_stack stand-in plays a script and records each call, so collect_stacks() can be run here.
+BPF_STUBS = r"""
+#ifndef __always_inline /* glibc's <sys/cdefs.h> defines it as the kernel does */
+#define __always_inline inline __attribute__((always_inline))
+#endif
+#define BPF_F_USER_STACK (1ULL << 8) /* include/uapi/linux/bpf.h */
+static long script[2];
+static int calls;
+static unsigned long long call_flags[2];
+static unsigned int call_size[2];
+static long call_offset[2];
+static const void *current_event;
+static long bpf_get_stack(void *ctx, void *buf, unsigned int size, unsigned long long flags)
+{
+    (void)ctx;
+    int call = calls++;
+    call_flags[call] = flags;
+    call_size[call] = size;
+    call_offset[call] = (const char *)buf - (const char *)current_event;
+    for (long i = 0; i < script[call] / 8; i++)
+        ((u64 *)buf)[i] = 0x1000 * (u64)(call + 1) + (u64)i;
+    return script[call];
+}
+"""
+COLLECT_STACKS = r"""
+static void collect(const char *name, u32 flags, long kernel, long user)
+{
+    static struct stack_event e;
+    memset(&e, 0xab, sizeof(e));
+    e.flags = flags;
+    current_event = &e;
+    calls = 0;
+    script[0] = kernel;
+    script[1] = user;
+    u32 size = collect_stacks(NULL, &e);
+    printf("%s.size %u\n%s.kernel_stack_len %d\n%s.user_stack_len %d\n%s.calls %d\n",
+           name, size, name, e.kernel_stack_len, name, e.user_stack_len, name, calls);
+    for (int i = 0; i < calls; i++)
+        printf("%s.%d.flags %llu\n%s.%d.size %u\n%s.%d.offset %ld\n",
+               name, i, call_flags[i], name, i, call_size[i], name, i, call_offset[i]);
+}
+"""
 # C field type -> the ctypes type its mirror must use (signedness included, which sizes cannot show).
 C_TYPES: dict[str, type] = {
     "u64": ctypes.c_uint64,
@@ -28,25 +74,64 @@ C_TYPES: dict[str, type] = {
     "u8": ctypes.c_uint8,
     "char": ctypes.c_char,
 }
-CONSTANTS = ("AGENT_COMM_LEN", "SAMPLE_FLAG_KERNEL_THREAD", "PROC_EVENT_NEW", "PROC_EVENT_EXEC")
+# Constants records.py must mirror, whatever else common.h defines.
+REQUIRED_CONSTANTS = {
+    "AGENT_COMM_LEN",
+    "MAX_STACK_DEPTH",
+    "SAMPLE_FLAG_KERNEL_THREAD",
+    "PROC_EVENT_NEW",
+    "PROC_EVENT_EXEC",
+}
+EFAULT, EINVAL = 14, 22
+# collect_stacks() scenarios: name -> (flags, bpf_get_stack result for the kernel stack, for the user stack).
+SCENARIOS = {
+    "both": (0, 3 * 8, 5 * 8),
+    "user_mode": (0, -EFAULT, 4 * 8),  # a sample taken in user mode has no kernel stack
+    "user_error": (0, 2 * 8, -EINVAL),
+    "no_stacks": (0, -EFAULT, -EFAULT),
+    "kernel_thread": (1, 2 * 8, 99 * 8),  # the user stack must not even be asked for
+    "full": (0, 127 * 8, 127 * 8),
+}
 
-CField = tuple[str, str, str]  # (C type, name, array length or "")
+CField = tuple[str, str, str]  # (C type, name, array length expression or "")
+
+
+def strip_comments(source: str) -> str:
+    source = re.sub(r"/\*.*?\*/", "", source, flags=re.S)
+    return re.sub(r"//[^\n]*", "", source)
 
 
 def parse_structs(source: str) -> dict[str, list[CField]]:
     """struct name -> fields in declaration order, from the C source (comments stripped)."""
-    source = re.sub(r"/\*.*?\*/", "", source, flags=re.S)
-    source = re.sub(r"//[^\n]*", "", source)
     structs: dict[str, list[CField]] = {}
-    for name, body in re.findall(r"\bstruct\s+(\w+)\s*\{(.*?)\}\s*;", source, flags=re.S):
+    for name, body in re.findall(r"\bstruct\s+(\w+)\s*\{(.*?)\}\s*;", strip_comments(source), flags=re.S):
         declarations = [d.strip() for d in body.split(";") if d.strip()]
         fields = []
         for declaration in declarations:
-            match = re.fullmatch(r"(\w+)\s+(\w+)\s*(?:\[\s*(\w+)\s*\])?", declaration)
+            match = re.fullmatch(r"(\w+)\s+(\w+)\s*(?:\[([\w\s*+()-]+)\])?", declaration)
             assert match, f"struct {name}: cannot parse field declaration {declaration!r}"
-            fields.append((match[1], match[2], match[3] or ""))
+            fields.append((match[1], match[2], " ".join((match[3] or "").split())))
         structs[name] = fields
     return structs
+
+
+def parse_constants(source: str) -> set[str]:
+    """Names of the object-like macros with a value (the include guard has none)."""
+    return set(re.findall(r"^\s*#\s*define\s+([A-Z][A-Z0-9_]*)[ \t]+\S", strip_comments(source), flags=re.M))
+
+
+def test_parse_structs_handles_arrays() -> None:
+    source = "struct s {\n u64 a; /* x */ char comm[AGENT_COMM_LEN];\n u64 ips[2 * MAX_STACK_DEPTH]; s32 n[4];\n};"
+    assert parse_structs(source) == {
+        "s": [
+            ("u64", "a", ""),
+            ("char", "comm", "AGENT_COMM_LEN"),
+            ("u64", "ips", "2 * MAX_STACK_DEPTH"),
+            ("s32", "n", "4"),
+        ]
+    }
+    with pytest.raises(AssertionError, match="cannot parse"):
+        parse_structs("struct t { unsigned long x; };")
 
 
 @pytest.fixture(scope="module")
@@ -57,21 +142,41 @@ def c_structs() -> dict[str, list[CField]]:
 
 
 @pytest.fixture(scope="module")
-def c_layout(c_structs: dict[str, list[CField]], tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
-    """{"struct": sizeof, "struct.field": offset, "struct.field#size": sizeof field, "CONSTANT": value}."""
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is needed to compile bpf/common.h")
-    lines = [BCC_TYPEDEFS, "#include <stddef.h>", "#include <stdio.h>", '#include "common.h"', "int main(void) {"]
+def c_constants() -> set[str]:
+    constants = parse_constants(COMMON_H.read_text())
+    assert constants >= REQUIRED_CONSTANTS, "bpf/common.h lost a constant the agent relies on"
+    return constants
+
+
+def layout_program(c_structs: dict[str, list[CField]], constants: set[str]) -> str:
+    lines = [BCC_TYPEDEFS, "#include <stddef.h>", "#include <stdio.h>", "#include <string.h>", BPF_STUBS]
+    lines += ['#include "common.h"', COLLECT_STACKS, "int main(void) {"]
     for struct, fields in c_structs.items():
         lines.append(f'    printf("{struct} %zu\\n", sizeof(struct {struct}));')
-        for _, field, _ in fields:
+        for _, field, length in fields:
+            member = f"((struct {struct} *)0)->{field}"
             lines.append(f'    printf("{struct}.{field} %zu\\n", offsetof(struct {struct}, {field}));')
-            lines.append(f'    printf("{struct}.{field}#size %zu\\n", sizeof(((struct {struct} *)0)->{field}));')
-    for constant in CONSTANTS:
+            lines.append(f'    printf("{struct}.{field}#size %zu\\n", sizeof({member}));')
+            if length:
+                lines.append(f'    printf("{struct}.{field}#element %zu\\n", sizeof({member}[0]));')
+    for constant in sorted(constants):
         lines.append(f'    printf("{constant} %lld\\n", (long long)({constant}));')
+    for name, (flags, kernel, user) in SCENARIOS.items():
+        lines.append(f'    collect("collect.{name}", {flags}, {kernel}, {user});')
     lines += ["    return 0;", "}"]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def c_layout(
+    c_structs: dict[str, list[CField]], c_constants: set[str], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, int]:
+    """{"struct": sizeof, "struct.field": offset, "struct.field#size": sizeof field,
+    "struct.field#element": sizeof an array element, "CONSTANT": value, "collect.<scenario>...": results}."""
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is needed to compile bpf/common.h")
     out = tmp_path_factory.mktemp("records_layout")
-    (out / "layout.c").write_text("\n".join(lines) + "\n")
+    (out / "layout.c").write_text(layout_program(c_structs, c_constants))
     build = subprocess.run(
         [
             "gcc",
@@ -117,19 +222,73 @@ def test_every_field_offset_and_size_match(struct: str, c_layout: dict[str, int]
 
 
 @pytest.mark.parametrize("struct", sorted(MIRRORS))
-def test_field_types_match_including_signedness(struct: str, c_structs: dict[str, list[CField]]) -> None:
+def test_field_types_match_including_signedness(
+    struct: str, c_structs: dict[str, list[CField]], c_layout: dict[str, int]
+) -> None:
     mirror_types = {name: field_type for name, field_type, *_ in MIRRORS[struct]._fields_}
     for c_type, name, length in c_structs[struct]:
         field_type = mirror_types[name]
         if length:
             assert issubclass(field_type, ctypes.Array), f"{struct}.{name} is an array in C"
             assert field_type._type_ is C_TYPES[c_type], f"{struct}.{name} element type"
-            expected_length = int(length) if length.isdigit() else getattr(records, length)
-            assert field_type._length_ == expected_length, f"{struct}.{name} length"
+            element = c_layout[f"{struct}.{name}#element"]
+            assert ctypes.sizeof(field_type._type_) == element, f"{struct}.{name} element size"
+            assert field_type._length_ == c_layout[f"{struct}.{name}#size"] // element, f"{struct}.{name} length"
         else:
+            assert not issubclass(field_type, ctypes.Array), f"{struct}.{name} is not an array in C"
             assert field_type is C_TYPES[c_type], f"{struct}.{name}: C {c_type}, ctypes {field_type.__name__}"
 
 
-@pytest.mark.parametrize("constant", CONSTANTS)
+def test_stack_event_carries_both_stacks_at_full_depth(c_layout: dict[str, int]) -> None:
+    assert c_layout["stack_event.ips#size"] == 2 * records.MAX_STACK_DEPTH * 8
+    assert c_layout["stack_event.comm#size"] == records.AGENT_COMM_LEN
+    assert c_layout["stack_event.ips"] == records.STACK_EVENT_HEADER_SIZE  # frames start right after the header
+
+
+def test_every_constant_has_a_mirror(c_constants: set[str]) -> None:
+    assert sorted(c for c in c_constants if not hasattr(records, c)) == []
+
+
+@pytest.mark.parametrize("constant", sorted(REQUIRED_CONSTANTS))
 def test_constants_match(constant: str, c_layout: dict[str, int]) -> None:
     assert getattr(records, constant) == c_layout[constant]
+
+
+def test_all_parsed_constants_match(c_constants: set[str], c_layout: dict[str, int]) -> None:
+    assert {c: getattr(records, c, None) for c in c_constants} == {c: c_layout[c] for c in c_constants}
+
+
+# collect_stacks(): the wire format the Python decoder assumes.
+
+
+def collect_result(c_layout: dict[str, int], name: str) -> dict[str, int]:
+    prefix = f"collect.{name}."
+    return {key[len(prefix) :]: value for key, value in c_layout.items() if key.startswith(prefix)}
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_collect_stacks_lengths_and_submitted_size(name: str, c_layout: dict[str, int]) -> None:
+    flags, kernel, user = SCENARIOS[name]
+    kernel_thread = bool(flags & records.SAMPLE_FLAG_KERNEL_THREAD)
+    kernel_frames = max(kernel, 0) // 8
+    user_frames = 0 if kernel_thread else max(user, 0) // 8
+    result = collect_result(c_layout, name)
+    assert result["kernel_stack_len"] == (kernel_frames if kernel >= 0 else kernel)
+    assert result["user_stack_len"] == (-EFAULT if kernel_thread else user_frames if user >= 0 else user)
+    # Only the header and the filled frames are sent: exactly what the decoder checks the size against.
+    assert result["size"] == records.STACK_EVENT_HEADER_SIZE + 8 * (kernel_frames + user_frames)
+    assert result["size"] <= ctypes.sizeof(records.StackEventRecord)
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_collect_stacks_walks_kernel_first_then_user_after_it(name: str, c_layout: dict[str, int]) -> None:
+    flags, kernel, _ = SCENARIOS[name]
+    result = collect_result(c_layout, name)
+    header, depth_bytes = records.STACK_EVENT_HEADER_SIZE, records.MAX_STACK_DEPTH * 8
+    assert (result["0.flags"], result["0.offset"], result["0.size"]) == (0, header, depth_bytes)
+    if flags & records.SAMPLE_FLAG_KERNEL_THREAD:
+        assert result["calls"] == 1
+        return
+    assert result["calls"] == 2
+    user_offset = header + max(kernel, 0)  # right after the kernel frames, at ips[0] when there are none
+    assert (result["1.flags"], result["1.offset"], result["1.size"]) == (1 << 8, user_offset, depth_bytes)

@@ -19,6 +19,7 @@ from agent.aggregate.types import (
     ValueType,
 )
 from agent.symbolize import processes
+from agent.symbolize.markers import status_marker
 from agent.symbolize.proc_maps import ProcessMaps
 from agent.symbolize.symbolizer import Symbolizer
 from agent.symbolize.types import FrameKind, ProcessInfo
@@ -58,9 +59,6 @@ def names(symbolizer: Symbolizer, sample: AggregatedSample) -> list[tuple[FrameK
     ("status", "kernel_marker", "user_marker"),
     [
         (StackStatus.MISSING, "[missing kernel stack]", "[missing user stack]"),
-        (StackStatus.COLLISION, "[kernel stack collision]", "[user stack collision]"),
-        (StackStatus.MAP_FULL, "[kernel stack map full]", "[user stack map full]"),
-        (StackStatus.LOST, "[lost kernel stack]", "[lost user stack]"),
         (StackStatus.ERROR, "[kernel stack error]", "[user stack error]"),
     ],
 )
@@ -76,6 +74,18 @@ def test_failed_stack_becomes_one_marker_frame(
     ]
     both = names(symbolizer, agg(0, kernel=failed, user=failed))
     assert both == [(FrameKind.MARKER, kernel_marker), (FrameKind.MARKER, user_marker)]
+
+
+@pytest.mark.parametrize("side", ["kernel", "user"])
+def test_every_lost_stack_status_has_a_marker(side: str) -> None:
+    # A status added without a marker would make its samples vanish from the stack silently.
+    for status in StackStatus:
+        frame = status_marker(status, side)
+        if status in (StackStatus.OK, StackStatus.NOT_COLLECTED):
+            assert frame is None, status
+        else:
+            assert frame is not None and frame.kind is FrameKind.MARKER, status
+            assert side in frame.function, status
 
 
 def test_truncated_stack_keeps_its_frames_and_appends_a_marker_at_the_root(symbolizer: Symbolizer) -> None:

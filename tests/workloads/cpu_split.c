@@ -1,7 +1,8 @@
 /* CPU workload with a known truth: every thread alternates between two leaf functions, spending
- * 30 ms of its own CPU time in hot_a for each 10 ms in hot_b (3:1, in thread CPU time, so preemption
- * by other processes cannot skew it). On exit it prints the CPU seconds each function really got,
- * "hot_a=<s> hot_b=<s>", which is the truth tests compare profiles with.
+ * on average 30 ms of its own CPU time in hot_a for each 10 ms in hot_b (3:1, in thread CPU time, so
+ * preemption by other processes cannot skew it). Slice lengths are random (x0.5 to x1.5) so the
+ * workload has no period a fixed-frequency sampler could alias with. On exit it prints the CPU
+ * seconds each function really got, "hot_a=<s> hot_b=<s>", the truth tests compare profiles with.
  * Usage: cpu_split SECONDS THREADS */
 #include <pthread.h>
 #include <stdio.h>
@@ -57,9 +58,11 @@ static double seconds;
 static void *worker(void *arg)
 {
     double end = wall() + seconds, a = 0, b = 0;
+    unsigned int seed = (unsigned int)(unsigned long)&a;
     while (wall() < end) {
-        a += hot_a(30.0);
-        b += hot_b(10.0);
+        double jitter = 0.5 + (double)rand_r(&seed) / RAND_MAX;
+        a += hot_a(30.0 * jitter);
+        b += hot_b(10.0 * jitter);
     }
     pthread_mutex_lock(&lock);
     spent_a += a;

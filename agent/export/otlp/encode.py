@@ -3,7 +3,9 @@
 Pure apart from the htlhash file reads (see `fileid`). For each request:
 * one `ProfilesDictionary` shared by everything in it (`dictionary.DictionaryBuilder`);
 * one `ResourceProfiles` per process (pid), with a single `ScopeProfiles` naming this agent, holding
-  one OTLP `Profile` per input profile that has samples of that process;
+  one OTLP `Profile` per input profile that has samples of that process; its resource carries the
+  process, its metadata (`container.id`, `k8s.pod.uid`, `systemd.unit` from `ProcessInfo`) and the
+  host (`k8s.node.name` included when set), as `resource.process_resource` documents;
 * value types and per-sample shapes as `shapes` documents; samples with the same stack and
   attributes are merged, as the spec asks;
 * locations carry `profile.frame.type`: `kernel`, `native`, or `abort-marker` for the marker frames
@@ -78,8 +80,9 @@ def encode_request(
 ) -> list[ExportProfilesServiceRequest]:
     """Encode one interval's profiles (each with its pprof bytes) into as few requests as fit.
 
-    `extra_resource` adds resource attributes per pid (e.g. `container.id`); `file_ids` caches
-    htlhashes across calls (a private cache is used when omitted).
+    `extra_resource` adds resource attributes per pid (they never override the process's own, see
+    `resource.process_resource`); `file_ids` caches htlhashes across calls (a private cache is used
+    when omitted).
     """
     units: list[_Unit] = []
     for profile, pprof in profiles:

@@ -1,17 +1,26 @@
 """Export stage, OTLP sink: the OTLP `Resource` of each profiled process.
 
-One `ResourceProfiles` is sent per process. Its resource holds the host attributes (`host.name`,
-`host.arch`, `os.type`), the process attributes (`process.pid`, `process.executable.name`,
-`process.executable.path`), `service.name`, and any extra attributes the caller supplies per pid (the
-hook through which the metadata stage will add `container.id`). Resource attributes use plain
-`key` + `string_value`/`int_value`: receivers do not resolve string-table references there.
+One `ResourceProfiles` is sent per process. Its resource holds, in this order of precedence:
+
+- the process attributes: `service.name`, `process.pid`, `process.executable.name` and
+  `process.executable.path`;
+- the process metadata the symbolize stage captured with it (`ProcessInfo`): `container.id`,
+  `k8s.pod.uid` (both semantic conventions) and `systemd.unit`. The semantic conventions have no
+  systemd attribute; `systemd.unit` follows their naming rules (a lowercase namespace, a dot, the
+  property) and systemd's own word for it (journald's `_SYSTEMD_UNIT` field), and is kept in the one
+  constant `SYSTEMD_UNIT` so it can follow a convention if one is ever defined;
+- any extra attributes the caller supplies per pid (the sink's `resource_hook`), which never override
+  the keys above;
+- the host attributes (`agent.metadata.host.HostAttributes`): `host.name`, `host.arch`, `os.type`, and
+  `k8s.node.name` when the agent runs in Kubernetes.
+
+Empty values are left out rather than sent as "". Resource attributes use plain `key` +
+`string_value`/`int_value`: receivers do not resolve string-table references there.
 """
 
 from __future__ import annotations
 
-import platform
 import posixpath
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -19,23 +28,13 @@ from opentelemetry.proto.common.v1.common_pb2 import KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
 from agent.export.otlp.dictionary import AttrValue, any_value
+from agent.metadata.host import HostAttributes
 from agent.symbolize.types import ProcessInfo
 
-# platform.machine() -> semantic-conventions `host.arch` well-known values.
-_ARCH = {
-    "x86_64": "amd64",
-    "amd64": "amd64",
-    "aarch64": "arm64",
-    "arm64": "arm64",
-    "i386": "x86",
-    "i686": "x86",
-    "armv7l": "arm32",
-    "armv6l": "arm32",
-    "ppc64le": "ppc64",
-    "ppc64": "ppc64",
-    "s390x": "s390x",
-}
 UNKNOWN_SERVICE = "unknown_service"
+CONTAINER_ID = "container.id"
+K8S_POD_UID = "k8s.pod.uid"
+SYSTEMD_UNIT = "systemd.unit"  # no semantic convention exists: see the module docstring
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,17 +43,26 @@ class ResourceOptions:
     host_arch: str
     os_type: str = "linux"
     service_name: str = ""  # "" = per process: the executable name, else the comm
+    node_name: str = ""  # `k8s.node.name`; "" outside Kubernetes
 
     @classmethod
-    def detect(cls, service_name: str = "") -> ResourceOptions:
-        """The running host's attributes."""
-        machine = platform.machine()
+    def detect(cls, service_name: str = "", node_name: str = "") -> ResourceOptions:
+        """The running host's attributes; `node_name` is the Kubernetes node ("" outside Kubernetes)."""
+        return cls.from_host(HostAttributes.detect(node_name), service_name)
+
+    @classmethod
+    def from_host(cls, host: HostAttributes, service_name: str = "") -> ResourceOptions:
         return cls(
-            host_name=socket.gethostname(),
-            host_arch=_ARCH.get(machine, machine.lower()),
-            os_type=platform.system().lower() or "linux",
+            host_name=host.host_name,
+            host_arch=host.host_arch,
+            os_type=host.os_type,
             service_name=service_name,
+            node_name=host.k8s_node_name,
         )
+
+    @property
+    def host(self) -> HostAttributes:
+        return HostAttributes(self.host_name, self.host_arch, self.os_type, self.node_name)
 
 
 def service_name(options: ResourceOptions, process: ProcessInfo) -> str:
@@ -66,7 +74,7 @@ def service_name(options: ResourceOptions, process: ProcessInfo) -> str:
 def process_resource(
     options: ResourceOptions, process: ProcessInfo, extra: Mapping[str, AttrValue] | None = None
 ) -> Resource:
-    """The resource of one process; `extra` (e.g. `container.id`) overrides nothing it collides with."""
+    """The resource of one process; `extra` (the resource hook's attributes) overrides nothing it collides with."""
     attrs: dict[str, AttrValue] = {
         "service.name": service_name(options, process),
         "process.pid": process.pid,
@@ -75,9 +83,11 @@ def process_resource(
     if process.exe_path:
         attrs["process.executable.name"] = posixpath.basename(process.exe_path)
         attrs["process.executable.path"] = process.exe_path
+    attrs[CONTAINER_ID] = process.container_id
+    attrs[K8S_POD_UID] = process.pod_uid
+    attrs[SYSTEMD_UNIT] = process.systemd_unit
     for key, value in (extra or {}).items():
-        attrs.setdefault(key, value)
-    attrs["host.name"] = options.host_name
-    attrs["host.arch"] = options.host_arch
-    attrs["os.type"] = options.os_type
+        if attrs.get(key, "") == "":  # an empty metadata value leaves the key to the hook
+            attrs[key] = value
+    attrs.update(options.host.as_attributes())
     return Resource(attributes=[KeyValue(key=k, value=any_value(v)) for k, v in attrs.items() if v != ""])

@@ -23,7 +23,7 @@ from agent.export.otlp.fileid import FileIdCache
 from agent.export.otlp.resource import ResourceOptions
 from agent.export.otlp.retry import RetryPolicy
 from agent.export.otlp.spool import Spool, SpoolEntry
-from agent.export.otlp.stats import DROPPED, ENCODE_ERRORS, Counters
+from agent.export.otlp.stats import DROPPED, ENCODE_ERRORS, REQUESTS, Counters
 from agent.symbolize.types import Profile
 
 logger = logging.getLogger(__name__)
@@ -138,6 +138,10 @@ class OtlpSink:
     @property
     def queue_depth(self) -> int:
         return len(self._spool)
+
+    def delivered(self) -> int:
+        """Requests that left the spool: accepted, partly accepted, or refused for good."""
+        return sum(self.counters.get(REQUESTS, outcome) for outcome in ("success", "partial", "rejected"))
 
     @property
     def spool_bytes(self) -> int:

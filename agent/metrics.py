@@ -1,0 +1,239 @@
+"""Metrics: the agent's Prometheus series, read from each stage's counters at scrape time.
+
+Owns the one `CollectorRegistry` (with the standard process and platform collectors) and
+`AgentCollector`, which turns the stages' plain counters into `profiling_agent_<stage>_<what>` series
+when Prometheus scrapes. Stages keep ints and Counters and never import prometheus_client, so a
+scrape costs the hot paths nothing.
+"""
+
+from __future__ import annotations
+
+import bisect
+import platform
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from agent import __version__
+from agent.export.files import FileSink
+from agent.export.otlp.sink import OtlpSink
+from agent.export.otlp.stats import DROPPED, REJECTED_PROFILES, REQUESTS, RETRIES, SPOOL_ERRORS
+
+if TYPE_CHECKING:
+    from agent.pipeline import Pipeline
+    from agent.probes.bpf_probe import BpfProbe
+    from agent.report import Reporter
+    from agent.symbolize.symbolizer import Symbolizer
+
+PREFIX = "profiling_agent"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class QueueStats(Protocol):
+    dropped: int
+
+    def __len__(self) -> int: ...
+
+
+class MetricsSource(Protocol):
+    """What the collector reads: the daemon's stages (see `agent.daemon.Daemon`). Read-only."""
+
+    @property
+    def probes(self) -> Sequence[BpfProbe]: ...
+
+    @property
+    def symbolizer(self) -> Symbolizer: ...
+
+    @property
+    def reporter(self) -> Reporter | None: ...
+
+    @property
+    def pipeline(self) -> Pipeline | None: ...
+
+    @property
+    def sinks(self) -> Sequence[object]: ...
+
+    @property
+    def reloads(self) -> Counter[str]: ...
+
+    @property
+    def queues(self) -> dict[str, QueueStats]: ...
+
+    @property
+    def sampling_parameters(self) -> dict[tuple[str, str], float]: ...
+
+
+class _LatencyHistogram:
+    """Cumulative buckets fed from the OTLP sink's drained latencies at each scrape."""
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.total = 0.0
+
+    def observe(self, values: Iterable[float]) -> None:
+        for value in values:
+            self.counts[bisect.bisect_left(LATENCY_BUCKETS, value)] += 1
+            self.total += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        cumulative, out = 0, list[tuple[str, float]]()
+        for bound, count in zip((*map(str, LATENCY_BUCKETS), "+Inf"), self.counts, strict=True):
+            cumulative += count
+            out.append((bound, cumulative))
+        return out
+
+
+def _counter(name: str, doc: str, labels: Sequence[str] = ()) -> CounterMetricFamily:
+    return CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=list(labels))
+
+
+def _gauge(name: str, doc: str, labels: Sequence[str] = ()) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=list(labels))
+
+
+class AgentCollector(Collector):
+    def __init__(self, source: MetricsSource) -> None:
+        self._source = source
+        self._latency = _LatencyHistogram()
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._build_info()
+        yield from self._probes()
+        yield from self._pipeline()
+        yield from self._symbolizer()
+        yield from self._export()
+        reloads = _counter("config_reloads", "SIGHUP config reloads, by outcome.", ("outcome",))
+        for outcome, count in sorted(self._source.reloads.items()):
+            reloads.add_metric([outcome], count)
+        yield reloads
+
+    def _build_info(self) -> Iterator[Metric]:
+        info = _gauge("build_info", "Agent version and runtime; always 1.", ("version", "python", "bcc"))
+        info.add_metric([__version__, platform.python_version(), _bcc_version()], 1)
+        yield info
+
+    def _probes(self) -> Iterator[Metric]:
+        attached = _gauge("probe_attached", "1 when the profiler's events are attached.", ("profiler", "method"))
+        received = _counter("probe_events_received", "Records read from the perf buffers.", ("profiler",))
+        lost = _counter("probe_events_lost", "Records the kernel dropped (perf buffer full).", ("profiler", "buffer"))
+        malformed = _counter("probe_records_malformed", "Records that could not be decoded.", ("profiler",))
+        stacks = _counter("probe_stacks", "Stacks decoded, by status.", ("profiler", "status"))
+        for probe in self._source.probes:
+            attached.add_metric([probe.name, probe.attach_method or "none"], 1 if probe.attach_method else 0)
+            received.add_metric([probe.name], probe.stats.received)
+            malformed.add_metric([probe.name], probe.stats.malformed)
+            for buffer, count in sorted(probe.stats.lost.items()):
+                lost.add_metric([probe.name, buffer], count)
+            for status, count in sorted(probe.stacks.status_counts.items()):
+                stacks.add_metric([probe.name, status.lower()], count)
+        sampling = _gauge("sampling_parameter", "Current sampling parameters.", ("profiler", "parameter"))
+        for (profiler, parameter), value in sorted(self._source.sampling_parameters.items()):
+            sampling.add_metric([profiler, parameter], value)
+        yield from (attached, received, lost, malformed, stacks, sampling)
+
+    def _pipeline(self) -> Iterator[Metric]:
+        depth = _gauge("pipeline_queue_depth", "Items waiting between threads.", ("queue",))
+        dropped = _counter("pipeline_events_dropped", "Items dropped, by reason.", ("reason",))
+        for name, queue in sorted(self._source.queues.items()):
+            depth.add_metric([name], len(queue))
+            dropped.add_metric([f"{name}_queue_full"], queue.dropped)
+        pipeline = self._source.pipeline
+        if pipeline is not None:
+            dropped.add_metric(["filtered"], pipeline.filtered)
+            dropped.add_metric(["unknown"], pipeline.unknown_items)
+        rate = _gauge("pipeline_event_rate", "Events per second over the last interval.", ("profiler",))
+        for profiler, value in sorted((pipeline.last_rates if pipeline else {}).items()):
+            rate.add_metric([profiler], value)
+        yield from (depth, dropped, rate)
+
+    def _symbolizer(self) -> Iterator[Metric]:
+        stats = self._source.symbolizer.stats
+        hits = _counter("symbolize_cache_hits", "ELF symbol-table cache hits.")
+        hits.add_metric([], stats.elf_cache_hits)
+        misses = _counter("symbolize_cache_misses", "ELF symbol-table cache misses.")
+        misses.add_metric([], stats.elf_cache_misses)
+        errors = _counter("symbolize_errors", "Files, processes or tables that could not be used.", ("reason",))
+        for reason, count in sorted(stats.errors.items()):
+            errors.add_metric([reason], count)
+        frames = _counter("symbolize_frames", "Frames, by whether they got a name.", ("result",))
+        frames.add_metric(["named"], stats.frames_symbolized)
+        frames.add_metric(["unnamed"], stats.frames_unsymbolized)
+        processes = _counter("symbolize_processes", "Process snapshots, by event.", ("event",))
+        for event in ("captured", "vanished", "refreshed", "expired"):
+            processes.add_metric([event], getattr(stats, f"processes_{event}"))
+        sizes = _gauge("symbolize_cache_entries", "Entries in the symbolizer's caches.", ("cache",))
+        for cache, size in sorted(self._source.symbolizer.cache_sizes().items()):
+            sizes.add_metric([cache], size)
+        yield from (hits, misses, errors, frames, processes, sizes)
+
+    def _export(self) -> Iterator[Metric]:
+        reporter = self._source.reporter
+        profiles = _counter("export_profiles", "Profiles handed to each sink, by outcome.", ("sink", "outcome"))
+        intervals = _counter("report_intervals", "Intervals reported, by outcome.", ("outcome",))
+        if reporter is not None:
+            intervals.add_metric(["reported"], reporter.intervals - reporter.empty_intervals)
+            intervals.add_metric(["empty"], reporter.empty_intervals)
+            for name, count in sorted(reporter.exported.items()):
+                profiles.add_metric([name, "ok"], count)
+            for name, count in sorted(reporter.failed.items()):
+                profiles.add_metric([name, "failed"], count)
+        yield from (intervals, profiles)
+        for sink in self._source.sinks:
+            if isinstance(sink, FileSink):
+                yield from _file_metrics(sink)
+            elif isinstance(sink, OtlpSink):
+                yield from self._otlp_metrics(sink)
+
+    def _otlp_metrics(self, sink: OtlpSink) -> Iterator[Metric]:
+        snapshot = sink.counters.snapshot()
+        families = {
+            REQUESTS: _counter("export_otlp_requests", "OTLP export requests, by outcome.", ("outcome",)),
+            RETRIES: _counter("export_otlp_retries", "Retried OTLP attempts, by gRPC status.", ("code",)),
+            DROPPED: _counter("export_otlp_dropped_batches", "OTLP requests dropped, by reason.", ("reason",)),
+            SPOOL_ERRORS: _counter("export_otlp_spool_errors", "Spool I/O errors, by operation.", ("operation",)),
+        }
+        rejected = _counter("export_otlp_rejected_profiles", "Profiles the receiver rejected (partial success).")
+        rejected.add_metric([], sum(v for (name, _), v in snapshot.items() if name == REJECTED_PROFILES))
+        for (name, label), value in sorted(snapshot.items()):
+            if name in families:
+                families[name].add_metric([label], value)
+        depth = _gauge("export_otlp_queue_depth", "OTLP requests waiting to be delivered.")
+        depth.add_metric([], sink.queue_depth)
+        spool = _gauge("export_otlp_spool_bytes", "Bytes of OTLP requests waiting on disk.")
+        spool.add_metric([], sink.spool_bytes)
+        self._latency.observe(sink.counters.drain_latencies())
+        latency = HistogramMetricFamily(f"{PREFIX}_export_otlp_latency_seconds", "Latency of OTLP export calls.")
+        latency.add_metric([], self._latency.buckets(), self._latency.total)
+        yield from (*families.values(), rejected, depth, spool, latency)
+
+
+def _file_metrics(sink: FileSink) -> Iterator[Metric]:
+    written = _counter("export_files_written", "Profile files written.")
+    written.add_metric([], sink.files_written)
+    size = _counter("export_files_written_bytes", "Bytes of profile files written (compressed).")
+    size.add_metric([], sink.bytes_written)
+    deleted = _counter("export_files_deleted", "Profile files deleted by retention.")
+    deleted.add_metric([], sink.files_deleted)
+    errors = _counter("export_files_errors", "File sink errors.")
+    errors.add_metric([], sink.errors)
+    yield from (written, size, deleted, errors)
+
+
+def _bcc_version() -> str:
+    try:
+        from bcc.version import __version__ as version
+    except ImportError:
+        return "unknown"
+    return str(version)
+
+
+def make_registry(source: MetricsSource) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    registry.register(AgentCollector(source))
+    return registry
