@@ -31,8 +31,8 @@ test-bpf: setup
 	@$(AS_ROOT); $(PY) -m pytest tests/bpf $(PYTEST_ARGS)
 
 lint:
-	$(VENV)/bin/ruff check agent tests bench
-	$(VENV)/bin/ruff format --check agent tests bench
+	$(VENV)/bin/ruff check agent tests $(wildcard bench)
+	$(VENV)/bin/ruff format --check agent tests $(wildcard bench)
 	$(VENV)/bin/mypy
 
 clean:

@@ -35,6 +35,24 @@ class ProfilingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class OffCpuConfig:
+    min_block_us: int
+    attach: str  # auto | kprobe | tracepoint
+
+
+@dataclass(frozen=True, slots=True)
+class AllocConfig:
+    sample_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingConfig:
+    max_events_per_s: int
+    cpu_budget_percent: float
+    adjust_interval_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class SymbolizeConfig:
     elf_cache_size: int
     process_ttl_intervals: int
@@ -75,6 +93,9 @@ class ExportConfig:
 @dataclass(frozen=True, slots=True)
 class AgentConfig:
     profiling: ProfilingConfig
+    offcpu: OffCpuConfig
+    alloc: AllocConfig
+    sampling: SamplingConfig
     symbolize: SymbolizeConfig
     export: ExportConfig
     metrics: MetricsConfig
@@ -93,6 +114,9 @@ class AgentConfig:
 
 SECTION_TYPES: dict[str, type] = {
     "profiling": ProfilingConfig,
+    "offcpu": OffCpuConfig,
+    "alloc": AllocConfig,
+    "sampling": SamplingConfig,
     "symbolize": SymbolizeConfig,
     "export.files": FilesConfig,
     "export.otlp": OtlpConfig,
@@ -194,6 +218,9 @@ def _assemble(values: Mapping[str, Any]) -> AgentConfig:
         sections[name] = section_type(**fields)
     return AgentConfig(
         profiling=sections["profiling"],
+        offcpu=sections["offcpu"],
+        alloc=sections["alloc"],
+        sampling=sections["sampling"],
         symbolize=sections["symbolize"],
         export=ExportConfig(files=sections["export.files"], otlp=sections["export.otlp"]),
         metrics=sections["metrics"],

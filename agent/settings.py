@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 ENV_PREFIX = "PROFILING_AGENT_"
-KNOWN_PROFILERS = ("cpu",)
+KNOWN_PROFILERS = ("cpu", "offcpu", "alloc")
 
 # A parser turns a value from YAML (any type) or from a string (env, flag) into the typed value, or
 # raises ValueError with a message that says what was expected.
@@ -211,6 +211,46 @@ SETTINGS: tuple[Setting, ...] = (
         ranged_int(1024, 1 << 24),
         "Records buffered between the perf-buffer reader and the pipeline; the oldest are dropped (and counted) "
         "when it is full.",
+    ),
+    # offcpu: time threads spend blocked (scheduled out), with the stack they blocked in
+    Setting(
+        "offcpu.min_block_us",
+        1000,
+        ranged_int(1, 60_000_000),
+        "Blocks shorter than this are not reported (microseconds).",
+    ),
+    Setting(
+        "offcpu.attach",
+        "auto",
+        choice("auto", "kprobe", "tracepoint"),
+        "How to hook the scheduler: a kprobe on finish_task_switch where the kernel has kprobes, else the "
+        "sched:sched_switch tracepoint (auto), or force one.",
+    ),
+    # alloc: bytes allocated through the C library, sampled in the kernel by bytes
+    Setting(
+        "alloc.sample_bytes",
+        512 * 1024,
+        ranged_int(1, 1 << 40),
+        "Mean bytes between allocation samples (the starting point; the adaptive sampler adjusts it).",
+    ),
+    # sampling: the adaptive sampler keeps each event stream and the agent's own CPU within budget
+    Setting(
+        "sampling.max_events_per_s",
+        2000,
+        ranged_int(10, 10_000_000),
+        "Budget of events per second per profiler (off-CPU, allocations) coming off the perf buffers.",
+    ),
+    Setting(
+        "sampling.cpu_budget_percent",
+        1.0,
+        ranged_float(0.05, 100.0),
+        "Budget of the agent's own CPU, in percent of one core; event rates are lowered to stay under it.",
+    ),
+    Setting(
+        "sampling.adjust_interval_s",
+        1.0,
+        ranged_float(0.1, 60.0),
+        "How often the sampler measures rates and adjusts the in-kernel sampling parameters.",
     ),
     # symbolize
     Setting("symbolize.elf_cache_size", 128, ranged_int(1, 100_000), "ELF symbol tables kept in memory."),

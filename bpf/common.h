@@ -20,9 +20,16 @@
 #define PROC_EVENT_NEW 1  /* first sample of a process (or first after exec): capture its mappings now */
 #define PROC_EVENT_EXEC 2 /* the process replaced its image: mappings captured earlier are stale */
 
+/* Indices into each program's `params` array (u64), written by user space: the adaptive sampler
+ * changes them at run time, and every record carries the sampling value it was kept under. */
+#define PARAM_SAMPLING 0     /* off-CPU: keep 1 in N events; allocations: mean bytes between samples */
+#define PARAM_MIN_BLOCK_NS 1 /* off-CPU: shorter blocks are not reported */
+#define PARAM_COUNT 4
+
 struct stack_event {
     u64 timestamp_ns;       /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
-    u64 value;              /* profiler-specific measure (0 for CPU samples) */
+    u64 value;              /* profiler-specific measure: 0 (CPU), blocked ns (off-CPU), bytes (alloc) */
+    u64 sampling;           /* params[PARAM_SAMPLING] when the event was kept (0 for CPU samples) */
     u32 pid;                /* tgid */
     u32 tid;
     u32 cpu;

@@ -47,6 +47,7 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
         return 0;
     e->timestamp_ns = bpf_ktime_get_ns();
     e->value = 0;
+    e->sampling = 0;
     e->pid = pid;
     e->tid = tid;
     e->cpu = bpf_get_smp_processor_id();

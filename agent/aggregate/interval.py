@@ -15,7 +15,7 @@ from agent.aggregate.types import AggregatedSample, IntervalProfile, ProfileSpec
 
 @dataclass(slots=True)
 class _Entry:
-    values: list[int]
+    values: list[float]  # weighted estimates are fractional; rounded once, when the interval ends
     thread_name: str
     timestamps: list[int] = field(default_factory=list)
 
@@ -44,7 +44,7 @@ class IntervalAggregator:
         kernel: Stack,
         user: Stack,
         thread_name: str,
-        values: tuple[int, ...],
+        values: tuple[float, ...],
         timestamp_ns: int,
     ) -> None:
         key = SampleKey(pid, tid, cpu, kernel, user)
@@ -64,7 +64,9 @@ class IntervalAggregator:
     def finish(self, end_mono_ns: int) -> IntervalProfile:
         """The interval that ends now, and a fresh one starting where it ended."""
         samples = tuple(
-            AggregatedSample(key, entry.thread_name, tuple(entry.values), tuple(sorted(entry.timestamps)))
+            AggregatedSample(
+                key, entry.thread_name, tuple(round(v) for v in entry.values), tuple(sorted(entry.timestamps))
+            )
             for key, entry in self._entries.items()
         )
         # Events read after their interval ended (in flight at the drain) stretch it rather than

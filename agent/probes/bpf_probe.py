@@ -66,6 +66,10 @@ class BpfProbe(ABC):
         """Current sampling parameters, by name, for logs and metrics."""
         return {}
 
+    def write_param(self, index: int, value: int) -> None:
+        """Set `params[index]` of the loaded program (see PARAM_* in bpf/common.h)."""
+        self._bpf["params"][ctypes.c_int(index)] = ctypes.c_uint64(value)
+
     @property
     def defines(self) -> dict[str, int | str]:
         return {

@@ -51,7 +51,8 @@ class StackEvent:
     comm: str
     kernel: Stack
     user: Stack
-    values: tuple[int, ...]  # aligned with the profiler's ProfileSpec.sample_types
+    # Aligned with the profiler's ProfileSpec.sample_types; weighted estimates may be fractional.
+    values: tuple[float, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +79,7 @@ def _view(data: int, size: int, record_type: type[R], minimum: int | None = None
     return ctypes.cast(data, ctypes.POINTER(record_type)).contents
 
 
-ValuesOf = Callable[[StackEventRecord], tuple[int, ...]]
+ValuesOf = Callable[[StackEventRecord], tuple[float, ...]]
 
 
 def decode_stack_event(data: int, size: int, stacks: StackDecoder, profiler: str, values_of: ValuesOf) -> StackEvent:

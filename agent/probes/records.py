@@ -14,6 +14,10 @@ MAX_STACK_DEPTH = 127
 
 SAMPLE_FLAG_KERNEL_THREAD = 1
 
+PARAM_SAMPLING = 0
+PARAM_MIN_BLOCK_NS = 1
+PARAM_COUNT = 4
+
 PROC_EVENT_NEW = 1
 PROC_EVENT_EXEC = 2
 
@@ -22,6 +26,7 @@ class StackEventRecord(ctypes.Structure):
     _fields_ = (
         ("timestamp_ns", ctypes.c_uint64),
         ("value", ctypes.c_uint64),
+        ("sampling", ctypes.c_uint64),
         ("pid", ctypes.c_uint32),
         ("tid", ctypes.c_uint32),
         ("cpu", ctypes.c_uint32),

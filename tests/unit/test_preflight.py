@@ -225,7 +225,7 @@ def test_non_root_needs_sys_admin_or_bpf_and_perfmon(
         assert check.detail == f"euid 1000, capabilities {named}"
     else:
         assert check.detail == "running as uid 1000 without CAP_BPF+CAP_PERFMON or CAP_SYS_ADMIN"
-        assert "CAP_BPF,CAP_PERFMON" in check.fix
+        assert "CAP_BPF, CAP_PERFMON" in check.fix
 
 
 # _guard

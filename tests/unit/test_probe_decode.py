@@ -106,8 +106,8 @@ def decode(
 
 
 def test_header_is_everything_before_the_frames() -> None:
-    assert STACK_EVENT_HEADER_SIZE == StackEventRecord.ips.offset == 56
-    assert sent_size(stack_record()) == 56 + 5 * 8
+    assert STACK_EVENT_HEADER_SIZE == StackEventRecord.ips.offset == 64
+    assert sent_size(stack_record()) == 64 + 5 * 8
 
 
 def test_decode_stack_event_copies_every_field() -> None:
@@ -278,7 +278,7 @@ def test_the_full_struct_decodes_only_the_declared_frames() -> None:
 @pytest.mark.parametrize("size", [0, 1, STACK_EVENT_HEADER_SIZE - 1])
 def test_record_shorter_than_the_header_is_malformed(size: int) -> None:
     values_of = RecordingValues()
-    with pytest.raises(MalformedRecord, match=f"StackEventRecord: {size} bytes, expected at least 56"):
+    with pytest.raises(MalformedRecord, match=f"StackEventRecord: {size} bytes, expected at least {STACK_EVENT_HEADER_SIZE}"):
         decode(stack_record(), size, values_of=values_of)
     assert values_of.seen == []
 
