@@ -40,6 +40,8 @@ from agent.probes.reader import PerfReader
 from agent.probes.registry import make_probes
 from agent.reload import changed_keys, is_live, merge_live
 from agent.report import Reporter
+from agent.sampling.adaptive import AdaptiveSampler
+from agent.sampling.keep import KeepSampler
 from agent.sdnotify import Notifier
 from agent.sinks import make_file_sink
 from agent.symbolize.symbolizer import Symbolizer
@@ -75,6 +77,8 @@ class Daemon:
             metadata=self.metadata,
         )
         self.selector = ProcessSelector(config.filters, self.metadata)
+        self.keep = KeepSampler()
+        self.sampler: AdaptiveSampler | None = None
         self.sinks: list[Sink] = []
         self.otlp: OtlpSink | None = None
         self.reporter: Reporter | None = None
@@ -93,7 +97,8 @@ class Daemon:
 
     @property
     def sampling_parameters(self) -> dict[tuple[str, str], float]:
-        return {(probe.name, name): value for probe in self.probes for name, value in probe.parameters().items()}
+        values = {(probe.name, name): value for probe in self.probes for name, value in probe.parameters().items()}
+        return values | (self.sampler.parameters() if self.sampler is not None else {})
 
     def install_signal_handlers(self) -> None:
         def on_stop(signum: int, frame: FrameType | None) -> None:
@@ -143,6 +148,7 @@ class Daemon:
         for probe in self.probes:
             probe.attach()
         self._reader = PerfReader(self.probes)
+        self.sampler = AdaptiveSampler(self.config.sampling, self.probes, self.keep)
 
     def _describe(self) -> str:
         cfg = self.config.profiling
@@ -178,7 +184,11 @@ class Daemon:
     def _start_threads(self) -> None:
         assert self.reporter is not None
         self.pipeline = Pipeline(
-            {probe.name: probe.spec for probe in self.probes}, self.symbolizer, self._intervals.put, self.selector
+            {probe.name: probe.spec for probe in self.probes},
+            self.symbolizer,
+            self._intervals.put,
+            self.selector,
+            self.keep,
         )
         targets: list[tuple[str, Callable[[], None]]] = [
             ("perf-reader", self._read_loop),
@@ -194,8 +204,11 @@ class Daemon:
         self.health.threads = list(self._threads)
 
     def _tick_until_stopped(self, started: float) -> None:
+        """The main loop: interval ends (jittered), sampler adjustments and reloads, until stopped."""
         end = started + self.config.profiling.duration_s if self.config.profiling.duration_s > 0 else float("inf")
         next_tick = started + _jittered(self.config.profiling.interval_s)
+        adjust_every = self.config.sampling.adjust_interval_s
+        next_adjust = started + adjust_every
         while not self.stop_event.is_set():
             now = time.monotonic()
             if now >= end:
@@ -203,11 +216,24 @@ class Daemon:
             if self._reload_requested.is_set():
                 self._reload_requested.clear()
                 next_tick = self._reload(next_tick)
+            if now >= next_adjust:
+                self._adjust()
+                next_adjust = now + adjust_every
             if now >= next_tick:
                 self._rotate.set()
                 next_tick = now + _jittered(self.config.profiling.interval_s)
-            self._wake.wait(max(0.0, min(next_tick, end) - now))
+            self._wake.wait(max(0.0, min(next_tick, next_adjust, end) - now))
             self._wake.clear()
+
+    def _adjust(self) -> None:
+        """Periodic upkeep of the probes and the sampler; a failure here is logged, never fatal."""
+        try:
+            for probe in self.probes:
+                probe.refresh()
+            if self.sampler is not None:
+                self.sampler.tick()
+        except Exception:
+            logger.exception("adjusting the probes failed; continuing with the current settings")
 
     def _reload(self, next_tick: float) -> float:
         """Apply a SIGHUP'd config: live settings now, the rest after a restart. Returns the next tick."""

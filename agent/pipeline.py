@@ -25,6 +25,12 @@ from agent.probes.events import IntervalMark, ProcessEvent, ProcessEventKind, St
 logger = logging.getLogger(__name__)
 
 
+class KeepLike(Protocol):
+    """The sampling stage's user-space keep decision (`agent.sampling.keep.KeepSampler`)."""
+
+    def admit(self, event: StackEvent) -> StackEvent | None: ...
+
+
 class ProcessObserver(Protocol):
     """What the pipeline needs from the symbolize stage: capture a live process's mappings."""
 
@@ -50,7 +56,9 @@ class Pipeline:
         processes: ProcessObserver,
         deliver: Callable[[IntervalProfile], None],
         selector: ProcessSelectorLike | None = None,
+        keep: KeepLike | None = None,
     ) -> None:
+        self._keep = keep
         self._aggregators = {name: IntervalAggregator(spec) for name, spec in specs.items()}
         self._processes = processes
         self._deliver = deliver
@@ -83,6 +91,11 @@ class Pipeline:
         if not self._admits(event):
             self.filtered += 1
             return
+        if self._keep is not None:  # the sampling stage: may drop the event, or weight it up
+            kept = self._keep.admit(event)
+            if kept is None:
+                return
+            event = kept
         if event.pid not in self._seen_pids and not event.kernel_thread:
             # Covers a process whose announcement was lost, and is cheap once captured.
             self._seen_pids.add(event.pid)

@@ -20,6 +20,7 @@ from agent.aggregate.types import ProfileSpec
 from agent.config import ProfilingConfig
 from agent.probes.events import MalformedRecord, decode_proc_event
 from agent.probes.loader import dump_program, load_program
+from agent.probes.records import PARAM_SAMPLING
 from agent.probes.stacks import StackDecoder
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,20 @@ class BpfProbe(ABC):
     def parameters(self) -> dict[str, float]:
         """Current sampling parameters, by name, for logs and metrics."""
         return {}
+
+    # Probes whose in-kernel sampling the adaptive sampler may steer set this and override
+    # `sampling_floor` (the configured value: the sampler only ever samples coarser than that).
+    adaptive = False
+
+    def refresh(self) -> None:  # noqa: B027 - an optional hook: most probes need no upkeep
+        """Periodic upkeep on the main thread (e.g. attach to new libraries); nothing by default."""
+
+    def sampling_floor(self) -> int:
+        return 1
+
+    def set_sampling(self, value: int) -> None:
+        """Set the in-kernel sampling parameter (PARAM_SAMPLING); called by the adaptive sampler."""
+        self.write_param(PARAM_SAMPLING, value)
 
     def write_param(self, index: int, value: int) -> None:
         """Set `params[index]` of the loaded program (see PARAM_* in bpf/common.h)."""

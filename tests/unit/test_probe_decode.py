@@ -278,7 +278,8 @@ def test_the_full_struct_decodes_only_the_declared_frames() -> None:
 @pytest.mark.parametrize("size", [0, 1, STACK_EVENT_HEADER_SIZE - 1])
 def test_record_shorter_than_the_header_is_malformed(size: int) -> None:
     values_of = RecordingValues()
-    with pytest.raises(MalformedRecord, match=f"StackEventRecord: {size} bytes, expected at least {STACK_EVENT_HEADER_SIZE}"):
+    expected = f"StackEventRecord: {size} bytes, expected at least {STACK_EVENT_HEADER_SIZE}"
+    with pytest.raises(MalformedRecord, match=expected):
         decode(stack_record(), size, values_of=values_of)
     assert values_of.seen == []
 
