@@ -48,4 +48,6 @@ def pprof_addresses(addresses: Sequence[int]) -> list[int]:
     """
     if not addresses:
         return []
-    return [addresses[0], *(a - 1 for a in addresses[1:])]
+    # A 0 can appear where a walk reached a frame with no return address (a thread's first frame):
+    # it stays 0 rather than becoming -1, which no address field can hold.
+    return [addresses[0], *(a - 1 if a > 0 else 0 for a in addresses[1:])]

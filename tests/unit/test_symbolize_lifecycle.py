@@ -232,3 +232,12 @@ def test_symbolize_does_not_wait_for_a_capture_in_progress(
         observer.join(10)
         reporter.join(10)
     assert symbolizer.symbolize(interval(agg(50))).processes[50].comm == "slow"
+
+
+def test_pprof_addresses_keep_a_zero_return_address_at_zero() -> None:
+    from agent.symbolize.markers import pprof_addresses
+
+    # Seen from the kernel: a thread's outermost frame can hold 0; minus one would be -1, which no
+    # uint64 address field can hold (it once cost a whole interval's profile).
+    assert pprof_addresses((0x401000, 0x402005, 0)) == [0x401000, 0x402004, 0]
+    assert pprof_addresses((0,)) == [0]

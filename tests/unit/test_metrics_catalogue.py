@@ -1,0 +1,91 @@
+"""The metrics collector over a stand-in daemon, and docs/metrics.md kept in step with it."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from agent.export.files import FileSink
+from agent.export.otlp.config import OtlpConfig
+from agent.export.otlp.sink import OtlpSink
+from agent.export.otlp.stats import REQUESTS
+from agent.metrics import AgentCollector, make_registry
+from agent.probes.bpf_probe import ReaderStats
+from agent.probes.stacks import StackDecoder
+from agent.symbolize.symbolizer import Symbolizer
+
+CATALOGUE = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
+
+
+def fake_source(spool_dir: str = "/tmp/profiling-agent-test-spool") -> Any:
+    stacks = StackDecoder()
+    stacks.status_counts.update({"OK": 5, "MISSING": 1})
+    probe = SimpleNamespace(
+        name="cpu",
+        attach_method="software cpu-clock at 19 Hz per CPU",
+        stats=ReaderStats(received=42, malformed=1, lost={"samples": 3}),
+        stacks=stacks,
+    )
+    otlp = OtlpSink(OtlpConfig(enabled=True, insecure=True, spool_dir=spool_dir))
+    files = FileSink(Path(spool_dir).parent / "profiles", max_files=10, max_bytes=0)
+    otlp.counters.inc(REQUESTS, "success", 4)
+    otlp.counters.observe_latency(0.02)
+    reporter = SimpleNamespace(intervals=3, empty_intervals=1, exported=Counter(files=2), failed=Counter(otlp=1))
+    pipeline = SimpleNamespace(filtered=7, unknown_items=0, last_rates={"cpu": 38.0})
+    return SimpleNamespace(
+        probes=[probe],
+        symbolizer=Symbolizer(),
+        reporter=reporter,
+        pipeline=pipeline,
+        sinks=[files, otlp],
+        reloads=Counter(applied=1),
+        queues={"events": _Queue(2), "intervals": _Queue(0)},
+        sampling_parameters={("cpu", "frequency_hz"): 19.0},
+    )
+
+
+class _Queue:
+    def __init__(self, dropped: int) -> None:
+        self.dropped = dropped
+
+    def __len__(self) -> int:
+        return 1
+
+
+def exposition(tmp_path: Path) -> str:
+    registry = CollectorRegistry()
+    registry.register(AgentCollector(fake_source(str(tmp_path / "spool"))))
+    return generate_latest(registry).decode()
+
+
+def test_series_carry_the_stage_counters(tmp_path: Path) -> None:
+    text = exposition(tmp_path)
+    assert 'profiling_agent_probe_events_received_total{profiler="cpu"} 42.0' in text
+    assert 'profiling_agent_probe_events_lost_total{buffer="samples",profiler="cpu"} 3.0' in text
+    assert 'profiling_agent_probe_stacks_total{profiler="cpu",status="missing"} 1.0' in text
+    assert 'profiling_agent_pipeline_events_dropped_total{reason="filtered"} 7.0' in text
+    assert 'profiling_agent_pipeline_events_dropped_total{reason="events_queue_full"} 2.0' in text
+    assert 'profiling_agent_export_otlp_requests_total{outcome="success"} 4.0' in text
+    assert 'profiling_agent_export_otlp_latency_seconds_bucket{le="0.025"} 1.0' in text
+    assert 'profiling_agent_export_profiles_total{outcome="failed",sink="otlp"} 1.0' in text
+    assert 'profiling_agent_config_reloads_total{outcome="applied"} 1.0' in text
+    assert 'profiling_agent_sampling_parameter{parameter="frequency_hz",profiler="cpu"} 19.0' in text
+
+
+def test_registry_adds_the_standard_process_collector(tmp_path: Path) -> None:
+    text = generate_latest(make_registry(fake_source(str(tmp_path / "spool")))).decode()
+    assert "process_resident_memory_bytes" in text
+    assert "profiling_agent_build_info{" in text
+
+
+def test_docs_metrics_lists_every_series_and_no_other(tmp_path: Path) -> None:
+    registry = CollectorRegistry()
+    registry.register(AgentCollector(fake_source(str(tmp_path / "spool"))))
+    emitted = {family.name + ("_total" if family.type == "counter" else "") for family in registry.collect()}
+    documented = set(re.findall(r"^\| `(profiling_agent_[a-z_]+)`", CATALOGUE.read_text(), re.M))
+    assert documented == emitted, f"missing from docs: {emitted - documented}; stale in docs: {documented - emitted}"
