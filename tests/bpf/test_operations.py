@@ -89,7 +89,8 @@ def test_metrics_and_health_while_profiling(tmp_path: Path, busy: subprocess.Pop
     assert 'method="software cpu-clock at 19 Hz per CPU"' in second or "hardware cpu-cycles" in second
     # Counters increase while profiling.
     received = "profiling_agent_probe_events_received_total"
-    assert series(second, received, profiler="cpu") > series(first, received, profiler="cpu") > 0
+    # Wakeups are batched, so the very first scrape may come before any record was read.
+    assert series(second, received, profiler="cpu") > series(first, received, profiler="cpu")
     assert series(second, "profiling_agent_export_files_written_total") >= 1
     assert series(second, "profiling_agent_sampling_parameter", profiler="cpu", parameter="frequency_hz") == 19
 
@@ -168,7 +169,9 @@ def test_sighup_applies_a_valid_config_and_refuses_an_invalid_one(
     agent = start_agent(None, "--config", str(config), "--metrics-address", f"127.0.0.1:{port}", log_path=log)
     try:
         wait_for_log(log, "profiling started", 60, agent)
-        time.sleep(2.5)  # a few one-second intervals under the first config
+        deadline = time.monotonic() + 30
+        while not list(first_dir.glob("cpu-*.pb.gz")) and time.monotonic() < deadline:
+            time.sleep(0.2)  # at least one interval reported under the first config
         # An invalid file is refused and counted; the agent keeps running with the old config.
         config.write_text("profiling:\n  interval_s: -5\n")
         agent.send_signal(signal.SIGHUP)
