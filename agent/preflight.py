@@ -121,6 +121,11 @@ def _perf_event_open(type_: int, config: int) -> int:
     return -ctypes.get_errno()
 
 
+def hardware_cycles_available() -> bool:
+    """Whether a cpu-cycles sampling event can be opened (no PMU in most VMs)."""
+    return _perf_event_open(0, 0) == 0
+
+
 def check_perf_events(proc_root: Path = Path("/proc")) -> list[Check]:
     paranoid = (proc_root / "sys/kernel/perf_event_paranoid").read_text().strip()
     software = _perf_event_open(1, 0)  # PERF_TYPE_SOFTWARE, PERF_COUNT_SW_CPU_CLOCK

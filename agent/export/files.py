@@ -41,6 +41,9 @@ _PROFILE_FILE = re.compile(
     r"(?P<name>[A-Za-z0-9_][A-Za-z0-9_.-]*)-(?P<stamp>\d{8}T\d{6}Z)(?:-(?P<counter>\d+))?\.pb\.gz"
 )
 
+# What `_write` names its temp files (mkstemp adds the random part).
+_TEMP_FILE = re.compile(r"\.[A-Za-z0-9_][A-Za-z0-9_.-]*-\d{8}T\d{6}Z\.[A-Za-z0-9_]+\.tmp")
+
 
 class _OwnFile(NamedTuple):
     stamp: str  # first, so that sorting puts the oldest profile first
@@ -68,6 +71,14 @@ class FileSink:
         self.errors = 0
         # Creating the directory now makes a bad path fail at start-up rather than at the first report.
         self._ensure_dir()
+        self._remove_stale_temp_files()
+
+    def _remove_stale_temp_files(self) -> None:
+        """Temp files a crash left mid-write (ours: `.<profiler>-<time>.*.tmp`) are never renamed: delete them."""
+        for path in self._dir.glob(".*.tmp"):
+            if _TEMP_FILE.fullmatch(path.name):
+                _remove_quietly(path)
+                logger.info("removed %s, left by an interrupted write", path)
 
     @property
     def output_dir(self) -> Path:

@@ -11,6 +11,7 @@ from functools import partial
 
 from agent.aggregate.types import ProfileSpec, ValueType
 from agent.errors import BpfAttachError
+from agent.preflight import hardware_cycles_available
 from agent.probes.bpf_probe import BpfProbe
 from agent.probes.events import decode_stack_event
 
@@ -56,7 +57,9 @@ class CpuProbe(BpfProbe):
 
     def attach_events(self) -> None:
         errors = []
-        for ev_type, ev_config, label in EVENT_SOURCES:
+        # Ask the kernel first: a failed BCC attach prints a bare perf_event_open error to stderr.
+        sources = EVENT_SOURCES if hardware_cycles_available() else EVENT_SOURCES[1:]
+        for ev_type, ev_config, label in sources:
             try:
                 self._bpf.attach_perf_event(
                     ev_type=ev_type,

@@ -201,3 +201,13 @@ def test_unsafe_profile_name_is_rejected(tmp_path: Path) -> None:
 def test_negative_limits_are_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         FileSink(tmp_path, max_files=-1, max_bytes=0)
+
+
+def test_temp_files_left_by_a_crash_are_removed_at_start(tmp_path: Path) -> None:
+    stale = tmp_path / ".cpu-20261122T160512Z.k2j3h4g5.tmp"
+    foreign = tmp_path / ".editor-swap.tmp"
+    stale.write_bytes(b"half a profile")
+    foreign.write_bytes(b"not ours")
+    FileSink(tmp_path, max_files=0, max_bytes=0)
+    assert not stale.exists()
+    assert foreign.exists()
