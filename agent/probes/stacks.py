@@ -35,7 +35,12 @@ class StackDecoder:
             if len(self._cache) >= self._limit:
                 self._cache.clear()  # cheaper than LRU bookkeeping on every hit; refills in one interval
             status = StackStatus.TRUNCATED if length >= MAX_STACK_DEPTH else StackStatus.OK
-            stack = Stack(status, struct.unpack(f"<{length}Q", raw))
+            addresses = struct.unpack(f"<{length}Q", raw)
+            if 0 in addresses:
+                # A frame-pointer walk can end on a zero return address (a thread's outermost frame,
+                # or a frame pointer used as a general register): nothing real lies at or beyond it.
+                addresses = addresses[: addresses.index(0)]
+            stack = Stack(status, addresses) if addresses else Stack(StackStatus.MISSING)
             self._cache[raw] = stack
         self.status_counts[stack.status.name] += 1
         return stack

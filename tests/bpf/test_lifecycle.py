@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.agent import AGENT, REPO, start_agent, wait_for_log
+from tests.support.agent import AGENT, REPO, free_port, start_agent, wait_for_log
 from tests.support.profiles import read_all
 
 pytestmark = pytest.mark.bpf
@@ -56,7 +56,18 @@ def test_duration_stops_and_exits_zero(tmp_path: Path) -> None:
     started = time.monotonic()
     try:
         result = subprocess.run(
-            [*AGENT, "run", "--output-dir", str(out), "--duration", "2", "--interval", "1"],
+            [
+                *AGENT,
+                "run",
+                "--output-dir",
+                str(out),
+                "--duration",
+                "2",
+                "--interval",
+                "1",
+                "--metrics-address",
+                f"127.0.0.1:{free_port()}",
+            ],
             cwd=REPO,
             capture_output=True,
             text=True,

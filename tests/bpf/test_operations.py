@@ -16,16 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.agent import start_agent, wait_for_log
+from tests.support.agent import free_port, start_agent, wait_for_log
 
 pytestmark = pytest.mark.bpf
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def get(url: str) -> tuple[int, str]:

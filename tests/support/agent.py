@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,13 +17,17 @@ def start_agent(output_dir: Path | None, *args: str, log_path: Path | None = Non
     assert log_path is not None or output_dir is not None
     log = open(log_path or output_dir.parent / "agent.log", "wb")  # type: ignore[union-attr]  # noqa: SIM115
     directory = ["--output-dir", str(output_dir)] if output_dir is not None else []
-    return subprocess.Popen(
-        [*AGENT, "run", *directory, *args],
-        cwd=REPO,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    # Each agent gets its own metrics port (a --metrics-address flag still wins), so agents that
+    # overlap, or an agent already running on the host, never collide on the default 9464.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PROFILING_AGENT_METRICS_ADDRESS": f"127.0.0.1:{free_port()}"}
+    return subprocess.Popen([*AGENT, "run", *directory, *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def wait_for_log(log_path: Path, text: str, timeout: float, proc: subprocess.Popen[bytes]) -> None:

@@ -35,7 +35,7 @@ def test_depth_limit_is_the_kernels() -> None:
 
 
 @pytest.mark.parametrize("kernel", [True, False])
-@pytest.mark.parametrize("addresses", [USER, KERNEL, (0x1,), (2**64 - 1, 0)])
+@pytest.mark.parametrize("addresses", [USER, KERNEL, (0x1,), (2**64 - 1, 1)])
 def test_decodes_frames_leaf_first(decoder: StackDecoder, addresses: tuple[int, ...], kernel: bool) -> None:
     stack = decode(decoder, addresses, kernel=kernel)
     assert stack == Stack(StackStatus.OK, addresses)
@@ -118,7 +118,7 @@ def test_different_raw_bytes_are_different_stacks(decoder: StackDecoder) -> None
 
 
 def test_truncated_stacks_are_cached_with_their_status(decoder: StackDecoder) -> None:
-    addresses = tuple(range(MAX_STACK_DEPTH))
+    addresses = tuple(range(1, MAX_STACK_DEPTH + 1))
     first = decode(decoder, addresses)
     assert first.status is StackStatus.TRUNCATED
     assert decode(decoder, addresses) is first
@@ -154,7 +154,7 @@ def test_status_counts_accumulate_across_kinds(decoder: StackDecoder) -> None:
     decode(decoder, USER)
     decode(decoder, KERNEL, kernel=True)
     decode(decoder, USER)
-    decode(decoder, tuple(range(MAX_STACK_DEPTH)))
+    decode(decoder, tuple(range(1, MAX_STACK_DEPTH + 1)))
     decoder.decode(-errno.EFAULT, b"", kernel=False)
     decoder.decode(-errno.EFAULT, b"", kernel=False)
     decoder.decode(-errno.EFAULT, b"", kernel=True)  # not counted
@@ -163,3 +163,10 @@ def test_status_counts_accumulate_across_kinds(decoder: StackDecoder) -> None:
     decoder.decode(-errno.EINVAL, b"", kernel=True)
     decoder.decode(-errno.ENOMEM, b"", kernel=False)
     assert decoder.status_counts == {"OK": 3, "TRUNCATED": 1, "MISSING": 2, "ERROR": 2}
+
+
+def test_a_zero_return_address_ends_the_stack() -> None:
+    decoder = StackDecoder()
+    raw = struct.pack("<3Q", 0x7F0000001BD3, 0, 0x401000)
+    assert decoder.decode(3, raw, kernel=False) == Stack(StackStatus.OK, (0x7F0000001BD3,))
+    assert decoder.decode(1, struct.pack("<Q", 0), kernel=False) == Stack(StackStatus.MISSING)
