@@ -69,7 +69,7 @@ class Daemon:
         self._reader_done = threading.Event()
         self._events: DropOldestQueue[object] = DropOldestQueue(config.profiling.queue_size)
         self._intervals: DropOldestQueue[IntervalProfile | None] = DropOldestQueue(REPORT_QUEUE_SIZE)
-        self.probes = make_probes(config.profiling, self._events.put)
+        self.probes = make_probes(config, self._events.put)
         self.metadata = ProcessMetadata()
         self.symbolizer = Symbolizer(
             elf_cache_size=config.symbolize.elf_cache_size,

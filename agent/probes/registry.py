@@ -1,15 +1,21 @@
-"""Probes stage: the profilers the agent knows, by the name `--profilers` uses."""
+"""Probes stage: the profilers the agent knows, by the name `--profilers` uses, built with their config."""
 
 from __future__ import annotations
 
-from agent.config import ProfilingConfig
+from collections.abc import Callable
+
+from agent.config import AgentConfig
+from agent.probes.alloc import AllocProbe
 from agent.probes.bpf_probe import BpfProbe, Emit
 from agent.probes.cpu import CpuProbe
+from agent.probes.offcpu import OffCpuProbe
 
-PROBES: dict[str, type[BpfProbe]] = {
-    "cpu": CpuProbe,
+PROBES: dict[str, Callable[[AgentConfig, Emit], BpfProbe]] = {
+    "cpu": lambda config, emit: CpuProbe(config.profiling, emit),
+    "offcpu": lambda config, emit: OffCpuProbe(config.profiling, emit, config.offcpu),
+    "alloc": lambda config, emit: AllocProbe(config.profiling, emit, config.alloc),
 }
 
 
-def make_probes(config: ProfilingConfig, emit: Emit) -> list[BpfProbe]:
-    return [PROBES[name](config, emit) for name in config.profilers]
+def make_probes(config: AgentConfig, emit: Emit) -> list[BpfProbe]:
+    return [PROBES[name](config, emit) for name in config.profiling.profilers]

@@ -1,0 +1,108 @@
+/* Off-CPU workload with a known truth: every thread alternates between two functions that block in
+ * clock_nanosleep, wait_a for two slices and wait_b for one (2:1 in blocked time). The syscall is
+ * issued inline, with no libc frame in between: Debian's libc has no frame pointers, so a walk from
+ * inside it would lose wait_a and its callers. Each function measures the time it really spent in the
+ * syscall with CLOCK_MONOTONIC around it; on exit the program prints the totals,
+ * "wait_a=<s> wait_b=<s> blocks=<n>", the truth tests compare profiles with.
+ * Usage: offcpu_split SECONDS THREADS [SLICE_US [gate]]   (slice 4000 us by default)
+ * With "gate" it first waits for one byte on stdin, so a test can start profiling it by pid before
+ * it begins. */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+
+static double spent_a, spent_b;
+static long blocks;
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+
+static double wall(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec / 1e9;
+}
+
+/* A system call without libc: inlined, so while the thread sleeps in it the user stack the kernel
+ * sees starts in the calling function itself. */
+static inline __attribute__((always_inline)) long syscall4(long nr, long a, long b, long c, long d)
+{
+#if defined(__x86_64__)
+    long ret;
+    register long r10 __asm__("r10") = d;
+    __asm__ volatile("syscall" : "=a"(ret) : "0"(nr), "D"(a), "S"(b), "d"(c), "r"(r10) : "rcx", "r11", "memory");
+    return ret;
+#elif defined(__aarch64__)
+    register long x8 __asm__("x8") = nr;
+    register long x0 __asm__("x0") = a;
+    register long x1 __asm__("x1") = b;
+    register long x2 __asm__("x2") = c;
+    register long x3 __asm__("x3") = d;
+    __asm__ volatile("svc #0" : "+r"(x0) : "r"(x8), "r"(x1), "r"(x2), "r"(x3) : "memory");
+    return x0;
+#else
+#error "offcpu_split issues its system calls inline on x86_64 and aarch64 only"
+#endif
+}
+
+static inline __attribute__((always_inline)) void sleep_inline(const struct timespec *ts)
+{
+    syscall4(SYS_clock_nanosleep, CLOCK_MONOTONIC, 0, (long)ts, 0);
+}
+
+__attribute__((noinline)) double wait_a(long slice_ns)
+{
+    struct timespec ts = {.tv_sec = 2 * slice_ns / 1000000000L, .tv_nsec = 2 * slice_ns % 1000000000L};
+    double start = wall();
+    sleep_inline(&ts);
+    return wall() - start;
+}
+
+__attribute__((noinline)) double wait_b(long slice_ns)
+{
+    struct timespec ts = {.tv_sec = slice_ns / 1000000000L, .tv_nsec = slice_ns % 1000000000L};
+    double start = wall();
+    sleep_inline(&ts);
+    return wall() - start;
+}
+
+static double seconds;
+static long slice_ns;
+
+static void *worker(void *arg)
+{
+    double end = wall() + seconds, a = 0, b = 0;
+    long n = 0;
+    while (wall() < end) {
+        a += wait_a(slice_ns);
+        b += wait_b(slice_ns);
+        n += 2;
+    }
+    pthread_mutex_lock(&lock);
+    spent_a += a;
+    spent_b += b;
+    blocks += n;
+    pthread_mutex_unlock(&lock);
+    return arg;
+}
+
+int main(int argc, char **argv)
+{
+    seconds = argc > 1 ? atof(argv[1]) : 3;
+    int threads = argc > 2 ? atoi(argv[2]) : 2;
+    slice_ns = (argc > 3 ? atol(argv[3]) : 4000) * 1000L;
+    if (argc > 4 && !strcmp(argv[4], "gate")) {
+        char go;
+        syscall4(SYS_read, 0, (long)&go, 1, 0);
+    }
+    pthread_t ids[64];
+    for (int i = 1; i < threads && i < 64; i++)
+        pthread_create(&ids[i], 0, worker, 0);
+    worker(0);
+    for (int i = 1; i < threads && i < 64; i++)
+        pthread_join(ids[i], 0);
+    printf("wait_a=%.6f wait_b=%.6f blocks=%ld\n", spent_a, spent_b, blocks);
+    return 0;
+}
