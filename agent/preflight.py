@@ -230,6 +230,22 @@ def check_kprobes() -> Check:
     )
 
 
+def check_offcpu_attach() -> Check:
+    from agent.probes.offcpu import plan_attach, read_kernel_features
+
+    plan = plan_attach("auto", read_kernel_features())
+    return Check("off-CPU", True, f"--profilers offcpu would attach with the {plan.description}")
+
+
+def check_alloc_cost() -> Check:
+    return Check(
+        "allocations",
+        True,
+        "opt-in (--profilers alloc): every malloc of a traced process takes a uprobe trap (about 1-2 us on "
+        "typical hosts, whatever the agent does after it); --pid attaches the uprobes to those processes only",
+    )
+
+
 def check_bcc() -> Check:
     if importlib.util.find_spec("bcc") is not None:
         return Check("BCC", True, "Python bindings importable")
@@ -261,6 +277,8 @@ def run_checks() -> Report:
         ("kernel headers", check_kernel_headers, True),
         ("BTF", check_btf, False),
         ("kprobes", check_kprobes, False),
+        ("off-CPU", check_offcpu_attach, False),
+        ("allocations", check_alloc_cost, False),
         ("BCC", check_bcc, True),
     ):
         checks += _guard(name, probe, fatal)
