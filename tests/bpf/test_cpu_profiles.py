@@ -121,12 +121,13 @@ def test_kernel_frames_are_named(tmp_path: Path) -> None:
 
 def test_pid_filter_limits_profiling_to_those_processes(tmp_path: Path) -> None:
     binary = compile_workload("cpu_split", tmp_path)
-    other = subprocess.Popen([str(binary), "6", "1"])
+    other = subprocess.Popen([str(binary), "600", "1"])  # outlives the run however slow start-up is
     try:
         out, _, _, _ = run_workload_under_agent(
             tmp_path, [str(binary), "2", "1"], agent_args=("--pid", str(other.pid)), tail=0.5
         )
     finally:
+        other.kill()
         other.wait(timeout=30)
     pids = {s.numeric.get("pid") for s in read_all(out)}
     assert pids == {other.pid}, pids
