@@ -8,6 +8,7 @@ is scaled by 1/p and estimated totals stay unbiased whatever p is. Runs on the p
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import Counter
 
@@ -34,15 +35,4 @@ class KeepSampler:
             self.dropped[event.profiler] += 1
             return None
         scale = 1.0 / p
-        return StackEvent(
-            profiler=event.profiler,
-            timestamp_ns=event.timestamp_ns,
-            pid=event.pid,
-            tid=event.tid,
-            cpu=event.cpu,
-            kernel_thread=event.kernel_thread,
-            comm=event.comm,
-            kernel=event.kernel,
-            user=event.user,
-            values=tuple(value * scale for value in event.values),
-        )
+        return dataclasses.replace(event, values=tuple(value * scale for value in event.values))
