@@ -83,7 +83,7 @@ class BpfProbe(ABC):
 
     def write_param(self, index: int, value: int) -> None:
         """Set `params[index]` of the loaded program (see PARAM_* in bpf/common.h)."""
-        self._bpf["params"][ctypes.c_int(index)] = ctypes.c_uint64(value)
+        self._bpf[b"params"][ctypes.c_int(index)] = ctypes.c_uint64(value)
 
     @property
     def defines(self) -> dict[str, int | str]:
@@ -99,7 +99,7 @@ class BpfProbe(ABC):
     def load(self) -> None:
         self._bpf = load_program(self.program, self.defines)
         if self._config.pids:
-            pid_filter = self._bpf["pid_filter"]
+            pid_filter = self._bpf[b"pid_filter"]
             for pid in self._config.pids:
                 pid_filter[ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
 
@@ -133,7 +133,7 @@ class BpfProbe(ABC):
         def on_lost(count: int) -> None:
             self.stats.lost[table] = self.stats.lost.get(table, 0) + count
 
-        self._bpf[table].open_perf_buffer(
+        self._bpf[table.encode()].open_perf_buffer(
             on_record, page_cnt=page_count(pages), lost_cb=on_lost, wakeup_events=wakeup_events
         )
 
