@@ -227,3 +227,33 @@ def test_malloc_storm_loses_nothing_and_keeps_the_event_rate_bounded(tmp_path: P
     assert abs(space(samples, "storm_loop") / truth["storm_bytes"] - 1) <= 0.10, truth
     objects = sum(s.values[0] for s in samples if "storm_loop" in s.functions)
     assert abs(objects / truth["storm_calls"] - 1) <= 0.10, (objects, truth)
+
+
+def test_adaptive_sampler_holds_the_event_budget_and_the_estimate(
+    tmp_path: Path, alloc_sites: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A storm far above a small budget: the sampler raises R until the records fit the budget,
+    and the weighted estimate of the bytes still holds (each record carries the R it was kept under)."""
+    budget = 100
+    monkeypatch.setenv("PROFILING_AGENT_SAMPLING_MAX_EVENTS_PER_S", str(budget))
+    workload = Workload(alloc_sites, "storm", 10)
+    agent = Agent(tmp_path, "--pid", str(workload.pid))
+    try:
+        agent.wait_for_log("profiling started", 60)
+        truth = workload.go()
+        time.sleep(1.0)
+        lost = agent.metric("profiling_agent_probe_events_lost_total", profiler="alloc")
+    finally:
+        agent.proc.terminate()
+        agent.proc.wait(timeout=30)
+    assert agent.proc.returncode == 0, agent.text()
+    steps = [int(after) for after in re.findall(r"alloc: sampling parameter \d+ -> (\d+)", agent.text())]
+    assert steps and steps[0] > R, agent.text()
+    # The sampler raised R until the storm's records fit the budget (with the dead band's slack), then
+    # relaxed it back towards the floor once the storm was over.
+    bytes_per_s = truth["storm_bytes"] / truth["storm_seconds"]
+    assert bytes_per_s / max(steps) <= 1.5 * budget, (bytes_per_s, steps)
+    assert steps[-1] < max(steps)
+    assert lost == 0
+    samples = samples_of(read_all(agent.out, "alloc"), workload.pid)
+    assert abs(space(samples, "storm_loop") / truth["storm_bytes"] - 1) <= 0.10, truth
