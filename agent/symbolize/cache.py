@@ -4,6 +4,8 @@ This module owns `LruCache`, a small least-recently-used map on an `OrderedDict`
 which keys symbol tables by ELF identity: the GNU build id when the file has one, else
 (st_dev, st_ino, st_mtime_ns). A file that could not be parsed is cached as its `ElfReadError`
 (a negative entry) under its (dev, ino, mtime) key, so a bad file is not parsed again every interval.
+A table of exported symbols only (`ElfSymbols.complete` false) gives way to a complete one of the same
+build id: stripped and unstripped copies of one build share the id but not the names.
 
 Processes know their files by (dev, ino, mtime) only; a second, larger LRU maps that identity to the
 table's key, so one binary seen through several identities (the same image in several containers) is
@@ -78,10 +80,17 @@ class ElfTableCache:
     def put(self, identity: FileIdentity, entry: ElfEntry) -> None:
         key: ElfKey = entry.build_id if isinstance(entry, ElfSymbols) and entry.build_id else identity
         self._keys.put(identity, key)
-        if key not in self._tables or isinstance(key, FileIdentity):
+        if key not in self._tables or isinstance(key, FileIdentity) or self._improves(key, entry):
             self._tables.put(key, entry)
         else:
             self._tables.get(key)  # already there under its build id: only refresh its recency
+
+    def _improves(self, key: ElfKey, entry: ElfEntry) -> bool:
+        """A complete table replaces an exports-only one of the same build id (a stripped copy seen first)."""
+        cached = self._tables.get(key)
+        return (
+            isinstance(entry, ElfSymbols) and entry.complete and isinstance(cached, ElfSymbols) and not cached.complete
+        )
 
     def sizes(self) -> dict[str, int]:
         return {"elf_tables": len(self._tables), "elf_identities": len(self._keys)}

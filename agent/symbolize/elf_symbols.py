@@ -1,23 +1,26 @@
 """Symbolize stage: reading one ELF file's function symbols, build id and load segments.
 
 This module owns `ElfSymbols`, the compact, immutable symbol table of one ELF file (FUNC symbols of
-`.symtab` and `.dynsym`, sorted, with sizes), and `ElfReadError`, the single exception every
-unreadable, non-ELF or malformed file turns into. pyelftools parses the headers, sections and notes;
-the symbol entries themselves are decoded with `struct.iter_unpack`: building the whole table that
-way takes about a seventh of the time pyelftools needs just to iterate its per-symbol objects
-(measured on gcc's cc1, 29k symbols: 0.07 s against 0.5 s).
+`.symtab` and `.dynsym`, sorted, with sizes), `DebugHints` (what a binary without `.symtab` says about
+where its full symbols are: `.gnu_debuglink`, `.gnu_debugdata`), `merge_symbols` (a binary's own table
+completed from its debug file), and `ElfReadError`, the single exception every unreadable, non-ELF or
+malformed file turns into. pyelftools parses the headers, sections and notes; the symbol entries
+themselves are decoded with `struct.iter_unpack`: building the whole table that way takes about a
+seventh of the time pyelftools needs just to iterate its per-symbol objects (measured on gcc's cc1,
+29k symbols: 0.07 s against 0.5 s).
 """
 
 from __future__ import annotations
 
 import bisect
 import enum
+import io
 import struct
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import IO, Any, NamedTuple, TypeVar
 
 from elftools.elf.constants import P_FLAGS
 from elftools.elf.elffile import ELFFile
@@ -80,6 +83,9 @@ class ElfSymbols:
     starts: array[int]  # sorted, unique
     ends: array[int]  # exclusive end of each symbol
     names: tuple[str, ...]
+    # False for exported symbols only (.dynsym, no .symtab and no debug file found): another file with
+    # the same build id (the unstripped binary, one carrying MiniDebugInfo) may name more.
+    complete: bool = True
 
     def lookup(self, vaddr: int) -> str:
         """Name of the function covering `vaddr`, or "" when no symbol covers it."""
@@ -108,12 +114,34 @@ def _page_down(value: int, page: int = 4096) -> int:
     return value & ~(page - 1)
 
 
+@dataclass(frozen=True, slots=True)
+class DebugHints:
+    """Where a binary's full symbols may be; read with the table, used once, never cached.
+
+    Only filled in for a binary without `.symtab`: one that has it needs nothing more.
+    """
+
+    has_symtab: bool
+    debuglink: tuple[str, int] | None = None  # .gnu_debuglink: (file name, CRC32 of the debug file)
+    debugdata: bytes = b""  # .gnu_debugdata (MiniDebugInfo): an xz-compressed ELF with a .symtab
+
+
 def read_elf(path: Path, display_path: str = "") -> ElfSymbols:
     """Parse the ELF file at `path`; raise `ElfReadError` for anything that makes it unusable.
 
     `display_path` is the name used in errors (the path as the process saw it).
     """
     return _with_elf(path, display_path or str(path), _symbols_of)
+
+
+def read_elf_with_hints(path: Path, display_path: str = "") -> tuple[ElfSymbols, DebugHints]:
+    """`read_elf` plus what the file says about its separate debug symbols."""
+    return _with_elf(path, display_path or str(path), lambda elf: (_symbols_of(elf), _hints_of(elf)))
+
+
+def read_elf_bytes(data: bytes, display_path: str) -> ElfSymbols:
+    """`read_elf` of an ELF image held in memory (the decompressed MiniDebugInfo)."""
+    return _parse_stream(io.BytesIO(data), display_path, _symbols_of)
 
 
 def read_build_id(path: Path, display_path: str = "") -> str:
@@ -124,26 +152,72 @@ def read_build_id(path: Path, display_path: str = "") -> str:
 def _with_elf(path: Path, name: str, parse: Callable[[Any], _T]) -> _T:
     try:
         with open(path, "rb") as stream:
-            if stream.read(4) != ELF_MAGIC:
-                raise ElfReadError(ElfErrorReason.NOT_ELF, name, "no ELF magic")
-            stream.seek(0)
-            try:
-                return parse(ELFFile(stream))
-            except OSError:
-                raise
-            except Exception as e:
-                # pyelftools signals truncated or crafted files with many unrelated types (ELFError,
-                # struct.error, ValueError, IndexError, construct errors); here they all mean "malformed".
-                raise ElfReadError(ElfErrorReason.MALFORMED, name, f"{type(e).__name__}: {e}") from e
+            return _parse_stream(stream, name, parse)
     except OSError as e:
         raise ElfReadError(ElfErrorReason.UNREADABLE, name, str(e)) from e
+
+
+def _parse_stream(stream: IO[bytes], name: str, parse: Callable[[Any], _T]) -> _T:
+    if stream.read(4) != ELF_MAGIC:
+        raise ElfReadError(ElfErrorReason.NOT_ELF, name, "no ELF magic")
+    stream.seek(0)
+    try:
+        return parse(ELFFile(stream))
+    except OSError:
+        raise
+    except Exception as e:
+        # pyelftools signals truncated or crafted files with many unrelated types (ELFError,
+        # struct.error, ValueError, IndexError, construct errors); here they all mean "malformed".
+        raise ElfReadError(ElfErrorReason.MALFORMED, name, f"{type(e).__name__}: {e}") from e
+
+
+def _hints_of(elf: Any) -> DebugHints:
+    if any(True for _ in elf.iter_sections("SHT_SYMTAB")):
+        return DebugHints(has_symtab=True)
+    debuglink = None
+    section = elf.get_section_by_name(".gnu_debuglink")
+    if section is not None and section["sh_type"] != "SHT_NOBITS":
+        data = section.data()
+        end = data.find(b"\0")
+        crc_at = (end + 4) & ~3  # the name, its NUL, padding to 4 bytes, then the CRC
+        if end > 0 and len(data) >= crc_at + 4:
+            crc = int.from_bytes(data[crc_at : crc_at + 4], "little" if elf.little_endian else "big")
+            debuglink = (data[:end].decode("utf-8", "surrogateescape"), crc)
+    section = elf.get_section_by_name(".gnu_debugdata")
+    debugdata = section.data() if section is not None and section["sh_type"] != "SHT_NOBITS" else b""
+    return DebugHints(False, debuglink, debugdata)
+
+
+def merge_symbols(base: ElfSymbols, debug: ElfSymbols) -> ElfSymbols:
+    """`base` (the mapped binary's own table) completed with `debug` (its debug file's symbols).
+
+    The debug file adds the functions the binary does not name (static and hidden ones). At an address
+    both name, the binary's exported name stays: it is what callers link against, and a function keeps
+    its name whether or not a debug package is installed (a `.symtab` often names it by an internal
+    alias or a versioned `name@@GLIBC_2.2.5`). Version suffixes are dropped from the debug names. The
+    build id, type and segments (the load bias) stay the binary's: a debug file shares its addresses.
+    """
+    entries = {
+        start: (end, _unversioned(name)) for start, end, name in zip(debug.starts, debug.ends, debug.names, strict=True)
+    }
+    entries.update((start, (end, name)) for start, end, name in zip(base.starts, base.ends, base.names, strict=True))
+    starts = sorted(entries)
+    ends = array("Q", (entries[s][0] for s in starts))
+    names = tuple(entries[s][1] for s in starts)
+    return ElfSymbols(base.build_id, base.elf_type, base.segments, array("Q", starts), ends, names, True)
+
+
+def _unversioned(name: str) -> str:
+    at = name.find("@")
+    return name[:at] if at > 0 else name
 
 
 def _symbols_of(elf: Any) -> ElfSymbols:
     build_id = _build_id(elf)
     segments = tuple(_load_segments(elf))
     starts, ends, names = _build_table(_function_symbols(elf))
-    return ElfSymbols(build_id, str(elf.header["e_type"]), segments, starts, ends, names)
+    complete = any(True for _ in elf.iter_sections("SHT_SYMTAB"))
+    return ElfSymbols(build_id, str(elf.header["e_type"]), segments, starts, ends, names, complete)
 
 
 def _build_id(elf: Any) -> str:

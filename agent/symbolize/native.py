@@ -2,9 +2,13 @@
 
 This module owns `NativeResolver`: given a process snapshot and runtime addresses it finds each
 address's mapping, loads (or takes from the cache) the mapped file's symbol table, applies the load
-bias and names the function. Per-`symbolize`-call memos keep the per-frame work to a dictionary
-lookup: each mapping of a snapshot is prepared once per call, each (file, virtual address) is named
-once per call, and each (pid, address) becomes one shared `Frame`.
+bias and names the function. A binary without `.symtab` is completed from its debug files
+(`agent.symbolize.debuginfo`), and an address in JIT code (an executable mapping with no file, or no
+mapping at all) is named from the process's perf map (`agent.symbolize.perf_map`).
+
+Per-`symbolize`-call memos keep the per-frame work to a dictionary lookup: each mapping of a snapshot
+is prepared once per call, each (file, virtual address) is named once per call, and each
+(pid, address) becomes one shared `Frame`.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.symbolize.cache import ElfTableCache
-from agent.symbolize.elf_symbols import ElfErrorReason, ElfReadError, ElfSymbols, read_build_id, read_elf
+from agent.symbolize.debuginfo import DEFAULT_DEBUG_ROOTS, DebugInfoFinder
+from agent.symbolize.elf_symbols import ElfErrorReason, ElfReadError, ElfSymbols, read_build_id, read_elf_with_hints
+from agent.symbolize.perf_map import JIT_KINDS, PerfMapStore
 from agent.symbolize.proc_maps import (
     FileIdentity,
     MapEntry,
@@ -45,6 +51,7 @@ class _Prepared:
     table: ElfSymbols | None
     bias: int
     identity: FileIdentity | None
+    jit: bool = False  # no file behind the code: named from the perf map
 
 
 @dataclass(slots=True)
@@ -57,10 +64,19 @@ class _SnapshotMemo:
 
 
 class NativeResolver:
-    def __init__(self, proc_root: Path, elf_cache_size: int, stats: SymbolizerStats) -> None:
+    def __init__(
+        self,
+        proc_root: Path,
+        elf_cache_size: int,
+        stats: SymbolizerStats,
+        debug_roots: Sequence[Path] = DEFAULT_DEBUG_ROOTS,
+        perf_maps: PerfMapStore | None = None,
+    ) -> None:
         self._proc_root = proc_root
         self._stats = stats
         self.cache = ElfTableCache(elf_cache_size)
+        self.perf_maps = perf_maps if perf_maps is not None else PerfMapStore(proc_root, stats)
+        self._debug = DebugInfoFinder(proc_root, debug_roots, stats)
         self._memos: dict[int, _SnapshotMemo] = {}
         self._names: dict[tuple[FileIdentity, int], str] = {}
         self._unreachable: set[FileIdentity] = set()
@@ -70,6 +86,7 @@ class NativeResolver:
         self._memos.clear()
         self._names.clear()
         self._unreachable.clear()
+        self.perf_maps.begin_call()
 
     def frames(self, maps: ProcessMaps, addresses: Sequence[int]) -> list[Frame]:
         """Frames for `addresses` (already adjusted for callers) of the process `maps` describes."""
@@ -89,11 +106,15 @@ class NativeResolver:
     def _frame(self, memo: _SnapshotMemo, address: int) -> Frame:
         index = memo.maps.index_of(address)
         if index < 0:
-            return Frame(FrameKind.NATIVE, address, "", None)
+            # Still outside every mapping after the snapshot's refresh: JIT code of a process gone or
+            # unmapped since, which only a perf map can name.
+            return Frame(FrameKind.NATIVE, address, self.perf_maps.lookup(memo.maps.pid, address), None)
         prepared = memo.prepared[index]
         if prepared is None:
             prepared = self._prepare(memo.maps.pid, memo.maps.mappings[index])
             memo.prepared[index] = prepared
+        if prepared.jit:
+            return Frame(FrameKind.NATIVE, address, self.perf_maps.lookup(memo.maps.pid, address), prepared.mapping)
         if prepared.table is None or prepared.identity is None:
             return Frame(FrameKind.NATIVE, address, "", prepared.mapping)
         vaddr = address - prepared.bias
@@ -109,7 +130,7 @@ class NativeResolver:
         build_id = table.build_id if table is not None else ""
         mapping = MappingInfo(printable(entry.path), entry.start, entry.end, entry.offset, build_id)
         if table is None:
-            return _Prepared(mapping, None, 0, None)
+            return _Prepared(mapping, None, 0, None, jit=entry.kind in JIT_KINDS)
         segment = table.segment_for_offset(entry.offset)
         if segment is None:
             self._stats.errors[ErrorReason.ELF_NO_SEGMENT] += 1
@@ -137,10 +158,12 @@ class NativeResolver:
             logger.debug("%s of pid %d is no longer reachable with the identity it was mapped with", entry.path, pid)
             return None
         try:
-            # The build id is cheap to read; a binary already parsed under another identity is reused.
+            # The build id is cheap to read; a binary already parsed under another identity is reused,
+            # unless that copy was stripped and this one may name more (its own .symtab, MiniDebugInfo).
             table = self.cache.get_by_build_id(read_build_id(path, entry.path))
-            if table is None:
-                table = read_elf(path, entry.path)
+            if table is None or not table.complete:
+                table, hints = read_elf_with_hints(path, entry.path)
+                table = self._debug.complete(pid, entry.path, table, hints)
                 self._stats.elf_tables_loaded += 1
         except ElfReadError as e:
             self._stats.errors[_ELF_REASONS[e.reason]] += 1

@@ -7,6 +7,13 @@ intervals so memory stays bounded on a busy host. Each snapshot also keeps the p
 (container, pod, systemd unit) read through `agent.metadata.process.ProcessMetadata` at the same
 moment, while the process is alive.
 
+`forget` (exec) retires a snapshot rather than dropping it: until the next capture of the pid succeeds,
+and for at most two ended intervals, it stands in for the process. A process whose capture fails (it
+has gone) or finds it exiting (no mappings and no exe: its memory is already torn down) gets its
+retired, or current, snapshot back, so the samples it left in the interval are still symbolized. This
+matters because a multi-threaded process is announced again when its main thread exits before the
+others, and that announcement forgets the snapshot like an exec does.
+
 `observe` runs on the event thread and `symbolize` on the report thread. The lock only guards the
 dictionary and the counters; /proc (maps and cgroup alike) is read outside it, so neither thread waits
 on the other's I/O.
@@ -35,6 +42,16 @@ class _Tracked:
     last_seen: int  # the registry generation (count of ended intervals) when the pid was last seen
 
 
+# A retired snapshot is kept through two ended intervals: the one being symbolized when it was retired,
+# and the one holding the samples taken before the exec.
+_RETIRED_INTERVALS = 2
+
+
+def _exiting(maps: ProcessMaps) -> bool:
+    """No executable mapping and no exe: a process whose memory is gone (exiting, or a zombie)."""
+    return not maps.mappings and not maps.exe_path
+
+
 class ProcessRegistry:
     def __init__(
         self,
@@ -51,39 +68,62 @@ class ProcessRegistry:
         self._stats = stats
         self._lock = threading.Lock()
         self._tracked: dict[int, _Tracked] = {}
+        self._retired: dict[int, tuple[_Tracked, int]] = {}  # forgotten snapshots, with the generation then
         self._generation = 0
 
     def observe(self, pid: int) -> ProcessMaps | None:
-        """The pid's snapshot, captured now if there is none; None when it cannot be captured."""
+        """The pid's snapshot, captured now if there is none (a retired one if it cannot); None if neither."""
         with self._lock:
             tracked = self._tracked.get(pid)
             if tracked is not None:
                 tracked.last_seen = self._generation
                 return tracked.maps
-        return self.capture(pid)
+        captured = self.capture(pid)
+        return captured if captured is not None else self.get(pid)
 
     def capture(self, pid: int) -> ProcessMaps | None:
-        """Take a fresh snapshot, replacing any older one; on failure keep the older one and return None."""
+        """Take a fresh snapshot, replacing any older one; on failure keep (or bring back) the older one
+        and return None."""
         if pid <= 0:
             return None  # pid 0 is the idle task: no /proc entry, no user space
         try:
             maps = read_process_maps(self._proc_root, pid)
         except (FileNotFoundError, ProcessLookupError):
-            with self._lock:
-                self._stats.processes_vanished += 1
-            logger.debug("pid %d vanished before its mappings could be read", pid)
+            self._vanished(pid)
             return None
         except OSError as e:
             with self._lock:
                 self._stats.errors[ErrorReason.PROC_UNREADABLE] += 1
+                self._restore(pid)
             logger.debug("cannot read mappings of pid %d: %s", pid, e)
+            return None
+        if _exiting(maps) and self._has_mappings(pid):
+            self._vanished(pid)  # an exiting process's empty maps never replace what it had mapped
             return None
         # Best effort and never raises: a process gone by now keeps its snapshot with empty labels.
         labels = self._metadata.read(pid)
         with self._lock:
             self._tracked[pid] = _Tracked(maps, labels, self._generation)
+            self._retired.pop(pid, None)
             self._stats.processes_captured += 1
         return maps
+
+    def _vanished(self, pid: int) -> None:
+        with self._lock:
+            self._stats.processes_vanished += 1
+            self._restore(pid)
+        logger.debug("pid %d vanished before its mappings could be read", pid)
+
+    def _restore(self, pid: int) -> None:
+        """Bring back the pid's retired snapshot when it has no current one (the lock is held)."""
+        retired = self._retired.pop(pid, None)
+        if retired is not None and pid not in self._tracked:
+            self._tracked[pid] = retired[0]
+
+    def _has_mappings(self, pid: int) -> bool:
+        with self._lock:
+            tracked = self._tracked.get(pid) or self._retired.get(pid, (None, 0))[0]
+            return tracked is not None and bool(tracked.maps.mappings)
 
     def get(self, pid: int) -> ProcessMaps | None:
         with self._lock:
@@ -99,9 +139,17 @@ class ProcessRegistry:
         maps, labels = tracked.maps, tracked.labels
         return ProcessInfo(pid, maps.comm, maps.exe_path, labels.container_id, labels.pod_uid, labels.systemd_unit)
 
-    def forget(self, pid: int) -> None:
+    def pids(self) -> frozenset[int]:
+        """The pids that have a snapshot, current or retired."""
         with self._lock:
-            self._tracked.pop(pid, None)
+            return frozenset(self._tracked) | frozenset(self._retired)
+
+    def forget(self, pid: int) -> None:
+        """Retire the pid's snapshot: the next `observe` captures afresh (see the module docstring)."""
+        with self._lock:
+            tracked = self._tracked.pop(pid, None)
+            if tracked is not None:
+                self._retired[pid] = (tracked, self._generation)
 
     def end_interval(self, seen_pids: Iterable[int]) -> None:
         """Mark `seen_pids` as seen in the interval that just ended, then expire the long-unseen ones."""
@@ -115,6 +163,8 @@ class ProcessRegistry:
             for pid in expired:
                 del self._tracked[pid]
             self._stats.processes_expired += len(expired)
+            for pid in [pid for pid, (_, gen) in self._retired.items() if self._generation - gen >= _RETIRED_INTERVALS]:
+                del self._retired[pid]
 
     def __len__(self) -> int:
         with self._lock:

@@ -2,8 +2,8 @@
 
 This module owns `SymbolizerStats` and the `ErrorReason` labels. Counters only ever grow; the
 metrics collector reads them at scrape time. Counters touched by `observe_process` (the event thread)
-are updated under the process registry's lock; the rest are only written by the thread calling
-`symbolize`.
+are updated under the lock of the part that owns them (the process registry's, the perf-map store's);
+the rest are only written by the thread calling `symbolize`.
 """
 
 from __future__ import annotations
@@ -26,6 +26,13 @@ class ErrorReason(enum.StrEnum):
     # The mapping's file offset lies in no PT_LOAD segment, so no load bias can be derived.
     ELF_NO_SEGMENT = "elf_no_segment"
     PROC_UNREADABLE = "proc_unreadable"  # /proc/PID/maps exists but could not be read (permissions, I/O)
+    # A file at a debug-file location whose build id or CRC32 is not the binary's: another build's file.
+    DEBUG_FILE_MISMATCH = "debug_file_mismatch"
+    DEBUG_FILE_UNUSABLE = "debug_file_unusable"  # a matching location, but unreadable or malformed
+    MINIDEBUGINFO_UNUSABLE = "minidebuginfo_unusable"  # .gnu_debugdata that is not xz or holds no valid ELF
+    PERF_MAP_UNREADABLE = "perf_map_unreadable"  # /tmp/perf-PID.map exists but could not be read
+    PERF_MAP_MALFORMED = "perf_map_malformed"  # counted per line that is not `START SIZE name`
+    PERF_MAP_FULL = "perf_map_full"  # a read whose entries did not all fit in the perf-map budget
     KALLSYMS_UNREADABLE = "kallsyms_unreadable"
     KALLSYMS_RESTRICTED = "kallsyms_restricted"  # all addresses are zero: kernel.kptr_restrict hides them
 
@@ -42,4 +49,9 @@ class SymbolizerStats:
     processes_refreshed: int = 0  # snapshots retaken because an address fell outside every mapping
     processes_expired: int = 0  # snapshots dropped after `process_ttl_intervals` intervals unseen
     kallsyms_loads: int = 0
+    perf_map_hits: int = 0  # JIT addresses (per distinct address and call) named from a perf map
+    perf_map_misses: int = 0  # JIT addresses no perf map entry covers (or the process has none)
+    perf_map_reads: int = 0  # reads of a perf map that found new bytes (initial or appended)
+    perf_map_entries_dropped: int = 0  # entries left out because the perf-map budget was full
+    symbol_sources: Counter[str] = field(default_factory=Counter)  # ELF tables loaded, by `SymbolSource`
     errors: Counter[str] = field(default_factory=Counter)  # by `ErrorReason`

@@ -2,26 +2,29 @@
 
 This module owns `Symbolizer`, the object the daemon keeps for the agent's lifetime. It ties together
 the process registry (snapshots and process labels taken as soon as a pid is seen), the kernel symbol
-table, the native resolver with its ELF cache, and the marker frames, and converts monotonic timestamps
+table, the native resolver with its ELF cache and debug-file lookup, the perf maps of JIT runtimes, and
+the marker frames, and converts monotonic timestamps
 to Unix time. Each `Profile.processes` entry carries the labels (container, pod, systemd unit) the
 metadata stage read when the process was captured.
 
 Threads: `observe_process` and `on_exec` are called from the event thread, `symbolize` from the report
-thread; only the process registry is shared and it carries its own lock.
+thread; only the process registry and the perf-map store are shared, and each carries its own lock.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
 from agent.aggregate.types import AggregatedSample, IntervalProfile, Stack, StackStatus
 from agent.metadata.process import ProcessMetadata
+from agent.symbolize.debuginfo import DEFAULT_DEBUG_ROOTS
 from agent.symbolize.kallsyms import KallsymsCache
 from agent.symbolize.markers import NO_STACK, pprof_addresses, status_marker
 from agent.symbolize.native import NativeResolver
+from agent.symbolize.perf_map import DEFAULT_MAX_ENTRIES, PerfMapStore
 from agent.symbolize.proc_maps import ProcessMaps
 from agent.symbolize.processes import ProcessRegistry
 from agent.symbolize.stats import SymbolizerStats
@@ -62,27 +65,41 @@ class Symbolizer:
         elf_cache_size: int = 128,
         process_ttl_intervals: int = 6,
         metadata: ProcessMetadata | None = None,
+        debug_roots: Sequence[Path] = DEFAULT_DEBUG_ROOTS,
+        perf_map_max_entries: int = DEFAULT_MAX_ENTRIES,
     ) -> None:
         """`metadata` reads the process labels (default: a private `ProcessMetadata(proc_root)`); pass the
-        daemon's shared one so the process filters and the labels read each /proc/PID/cgroup once."""
+        daemon's shared one so the process filters and the labels read each /proc/PID/cgroup once.
+
+        `debug_roots` are where separate debug files live (`.build-id/` and debug-link trees), each looked
+        up through the process's root first; `perf_map_max_entries` bounds all perf maps together.
+        """
         self.stats = SymbolizerStats()
         self._metadata = metadata if metadata is not None else ProcessMetadata(proc_root)
         self._processes = ProcessRegistry(proc_root, process_ttl_intervals, self.stats, self._metadata)
         self._kallsyms = KallsymsCache(proc_root / "kallsyms", self.stats)
-        self._native = NativeResolver(proc_root, elf_cache_size, self.stats)
+        self._perf_maps = PerfMapStore(proc_root, self.stats, perf_map_max_entries)
+        self._native = NativeResolver(proc_root, elf_cache_size, self.stats, debug_roots, self._perf_maps)
 
     def observe_process(self, pid: int) -> None:
-        """Capture `pid`'s mappings, comm, exe and labels now unless already captured; failures are counted."""
-        self._processes.observe(pid)
+        """Capture `pid`'s mappings, comm, exe and labels now unless already captured, and catch up with its
+        perf map if it has one (see `agent.symbolize.perf_map`); failures are counted."""
+        if self._processes.observe(pid) is not None:
+            self._perf_maps.observe(pid)
 
     def on_exec(self, pid: int) -> None:
-        """Forget `pid`'s snapshot: exec replaced its image, the next observation recaptures it."""
+        """Forget `pid`'s snapshot: exec replaced its image, the next observation recaptures it.
+
+        The perf map stays: a new image that writes one truncates or replaces the file, which is then
+        read afresh, and the old image's samples may still need it (see `ProcessRegistry.forget`).
+        """
         self._processes.forget(pid)
 
     def cache_sizes(self) -> dict[str, int]:
         """Current entry counts of the caches, for the metrics stage."""
         return {
             **self._native.cache.sizes(),
+            **self._perf_maps.sizes(),
             "processes": len(self._processes),
             "process_labels": len(self._metadata),
             "kernel_symbols": self._kallsyms.size(),
@@ -101,6 +118,7 @@ class Symbolizer:
         pids = sorted({s.pid for s in samples})
         processes = self._process_infos(pids, interval.samples)
         self._processes.end_interval(pids)
+        self._perf_maps.retain(self._processes.pids())
         return Profile(
             spec=interval.spec,
             start_unix_ns=interval.start_mono_ns + offset,
