@@ -165,10 +165,16 @@ class AgentCollector(Collector):
         processes = _counter("symbolize_processes", "Process snapshots, by event.", ("event",))
         for event in ("captured", "vanished", "refreshed", "expired"):
             processes.add_metric([event], getattr(stats, f"processes_{event}"))
+        jit = _counter("symbolize_jit_addresses", "JIT addresses looked up in perf maps, by result.", ("result",))
+        jit.add_metric(["named"], stats.perf_map_hits)
+        jit.add_metric(["unnamed"], stats.perf_map_misses)
+        sources = _counter("symbolize_symbol_tables", "ELF symbol tables loaded, by source.", ("source",))
+        for source, count in sorted(stats.symbol_sources.items()):
+            sources.add_metric([source], count)
         sizes = _gauge("symbolize_cache_entries", "Entries in the symbolizer's caches.", ("cache",))
         for cache, size in sorted(self._source.symbolizer.cache_sizes().items()):
             sizes.add_metric([cache], size)
-        yield from (hits, misses, errors, frames, processes, sizes)
+        yield from (hits, misses, errors, frames, processes, jit, sources, sizes)
 
     def _export(self) -> Iterator[Metric]:
         reporter = self._source.reporter
