@@ -82,13 +82,15 @@ class AdaptiveSampler:
         elapsed = now - self._last_time
         if elapsed <= 0:
             return
-        scale = self.governor.update(cpu - self._last_cpu, elapsed)
-        self._last_time, self._last_cpu = now, cpu
+        events = {}
         for probe in self._probes:
             received = probe.stats.received
-            events = received - self._last_received[probe.name]
+            events[probe.name] = received - self._last_received[probe.name]
             self._last_received[probe.name] = received
-            self._steer(probe, events, elapsed, scale)
+        scale = self.governor.update(cpu - self._last_cpu, elapsed, sum(events.values()) / elapsed)
+        self._last_time, self._last_cpu = now, cpu
+        for probe in self._probes:
+            self._steer(probe, events[probe.name], elapsed, scale)
 
     def _steer(self, probe: AdaptiveProbe, events: int, elapsed: float, scale: float) -> None:
         controller = self.controllers[probe.name]

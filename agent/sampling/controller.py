@@ -16,7 +16,11 @@ from dataclasses import dataclass
 MAX_STEP = 4.0  # one window changes the parameter by at most this factor
 DEAD_BAND = 0.15  # rates within +-15% of the target leave the parameter alone
 CPU_RELAX = 1.25  # how fast the CPU scale recovers once the agent is back under its CPU budget
-MIN_CPU_SCALE = 0.01
+MIN_CPU_SCALE = 0.05
+# Below this many adaptive events per second the agent's CPU is its fixed cost (timers, the CPU
+# profiler, symbolization), which no sampling parameter can lower: squeezing budgets would only
+# throw data away.
+MIN_EVENTS_FOR_CPU_SCALING = 100.0
 
 
 @dataclass(slots=True)
@@ -53,11 +57,12 @@ class CpuGovernor:
     budget_fraction: float  # of one core, e.g. 0.01
     scale: float = 1.0
 
-    def update(self, cpu_seconds: float, elapsed_s: float) -> float:
+    def update(self, cpu_seconds: float, elapsed_s: float, events_per_s: float = float("inf")) -> float:
+        """`events_per_s`: what the adaptive streams delivered; only they can be scaled down."""
         if elapsed_s <= 0:
             return self.scale
         usage = cpu_seconds / elapsed_s
-        if usage > self.budget_fraction:
+        if usage > self.budget_fraction and events_per_s >= MIN_EVENTS_FOR_CPU_SCALING:
             self.scale = max(MIN_CPU_SCALE, self.scale * self.budget_fraction / usage)
         else:
             self.scale = min(1.0, self.scale * CPU_RELAX)

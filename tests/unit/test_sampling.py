@@ -162,3 +162,13 @@ def test_adaptive_sampler_lowers_budgets_when_the_agent_uses_too_much_cpu() -> N
     assert sampler.governor.scale == pytest.approx(0.25)
     assert probe.settings[-1] == 4 * 512 * 1024
     assert sampler.parameters()[("agent", "cpu_scale")] == pytest.approx(0.25)
+
+
+def test_cpu_governor_leaves_budgets_alone_when_adaptive_streams_are_quiet() -> None:
+    governor = CpuGovernor(0.01)
+    # 3% of a core, but the adaptive streams delivered 20 events/s: the cost is fixed, not theirs.
+    assert governor.update(0.03, 1.0, events_per_s=20) == 1.0
+    assert governor.update(0.03, 1.0, events_per_s=5000) == pytest.approx(1 / 3)
+    for _ in range(5):
+        governor.update(10.0, 1.0, events_per_s=5000)
+    assert governor.scale == pytest.approx(0.05)  # never below the floor
