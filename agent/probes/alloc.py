@@ -31,9 +31,9 @@ from agent.aggregate.types import ProfileSpec, ValueType
 from agent.config import AllocConfig, ProfilingConfig
 from agent.errors import BpfAttachError
 from agent.probes.bpf_probe import BpfProbe, Emit
-from agent.probes.events import MalformedRecord, ProcessEvent, ProcessEventKind, decode_stack_event
+from agent.probes.events import MalformedRecord, ProcessEvent, ProcessEventKind, RecordHeader, decode_stack_event
 from agent.probes.libc_tracker import ALL_PROCESSES, LibcTracker, Source, Target
-from agent.probes.records import PARAM_SAMPLING, StackEventRecord
+from agent.probes.records import PARAM_SAMPLING
 from agent.settings import SETTINGS_BY_KEY
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def alloc_weight(size: int, mean: int) -> float:
     return 1.0 / -math.expm1(-size / mean)
 
 
-def alloc_values(record: StackEventRecord) -> tuple[float, float]:
+def alloc_values(record: RecordHeader) -> tuple[float, float]:
     """(alloc_objects, alloc_space) estimated from one record."""
     size, mean = record.value, record.sampling
     if size == 0 or mean == 0:

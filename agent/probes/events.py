@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from agent.aggregate.types import Stack
 from agent.probes.records import (
@@ -22,7 +23,6 @@ from agent.probes.records import (
     SAMPLE_FLAG_KERNEL_THREAD,
     STACK_EVENT_HEADER_SIZE,
     ProcEventRecord,
-    StackEventRecord,
 )
 from agent.probes.stacks import StackDecoder
 
@@ -38,9 +38,11 @@ class ProcessEventKind(enum.IntEnum):
     EXEC = PROC_EVENT_EXEC
 
 
-@dataclass(frozen=True, slots=True)
-class StackEvent:
-    """One sampled event of any profiler: who, where (both stacks), when, and what it is worth."""
+class StackEvent(NamedTuple):
+    """One sampled event of any profiler: who, where (both stacks), when, and what it is worth.
+
+    A NamedTuple: one is built per record on the reader's hot path, and tuples are several times
+    cheaper to make than frozen dataclasses."""
 
     profiler: str
     timestamp_ns: int
@@ -53,6 +55,26 @@ class StackEvent:
     user: Stack
     # Aligned with the profiler's ProfileSpec.sample_types; weighted estimates may be fractional.
     values: tuple[float, ...]
+
+
+class RecordHeader(NamedTuple):
+    """The fixed part of a `struct stack_event`, unpacked in one call (what `values_of` reads)."""
+
+    timestamp_ns: int
+    value: int
+    sampling: int
+    pid: int
+    tid: int
+    cpu: int
+    flags: int
+    kernel_stack_len: int
+    user_stack_len: int
+    comm: bytes
+
+
+# Field for field the layout of StackEventRecord up to `ips` (the layout test checks the mirror).
+_HEADER = struct.Struct("<QQQIIIIii16s")
+assert _HEADER.size == STACK_EVENT_HEADER_SIZE
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,31 +101,34 @@ def _view(data: int, size: int, record_type: type[R], minimum: int | None = None
     return ctypes.cast(data, ctypes.POINTER(record_type)).contents
 
 
-ValuesOf = Callable[[StackEventRecord], tuple[float, ...]]
+ValuesOf = Callable[[RecordHeader], tuple[float, ...]]
 
 
 def decode_stack_event(data: int, size: int, stacks: StackDecoder, profiler: str, values_of: ValuesOf) -> StackEvent:
     """One profiler's record; `values_of` reads what the event is worth from the record's fixed part."""
-    record = _view(data, size, StackEventRecord, STACK_EVENT_HEADER_SIZE)
-    kernel_len, user_len = record.kernel_stack_len, record.user_stack_len
+    if size < STACK_EVENT_HEADER_SIZE:
+        raise MalformedRecord(f"StackEventRecord: {size} bytes, expected at least {STACK_EVENT_HEADER_SIZE}")
+    raw = ctypes.string_at(data, size)  # one copy out of the ring buffer; everything below reads it
+    header = RecordHeader._make(_HEADER.unpack_from(raw))
+    kernel_len, user_len = header.kernel_stack_len, header.user_stack_len
     if kernel_len > MAX_STACK_DEPTH or user_len > MAX_STACK_DEPTH:
         raise MalformedRecord(f"stack_event: stack lengths {kernel_len}/{user_len} exceed {MAX_STACK_DEPTH}")
-    kernel_bytes, user_bytes = max(kernel_len, 0) * 8, max(user_len, 0) * 8
-    if size < STACK_EVENT_HEADER_SIZE + kernel_bytes + user_bytes:
+    kernel_end = STACK_EVENT_HEADER_SIZE + max(kernel_len, 0) * 8
+    user_end = kernel_end + max(user_len, 0) * 8
+    if size < user_end:
         raise MalformedRecord(f"stack_event: {size} bytes cannot hold {kernel_len}+{user_len} frames")
-    raw = ctypes.string_at(data + STACK_EVENT_HEADER_SIZE, kernel_bytes + user_bytes)
-    kernel_thread = bool(record.flags & SAMPLE_FLAG_KERNEL_THREAD)
+    kernel_thread = bool(header.flags & SAMPLE_FLAG_KERNEL_THREAD)
     return StackEvent(
-        profiler=profiler,
-        timestamp_ns=record.timestamp_ns,
-        pid=record.pid,
-        tid=record.tid,
-        cpu=record.cpu,
-        kernel_thread=kernel_thread,
-        comm=bytes(record.comm).split(b"\0", 1)[0].decode("utf-8", "replace"),
-        kernel=stacks.decode(kernel_len, raw[:kernel_bytes], kernel=True),
-        user=stacks.decode(user_len, raw[kernel_bytes:], kernel=False, kernel_thread=kernel_thread),
-        values=values_of(record),
+        profiler,
+        header.timestamp_ns,
+        header.pid,
+        header.tid,
+        header.cpu,
+        kernel_thread,
+        header.comm.split(b"\0", 1)[0].decode("utf-8", "replace"),
+        stacks.decode(kernel_len, raw[STACK_EVENT_HEADER_SIZE:kernel_end], kernel=True),
+        stacks.decode(user_len, raw[kernel_end:user_end], kernel=False, kernel_thread=kernel_thread),
+        values_of(header),
     )
 
 

@@ -23,8 +23,8 @@ from agent.aggregate.types import ProfileSpec, ValueType
 from agent.config import OffCpuConfig, ProfilingConfig
 from agent.errors import BpfAttachError
 from agent.probes.bpf_probe import BpfProbe, Emit
-from agent.probes.events import decode_stack_event
-from agent.probes.records import PARAM_MIN_BLOCK_NS, PARAM_SAMPLING, StackEventRecord
+from agent.probes.events import RecordHeader, decode_stack_event
+from agent.probes.records import PARAM_MIN_BLOCK_NS, PARAM_SAMPLING
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def offcpu_profile_spec() -> ProfileSpec:
     )
 
 
-def offcpu_values(record: StackEventRecord) -> tuple[float, float]:
+def offcpu_values(record: RecordHeader) -> tuple[float, float]:
     """A block kept with probability 1/N stands for N blocks and N times its blocked time."""
     weight = max(record.sampling, 1)
     return float(weight), float(weight * record.value)

@@ -8,7 +8,6 @@ is scaled by 1/p and estimated totals stay unbiased whatever p is. Runs on the p
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from collections import Counter
 
@@ -35,4 +34,4 @@ class KeepSampler:
             self.dropped[event.profiler] += 1
             return None
         scale = 1.0 / p
-        return dataclasses.replace(event, values=tuple(value * scale for value in event.values))
+        return event._replace(values=tuple(value * scale for value in event.values))

@@ -15,6 +15,7 @@ import pytest
 from agent.aggregate.types import EMPTY_STACK, Stack, StackStatus
 from agent.probes.events import (
     MalformedRecord,
+    RecordHeader,
     ProcessEvent,
     ProcessEventKind,
     StackEvent,
@@ -82,7 +83,7 @@ class RecordingValues:
     def __init__(self) -> None:
         self.seen: list[tuple[type, int, int]] = []
 
-    def __call__(self, record: StackEventRecord) -> tuple[int, ...]:
+    def __call__(self, record: RecordHeader) -> tuple[int, ...]:
         self.seen.append((type(record), record.pid, record.value))
         return (1, record.value)
 
@@ -124,7 +125,7 @@ def test_decode_stack_event_copies_every_field() -> None:
         user=Stack(StackStatus.OK, USER),
         values=(1, 52_631_579),
     )
-    assert values_of.seen == [(StackEventRecord, 4242, 52_631_579)]  # called once, with the record
+    assert values_of.seen == [(RecordHeader, 4242, 52_631_579)]  # called once, with the record's header
 
 
 def test_profiler_name_is_passed_through() -> None:
