@@ -47,3 +47,10 @@ otelcol:
 .PHONY: install-service
 install-service:
 	@$(AS_ROOT); deploy/host/install-service.sh
+
+# Benchmarks (as root): builds bench/workloads, runs every scenario beside BCC's tools, and writes
+# docs/benchmarks.md and docs/benchmarks.json. BENCH_ARGS passes options, e.g. BENCH_ARGS="--reps 1".
+BENCH_ARGS ?=
+.PHONY: bench
+bench: setup
+	@$(AS_ROOT); $(PY) -m bench --command "$(strip make bench $(BENCH_ARGS))" $(BENCH_ARGS)

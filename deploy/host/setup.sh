@@ -10,7 +10,7 @@ cd "$(dirname "$0")/../.."
 say() { printf 'setup: %s\n' "$*"; }
 
 arch=$(dpkg --print-architecture)
-packages=(python3-bpfcc python3-venv python3-pip "linux-headers-$arch" binutils gcc make systemd)
+packages=(python3-bpfcc python3-venv python3-pip "linux-headers-$arch" binutils gcc make systemd bpfcc-tools time)
 missing=()
 for p in "${packages[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

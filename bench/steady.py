@@ -1,0 +1,270 @@
+"""Scenario 1, steady-state cost: the agent's CPU and memory with every CPU busy, beside BCC's `profile`.
+
+A C busy loop (`bench/workloads/busy.c`, no allocation) keeps every CPU busy. For each frequency
+`profile-bpfcc -F <hz>` starts, then, once it is attached, the agent (every registered profiler,
+exporting OTLP to `bench.receiver` on 127.0.0.1); from the agent's READY a settle period passes (its first
+interval, reported with cold caches, is shown on its own), then the CPU
+seconds each used (utime + stime of all its threads, /proc/PID/stat) are read over the window and
+divided by its length, and RSS is sampled every 0.5 s (psutil). Both run under `/usr/bin/time -v`.
+Kernel-side cost (BPF programs run in the interrupted task's context) is not in these figures: it shows
+up as target slowdown (scenario 3).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from typing import Any
+
+from bench.agent import AgentRun, free_port, metric_sum, start_agent
+from bench.build import BCC_PROFILE, REPO
+from bench.context import Context
+from bench.procs import (
+    MemorySampler,
+    Timed,
+    cpu_seconds,
+    perf_event_fds,
+    python_thread_names,
+    status_kib,
+    thread_cpu_seconds,
+    wait_until,
+)
+from bench.results import Check, ScenarioResult, Spread, Table
+
+FREQUENCIES = (19, 99)
+SETTLE_S = 15.0  # the first interval (10 s +-20%) is reported with cold caches: kept out of the window
+WINDOW_S = 30.0
+TARGET_CPU = {19: 0.5, 99: 1.0}  # percent of one core
+TARGET_RSS_MB = 150.0
+MB = 1e6
+
+
+def start_receiver(ctx: Context) -> tuple[subprocess.Popen[str], str]:
+    port = free_port()
+    receiver = subprocess.Popen(
+        [sys.executable, "-m", "bench.receiver", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=open(ctx.directory("steady") / "receiver.log", "w"),  # noqa: SIM115 - lives with the process
+        text=True,
+    )
+    assert receiver.stdout is not None
+    if receiver.stdout.readline().strip() != "listening":
+        raise RuntimeError("the OTLP receiver did not start")
+    return receiver, f"127.0.0.1:{port}"
+
+
+def stop_receiver(receiver: subprocess.Popen[str]) -> dict[str, Any]:
+    receiver.terminate()
+    out, _ = receiver.communicate(timeout=30)
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1]) if lines else {}
+
+
+def start_bcc_profile(ctx: Context, hz: int, rep: int) -> Timed:
+    directory = ctx.directory("steady", f"{hz}hz-{rep}")
+    with open(directory / "profile-bpfcc.out", "w") as out:
+        return Timed(
+            [BCC_PROFILE, "-F", str(hz)],
+            directory / "profile-bpfcc.time",
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONUNBUFFERED": "1"},
+        )
+
+
+PY_SPY = REPO / ".venv" / "bin" / "py-spy"
+
+
+def thread_breakdown(pid: int, before: dict[int, float], seconds: float) -> dict[str, float]:
+    """% of one core per agent thread over the window (names from py-spy when it is installed)."""
+    after = thread_cpu_seconds(pid)
+    names = python_thread_names(pid, PY_SPY)
+    percent: dict[str, float] = {}
+    for tid, used in after.items():
+        name = names.get(tid, f"thread {tid}")
+        percent[name] = percent.get(name, 0.0) + 100 * (used - before.get(tid, 0.0)) / seconds
+    return percent
+
+
+def measure_window(pids: dict[str, int]) -> dict[str, dict[str, Any]]:
+    """CPU % of one core and RSS of each process over WINDOW_S seconds, and the agent's CPU by thread."""
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    threads_before = thread_cpu_seconds(pids["agent"])
+    start = time.monotonic()
+    with MemorySampler(pids) as sampler:
+        time.sleep(WINDOW_S)
+    seconds = time.monotonic() - start
+    after = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    threads = thread_breakdown(pids["agent"], threads_before, seconds)
+    return {"agent_threads": threads} | {
+        name: {
+            "cpu_s": after[name] - before[name],
+            "window_s": seconds,
+            "cpu_percent": 100 * (after[name] - before[name]) / seconds,
+            "rss_max_mb": sampler.tracks[name].max_bytes / MB,
+            "rss_last_mb": (sampler.tracks[name].samples or [0])[-1] / MB,
+            "hwm_mb": status_kib(pid, "VmHWM") * 1024 / MB,
+            "rss_anon_mb": status_kib(pid, "RssAnon") * 1024 / MB,
+            "rss_file_mb": status_kib(pid, "RssFile") * 1024 / MB,
+        }
+        for name, pid in pids.items()
+    }
+
+
+def one_run(ctx: Context, hz: int, rep: int, endpoint: str) -> dict[str, Any]:
+    directory = ctx.directory("steady", f"{hz}hz-{rep}")
+    flags = ["--profilers", ",".join(ctx.profilers), "--frequency", str(hz)]
+    # BCC's tool first: once it is attached its compiler has finished, so the agent does not spend its
+    # first interval symbolizing another process's LLVM (both still run side by side for the window).
+    bcc = start_bcc_profile(ctx, hz, rep)
+    try:
+        wait_until(lambda: perf_event_fds(bcc.pid) >= ctx.cpus, 120, "profile-bpfcc attaching")
+    except BaseException:
+        bcc.stop()
+        raise
+    agent = start_agent(directory / "agent", *flags, "--otlp-endpoint", endpoint, "--otlp-insecure")
+    try:
+        agent.wait_ready()
+        ready_cpu = cpu_seconds(agent.pid)
+        time.sleep(max(0.0, SETTLE_S - (time.monotonic() - agent.timed.launched - agent.ready_s)))
+        warmup = warmup_cost(agent, ready_cpu)
+        window = measure_window({"agent": agent.pid, "bcc": bcc.pid})
+        metrics = agent.metrics()
+        bcc_before_exit = cpu_seconds(bcc.pid)
+    finally:
+        agent_time, bcc_time = agent.stop(), bcc.stop()
+    events = {
+        name: metric_sum(metrics, "profiling_agent_probe_events_received_total", profiler=name)
+        for name in ctx.profilers
+    }
+    return {
+        "hz": hz,
+        "rep": rep,
+        "agent": window["agent"] | {"time_v_max_rss_mb": agent_time.max_rss_kib * 1024 / MB} | warmup,
+        "agent_threads": window["agent_threads"],
+        "bcc": window["bcc"]
+        | {
+            "time_v_max_rss_mb": bcc_time.max_rss_kib * 1024 / MB,
+            "exit_cpu_s": bcc_time.user_s + bcc_time.system_s - bcc_before_exit,
+        },
+        "agent_ready_s": agent.ready_s,
+        "agent_exit": agent_time.exit_status,
+        "events_received": events,
+        "events_lost": metric_sum(metrics, "profiling_agent_probe_events_lost_total"),
+        "otlp_requests_ok": metric_sum(metrics, "profiling_agent_export_otlp_requests_total", outcome="success"),
+        "otlp_requests": metric_sum(metrics, "profiling_agent_export_otlp_requests_total"),
+        "elf_cache_misses": metric_sum(metrics, "profiling_agent_symbolize_cache_misses_total"),
+        "processes_captured": metric_sum(metrics, "profiling_agent_symbolize_processes_total", event="captured"),
+    }
+
+
+def warmup_cost(agent: AgentRun, ready_cpu: float) -> dict[str, float]:
+    """CPU % of one core from READY to now: the first interval, with the caches cold."""
+    seconds = time.monotonic() - agent.timed.launched - agent.ready_s
+    return {"warmup_s": seconds, "warmup_cpu_percent": 100 * (cpu_seconds(agent.pid) - ready_cpu) / seconds}
+
+
+def cost_rows(ctx: Context, runs: list[dict[str, Any]]) -> list[tuple[str, ...]]:
+    rows: list[tuple[str, ...]] = []
+    for hz in FREQUENCIES:
+        mine = [r for r in runs if r["hz"] == hz]
+        for tool, label in (("agent", f"agent ({','.join(ctx.profilers)}), OTLP"), ("bcc", "BCC profile-bpfcc")):
+            warmup = Spread.of(r[tool].get("warmup_cpu_percent", float("nan")) for r in mine)
+            rows.append(
+                (
+                    f"{hz} Hz",
+                    label,
+                    Spread.of(r[tool]["cpu_percent"] for r in mine).show(3, "%"),
+                    warmup.show(2, "%") if warmup.runs else "",
+                    Spread.of(r[tool]["rss_max_mb"] for r in mine).show(1),
+                    Spread.of(r[tool]["rss_anon_mb"] for r in mine).show(1),
+                    Spread.of(r[tool]["rss_file_mb"] for r in mine).show(1),
+                    Spread.of(r[tool]["time_v_max_rss_mb"] for r in mine).show(1),
+                )
+            )
+    return rows
+
+
+def thread_rows(runs: list[dict[str, Any]]) -> list[tuple[str, ...]]:
+    names = sorted({name for r in runs for name in r["agent_threads"]})
+    rows = []
+    for name in names:
+        cells = [Spread.of(r["agent_threads"].get(name, 0.0) for r in runs if r["hz"] == hz) for hz in FREQUENCIES]
+        if all(cell.median < 0.0005 for cell in cells):
+            continue
+        rows.append((name, *(cell.show(3, "%") for cell in cells)))
+    return rows
+
+
+def event_rates(ctx: Context, runs: list[dict[str, Any]]) -> str:
+    parts = []
+    for hz in FREQUENCIES:
+        mine = [r for r in runs if r["hz"] == hz]
+        rates = []
+        for name in ctx.profilers:
+            seconds = [r["agent"]["window_s"] + r["agent"]["warmup_s"] for r in mine]
+            rate = Spread.of(r["events_received"][name] / s for r, s in zip(mine, seconds, strict=True))
+            rates.append(f"{name} {rate.median:.0f}")
+        parts.append(f"{hz} Hz: " + ", ".join(rates))
+    return "; ".join(parts)
+
+
+def summarize(ctx: Context, runs: list[dict[str, Any]], receiver: dict[str, Any]) -> ScenarioResult:
+    result = ScenarioResult("steady", "Steady-state agent cost (all CPUs busy)", __doc__ or "")
+    for hz in FREQUENCIES:
+        cpu = Spread.of(r["agent"]["cpu_percent"] for r in runs if r["hz"] == hz)
+        target = f"steady state at {hz} Hz, all profilers, {ctx.cpus} busy CPUs: <= {TARGET_CPU[hz]}% of one core"
+        result.checks.append(Check(target, cpu.show(3, "%"), cpu.median <= TARGET_CPU[hz]))
+    rss = Spread.of(r["agent"]["rss_max_mb"] for r in runs)
+    peak = Spread.of(r["agent"]["time_v_max_rss_mb"] for r in runs)
+    result.checks.append(
+        Check(
+            f"resident memory <= {TARGET_RSS_MB:g} MB (steady state)",
+            f"{rss.show(1)} MB",
+            rss.high <= TARGET_RSS_MB,
+            f"peak over the whole run, start-up included (time -v): {peak.show(1)} MB",
+        )
+    )
+    columns = (
+        "frequency",
+        "tool",
+        f"CPU, % of one core ({WINDOW_S:g} s window)",
+        f"first {SETTLE_S:g} s after READY",
+        "RSS in window, MB (max)",
+        "of which anonymous, MB",
+        "of which file-backed, MB",
+        "peak RSS, MB (time -v)",
+    )
+    result.tables.append(Table(columns, tuple(cost_rows(ctx, runs))))
+    thread_columns = ("agent thread", *(f"% of one core at {hz} Hz" for hz in FREQUENCIES))
+    result.tables.append(Table(thread_columns, tuple(thread_rows(runs))))
+    result.notes.append(
+        f"{ctx.reps} runs per frequency; window {WINDOW_S:g} s starting {SETTLE_S:g} s after READY; events the "
+        f"agent received per second since READY: {event_rates(ctx, runs)}; the local receiver accepted "
+        f"{receiver.get('requests', 0)} OTLP requests in all. The busy loop alone puts the load average near "
+        f"{ctx.cpus}."
+    )
+    exit_cpu = Spread.of(r["bcc"]["exit_cpu_s"] for r in runs)
+    result.notes.append(
+        "profile-bpfcc counts stacks in a kernel map and does no user-space work until it is stopped; reading, "
+        f"symbolizing and printing them at exit then took {exit_cpu.show(2)} s of CPU (not in the window)."
+    )
+    result.raw = {"runs": runs, "receiver": receiver, "window_s": WINDOW_S, "settle_s": SETTLE_S}
+    return result
+
+
+def run(ctx: Context) -> ScenarioResult:
+    busy = subprocess.Popen([str(ctx.binaries["busy"]), "0", str(ctx.cpus)])
+    receiver, endpoint = start_receiver(ctx)
+    runs = []
+    try:
+        for rep in range(ctx.reps):
+            for hz in FREQUENCIES:
+                runs.append(one_run(ctx, hz, rep, endpoint))
+    finally:
+        busy.kill()
+        busy.wait()
+        stats = stop_receiver(receiver)
+    return summarize(ctx, runs, stats)

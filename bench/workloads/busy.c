@@ -1,0 +1,50 @@
+/* Steady-state load for the agent-cost benchmark: THREADS threads spin in a three-deep call chain for
+ * SECONDS seconds (0: until killed). No allocation after start-up, so uprobes on the C library's
+ * allocator never fire for it. Usage: busy SECONDS THREADS */
+#include <pthread.h>
+#include <stdlib.h>
+#include <time.h>
+
+static volatile unsigned long sink;
+static double seconds;
+
+static double wall(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec / 1e9;
+}
+
+__attribute__((noinline)) static void spin_leaf(void)
+{
+    unsigned long x = 0;
+    for (int i = 0; i < 1000000; i++)
+        x += i * 7;
+    sink = x;
+}
+
+__attribute__((noinline)) static void spin_mid(void)
+{
+    spin_leaf();
+}
+
+static void *worker(void *arg)
+{
+    double end = seconds > 0 ? wall() + seconds : 1e300;
+    while (wall() < end)
+        spin_mid();
+    return arg;
+}
+
+int main(int argc, char **argv)
+{
+    seconds = argc > 1 ? atof(argv[1]) : 0;
+    int threads = argc > 2 ? atoi(argv[2]) : 2;
+    pthread_t ids[64];
+    for (int i = 1; i < threads && i < 64; i++)
+        pthread_create(&ids[i], 0, worker, 0);
+    worker(0);
+    for (int i = 1; i < threads && i < 64; i++)
+        pthread_join(ids[i], 0);
+    return 0;
+}
