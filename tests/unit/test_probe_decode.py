@@ -15,9 +15,9 @@ import pytest
 from agent.aggregate.types import EMPTY_STACK, Stack, StackStatus
 from agent.probes.events import (
     MalformedRecord,
-    RecordHeader,
     ProcessEvent,
     ProcessEventKind,
+    RecordHeader,
     StackEvent,
     ValuesOf,
     decode_proc_event,
