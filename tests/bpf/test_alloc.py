@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from agent.probes.alloc import DEFAULT_SAMPLE_BYTES
-from tests.support.agent import start_agent, wait_for_log
+from tests.support.agent import free_port, start_agent, wait_for_log
 from tests.support.profiles import ReadSample, read_all, read_pprof, samples_of
 from tests.support.workloads import compile_workload
 
@@ -41,13 +40,6 @@ def pinned_sampling(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="module")
 def alloc_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return compile_workload("alloc_sites", tmp_path_factory.mktemp("alloc_bin"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Agent:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import socket
 import subprocess
 import time
 from collections import defaultdict
@@ -25,7 +24,7 @@ from agent.probes.events import StackEvent
 from agent.probes.loader import load_program
 from agent.probes.offcpu import BLOCKED_ENTRIES, STACK_ENTRIES, OffCpuProbe, plan_attach, read_kernel_features
 from agent.probes.reader import PerfReader
-from tests.support.agent import start_agent, wait_for_log
+from tests.support.agent import free_port, start_agent, wait_for_log
 from tests.support.profiles import ReadSample, read_all, read_pprof, samples_of
 from tests.support.workloads import compile_workload
 
@@ -45,13 +44,6 @@ PROFILING = ProfilingConfig(
 def truth_of(output: str) -> dict[str, float]:
     """What the workload measured: wait_a and wait_b in seconds, and the number of blocks."""
     return {name: float(value) for name, value in re.findall(r"(wait_a|wait_b|blocks)=([0-9.]+)", output)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def blocked_ns(samples: list[ReadSample], function: str) -> int:

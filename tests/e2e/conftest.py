@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 
+from tests.support.agent import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "tests" / "e2e" / "otelcol" / "build.sh"
 BINARY = REPO / "build" / "otelcol" / "dist" / "otelcol-prof"
@@ -81,13 +83,6 @@ class Collector:
             time.sleep(0.1)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _listening(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(0.2)
@@ -107,7 +102,7 @@ def otelcol_binary() -> Path:
 
 def start_collector(binary: Path, directory: Path, grpc_port: int | None = None) -> Collector:
     """Start a collector (on `grpc_port`, or a free one) and wait until it listens."""
-    grpc_port = grpc_port or _free_port()
+    grpc_port = grpc_port or free_port()
     directory.mkdir(parents=True, exist_ok=True)
     output = directory / "profiles.jsonl"
     config = directory / "otelcol.yaml"
@@ -136,10 +131,6 @@ def stop_collector(collector: Collector) -> None:
     except subprocess.TimeoutExpired:
         collector.process.kill()
         collector.process.wait()
-
-
-def free_port() -> int:
-    return _free_port()
 
 
 @pytest.fixture

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from agent._proto import profile_pb2
-from tests.support.agent import start_agent, wait_for_log
+from tests.support.agent import free_port, start_agent, wait_for_log
 from tests.support.workloads import compile_workload
 
-from .conftest import free_port, start_collector, stop_collector
+from .conftest import start_collector, stop_collector
 
 if TYPE_CHECKING:
     from tests.e2e.conftest import Collector
