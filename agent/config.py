@@ -53,6 +53,18 @@ class SamplingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UnwindConfig:
+    cpu: str  # auto | dwarf | fp
+    offcpu: str
+    alloc: str
+    stack_bytes: int
+
+    def copy_bytes(self, profiler: str) -> int:
+        """User stack bytes the profiler's BPF program copies per event (0: frame pointers only)."""
+        return 0 if getattr(self, profiler, "fp") == "fp" else self.stack_bytes
+
+
+@dataclass(frozen=True, slots=True)
 class SymbolizeConfig:
     elf_cache_size: int
     process_ttl_intervals: int
@@ -96,6 +108,7 @@ class AgentConfig:
     offcpu: OffCpuConfig
     alloc: AllocConfig
     sampling: SamplingConfig
+    unwind: UnwindConfig
     symbolize: SymbolizeConfig
     export: ExportConfig
     metrics: MetricsConfig
@@ -117,6 +130,7 @@ SECTION_TYPES: dict[str, type] = {
     "offcpu": OffCpuConfig,
     "alloc": AllocConfig,
     "sampling": SamplingConfig,
+    "unwind": UnwindConfig,
     "symbolize": SymbolizeConfig,
     "export.files": FilesConfig,
     "export.otlp": OtlpConfig,
@@ -221,6 +235,7 @@ def _assemble(values: Mapping[str, Any]) -> AgentConfig:
         offcpu=sections["offcpu"],
         alloc=sections["alloc"],
         sampling=sections["sampling"],
+        unwind=sections["unwind"],
         symbolize=sections["symbolize"],
         export=ExportConfig(files=sections["export.files"], otlp=sections["export.otlp"]),
         metrics=sections["metrics"],

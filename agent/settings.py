@@ -100,6 +100,13 @@ def parse_str(value: Any) -> str:
     return str(value)
 
 
+def stack_copy_bytes(value: Any) -> int:
+    number = ranged_int(512, 32768)(value)
+    if number % 512:
+        raise ValueError(f"expected a multiple of 512 in [512, 32768], got {number}")
+    return number
+
+
 def choice(*options: str) -> Parser:
     def parse(value: Any) -> str:
         text = parse_str(value).strip().lower()
@@ -251,6 +258,26 @@ SETTINGS: tuple[Setting, ...] = (
         1.0,
         ranged_float(0.1, 60.0),
         "How often the sampler measures rates and adjusts the in-kernel sampling parameters.",
+    ),
+    # unwind: how user stacks are walked, per profiler
+    *(
+        Setting(
+            f"unwind.{profiler}",
+            "fp",
+            choice("auto", "dwarf", "fp"),
+            f"User stacks of the {profiler} profiler: fp walks frame pointers in the kernel (cheapest; loses "
+            "callers in code built without them, as most distributions build libc and python3); dwarf unwinds "
+            "a copy of the stack with the binaries' .eh_frame CFI; auto copies the stack and unwinds it with "
+            "CFI only when the frame-pointer walk crossed code that has no frame pointers.",
+        )
+        for profiler in KNOWN_PROFILERS
+    ),
+    Setting(
+        "unwind.stack_bytes",
+        8192,
+        stack_copy_bytes,
+        "Bytes of user stack copied per event for dwarf/auto unwinding (multiple of 512). Deeper callers are "
+        "cut off and the stack is marked truncated.",
     ),
     # symbolize
     Setting("symbolize.elf_cache_size", 128, ranged_int(1, 100_000), "ELF symbol tables kept in memory."),

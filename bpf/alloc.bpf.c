@@ -20,7 +20,8 @@
  *   the trap handler) and perf buffer `proc_events` (struct proc_event, as cpu.bpf.c).
  * Minimum kernel: 5.5 (bpf_probe_read_user; uprobes, bpf_get_stack and LRU hashes are older).
  *
- * Compile-time parameters (cflags): KNOWN_PIDS_ENTRIES, FILTER_PIDS (0/1), THREAD_ENTRIES.
+ * Compile-time parameters (cflags): KNOWN_PIDS_ENTRIES, FILTER_PIDS (0/1), THREAD_ENTRIES,
+ *   AGENT_PID (never sampled), USER_STACK_BYTES (user stack copied for DWARF unwinding; 0: none).
  */
 #include <uapi/linux/ptrace.h>
 #include <linux/sched.h>
@@ -172,7 +173,10 @@ static __always_inline void send_sample(struct pt_regs *ctx, u32 pid, u32 tid, u
         n = splice_caller(e->ips, n, ret) & 0x7f;
         e->user_stack_len = (s32)n;
     }
-    samples.perf_submit(ctx, e, offsetof(struct stack_event, ips) + n * sizeof(u64));
+    /* At a uprobe the probed registers are the user registers: unwinding starts at the entry of the
+     * allocation function, whose CFI row names the caller without any splicing. */
+    copy_user_stack(e, PT_REGS_IP(ctx), PT_REGS_SP(ctx), PT_REGS_FP(ctx));
+    samples.perf_submit(ctx, e, record_size(e));
     announce_process(ctx, pid, e->timestamp_ns);
 }
 
@@ -182,6 +186,8 @@ static __always_inline int on_alloc(struct pt_regs *ctx, u64 size, int outer)
     u64 id = bpf_get_current_pid_tgid();
     u32 pid = id >> 32;
     u32 tid = (u32)id;
+    if (pid == AGENT_PID)
+        return 0;
 #if FILTER_PIDS
     if (!pid_filter.lookup(&pid))
         return 0;

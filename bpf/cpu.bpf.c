@@ -8,7 +8,8 @@
  *   while it is alive, and exec).
  * Minimum kernel: 4.18 (bpf_get_stack from perf_event programs).
  *
- * Compile-time parameters (cflags): KNOWN_PIDS_ENTRIES, FILTER_PIDS (0/1).
+ * Compile-time parameters (cflags): KNOWN_PIDS_ENTRIES, FILTER_PIDS (0/1),
+ *   AGENT_PID (never sampled), USER_STACK_BYTES (user stack copied for DWARF unwinding; 0: none).
  */
 #include <uapi/linux/bpf_perf_event.h>
 #include <linux/sched.h>
@@ -35,7 +36,7 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
     u64 id = bpf_get_current_pid_tgid();
     u32 pid = id >> 32;
     u32 tid = (u32)id;
-    if (tid == 0) /* the idle task: nothing ran */
+    if (tid == 0 || pid == AGENT_PID) /* the idle task (nothing ran), or the agent itself */
         return 0;
 #if FILTER_PIDS
     if (!pid_filter.lookup(&pid))

@@ -36,7 +36,8 @@
  * Minimum kernel: 4.18 (bpf_get_stack from tracepoint and kprobe programs; prev_state as reported
  *   since 4.14: S = 1, D = 2, preempted = TASK_REPORT_MAX).
  *
- * Compile-time parameters (cflags): KNOWN_PIDS_ENTRIES, FILTER_PIDS (0/1), USE_KPROBE (0/1),
+ * Compile-time parameters (cflags): KNOWN_PIDS_ENTRIES, FILTER_PIDS (0/1), AGENT_PID (never followed),
+ *   USER_STACK_BYTES (user stack copied for DWARF unwinding; 0: none), USE_KPROBE (0/1),
  *   BLOCKED_ENTRIES (blocked threads followed at once: `start`), STACK_ENTRIES (`stacks`).
  */
 #include <linux/sched.h>
@@ -86,6 +87,8 @@ static __always_inline u64 param(u32 index)
 /* Follow a block of `tid` that starts now, with probability 1/N; true when it is followed. */
 static __always_inline bool block_starts(u32 pid, u32 tid, u64 now)
 {
+    if (pid == AGENT_PID)
+        return false;
 #if FILTER_PIDS
     if (!pid_filter.lookup(&pid))
         return false;
@@ -165,10 +168,7 @@ int on_sched_switch(struct tracepoint__sched__sched_switch *args)
         e->sampling = sampling;
         e->timestamp_ns = now;
         e->cpu = bpf_get_smp_processor_id();
-        s32 kernel = e->kernel_stack_len, user = e->user_stack_len;
-        u32 nk = kernel > 0 ? (u32)kernel & 0x7f : 0;
-        u32 nu = user > 0 ? (u32)user & 0x7f : 0;
-        submit(args, e, offsetof(struct stack_event, ips) + (nk + nu) * sizeof(u64), now);
+        submit(args, e, record_size(e), now);
     }
     if (e)
         stacks.delete(&next);

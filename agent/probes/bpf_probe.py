@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,6 +56,9 @@ class BpfProbe(ABC):
         self.attach_method = ""  # what the events were attached with, for check/metrics/logs
         self.stats = ReaderStats()
         self.stacks = StackDecoder()  # used only by the reader thread, inside the callbacks
+        # Bytes of user stack each record carries for DWARF unwinding (USER_STACK_BYTES); 0: frame
+        # pointers only. Set before `load` (agent.probes.registry does, from the unwind config).
+        self.user_stack_bytes = 0
 
     @property
     @abstractmethod
@@ -90,6 +94,10 @@ class BpfProbe(ABC):
         return {
             "KNOWN_PIDS_ENTRIES": KNOWN_PIDS_ENTRIES,
             "FILTER_PIDS": 1 if self._config.pids else 0,
+            # The agent's own threads are never sampled: its perf-buffer reads, its sleeps and its
+            # allocations would otherwise be a large part of what it reports (and of what it costs).
+            "AGENT_PID": os.getpid(),
+            "USER_STACK_BYTES": self.user_stack_bytes,
             **self.extra_defines(),
         }
 

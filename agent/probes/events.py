@@ -22,6 +22,7 @@ from agent.probes.records import (
     PROC_EVENT_NEW,
     SAMPLE_FLAG_KERNEL_THREAD,
     STACK_EVENT_HEADER_SIZE,
+    USER_STACK_OFFSET,
     ProcEventRecord,
 )
 from agent.probes.stacks import StackDecoder
@@ -36,6 +37,18 @@ class MalformedRecord(ValueError):
 class ProcessEventKind(enum.IntEnum):
     NEW = PROC_EVENT_NEW
     EXEC = PROC_EVENT_EXEC
+
+
+class UserStackCopy(NamedTuple):
+    """The user registers at the event and a copy of the stack's top, for unwinding with CFI.
+
+    `data` holds the memory from address `base` (the stack pointer rounded down to a chunk) upward."""
+
+    ip: int
+    sp: int
+    bp: int
+    base: int
+    data: bytes
 
 
 class StackEvent(NamedTuple):
@@ -55,6 +68,9 @@ class StackEvent(NamedTuple):
     user: Stack
     # Aligned with the profiler's ProfileSpec.sample_types; weighted estimates may be fractional.
     values: tuple[float, ...]
+    # Only from programs built to copy the user stack (DWARF unwinding): the unwind stage replaces
+    # `user` with the stack it unwinds from this, then drops it.
+    user_copy: UserStackCopy | None = None
 
 
 class RecordHeader(NamedTuple):
@@ -70,10 +86,15 @@ class RecordHeader(NamedTuple):
     kernel_stack_len: int
     user_stack_len: int
     comm: bytes
+    user_ip: int
+    user_sp: int
+    user_bp: int
+    user_stack_base: int
+    user_stack_bytes: int
 
 
 # Field for field the layout of StackEventRecord up to `ips` (the layout test checks the mirror).
-_HEADER = struct.Struct("<QQQIIIIii16s")
+_HEADER = struct.Struct("<QQQIIIIii16sQQQQI4x")
 assert _HEADER.size == STACK_EVENT_HEADER_SIZE
 
 
@@ -118,6 +139,7 @@ def decode_stack_event(data: int, size: int, stacks: StackDecoder, profiler: str
     if size < user_end:
         raise MalformedRecord(f"stack_event: {size} bytes cannot hold {kernel_len}+{user_len} frames")
     kernel_thread = bool(header.flags & SAMPLE_FLAG_KERNEL_THREAD)
+    user_copy = _user_copy(header, raw) if header.user_stack_bytes else None
     return StackEvent(
         profiler,
         header.timestamp_ns,
@@ -129,7 +151,18 @@ def decode_stack_event(data: int, size: int, stacks: StackDecoder, profiler: str
         stacks.decode(kernel_len, raw[STACK_EVENT_HEADER_SIZE:kernel_end], kernel=True),
         stacks.decode(user_len, raw[kernel_end:user_end], kernel=False, kernel_thread=kernel_thread),
         values_of(header),
+        user_copy,
     )
+
+
+def _user_copy(header: RecordHeader, raw: bytes) -> UserStackCopy:
+    end = USER_STACK_OFFSET + header.user_stack_bytes
+    if len(raw) < end:
+        raise MalformedRecord(f"stack_event: {len(raw)} bytes cannot hold a {header.user_stack_bytes}-byte stack copy")
+    if not header.user_stack_base <= header.user_sp < header.user_stack_base + header.user_stack_bytes:
+        raise MalformedRecord(f"stack_event: stack pointer {header.user_sp:#x} outside its copy")
+    data = raw[USER_STACK_OFFSET:end]
+    return UserStackCopy(header.user_ip, header.user_sp, header.user_bp, header.user_stack_base, data)
 
 
 def decode_proc_event(data: int, size: int) -> ProcessEvent:

@@ -24,16 +24,19 @@ from agent.config import OffCpuConfig, ProfilingConfig
 from agent.errors import BpfAttachError
 from agent.probes.bpf_probe import BpfProbe, Emit
 from agent.probes.events import RecordHeader, decode_stack_event
-from agent.probes.records import PARAM_MIN_BLOCK_NS, PARAM_SAMPLING
+from agent.probes.records import PARAM_MIN_BLOCK_NS, PARAM_SAMPLING, USER_STACK_OFFSET
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_OFFCPU = OffCpuConfig(min_block_us=1000, attach="auto")
 # Blocked threads the kernel follows at once (`start`: ~90 bytes each, preallocated: 1.4 MiB); more are
-# counted as lost. On the tracepoint path their stacks wait in an LRU map of STACK_ENTRIES (~2.1 KiB
-# each, preallocated: 8.5 MiB): beyond it the longest-idle threads lose theirs (counted when they wake).
+# counted as lost. On the tracepoint path their stacks wait in an LRU map of records (~2.1 KiB each,
+# plus the user stack copy when unwinding with DWARF; preallocated): it gets STACK_MAP_BYTES, so 4096
+# entries with frame pointers only and ~830 with an 8 KiB stack copy. Beyond it the longest-idle
+# threads lose their stacks (counted when they wake).
 BLOCKED_ENTRIES = 16384
-STACK_ENTRIES = 4096
+STACK_MAP_BYTES = 4096 * USER_STACK_OFFSET
+MIN_STACK_ENTRIES = 256
 # Blocks are few (each lasts >= min_block_us): batch ~16 per wakeup; the reader drains partial
 # batches at every interval end.
 WAKEUP_EVENTS = 16
@@ -167,11 +170,16 @@ class OffCpuProbe(BpfProbe):
         if self._bpf is not None:
             self.write_param(PARAM_SAMPLING, n)
 
+    @property
+    def stack_entries(self) -> int:
+        """Blocked threads whose stacks the tracepoint path keeps at once, within STACK_MAP_BYTES."""
+        return max(MIN_STACK_ENTRIES, STACK_MAP_BYTES // (USER_STACK_OFFSET + self.user_stack_bytes))
+
     def extra_defines(self) -> dict[str, int | str]:
         return {
             "USE_KPROBE": 0 if self.plan.kprobe_symbol is None else 1,
             "BLOCKED_ENTRIES": BLOCKED_ENTRIES,
-            "STACK_ENTRIES": STACK_ENTRIES,
+            "STACK_ENTRIES": self.stack_entries,
         }
 
     def load(self) -> None:

@@ -34,12 +34,23 @@ class StackEventRecord(ctypes.Structure):
         ("kernel_stack_len", ctypes.c_int32),
         ("user_stack_len", ctypes.c_int32),
         ("comm", ctypes.c_char * AGENT_COMM_LEN),
+        ("user_ip", ctypes.c_uint64),
+        ("user_sp", ctypes.c_uint64),
+        ("user_bp", ctypes.c_uint64),
+        ("user_stack_base", ctypes.c_uint64),
+        ("user_stack_bytes", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint32),
         ("ips", ctypes.c_uint64 * (2 * MAX_STACK_DEPTH)),
+        # With USER_STACK_BYTES > 0 the C struct goes on with `u8 stack[USER_STACK_BYTES]`: its copy
+        # starts at USER_STACK_OFFSET, and only the copied bytes are sent.
     )
 
 
 # Records are sent truncated after the last filled frame: this much always arrives.
 STACK_EVENT_HEADER_SIZE = StackEventRecord.ips.offset
+# Where a record's user stack copy starts (after every slot of `ips`), when it carries one.
+USER_STACK_OFFSET = ctypes.sizeof(StackEventRecord)
+USER_STACK_CHUNK = 512
 
 
 class ProcEventRecord(ctypes.Structure):

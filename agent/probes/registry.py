@@ -18,4 +18,9 @@ PROBES: dict[str, Callable[[AgentConfig, Emit], BpfProbe]] = {
 
 
 def make_probes(config: AgentConfig, emit: Emit) -> list[BpfProbe]:
-    return [PROBES[name](config, emit) for name in config.profiling.profilers]
+    probes = []
+    for name in config.profiling.profilers:
+        probe = PROBES[name](config, emit)
+        probe.user_stack_bytes = config.unwind.copy_bytes(name)
+        probes.append(probe)
+    return probes

@@ -22,8 +22,9 @@ from agent.errors import BpfAttachError
 from agent.probes import offcpu
 from agent.probes.events import StackEvent
 from agent.probes.loader import load_program
-from agent.probes.offcpu import BLOCKED_ENTRIES, STACK_ENTRIES, OffCpuProbe, plan_attach, read_kernel_features
+from agent.probes.offcpu import BLOCKED_ENTRIES, OffCpuProbe, plan_attach, read_kernel_features
 from agent.probes.reader import PerfReader
+from agent.probes.records import USER_STACK_OFFSET
 from tests.support.agent import free_port, start_agent, wait_for_log
 from tests.support.profiles import ReadSample, read_all, read_pprof, samples_of
 from tests.support.workloads import compile_workload
@@ -190,7 +191,8 @@ def test_sampling_keeps_one_in_n_with_unbiased_weights(tmp_path: Path) -> None:
 
 def test_blocks_whose_stacks_were_evicted_are_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """16 threads blocked at once and room for the stacks of 4: every block is either sent or counted."""
-    monkeypatch.setattr(offcpu, "STACK_ENTRIES", 4)
+    monkeypatch.setattr(offcpu, "MIN_STACK_ENTRIES", 4)
+    monkeypatch.setattr(offcpu, "STACK_MAP_BYTES", 4 * USER_STACK_OFFSET)
     binary = compile_workload("offcpu_split", tmp_path)
     events, truth, lost = profile_in_process(binary, ["1", "16", "2000"], OffCpuConfig(min_block_us=100, attach="auto"))
     evicted = lost.get("stacks_evicted", 0)
@@ -208,15 +210,17 @@ def test_blocks_whose_stacks_were_evicted_are_counted(tmp_path: Path, monkeypatc
         assert long_share <= 0.1 or long_share >= 0.9, sorted(site)
 
 
-@pytest.mark.parametrize("filter_pids", [0, 1])
-def test_kprobe_program_passes_the_verifier(filter_pids: int) -> None:
+@pytest.mark.parametrize(("filter_pids", "stack_bytes"), [(0, 0), (1, 0), (0, 8192)])
+def test_kprobe_program_passes_the_verifier(filter_pids: int, stack_bytes: int) -> None:
     """The kprobe variant cannot be attached on a kernel without kprobes, but it can be verified."""
     defines: dict[str, int | str] = {
         "KNOWN_PIDS_ENTRIES": 1024,
         "FILTER_PIDS": filter_pids,
         "USE_KPROBE": 1,
         "BLOCKED_ENTRIES": BLOCKED_ENTRIES,
-        "STACK_ENTRIES": STACK_ENTRIES,
+        "STACK_ENTRIES": 256,
+        "AGENT_PID": 1,
+        "USER_STACK_BYTES": stack_bytes,
     }
     from bcc import BPF
 

@@ -26,7 +26,7 @@ from agent.probes.offcpu import (
     BLOCKED_ENTRIES,
     LOST_COUNTERS,
     MAX_SAMPLE_EVERY,
-    STACK_ENTRIES,
+    STACK_MAP_BYTES,
     WAKEUP_EVENTS,
     AttachPlan,
     KernelFeatures,
@@ -37,7 +37,7 @@ from agent.probes.offcpu import (
     plan_attach,
     read_kernel_features,
 )
-from agent.probes.records import PARAM_MIN_BLOCK_NS, PARAM_SAMPLING, StackEventRecord
+from agent.probes.records import PARAM_MIN_BLOCK_NS, PARAM_SAMPLING, USER_STACK_OFFSET, StackEventRecord
 from agent.probes.registry import PROBES
 
 PROFILING = ProfilingConfig(
@@ -206,7 +206,7 @@ def test_load_writes_sampling_and_minimum_in_nanoseconds(loaded: Load) -> None:
     fake, defines = it.bpf, it.defines
     assert fake.tables["params"].values == {PARAM_SAMPLING: 1, PARAM_MIN_BLOCK_NS: 250_000}
     assert defines["USE_KPROBE"] == 0
-    assert (defines["BLOCKED_ENTRIES"], defines["STACK_ENTRIES"]) == (BLOCKED_ENTRIES, STACK_ENTRIES)
+    assert (defines["BLOCKED_ENTRIES"], defines["STACK_ENTRIES"]) == (BLOCKED_ENTRIES, 4096)
     assert defines["FILTER_PIDS"] == 0
 
 
@@ -379,3 +379,13 @@ def test_the_registry_builds_the_profiler_with_its_config() -> None:
     probe = PROBES["offcpu"](config, lambda event: None)
     assert isinstance(probe, OffCpuProbe)
     assert probe.parameters()["min_block_us"] == 250
+
+
+def test_stack_map_keeps_its_memory_when_records_carry_a_stack_copy() -> None:
+    probe = OffCpuProbe(PROFILING, lambda _: None)
+    assert probe.defines["USER_STACK_BYTES"] == 0
+    probe.user_stack_bytes = 8192
+    entries = probe.defines["STACK_ENTRIES"]
+    assert probe.defines["USER_STACK_BYTES"] == 8192
+    assert isinstance(entries, int) and 800 <= entries < 1000
+    assert entries * (USER_STACK_OFFSET + 8192) <= STACK_MAP_BYTES

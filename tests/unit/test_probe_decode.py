@@ -107,8 +107,8 @@ def decode(
 
 
 def test_header_is_everything_before_the_frames() -> None:
-    assert STACK_EVENT_HEADER_SIZE == StackEventRecord.ips.offset == 64
-    assert sent_size(stack_record()) == 64 + 5 * 8
+    assert STACK_EVENT_HEADER_SIZE == StackEventRecord.ips.offset == 104
+    assert sent_size(stack_record()) == 104 + 5 * 8
 
 
 def test_decode_stack_event_copies_every_field() -> None:

@@ -93,6 +93,9 @@ SCENARIOS = {
     "full": (0, 127 * 8, 127 * 8),
 }
 
+# Set per program with -D (their defaults in common.h only keep plain compilers happy): not mirrored.
+CFLAG_PARAMETERS = {"USER_STACK_BYTES", "AGENT_PID"}
+
 CField = tuple[str, str, str]  # (C type, name, array length expression or "")
 
 
@@ -102,9 +105,11 @@ def strip_comments(source: str) -> str:
 
 
 def parse_structs(source: str) -> dict[str, list[CField]]:
-    """struct name -> fields in declaration order, from the C source (comments stripped)."""
+    """struct name -> fields in declaration order, from the C source (comments stripped). Fields inside
+    `#if ... #endif` are left out: they exist only under some cflags, and are tested on their own."""
     structs: dict[str, list[CField]] = {}
     for name, body in re.findall(r"\bstruct\s+(\w+)\s*\{(.*?)\}\s*;", strip_comments(source), flags=re.S):
+        body = re.sub(r"^\s*#\s*if\b.*?^\s*#\s*endif\b[^\n]*", "", body, flags=re.S | re.M)
         declarations = [d.strip() for d in body.split(";") if d.strip()]
         fields = []
         for declaration in declarations:
@@ -246,7 +251,7 @@ def test_stack_event_carries_both_stacks_at_full_depth(c_layout: dict[str, int])
 
 
 def test_every_constant_has_a_mirror(c_constants: set[str]) -> None:
-    assert sorted(c for c in c_constants if not hasattr(records, c)) == []
+    assert sorted(c for c in c_constants - CFLAG_PARAMETERS if not hasattr(records, c)) == []
 
 
 @pytest.mark.parametrize("constant", sorted(REQUIRED_CONSTANTS))
@@ -255,7 +260,8 @@ def test_constants_match(constant: str, c_layout: dict[str, int]) -> None:
 
 
 def test_all_parsed_constants_match(c_constants: set[str], c_layout: dict[str, int]) -> None:
-    assert {c: getattr(records, c, None) for c in c_constants} == {c: c_layout[c] for c in c_constants}
+    mirrored = c_constants - CFLAG_PARAMETERS
+    assert {c: getattr(records, c, None) for c in mirrored} == {c: c_layout[c] for c in mirrored}
 
 
 # collect_stacks(): the wire format the Python decoder assumes.
@@ -292,3 +298,68 @@ def test_collect_stacks_walks_kernel_first_then_user_after_it(name: str, c_layou
     assert result["calls"] == 2
     user_offset = header + max(kernel, 0)  # right after the kernel frames, at ips[0] when there are none
     assert (result["1.flags"], result["1.offset"], result["1.size"]) == (1 << 8, user_offset, depth_bytes)
+
+
+# With USER_STACK_BYTES > 0 the record grows a stack copy: the same header is compiled again with
+# stand-ins that serve a fake user stack readable up to STACK_TOP, and copy_user_stack() must copy
+# whole chunks from the stack pointer rounded down, stop at the first unreadable chunk, and size the
+# record to end right after the copy.
+STACK_COPY_PROGRAM = r"""
+typedef unsigned long long u64; typedef unsigned int u32; typedef int s32; typedef unsigned char u8;
+#include <stddef.h>
+#include <stdio.h>
+#include <string.h>
+#define BPF_F_USER_STACK (1ULL << 8)
+#define STACK_TOP 0x7000ULL
+struct pt_regs { u64 ip, sp, bp; };
+struct task_struct;
+static struct pt_regs saved = {0x401000, 0x6a38, 0x6f00};
+static struct task_struct *bpf_get_current_task_btf(void) { return 0; }
+static long bpf_task_pt_regs(struct task_struct *t) { (void)t; return (long)&saved; }
+static long bpf_probe_read_kernel(void *dst, u32 size, const void *src) { memcpy(dst, src, size); return 0; }
+static long bpf_probe_read_user(void *dst, u32 size, const void *src)
+{
+    u64 address = (u64)src;
+    if (address + size > STACK_TOP) { memset(dst, 0, size); return -14; }
+    for (u32 i = 0; i < size; i++) ((u8 *)dst)[i] = (u8)((address + i) >> 3);
+    return 0;
+}
+static long bpf_get_stack(void *ctx, void *buf, u32 size, u64 flags)
+{ (void)ctx; (void)buf; (void)size; (void)flags; return 16; }
+#include "common.h"
+int main(void) {
+    static struct stack_event e;
+    u64 size = collect_stacks(NULL, &e);
+    printf("offset %zu\nsize %llu\nbase %llu\nbytes %u\nip %llu\nsp %llu\nbp %llu\nfirst %u\nlast %u\n",
+           offsetof(struct stack_event, stack), size, e.user_stack_base, e.user_stack_bytes, e.user_ip,
+           e.user_sp, e.user_bp, e.stack[0], e.stack[e.user_stack_bytes - 1]);
+    e.flags = SAMPLE_FLAG_KERNEL_THREAD;
+    printf("kthread_size %llu\n", (u64)collect_stacks(NULL, &e));
+    return 0;
+}
+"""
+
+
+def test_user_stack_copy_takes_whole_chunks_up_to_the_stack_top(tmp_path: Path) -> None:
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is needed to compile bpf/common.h")
+    (tmp_path / "copy.c").write_text(STACK_COPY_PROGRAM)
+    build = subprocess.run(
+        [
+            *("gcc", "-std=gnu11", "-Wall", "-Werror", "-Wno-unknown-pragmas", "-DUSER_STACK_BYTES=4096"),
+            *(f"-I{COMMON_H.parent}", "-o", str(tmp_path / "copy"), str(tmp_path / "copy.c")),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert build.returncode == 0, build.stderr
+    printed = subprocess.run([str(tmp_path / "copy")], capture_output=True, text=True, check=True).stdout
+    got = {name: int(value) for name, value in (line.split() for line in printed.splitlines())}
+    assert got["offset"] == records.USER_STACK_OFFSET  # the copy follows every slot of ips
+    # sp 0x6a38 rounds down to 0x6a00; chunks at 0x6a00, 0x6c00 and 0x6e00 fit below 0x7000, the next does not.
+    assert (got["base"], got["bytes"]) == (0x6A00, 3 * records.USER_STACK_CHUNK)
+    assert got["size"] == records.USER_STACK_OFFSET + 3 * records.USER_STACK_CHUNK
+    assert (got["ip"], got["sp"], got["bp"]) == (0x401000, 0x6A38, 0x6F00)
+    assert (got["first"], got["last"]) == ((0x6A00 >> 3) & 0xFF, ((0x7000 - 1) >> 3) & 0xFF)
+    assert got["kthread_size"] == records.STACK_EVENT_HEADER_SIZE + 2 * 8  # no copy: frames only
