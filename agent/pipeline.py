@@ -1,6 +1,7 @@
 """Decode-to-aggregate routing: what the pipeline thread does with each event from the reader.
 
-Stack events are summed into their profiler's interval (aggregate); process events tell the
+Stack events that carry a copy of their user stack are unwound first (the unwind stage, after the
+sampling stage's keep decision); stack events are summed into their profiler's interval (aggregate); process events tell the
 symbolizer to capture a process's mappings while it is alive; an `IntervalMark` hands each
 profiler's finished interval to `deliver`. This module starts no threads: `agent.daemon` runs
 `Pipeline.handle` on the thread it owns.
@@ -19,7 +20,7 @@ from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from agent.aggregate.interval import IntervalAggregator
-from agent.aggregate.types import IntervalProfile, ProfileSpec
+from agent.aggregate.types import IntervalProfile, ProfileSpec, Stack
 from agent.probes.events import IntervalMark, ProcessEvent, ProcessEventKind, StackEvent
 
 logger = logging.getLogger(__name__)
@@ -29,6 +30,15 @@ class KeepLike(Protocol):
     """The sampling stage's user-space keep decision (`agent.sampling.keep.KeepSampler`)."""
 
     def admit(self, event: StackEvent) -> StackEvent | None: ...
+
+
+class UnwinderLike(Protocol):
+    """The unwind stage (`agent.unwind.unwinder.Unwinder`): the user stack of an event that carries a
+    copy of its stack, and the process events that make what it knows of a pid stale."""
+
+    def unwind(self, event: StackEvent) -> Stack: ...
+
+    def forget(self, pid: int) -> None: ...
 
 
 class ProcessObserver(Protocol):
@@ -57,8 +67,10 @@ class Pipeline:
         deliver: Callable[[IntervalProfile], None],
         selector: ProcessSelectorLike | None = None,
         keep: KeepLike | None = None,
+        unwinder: UnwinderLike | None = None,
     ) -> None:
         self._keep = keep
+        self._unwinder = unwinder
         self._aggregators = {name: IntervalAggregator(spec) for name, spec in specs.items()}
         self._processes = processes
         self._deliver = deliver
@@ -100,12 +112,14 @@ class Pipeline:
             # Covers a process whose announcement was lost, and is cheap once captured.
             self._seen_pids.add(event.pid)
             self._processes.observe_process(event.pid)
+        # After the keep decision: unwinding costs far more than anything else done per event.
+        user = event.user if event.user_copy is None or self._unwinder is None else self._unwinder.unwind(event)
         aggregator.add(
             pid=event.pid,
             tid=event.tid,
             cpu=event.cpu,
             kernel=event.kernel,
-            user=event.user,
+            user=user,
             thread_name=event.comm,
             values=event.values,
             timestamp_ns=event.timestamp_ns,
@@ -124,6 +138,8 @@ class Pipeline:
         # filters' decision, which is taken again now, while the process is alive.
         if self._selector is not None:
             self._selector.forget(event.pid)
+        if self._unwinder is not None:
+            self._unwinder.forget(event.pid)
         self._processes.on_exec(event.pid)
         if event.kind is ProcessEventKind.NEW and (self._selector is None or self._selector.admits(event.pid)):
             self._processes.observe_process(event.pid)
