@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Any
+from itertools import compress
+from operator import not_
+from typing import Any, cast
 
 from agent.aggregate.types import ProfileSpec
 from agent.pprof.strings import StringTable
@@ -36,6 +38,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_KERNEL_MAPPING = MappingInfo(path=KERNEL_MAPPING_NAME, start=0, limit=0, file_offset=0)
 
 _LocationKey = tuple[int, int, int]  # (mapping id, address, function id)
+_NUMERIC_LABELS = ("pid", "tid", "cpu")
+_TEXT_LABELS = ("comm", "thread_name", "container_id", "pod_uid", "systemd_unit")
 
 
 def build_pprof(profile: Profile) -> bytes:
@@ -79,13 +83,26 @@ def mapping_order(profile: Profile) -> list[MappingInfo]:
     user: dict[MappingInfo, None] = {}  # dicts as ordered sets
     kernel: dict[MappingInfo, None] = {}
     exe_mapping_by_pid: dict[int, MappingInfo] = {}
+    # A frame object seen before in the same process adds nothing: the symbolizer shares one object per
+    # (process, address), so most frames are skipped with one set lookup instead of hashing a mapping.
+    # Likewise for a mapping object, which the symbolizer shares between frames (all kernel frames, and a
+    # process's frames in one mapping).
+    seen_by_pid: dict[int, set[int]] = {}
     for sample in profile.samples:
         process = profile.processes.get(sample.pid)
         exe_path = process.exe_path if process is not None else ""
-        for frame in sample.frames:
-            mapping = frame_mapping(frame)
-            if mapping is None:
+        seen = seen_by_pid.setdefault(sample.pid, set())
+        ids = [*map(id, sample.frames)]  # the profile keeps every frame alive: ids stay unique
+        if seen.issuperset(ids):
+            continue
+        for frame in compress(sample.frames, map(not_, map(seen.__contains__, ids))):  # new ones, in C
+            if id(frame) in seen:
                 continue
+            seen.add(id(frame))
+            mapping = frame_mapping(frame)
+            if mapping is None or id(mapping) in seen:
+                continue
+            seen.add(id(mapping))
             if frame.kind is FrameKind.KERNEL or mapping.path == KERNEL_MAPPING_NAME:
                 kernel.setdefault(mapping, None)
                 continue
@@ -123,6 +140,11 @@ class ProfileBuilder:
         self._mapping_messages: list[Any] = []
         self._unnamed_mapping_ids: set[int] = set()
         self._locations: dict[_LocationKey, int] = {}
+        # Location id by frame object: frames repeat by identity far more than by value, and an id lookup
+        # costs no hashing of the frame's mapping. `_frames` keeps the objects alive so ids stay unique.
+        self._location_by_frame: dict[int, int] = {}
+        self._frames: list[Frame] = []
+        self._label_sets: dict[tuple[int | str, ...], Any] = {}
         # Interned first so the value-type names head the string table, which makes dumps easier to read.
         for value_type in spec.sample_types:
             self._message.sample_type.add(type=self._s(value_type.type), unit=self._s(value_type.unit))
@@ -158,23 +180,25 @@ class ProfileBuilder:
                 f"sample of pid {sample.pid} has {len(sample.values)} values but profile {self._spec.name!r} "
                 f"has {len(self._spec.sample_types)} sample types"
             )
-        message = self._message.sample.add()
-        message.location_id.extend(self._location(frame) for frame in sample.frames)
-        message.value.extend(sample.values)
-        # Numeric labels carry no unit: pid, tid and cpu are identifiers, not quantities.
-        for key, number in (("pid", sample.pid), ("tid", sample.tid), ("cpu", sample.cpu)):
-            message.label.add(key=self._s(key), num=number)
-        texts = [("comm", comm), ("thread_name", sample.thread_name)]
-        if process is not None:
-            texts += [
-                ("container_id", process.container_id),
-                ("pod_uid", process.pod_uid),
-                ("systemd_unit", process.systemd_unit),
-            ]
-        for key, text in texts:
-            # pprof reads str == 0 as "not a string label" and drops it, so don't spend bytes on it.
-            if text:
-                message.label.add(key=self._s(key), str=self._s(text))
+        location_ids = self._location_ids(sample.frames)  # interns the function names before the labels'
+        message = self._message.sample.add(location_id=location_ids, value=sample.values)
+        message.MergeFrom(self._labels(sample, comm, process))
+
+    def _labels(self, sample: Sample, comm: str, process: ProcessInfo | None) -> Any:
+        """A `Sample` message holding only the labels of `sample`; samples with equal labels share one."""
+        metadata = (process.container_id, process.pod_uid, process.systemd_unit) if process is not None else ("",) * 3
+        key = (sample.pid, sample.tid, sample.cpu, comm, sample.thread_name, *metadata)
+        labels = self._label_sets.get(key)
+        if labels is None:
+            labels = self._label_sets[key] = profile_pb2.Sample()
+            # Numeric labels carry no unit: pid, tid and cpu are identifiers, not quantities.
+            for name, number in zip(_NUMERIC_LABELS, key[:3], strict=True):
+                labels.label.add(key=self._s(name), num=number)
+            for name, text in zip(_TEXT_LABELS, key[3:], strict=True):
+                # pprof reads str == 0 as "not a string label" and drops it, so don't spend bytes on it.
+                if text:
+                    labels.label.add(key=self._s(name), str=self._s(text))
+        return labels
 
     def build(self, start_unix_ns: int, duration_ns: int) -> Any:
         """The finished `profile_pb2.Profile` message."""
@@ -208,6 +232,19 @@ class ProfileBuilder:
         index = self._s(name)
         self._message.function.add(id=function_id, name=index, system_name=index)
         return function_id
+
+    def _location_ids(self, frames: tuple[Frame, ...]) -> list[int]:
+        known = [*map(self._location_by_frame.get, map(id, frames))]  # the common case stays in C
+        if None not in known:
+            return cast(list[int], known)
+        return [known_id or self._location_id(frame) for known_id, frame in zip(known, frames, strict=True)]
+
+    def _location_id(self, frame: Frame) -> int:
+        location_id = self._location_by_frame.get(id(frame))
+        if location_id is None:
+            location_id = self._location_by_frame[id(frame)] = self._location(frame)
+            self._frames.append(frame)
+        return location_id
 
     def _location(self, frame: Frame) -> int:
         mapping = frame_mapping(frame)

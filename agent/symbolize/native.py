@@ -6,19 +6,32 @@ bias and names the function. A binary without `.symtab` is completed from its de
 (`agent.symbolize.debuginfo`), and an address in JIT code (an executable mapping with no file, or no
 mapping at all) is named from the process's perf map (`agent.symbolize.perf_map`).
 
-Per-`symbolize`-call memos keep the per-frame work to a dictionary lookup: each mapping of a snapshot
-is prepared once per call, each (file, virtual address) is named once per call, and each
-(pid, address) becomes one shared `Frame`.
+Memos keep the per-frame work to a dictionary lookup, and most of them outlive a `symbolize` call:
+a steady workload's addresses are resolved once, not once per interval. Per process snapshot (the
+`ProcessMaps` object itself: an exec or a refresh brings a new one, and with it an empty memo), each
+mapping is prepared once, each address becomes one shared `Frame`, and the caller may keep results
+per stack (`stack_memo`). What may change between calls is checked, or left out:
+
+- a prepared mapping stays valid while the ELF cache still holds the very entry (table or error) it
+  was prepared from; at the snapshot's first use in a call that is checked, and an evicted or
+  replaced entry (a complete table of the same build id) drops the mapping's frames and the stacks;
+- frames named from a perf map (which grows), outside every mapping, or in a file that could not be
+  reached, last one call, and a stack holding one is never remembered;
+- memos of pids the registry no longer tracks go (`retain`), and past `max_memo_entries` frames and
+  stacks in all every memo is dropped at the next call.
+
+(file, virtual address) names are shared by the processes of one image within a call.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.symbolize.cache import ElfTableCache
+from agent.aggregate.types import Stack
+from agent.symbolize.cache import ElfEntry, ElfTableCache
 from agent.symbolize.debuginfo import DEFAULT_DEBUG_ROOTS, DebugInfoFinder
 from agent.symbolize.elf_symbols import ElfErrorReason, ElfReadError, ElfSymbols, read_build_id, read_elf_with_hints
 from agent.symbolize.perf_map import JIT_KINDS, PerfMapStore
@@ -43,24 +56,48 @@ _ELF_REASONS = {
 }
 
 
+# Frames and stacks remembered across calls, all snapshots together; past it every memo is dropped.
+DEFAULT_MEMO_ENTRIES = 200_000
+
+
 @dataclass(frozen=True, slots=True)
 class _Prepared:
     """One mapping of one snapshot, ready for lookups: its pprof mapping and, when usable, table and bias."""
 
     mapping: MappingInfo
-    table: ElfSymbols | None
+    table: ElfSymbols | None  # None: the mapping's frames keep only mapping and address
     bias: int
     identity: FileIdentity | None
     jit: bool = False  # no file behind the code: named from the perf map
+    # The ELF cache's entry (table or error) this was prepared from: valid while the cache still holds it.
+    source: ElfEntry | None = None
+    retry: bool = False  # its file could not be reached this call: prepared again in the next one
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
+class StackFrames:
+    """One stack's frames with how many of them got a name: what `stack_memo` keeps per stack."""
+
+    frames: tuple[Frame, ...]
+    named: int
+    unnamed: int
+
+
+@dataclass(slots=True, eq=False)
 class _SnapshotMemo:
-    """Per-call work on one snapshot; replaced when the pid's snapshot object changes (a refresh)."""
+    """Work on one snapshot, kept across calls while the snapshot is the pid's and its ELF entries stay cached.
+
+    `frames` holds the frames that only the snapshot and its files decide (by adjusted address);
+    `volatile` those a perf map names, or whose file could not be reached, which last one call.
+    `stacks` is the caller's per-stack results made of `frames` only.
+    """
 
     maps: ProcessMaps
     prepared: list[_Prepared | None]  # parallel to maps.mappings
-    frames: dict[int, Frame] = field(default_factory=dict)  # by (adjusted) address
+    call: int
+    frames: dict[int, Frame] = field(default_factory=dict)
+    volatile: dict[int, Frame] = field(default_factory=dict)
+    stacks: dict[Stack, StackFrames] = field(default_factory=dict)
 
 
 class NativeResolver:
@@ -71,74 +108,141 @@ class NativeResolver:
         stats: SymbolizerStats,
         debug_roots: Sequence[Path] = DEFAULT_DEBUG_ROOTS,
         perf_maps: PerfMapStore | None = None,
+        max_memo_entries: int = DEFAULT_MEMO_ENTRIES,
     ) -> None:
         self._proc_root = proc_root
         self._stats = stats
         self.cache = ElfTableCache(elf_cache_size)
         self.perf_maps = perf_maps if perf_maps is not None else PerfMapStore(proc_root, stats)
         self._debug = DebugInfoFinder(proc_root, debug_roots, stats)
+        self._max_memo_entries = max_memo_entries
         self._memos: dict[int, _SnapshotMemo] = {}
+        self._call = 0
         self._names: dict[tuple[FileIdentity, int], str] = {}
         self._unreachable: set[FileIdentity] = set()
 
     def begin_call(self) -> None:
-        """Drop the per-call memos: snapshots and files may have changed since the last call."""
-        self._memos.clear()
+        """Start a `symbolize` call: the per-call memos go, the snapshot memos are checked again at first use."""
+        self._call += 1
         self._names.clear()
         self._unreachable.clear()
         self.perf_maps.begin_call()
+        if self.memo_entries() > self._max_memo_entries:
+            logger.debug(
+                "dropping the symbol memos of %d snapshots: over %d entries", len(self._memos), self._max_memo_entries
+            )
+            self._memos.clear()
 
-    def frames(self, maps: ProcessMaps, addresses: Sequence[int]) -> list[Frame]:
-        """Frames for `addresses` (already adjusted for callers) of the process `maps` describes."""
+    def retain(self, pids: Collection[int]) -> None:
+        """Drop the memos of processes no longer tracked."""
+        for pid in [pid for pid in self._memos if pid not in pids]:
+            del self._memos[pid]
+
+    def memo_entries(self) -> int:
+        """Frames and stacks remembered across calls."""
+        return sum(len(memo.frames) + len(memo.stacks) for memo in self._memos.values())
+
+    def stack_memo(self, maps: ProcessMaps) -> dict[Stack, StackFrames]:
+        """Where the caller may keep a result per stack of `maps`'s process, if every frame of it was stable
+        (see `frames`); it is emptied whenever a remembered frame of the snapshot could change."""
+        return self._memo(maps).stacks
+
+    def frames(self, maps: ProcessMaps, addresses: Sequence[int]) -> tuple[list[Frame], bool]:
+        """Frames for `addresses` (already adjusted for callers) of the process `maps` describes, and whether
+        all of them are stable: none named from a perf map, outside every mapping or in an unreachable file."""
+        memo = self._memo(maps)
+        stable_frames = memo.frames
+        result = []
+        stable = True
+        for address in addresses:
+            frame = stable_frames.get(address)
+            if frame is None:
+                frame = memo.volatile.get(address)
+                if frame is None:
+                    frame = self._frame(memo, address)
+                stable = stable and address in stable_frames
+            result.append(frame)
+        return result, stable
+
+    def _memo(self, maps: ProcessMaps) -> _SnapshotMemo:
         memo = self._memos.get(maps.pid)
         if memo is None or memo.maps is not maps:
-            memo = _SnapshotMemo(maps, [None] * len(maps.mappings))
-            self._memos[maps.pid] = memo
-        result = []
-        for address in addresses:
-            frame = memo.frames.get(address)
-            if frame is None:
-                frame = self._frame(memo, address)
-                memo.frames[address] = frame
-            result.append(frame)
-        return result
+            # First sight of this snapshot (a new process, an exec, a refresh): nothing carries over.
+            memo = self._memos[maps.pid] = _SnapshotMemo(maps, [None] * len(maps.mappings), self._call)
+        elif memo.call != self._call:
+            self._revalidate(memo)
+        return memo
+
+    def _revalidate(self, memo: _SnapshotMemo) -> None:
+        """At a snapshot's first use in a call: drop what a changed ELF cache entry or a retry invalidates."""
+        memo.call = self._call
+        memo.volatile.clear()
+        for index, prepared in enumerate(memo.prepared):
+            if prepared is None:
+                continue
+            if prepared.retry:
+                memo.prepared[index] = None  # its frames were volatile
+            elif prepared.source is not None and prepared.identity is not None:
+                if self.cache.get(prepared.identity) is prepared.source:
+                    self._stats.elf_cache_hits += 1
+                else:  # evicted, or replaced by a complete table of the same build id
+                    self._forget_mapping(memo, index)
+
+    def _forget_mapping(self, memo: _SnapshotMemo, index: int) -> None:
+        entry = memo.maps.mappings[index]
+        memo.prepared[index] = None
+        memo.frames = {a: f for a, f in memo.frames.items() if not entry.start <= a < entry.end}
+        memo.stacks.clear()
 
     def _frame(self, memo: _SnapshotMemo, address: int) -> Frame:
+        """Name `address` and remember the frame in `memo.frames` or, when it may change, `memo.volatile`."""
         index = memo.maps.index_of(address)
         if index < 0:
             # Still outside every mapping after the snapshot's refresh: JIT code of a process gone or
             # unmapped since, which only a perf map can name.
-            return Frame(FrameKind.NATIVE, address, self.perf_maps.lookup(memo.maps.pid, address), None)
+            frame = Frame(FrameKind.NATIVE, address, self.perf_maps.lookup(memo.maps.pid, address), None)
+            memo.volatile[address] = frame
+            return frame
         prepared = memo.prepared[index]
         if prepared is None:
-            prepared = self._prepare(memo.maps.pid, memo.maps.mappings[index])
-            memo.prepared[index] = prepared
+            prepared = memo.prepared[index] = self._prepare(memo.maps.pid, memo.maps.mappings[index])
         if prepared.jit:
-            return Frame(FrameKind.NATIVE, address, self.perf_maps.lookup(memo.maps.pid, address), prepared.mapping)
+            jit_name = self.perf_maps.lookup(memo.maps.pid, address)
+            frame = memo.volatile[address] = Frame(FrameKind.NATIVE, address, jit_name, prepared.mapping)
+            return frame
         if prepared.table is None or prepared.identity is None:
-            return Frame(FrameKind.NATIVE, address, "", prepared.mapping)
-        vaddr = address - prepared.bias
-        key = (prepared.identity, vaddr)
-        name = self._names.get(key)
-        if name is None:
-            name = prepared.table.lookup(vaddr)
-            self._names[key] = name
-        return Frame(FrameKind.NATIVE, address, name, prepared.mapping)
+            frame = Frame(FrameKind.NATIVE, address, "", prepared.mapping)
+        else:
+            vaddr = address - prepared.bias
+            key = (prepared.identity, vaddr)
+            name = self._names.get(key)
+            if name is None:
+                name = self._names[key] = prepared.table.lookup(vaddr)
+            frame = Frame(FrameKind.NATIVE, address, name, prepared.mapping)
+        (memo.volatile if prepared.retry else memo.frames)[address] = frame
+        return frame
 
     def _prepare(self, pid: int, entry: MapEntry) -> _Prepared:
-        table = self._table(pid, entry) if entry.kind is MapKind.FILE else None
-        build_id = table.build_id if table is not None else ""
-        mapping = MappingInfo(printable(entry.path), entry.start, entry.end, entry.offset, build_id)
+        source = self._table(pid, entry) if entry.kind is MapKind.FILE else None
+        table = source if isinstance(source, ElfSymbols) else None
+        mapping = MappingInfo(
+            printable(entry.path), entry.start, entry.end, entry.offset, table.build_id if table is not None else ""
+        )
         if table is None:
-            return _Prepared(mapping, None, 0, None, jit=entry.kind in JIT_KINDS)
+            # A file with an identity that left nothing in the cache could not be reached: try again later.
+            retry = entry.kind is MapKind.FILE and entry.identity is not None and source is None
+            jit = entry.kind in JIT_KINDS
+            return _Prepared(mapping, None, 0, entry.identity, jit=jit, source=source, retry=retry)
         segment = table.segment_for_offset(entry.offset)
         if segment is None:
             self._stats.errors[ErrorReason.ELF_NO_SEGMENT] += 1
             logger.debug("%s: offset %#x of pid %d's mapping is in no PT_LOAD", entry.path, entry.offset, pid)
-            return _Prepared(mapping, None, 0, None)
-        return _Prepared(mapping, table, load_bias(entry, segment), entry.identity)
+            return _Prepared(mapping, None, 0, entry.identity, source=table)
+        return _Prepared(mapping, table, load_bias(entry, segment), entry.identity, source=table)
 
-    def _table(self, pid: int, entry: MapEntry) -> ElfSymbols | None:
+    def _table(self, pid: int, entry: MapEntry) -> ElfEntry | None:
+        """The ELF cache's entry for the mapped file (loading it on a miss); None when it has no identity or
+        cannot be reached now."""
         identity = entry.identity
         if identity is None:
             self._stats.errors[ErrorReason.ELF_NO_IDENTITY] += 1
@@ -146,7 +250,7 @@ class NativeResolver:
         cached = self.cache.get(identity)
         if cached is not None:
             self._stats.elf_cache_hits += 1
-            return cached if isinstance(cached, ElfSymbols) else None
+            return cached
         self._stats.elf_cache_misses += 1
         if identity in self._unreachable:
             return None
@@ -169,6 +273,6 @@ class NativeResolver:
             self._stats.errors[_ELF_REASONS[e.reason]] += 1
             logger.debug("cannot symbolize with %s: %s", entry.path, e)
             self.cache.put(identity, e)
-            return None
+            return e
         self.cache.put(identity, table)
         return table

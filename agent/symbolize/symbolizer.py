@@ -7,6 +7,11 @@ the marker frames, and converts monotonic timestamps
 to Unix time. Each `Profile.processes` entry carries the labels (container, pod, systemd unit) the
 metadata stage read when the process was captured.
 
+Most of the work outlives one `symbolize` call: kernel stacks and frames are remembered while the
+kallsyms table stays the same, and user stacks and frames per process snapshot as long as the native
+resolver says they hold (see `agent.symbolize.native`), so a steady workload costs about one dictionary
+lookup per stack and interval.
+
 Threads: `observe_process` and `on_exec` are called from the event thread, `symbolize` from the report
 thread; only the process registry and the perf-map store are shared, and each carries its own lock.
 """
@@ -21,9 +26,9 @@ from types import MappingProxyType
 from agent.aggregate.types import AggregatedSample, IntervalProfile, Stack, StackStatus
 from agent.metadata.process import ProcessMetadata
 from agent.symbolize.debuginfo import DEFAULT_DEBUG_ROOTS
-from agent.symbolize.kallsyms import KallsymsCache
+from agent.symbolize.kallsyms import KallsymsCache, KernelSymbols
 from agent.symbolize.markers import NO_STACK, pprof_addresses, status_marker
-from agent.symbolize.native import NativeResolver
+from agent.symbolize.native import NativeResolver, StackFrames
 from agent.symbolize.perf_map import DEFAULT_MAX_ENTRIES, PerfMapStore
 from agent.symbolize.proc_maps import ProcessMaps
 from agent.symbolize.processes import ProcessRegistry
@@ -33,27 +38,20 @@ from agent.symbolize.types import Frame, FrameKind, ProcessInfo, Profile, Sample
 _FRAMES_BY_STATUS = (StackStatus.OK, StackStatus.TRUNCATED)
 
 
-@dataclass(frozen=True, slots=True)
-class _Frames:
-    """Frames of one stack with how many of them got a name, memoized per `symbolize` call."""
-
-    frames: tuple[Frame, ...]
-    named: int
-    unnamed: int
-
-
-_NONE = _Frames((), 0, 0)
+_NONE = StackFrames((), 0, 0)
+# Kernel stacks and frames remembered across calls (while the kallsyms table stays the same); past it
+# they are dropped.
+_KERNEL_MEMO_ENTRIES = 100_000
 
 
 @dataclass(slots=True)
 class _CallState:
-    """Memos of one `symbolize` call: identical stacks are symbolized once."""
+    """Memos of one `symbolize` call: identical stacks are symbolized once (see also the lasting memos)."""
 
-    kernel: dict[Stack, _Frames] = field(default_factory=dict)
-    kernel_frames: dict[int, Frame] = field(default_factory=dict)  # by adjusted address
-    user: dict[tuple[int, Stack], _Frames] = field(default_factory=dict)
+    user: dict[tuple[int, Stack], StackFrames] = field(default_factory=dict)  # stacks not kept across calls
     maps: dict[int, ProcessMaps | None] = field(default_factory=dict)  # None: could not be captured
     refreshed: set[int] = field(default_factory=set)
+    kernel_checked: bool = False  # whether the kallsyms table was checked for a reload in this call
 
 
 class Symbolizer:
@@ -80,6 +78,9 @@ class Symbolizer:
         self._kallsyms = KallsymsCache(proc_root / "kallsyms", self.stats)
         self._perf_maps = PerfMapStore(proc_root, self.stats, perf_map_max_entries)
         self._native = NativeResolver(proc_root, elf_cache_size, self.stats, debug_roots, self._perf_maps)
+        self._kernel_table: KernelSymbols | None = None
+        self._kernel_stacks: dict[Stack, StackFrames] = {}
+        self._kernel_frames_memo: dict[int, Frame] = {}  # by adjusted address
 
     def observe_process(self, pid: int) -> None:
         """Capture `pid`'s mappings, comm, exe and labels now unless already captured, and catch up with its
@@ -103,6 +104,7 @@ class Symbolizer:
             "processes": len(self._processes),
             "process_labels": len(self._metadata),
             "kernel_symbols": self._kallsyms.size(),
+            "symbol_memo": self._native.memo_entries() + self._kernel_memo_entries(),
         }
 
     def symbolize(self, interval: IntervalProfile) -> Profile:
@@ -118,7 +120,9 @@ class Symbolizer:
         pids = sorted({s.pid for s in samples})
         processes = self._process_infos(pids, interval.samples)
         self._processes.end_interval(pids)
-        self._perf_maps.retain(self._processes.pids())
+        tracked = self._processes.pids()
+        self._perf_maps.retain(tracked)
+        self._native.retain(tracked)
         return Profile(
             spec=interval.spec,
             start_unix_ns=interval.start_mono_ns + offset,
@@ -144,49 +148,74 @@ class Symbolizer:
             timestamps_unix_ns=tuple(t + offset for t in agg.timestamps_mono_ns),
         )
 
-    def _kernel_frames(self, stack: Stack, state: _CallState) -> _Frames:
+    def _kernel_frames(self, stack: Stack, state: _CallState) -> StackFrames:
         if stack.status not in _FRAMES_BY_STATUS or not stack.addresses:
             return _marker_only(stack, "kernel")
-        result = state.kernel.get(stack)
+        table = self._kernel_symbols(state)
+        result = self._kernel_stacks.get(stack)
         if result is None:
-            table = self._kallsyms.table()
             frames = []
             for address in pprof_addresses(stack.addresses):
-                frame = state.kernel_frames.get(address)
+                frame = self._kernel_frames_memo.get(address)
                 if frame is None:
                     frame = Frame(FrameKind.KERNEL, address, table.lookup(address), table.mapping)
-                    state.kernel_frames[address] = frame
+                    self._kernel_frames_memo[address] = frame
                 frames.append(frame)
-            result = _finish(frames, stack, "kernel")
-            state.kernel[stack] = result
+            result = self._kernel_stacks[stack] = _finish(frames, stack, "kernel")
         return result
 
-    def _user_frames(self, pid: int, stack: Stack, state: _CallState) -> _Frames:
+    def _kernel_symbols(self, state: _CallState) -> KernelSymbols:
+        """The kallsyms table, checked for a reload once per call; the kernel memos hold for one table."""
+        table = self._kernel_table
+        if table is None or not state.kernel_checked:
+            state.kernel_checked = True
+            table = self._kallsyms.table()
+            if table is not self._kernel_table or self._kernel_memo_entries() > _KERNEL_MEMO_ENTRIES:
+                self._kernel_table = table
+                self._kernel_stacks.clear()
+                self._kernel_frames_memo.clear()
+        return table
+
+    def _kernel_memo_entries(self) -> int:
+        return len(self._kernel_stacks) + len(self._kernel_frames_memo)
+
+    def _user_frames(self, pid: int, stack: Stack, state: _CallState) -> StackFrames:
         if stack.status not in _FRAMES_BY_STATUS or not stack.addresses:
             return _marker_only(stack, "user")
-        result = state.user.get((pid, stack))
+        maps = self._maps(pid, state)
+        # A stack remembered for this very snapshot lies inside its mappings: it needs no refresh check.
+        result = self._native.stack_memo(maps).get(stack) if maps is not None else None
+        if result is None:
+            result = state.user.get((pid, stack))
         if result is None:
             addresses = pprof_addresses(stack.addresses)
-            maps = self._maps_covering(pid, addresses, state)
+            stable = False
             if maps is None:
                 frames = [Frame(FrameKind.NATIVE, address, "", None) for address in addresses]
             else:
-                frames = self._native.frames(maps, addresses)
+                maps = self._covering(pid, maps, addresses, state)
+                frames, stable = self._native.frames(maps, addresses)
             result = _finish(frames, stack, "user")
-            state.user[(pid, stack)] = result
+            if maps is not None and stable:
+                self._native.stack_memo(maps)[stack] = result
+            else:
+                state.user[(pid, stack)] = result
         return result
 
-    def _maps_covering(self, pid: int, addresses: Iterable[int], state: _CallState) -> ProcessMaps | None:
-        """The pid's snapshot, captured now if missing (the process may still be alive).
-
-        An address outside every mapping means the process mapped code after its snapshot (dlopen, JIT):
-        the snapshot is retaken once per call, and kept as it was when the process has gone.
-        """
+    def _maps(self, pid: int, state: _CallState) -> ProcessMaps | None:
+        """The pid's snapshot, captured now if missing (the process may still be alive)."""
         if pid in state.maps:
-            maps = state.maps[pid]
-        else:
-            maps = state.maps[pid] = self._processes.get(pid) or self._processes.observe(pid)
-        if maps is None or pid in state.refreshed:
+            return state.maps[pid]
+        maps = state.maps[pid] = self._processes.get(pid) or self._processes.observe(pid)
+        return maps
+
+    def _covering(self, pid: int, maps: ProcessMaps, addresses: Iterable[int], state: _CallState) -> ProcessMaps:
+        """`maps`, or a new snapshot when an address is outside every mapping.
+
+        That means the process mapped code after its snapshot (dlopen, JIT): the snapshot is retaken once
+        per call, and kept as it was when the process has gone.
+        """
+        if pid in state.refreshed:
             return maps
         if any(maps.index_of(address) < 0 for address in addresses):
             state.refreshed.add(pid)
@@ -206,12 +235,12 @@ class Symbolizer:
         return infos
 
 
-def _marker_only(stack: Stack, side: str) -> _Frames:
+def _marker_only(stack: Stack, side: str) -> StackFrames:
     frame = status_marker(stack.status, side)
-    return _Frames((frame,), 0, 0) if frame is not None else _NONE
+    return StackFrames((frame,), 0, 0) if frame is not None else _NONE
 
 
-def _finish(frames: list[Frame], stack: Stack, side: str) -> _Frames:
+def _finish(frames: list[Frame], stack: Stack, side: str) -> StackFrames:
     """Count named frames and append the truncation marker at the root end of a TRUNCATED stack."""
     named = sum(1 for f in frames if f.function)
     unnamed = len(frames) - named
@@ -219,4 +248,4 @@ def _finish(frames: list[Frame], stack: Stack, side: str) -> _Frames:
         frame = status_marker(stack.status, side)
         if frame is not None:
             frames.append(frame)
-    return _Frames(tuple(frames), named, unnamed)
+    return StackFrames(tuple(frames), named, unnamed)

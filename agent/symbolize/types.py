@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from agent.aggregate.types import ProfileSpec
@@ -25,13 +25,24 @@ class FrameKind(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class MappingInfo:
-    """A file mapping as /proc/PID/maps showed it (runtime addresses), or the kernel pseudo-mapping."""
+    """A file mapping as /proc/PID/maps showed it (runtime addresses), or the kernel pseudo-mapping.
+
+    Its hash is computed once: mappings key the dedup tables of every output format, and a frame's hash
+    includes its mapping's.
+    """
 
     path: str  # path inside the process's mount namespace, or KERNEL_MAPPING_NAME
     start: int
     limit: int
     file_offset: int
     build_id: str = ""  # lowercase hex of the GNU build id; "" when unknown
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.path, self.start, self.limit, self.file_offset, self.build_id)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 class Frame(NamedTuple):

@@ -364,3 +364,23 @@ def test_go_pprof_top_orders_functions_by_flat_cpu(tmp_path: Path) -> None:
     cumulative = {" ".join(row[5:]): row[4] for row in rows[header + 1 :] if row}
     assert cumulative["main"] == "72.60%"
     assert cumulative["worker_main"] == "23.29%"
+
+
+def test_frame_objects_shared_by_processes_still_find_each_ones_main_binary() -> None:
+    # The builder skips a frame object it has seen, per process: the same objects in another process
+    # must still make that process's executable the main mapping.
+    frames = (FIX_MEMCPY, COMPUTE_HOT)
+    samples = (sample(100, 100, 0, "a", frames, 1), sample(200, 200, 0, "b", frames, 1))
+    processes = {100: ProcessInfo(100, "a", "/opt/fixture/bin/other"), 200: ProcessInfo(200, "b", APP.path)}
+    message = parse(build_pprof(Profile(CPU_SPEC, START_NS, DURATION_NS, samples, processes)))
+    names = [message.string_table[m.filename] for m in message.mapping]
+    assert names == [APP.path, LIB_IN_APP.path]
+    # Each sample keeps its own labels although the builder shares label sets between equal ones.
+    labels = [{message.string_table[label.key]: label.num or label.str for label in s.label} for s in message.sample]
+    assert [(d["pid"], d["tid"]) for d in labels] == [(100, 100), (200, 200)]
+
+
+def test_mapping_hash_is_its_fields_hash_and_equality_ignores_it() -> None:
+    copy = dataclasses.replace(APP)
+    assert copy == APP and hash(copy) == hash(APP) and copy is not APP
+    assert {APP: 1}[copy] == 1 and dataclasses.replace(APP, start=0) != APP

@@ -13,7 +13,6 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.profiles.v1development.profiles_pb2 import (
     Function,
     KeyValueAndUnit,
-    Line,
     Link,
     Location,
     Mapping,
@@ -36,8 +35,9 @@ def any_value(value: AttrValue) -> AnyValue:
 class DictionaryBuilder:
     """Interns table entries and returns their indices; `dictionary` is the finished message."""
 
-    def __init__(self) -> None:
-        self.dictionary = ProfilesDictionary()
+    def __init__(self, dictionary: ProfilesDictionary | None = None) -> None:
+        """Fill `dictionary` (empty; e.g. a request's own field, so it is never copied) or a new one."""
+        self.dictionary = dictionary if dictionary is not None else ProfilesDictionary()
         d = self.dictionary
         d.string_table.append("")
         d.mapping_table.append(Mapping())
@@ -66,9 +66,8 @@ class DictionaryBuilder:
         index = self._attributes.get(ident)
         if index is None:
             index = self._attributes[ident] = len(self.dictionary.attribute_table)
-            self.dictionary.attribute_table.append(
-                KeyValueAndUnit(key_strindex=self.string(key), value=any_value(value))
-            )
+            key_index = self.string(key)
+            self.dictionary.attribute_table.add(key_strindex=key_index, value=any_value(value))
         return index
 
     def mapping(self, start: int, limit: int, file_offset: int, filename: str, attributes: tuple[int, ...]) -> int:
@@ -76,14 +75,12 @@ class DictionaryBuilder:
         index = self._mappings.get(ident)
         if index is None:
             index = self._mappings[ident] = len(self.dictionary.mapping_table)
-            self.dictionary.mapping_table.append(
-                Mapping(
-                    memory_start=start,
-                    memory_limit=limit,
-                    file_offset=file_offset,
-                    filename_strindex=ident[3],
-                    attribute_indices=attributes,
-                )
+            self.dictionary.mapping_table.add(
+                memory_start=start,
+                memory_limit=limit,
+                file_offset=file_offset,
+                filename_strindex=ident[3],
+                attribute_indices=attributes,
             )
         return index
 
@@ -93,7 +90,7 @@ class DictionaryBuilder:
         index = self._functions.get(name_index)
         if index is None:
             index = self._functions[name_index] = len(self.dictionary.function_table)
-            self.dictionary.function_table.append(Function(name_strindex=name_index))
+            self.dictionary.function_table.add(name_strindex=name_index)
         return index
 
     def location(self, mapping_index: int, address: int, function_index: int, attributes: tuple[int, ...]) -> int:
@@ -102,10 +99,12 @@ class DictionaryBuilder:
         index = self._locations.get(ident)
         if index is None:
             index = self._locations[ident] = len(self.dictionary.location_table)
-            lines = [Line(function_index=function_index)] if function_index else []
-            self.dictionary.location_table.append(
-                Location(mapping_index=mapping_index, address=address, lines=lines, attribute_indices=attributes)
+            # Built in place: constructing a message and appending it would copy it.
+            location = self.dictionary.location_table.add(
+                mapping_index=mapping_index, address=address, attribute_indices=attributes
             )
+            if function_index:
+                location.lines.add(function_index=function_index)
         return index
 
     def stack(self, location_indices: tuple[int, ...]) -> int:
@@ -113,5 +112,5 @@ class DictionaryBuilder:
         index = self._stacks.get(location_indices)
         if index is None:
             index = self._stacks[location_indices] = len(self.dictionary.stack_table)
-            self.dictionary.stack_table.append(Stack(location_indices=location_indices))
+            self.dictionary.stack_table.add(location_indices=location_indices)
         return index

@@ -30,12 +30,11 @@ import logging
 import posixpath
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import ExportProfilesServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
 from opentelemetry.proto.profiles.v1development.profiles_pb2 import Profile as OtlpProfile
-from opentelemetry.proto.profiles.v1development.profiles_pb2 import ResourceProfiles, ScopeProfiles
-from opentelemetry.proto.profiles.v1development.profiles_pb2 import Sample as OtlpSample
+from opentelemetry.proto.profiles.v1development.profiles_pb2 import ScopeProfiles
 from opentelemetry.proto.profiles.v1development.profiles_pb2 import ValueType as OtlpValueType
 
 from agent import __version__
@@ -57,6 +56,10 @@ FRAME_TYPE_KEY = "profile.frame.type"
 FRAME_TYPES = {FrameKind.KERNEL: "kernel", FrameKind.NATIVE: "native", FrameKind.MARKER: "abort-marker"}
 BUILD_ID_GNU = "process.executable.build_id.gnu"
 BUILD_ID_HTLHASH = "process.executable.build_id.htlhash"
+
+
+# Samples by OTLP identity (stack index, attribute indices): summed value and every timestamp.
+_Merged = dict[tuple[int, tuple[int, ...]], tuple[int, list[int]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,70 +142,73 @@ class _RequestEncoder:
 
     def __init__(self, context: _Context) -> None:
         self._context = context
-        self._dict = DictionaryBuilder()
-        self._resources: dict[int, ResourceProfiles] = {}
+        # Everything is built in place inside the request: constructing a message from sub-messages
+        # copies them, and the samples would otherwise be copied three times.
+        self._request = ExportProfilesServiceRequest()
+        self._dict = DictionaryBuilder(self._request.dictionary)
+        self._resources: dict[int, ScopeProfiles] = {}
         self._mappings: dict[tuple[int, MappingInfo], int] = {}
         self._locations: dict[tuple[int, Frame], int] = {}
+        # Per pid, location index by frame object: the symbolizer shares one object per (process,
+        # address), so an id lookup replaces hashing the frame and its mapping. `_frames` keeps the
+        # objects alive so ids stay unique.
+        self._location_by_frame: dict[int, dict[int, int]] = {}
+        self._frames: list[Frame] = []
 
     def add(self, unit: _Unit) -> None:
-        profile = self._profile(unit)
-        if profile is None:
-            return
-        resource = self._resources.get(unit.pid)
-        if resource is None:
-            process = unit.profile.processes.get(unit.pid) or ProcessInfo(unit.pid, "", "")
-            extra = self._context.extra_resource.get(unit.pid)
-            resource = ResourceProfiles(
-                resource=process_resource(self._context.resource, process, extra),
-                scope_profiles=[ScopeProfiles(scope=InstrumentationScope(name=SCOPE_NAME, version=__version__))],
-            )
-            self._resources[unit.pid] = resource
-        resource.scope_profiles[0].profiles.append(profile)
-
-    def request(self) -> ExportProfilesServiceRequest | None:
-        if not self._resources:
-            return None
-        return ExportProfilesServiceRequest(
-            resource_profiles=list(self._resources.values()), dictionary=self._dict.dictionary
-        )
-
-    def _profile(self, unit: _Unit) -> OtlpProfile | None:
-        spec = unit.profile.spec
-        mapping = value_mapping(spec)
+        mapping = value_mapping(unit.profile.spec)
         merged = self._merge(unit, mapping)
         if not merged:
-            return None
+            return
+        profile = self._scope(unit.pid, unit.profile).profiles.add()
+        # The value types' strings are interned after the stacks', as they always were.
+        self._value_type(profile.sample_type, mapping.sample_type)
+        self._value_type(profile.period_type, mapping.period_type)
+        self._fill(profile, unit, mapping, merged)
+
+    def request(self) -> ExportProfilesServiceRequest | None:
+        return self._request if self._resources else None
+
+    def _scope(self, pid: int, profile: Profile) -> ScopeProfiles:
+        scope = self._resources.get(pid)
+        if scope is None:
+            process = profile.processes.get(pid) or ProcessInfo(pid, "", "")
+            extra = self._context.extra_resource.get(pid)
+            resource = self._request.resource_profiles.add()
+            resource.resource.CopyFrom(process_resource(self._context.resource, process, extra))
+            scope = resource.scope_profiles.add()
+            scope.scope.name = SCOPE_NAME
+            scope.scope.version = __version__
+            self._resources[pid] = scope
+        return scope
+
+    def _fill(self, result: OtlpProfile, unit: _Unit, mapping: ValueMapping, merged: _Merged) -> None:
         shape = choose_shape(mapping, [(value, len(ts)) for value, ts in merged.values()])
-        samples: list[OtlpSample] = []
+        samples = result.samples
         timestamps: list[int] = []
         for (stack_index, attributes), (value, ts) in merged.items():
-            sample = OtlpSample(stack_index=stack_index, attribute_indices=attributes)
+            sample = samples.add(stack_index=stack_index, attribute_indices=attributes)
             if shape is Shape.TIMESTAMPS:
-                sample.timestamps_unix_nano.extend(sorted(ts))
+                ts = sorted(ts)
+                sample.timestamps_unix_nano.extend(ts)
+                timestamps.extend(ts)
             else:
                 sample.values.append(value)
                 if len(ts) == 1:
                     sample.timestamps_unix_nano.append(ts[0])
-            timestamps.extend(sample.timestamps_unix_nano)
-            samples.append(sample)
-        time_ns, duration_ns = profile_window(unit.profile.start_unix_ns, unit.profile.duration_ns, timestamps)
-        result = OtlpProfile(
-            sample_type=self._value_type(mapping.sample_type),
-            samples=samples,
-            time_unix_nano=time_ns,
-            duration_nano=duration_ns,
-            period_type=self._value_type(mapping.period_type),
-            period=mapping.period,
+                    timestamps.append(ts[0])
+        result.time_unix_nano, result.duration_nano = profile_window(
+            unit.profile.start_unix_ns, unit.profile.duration_ns, timestamps
         )
+        result.period = mapping.period
         if unit.payload:
             result.original_payload_format = PPROF_FORMAT
             result.original_payload = unit.payload
-        return result
 
-    def _merge(self, unit: _Unit, mapping: ValueMapping) -> dict[tuple[int, tuple[int, ...]], tuple[int, list[int]]]:
+    def _merge(self, unit: _Unit, mapping: ValueMapping) -> _Merged:
         """Samples keyed by OTLP identity (stack, attributes): summed value and all timestamps."""
         spec = unit.profile.spec
-        merged: dict[tuple[int, tuple[int, ...]], tuple[int, list[int]]] = {}
+        merged: _Merged = {}
         for sample in unit.samples:
             if len(sample.values) != len(spec.sample_types):
                 raise ValueError(
@@ -211,7 +217,7 @@ class _RequestEncoder:
             value = sample.values[mapping.value_index]
             if value <= 0 and not sample.timestamps_unix_ns:
                 continue  # nothing to say; receivers skip zero values anyway
-            stack = self._dict.stack(tuple(self._location(unit.pid, frame) for frame in sample.frames))
+            stack = self._dict.stack(self._location_indices(unit.pid, sample.frames))
             key = (stack, self._sample_attributes(sample))
             previous, ts = merged.get(key, (0, []))
             ts.extend(sample.timestamps_unix_ns)
@@ -226,10 +232,35 @@ class _RequestEncoder:
             attributes.append(self._dict.attribute("cpu.logical_number", sample.cpu))
         return tuple(attributes)
 
-    def _value_type(self, value_type: ValueType) -> OtlpValueType:
-        return OtlpValueType(
-            type_strindex=self._dict.string(value_type.type), unit_strindex=self._dict.string(value_type.unit)
+    def _value_type(self, message: OtlpValueType, value_type: ValueType) -> None:
+        message.SetInParent()  # present even when empty, like a constructed one
+        message.type_strindex = self._dict.string(value_type.type)
+        message.unit_strindex = self._dict.string(value_type.unit)
+
+    def _location_indices(self, pid: int, frames: tuple[Frame, ...]) -> tuple[int, ...]:
+        by_frame = self._location_by_frame.get(pid)
+        if by_frame is None:
+            by_frame = self._location_by_frame[pid] = {}
+        known = tuple(map(by_frame.get, map(id, frames)))  # the common case, every frame known, stays in C
+        if None not in known:
+            return cast(tuple[int, ...], known)
+        return tuple(
+            index or self._location_index(by_frame, pid, frame) for index, frame in zip(known, frames, strict=True)
         )
+
+    def _location_index(self, by_frame: dict[int, int], pid: int, frame: Frame) -> int:
+        index = by_frame.get(id(frame))
+        if index is None:
+            if frame.kind is FrameKind.KERNEL:  # the same in every process (see `_location`): -1 holds them
+                kernel = self._location_by_frame.setdefault(-1, {})
+                index = kernel.get(id(frame))
+                if index is None:
+                    index = kernel[id(frame)] = self._location(pid, frame)
+            else:
+                index = self._location(pid, frame)
+            by_frame[id(frame)] = index
+            self._frames.append(frame)
+        return index
 
     def _location(self, pid: int, frame: Frame) -> int:
         # The kernel is the same in every process, so its frames are resolved once per request.
