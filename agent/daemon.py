@@ -45,6 +45,7 @@ from agent.sampling.keep import KeepSampler
 from agent.sdnotify import Notifier
 from agent.sinks import make_file_sink
 from agent.symbolize.symbolizer import Symbolizer
+from agent.unwind.unwinder import Unwinder
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,9 @@ class Daemon:
         )
         self.selector = ProcessSelector(config.filters, self.metadata)
         self.keep = KeepSampler()
+        modes = {probe.name: getattr(config.unwind, probe.name, "fp") for probe in self.probes}
+        # Only profilers whose programs copy the user stack need the unwind stage.
+        self.unwinder = Unwinder(modes) if any(probe.user_stack_bytes for probe in self.probes) else None
         self.sampler: AdaptiveSampler | None = None
         self.sinks: list[Sink] = []
         self.otlp: OtlpSink | None = None
@@ -189,6 +193,7 @@ class Daemon:
             self._intervals.put,
             self.selector,
             self.keep,
+            self.unwinder,
         )
         targets: list[tuple[str, Callable[[], None]]] = [
             ("perf-reader", self._read_loop),

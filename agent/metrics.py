@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from agent.probes.bpf_probe import BpfProbe
     from agent.report import Reporter
     from agent.symbolize.symbolizer import Symbolizer
+    from agent.unwind.unwinder import Unwinder
 
 PREFIX = "profiling_agent"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -47,6 +48,9 @@ class MetricsSource(Protocol):
 
     @property
     def symbolizer(self) -> Symbolizer: ...
+
+    @property
+    def unwinder(self) -> Unwinder | None: ...
 
     @property
     def reporter(self) -> Reporter | None: ...
@@ -104,6 +108,7 @@ class AgentCollector(Collector):
         yield from self._build_info()
         yield from self._probes()
         yield from self._pipeline()
+        yield from self._unwinder()
         yield from self._symbolizer()
         yield from self._export()
         reloads = _counter("config_reloads", "SIGHUP config reloads, by outcome.", ("outcome",))
@@ -149,6 +154,23 @@ class AgentCollector(Collector):
         for profiler, value in sorted((pipeline.last_rates if pipeline else {}).items()):
             rate.add_metric([profiler], value)
         yield from (depth, dropped, rate)
+
+    def _unwinder(self) -> Iterator[Metric]:
+        unwinder = self._source.unwinder
+        if unwinder is None:
+            return  # every profiler walks frame pointers in the kernel: no unwind stage
+        stacks = _counter("unwind_stacks", "User stacks through the unwind stage, by outcome.", ("outcome",))
+        for outcome, count in sorted(unwinder.outcomes.items()):
+            stacks.add_metric([outcome], count)
+        frames = _counter("unwind_frames", "Frames unwound from stack copies, by how.", ("method",))
+        frames.add_metric(["cfi"], unwinder.frames - unwinder.frame_pointer_steps)
+        frames.add_metric(["frame_pointer"], unwinder.frame_pointer_steps)
+        seconds = _counter("unwind_cpu_seconds", "CPU time spent unwinding, table loading included.")
+        seconds.add_metric([], unwinder.seconds)
+        tables = _counter("unwind_tables", "Unwind tables read from binaries, by result.", ("result",))
+        tables.add_metric(["loaded"], unwinder.tables.stats.loaded)
+        tables.add_metric(["failed"], unwinder.tables.stats.failed)
+        yield from (stacks, frames, seconds, tables)
 
     def _symbolizer(self) -> Iterator[Metric]:
         stats = self._source.symbolizer.stats

@@ -15,6 +15,7 @@ import errno
 import importlib.util
 import os
 import platform
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,13 +207,29 @@ def check_kernel_headers(release: str | None = None, modules: Path = Path("/lib/
     )
 
 
+def task_regs_unavailable(release: str | None = None, btf: Path = Path("/sys/kernel/btf/vmlinux")) -> str:
+    """Why perf-event and tracepoint programs cannot read a task's user registers here, or "" if they can.
+
+    The stack copy for DWARF unwinding needs them (bpf_get_current_task_btf and bpf_task_pt_regs):
+    kernel >= 5.15 with BTF. Uprobe programs (allocations) get the user registers as their context."""
+    release = release or platform.release()
+    match = re.match(r"(\d+)\.(\d+)", release)
+    if match is None or (int(match[1]), int(match[2])) < (5, 15):
+        return f"kernel {release} is older than 5.15 (bpf_task_pt_regs)"
+    if not btf.exists():
+        return f"{btf} is absent (the kernel was built without CONFIG_DEBUG_INFO_BTF)"
+    return ""
+
+
 def check_btf() -> Check:
-    present = Path("/sys/kernel/btf/vmlinux").exists()
+    missing = task_regs_unavailable()
     return Check(
-        "BTF",
-        present,
-        "/sys/kernel/btf/vmlinux " + ("present" if present else "absent"),
-        "not needed by the BCC programs used here",
+        "DWARF unwinding",
+        not missing,
+        "available: user stacks are copied for unwinding with .eh_frame (unwind.* = auto or dwarf)"
+        if not missing
+        else f"unavailable for the CPU and off-CPU profilers: {missing}; they walk frame pointers only",
+        "set unwind.cpu and unwind.offcpu to fp to silence this, or use a kernel >= 5.15 with BTF",
         fatal=False,
     )
 
@@ -275,7 +292,7 @@ def run_checks() -> Report:
         ("perf events", check_perf_events, True),
         ("tracefs", check_tracefs, True),
         ("kernel headers", check_kernel_headers, True),
-        ("BTF", check_btf, False),
+        ("DWARF unwinding", check_btf, False),
         ("kprobes", check_kprobes, False),
         ("off-CPU", check_offcpu_attach, False),
         ("allocations", check_alloc_cost, False),

@@ -17,7 +17,7 @@ import enum
 import io
 import struct
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, NamedTuple, TypeVar
@@ -95,16 +95,7 @@ class ElfSymbols:
         return ""
 
     def segment_for_offset(self, file_offset: int) -> LoadSegment | None:
-        """The PT_LOAD whose file range holds `file_offset` (a mapping's page-aligned offset), executable first.
-
-        The mapping's offset is the page-aligned start of the segment, so the match starts at the page
-        holding `p_offset`, not at `p_offset` itself.
-        """
-        candidates = [s for s in self.segments if _page_down(s.offset) <= file_offset < s.offset + max(s.filesz, 1)]
-        for segment in candidates:
-            if segment.executable:
-                return segment
-        return candidates[0] if candidates else None
+        return segment_for_offset(self.segments, file_offset)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -112,6 +103,19 @@ class ElfSymbols:
 
 def _page_down(value: int, page: int = 4096) -> int:
     return value & ~(page - 1)
+
+
+def segment_for_offset(segments: Iterable[LoadSegment], file_offset: int) -> LoadSegment | None:
+    """The PT_LOAD whose file range holds `file_offset` (a mapping's page-aligned offset), executable first.
+
+    The mapping's offset is the page-aligned start of the segment, so the match starts at the page
+    holding `p_offset`, not at `p_offset` itself.
+    """
+    candidates = [s for s in segments if _page_down(s.offset) <= file_offset < s.offset + max(s.filesz, 1)]
+    for segment in candidates:
+        if segment.executable:
+            return segment
+    return candidates[0] if candidates else None
 
 
 @dataclass(frozen=True, slots=True)

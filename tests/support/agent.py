@@ -12,15 +12,25 @@ AGENT = [sys.executable, "-m", "agent"]
 REPO = Path(__file__).resolve().parent.parent.parent
 
 
-def start_agent(output_dir: Path | None, *args: str, log_path: Path | None = None) -> subprocess.Popen[bytes]:
-    """`profiling-agent run` in the background; `output_dir` None leaves the directory to the config."""
+def start_agent(
+    output_dir: Path | None, *args: str, log_path: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """`profiling-agent run` in the background; `output_dir` None leaves the directory to the config;
+    `env` adds environment variables (settings without a flag: PROFILING_AGENT_UNWIND_CPU=dwarf, ...)."""
     assert log_path is not None or output_dir is not None
     log = open(log_path or output_dir.parent / "agent.log", "wb")  # type: ignore[union-attr]  # noqa: SIM115
     directory = ["--output-dir", str(output_dir)] if output_dir is not None else []
     # Each agent gets its own metrics port (a --metrics-address flag still wins), so agents that
     # overlap, or an agent already running on the host, never collide on the default 9464.
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PROFILING_AGENT_METRICS_ADDRESS": f"127.0.0.1:{free_port()}"}
-    return subprocess.Popen([*AGENT, "run", *directory, *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+    environ = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "PROFILING_AGENT_METRICS_ADDRESS": f"127.0.0.1:{free_port()}",
+        **(env or {}),
+    }
+    return subprocess.Popen(
+        [*AGENT, "run", *directory, *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=environ
+    )
 
 
 def free_port() -> int:

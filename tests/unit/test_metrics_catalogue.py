@@ -18,6 +18,7 @@ from agent.metrics import AgentCollector, make_registry
 from agent.probes.bpf_probe import ReaderStats
 from agent.probes.stacks import StackDecoder
 from agent.symbolize.symbolizer import Symbolizer
+from agent.unwind.unwinder import Unwinder
 
 CATALOGUE = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
 
@@ -40,6 +41,7 @@ def fake_source(spool_dir: str = "/tmp/profiling-agent-test-spool") -> Any:
     return SimpleNamespace(
         probes=[probe],
         symbolizer=Symbolizer(),
+        unwinder=Unwinder({"cpu": "auto"}),
         reporter=reporter,
         pipeline=pipeline,
         sinks=[files, otlp],

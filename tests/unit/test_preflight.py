@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from agent import preflight
-from agent.preflight import Check, Report, check_kernel_headers, check_privileges
+from agent.preflight import Check, Report, check_kernel_headers, check_privileges, task_regs_unavailable
 
 RELEASE = "6.12.9-test-amd64"
 KHEADERS = Path("/sys/kernel/kheaders.tar.xz")
@@ -275,3 +275,14 @@ def test_guard_does_not_hide_programming_errors() -> None:
 
     with pytest.raises(TypeError):
         preflight._guard("BCC", probe, True)
+
+
+def test_task_regs_need_kernel_5_15_and_btf(tmp_path: Path) -> None:
+    """DWARF unwinding for perf-event/tracepoint programs is reported unavailable, with the reason."""
+    btf = tmp_path / "vmlinux"
+    assert "older than 5.15" in task_regs_unavailable("5.10.0-28-amd64", btf)
+    assert "absent" in task_regs_unavailable("6.1.0-18-amd64", btf)
+    btf.write_bytes(b"")
+    assert task_regs_unavailable("6.1.0-18-amd64", btf) == ""
+    assert task_regs_unavailable("5.15.0", btf) == ""
+    assert "older" in task_regs_unavailable("weird", btf)

@@ -4,9 +4,10 @@
  * inside it would lose wait_a and its callers. Each function measures the time it really spent in the
  * syscall with CLOCK_MONOTONIC around it; on exit the program prints the totals,
  * "wait_a=<s> wait_b=<s> blocks=<n>", the truth tests compare profiles with.
- * Usage: offcpu_split SECONDS THREADS [SLICE_US [gate]]   (slice 4000 us by default)
+ * Usage: offcpu_split SECONDS THREADS [SLICE_US [gate|go [libc]]]   (slice 4000 us by default)
  * With "gate" it first waits for one byte on stdin, so a test can start profiling it by pid before
- * it begins. */
+ * it begins. With "libc" the functions sleep through libc's nanosleep() instead, as real programs
+ * do: then the user stack starts inside libc, and only unwinding with CFI finds wait_a and wait_b. */
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -47,9 +48,14 @@ static inline __attribute__((always_inline)) long syscall4(long nr, long a, long
 #endif
 }
 
+static int through_libc;
+
 static inline __attribute__((always_inline)) void sleep_inline(const struct timespec *ts)
 {
-    syscall4(SYS_clock_nanosleep, CLOCK_MONOTONIC, 0, (long)ts, 0);
+    if (through_libc)
+        nanosleep(ts, 0);
+    else
+        syscall4(SYS_clock_nanosleep, CLOCK_MONOTONIC, 0, (long)ts, 0);
 }
 
 __attribute__((noinline)) double wait_a(long slice_ns)
@@ -97,6 +103,7 @@ int main(int argc, char **argv)
         char go;
         syscall4(SYS_read, 0, (long)&go, 1, 0);
     }
+    through_libc = argc > 5 && !strcmp(argv[5], "libc");
     pthread_t ids[64];
     for (int i = 1; i < threads && i < 64; i++)
         pthread_create(&ids[i], 0, worker, 0);

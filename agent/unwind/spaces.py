@@ -1,0 +1,160 @@
+"""Unwind stage: which unwind rule applies at a runtime address of a process.
+
+An `AddressSpace` is one process's executable mappings (`/proc/PID/maps`, re-read when an address
+falls outside them, at most once a second, for libraries loaded later) with a memo from runtime
+address to rule. `UnwindTables` holds the tables of the binaries themselves, shared between
+processes and keyed by file identity (device, inode, mtime), bounded by an LRU, and built once: a
+binary whose CFI cannot be read is remembered as such. The vDSO has no file: its table is built
+from the agent's own copy (every process of one kernel maps the same image).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+from agent.symbolize.cache import LruCache
+from agent.symbolize.elf_symbols import segment_for_offset
+from agent.symbolize.proc_maps import (
+    FileIdentity,
+    MapEntry,
+    MapKind,
+    ProcessMaps,
+    load_bias,
+    read_process_maps,
+    resolve_file,
+)
+from agent.unwind.cfi import CfiError, Rule, UnwindTable, read_unwind_table, read_unwind_table_bytes
+
+logger = logging.getLogger(__name__)
+
+MAPS_REFRESH_S = 1.0
+MEMO_LIMIT = 1 << 16
+
+
+class Lookup(NamedTuple):
+    """What is known at one runtime address: whether any mapping holds it, and the rule if CFI covers it."""
+
+    mapped: bool
+    rule: Rule | None
+
+
+NOT_MAPPED = Lookup(False, None)
+NO_CFI = Lookup(True, None)
+
+
+@dataclass(slots=True)
+class TableStats:
+    loaded: int = 0
+    failed: int = 0
+    load_seconds: float = 0.0
+
+
+class UnwindTables:
+    def __init__(self, proc_root: Path, capacity: int = 256) -> None:
+        self._proc_root = proc_root
+        self._cache: LruCache[FileIdentity | str, UnwindTable | None] = LruCache(capacity)
+        self.stats = TableStats()
+
+    def for_mapping(self, pid: int, entry: MapEntry) -> tuple[UnwindTable, int] | None:
+        """The table covering `entry` and the load bias to subtract from its runtime addresses."""
+        if entry.kind is MapKind.VDSO:
+            table = self._load("[vdso]", "[vdso]", lambda: _vdso_table(self._proc_root))
+        elif entry.kind is MapKind.FILE and entry.identity is not None:
+            table = self._load(entry.identity, entry.path, lambda: _file_table(self._proc_root, pid, entry))
+        else:
+            return None  # JIT code, anonymous memory: no CFI; the frame pointer is all there is
+        if table is None:
+            return None
+        segment = segment_for_offset(table.segments, entry.offset)
+        return (table, load_bias(entry, segment)) if segment is not None else None
+
+    def _load(self, key: FileIdentity | str, path: str, build: Callable[[], UnwindTable]) -> UnwindTable | None:
+        if key in self._cache:
+            return self._cache.get(key)
+        begun = time.thread_time()  # CPU time, as the unwinder counts its own
+        try:
+            loaded: UnwindTable | None = build()
+            self.stats.loaded += 1
+        except CfiError as e:
+            loaded = None
+            self.stats.failed += 1
+            logger.debug("no unwind table for %s: %s", path, e)
+        self.stats.load_seconds += time.thread_time() - begun
+        self._cache.put(key, loaded)
+        return loaded
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+
+def _file_table(proc_root: Path, pid: int, entry: MapEntry) -> UnwindTable:
+    path = resolve_file(proc_root, pid, entry)
+    if path is None:
+        raise CfiError(f"{entry.path} of pid {pid} is no longer reachable")
+    return read_unwind_table(path)
+
+
+def _vdso_table(proc_root: Path) -> UnwindTable:
+    try:
+        maps = read_process_maps(proc_root, os.getpid())
+        vdso = next(m for m in maps.mappings if m.kind is MapKind.VDSO)
+        with open(proc_root / str(os.getpid()) / "mem", "rb") as mem:
+            mem.seek(vdso.start)
+            image = mem.read(vdso.end - vdso.start)
+    except (OSError, StopIteration) as e:
+        raise CfiError(f"cannot read the vDSO: {e}") from e
+    return read_unwind_table_bytes(image, "[vdso]")
+
+
+@dataclass(slots=True)
+class AddressSpace:
+    """One process: its executable mappings and the rules found at addresses seen so far."""
+
+    pid: int
+    maps: ProcessMaps | None
+    read_at: float
+    memo: dict[int, Lookup] = field(default_factory=dict)
+    tables: dict[int, tuple[UnwindTable, int] | None] = field(default_factory=dict)  # by mapping index
+
+    def lookup(self, address: int, tables: UnwindTables, proc_root: Path) -> Lookup:
+        found = self.memo.get(address)
+        if found is not None:
+            return found
+        found = self._find(address, tables, proc_root)
+        if found is NOT_MAPPED:
+            return found  # not remembered: a library loaded later may map it (maps are re-read then)
+        if len(self.memo) >= MEMO_LIMIT:
+            self.memo.clear()
+        self.memo[address] = found
+        return found
+
+    def _find(self, address: int, tables: UnwindTables, proc_root: Path) -> Lookup:
+        index = self.maps.index_of(address) if self.maps is not None else -1
+        if index < 0 and time.monotonic() - self.read_at >= MAPS_REFRESH_S:
+            self.refresh(proc_root)  # a library loaded since the snapshot
+            index = self.maps.index_of(address) if self.maps is not None else -1
+        if index < 0 or self.maps is None:
+            return NOT_MAPPED
+        if index not in self.tables:
+            self.tables[index] = tables.for_mapping(self.pid, self.maps.mappings[index])
+        located = self.tables[index]
+        if located is None:
+            return NO_CFI
+        table, bias = located
+        return Lookup(True, table.lookup(address - bias))
+
+    def refresh(self, proc_root: Path) -> None:
+        self.read_at = time.monotonic()
+        try:
+            self.maps = read_process_maps(proc_root, self.pid)
+        except OSError as e:
+            logger.debug("cannot read the mappings of pid %d: %s", self.pid, e)
+            return  # keep the older snapshot: the process may have exited with its samples in flight
+        self.memo.clear()
+        self.tables.clear()

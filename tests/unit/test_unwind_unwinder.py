@@ -1,0 +1,340 @@
+"""Tests for the unwind stage's stack walk (`agent.unwind.unwinder`, `agent.unwind.spaces`) over a fake /proc.
+
+The library built from `UNWIND_ASM` is mapped, in a fake `/proc/PID/maps`, at `LOAD_BASE`; each test lays
+out the stack copy by hand (return addresses and saved rbp values at known offsets from `STACK`).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from agent.aggregate.types import EMPTY_STACK, Stack, StackStatus
+from agent.probes.events import StackEvent, UserStackCopy
+from agent.unwind import spaces
+from agent.unwind.unwinder import Unwinder
+from tests.unit.unwind_fixtures import build_library, require_toolchain, symbol_addresses, unaligned_text_script
+
+PID = 4242
+LOAD_BASE = 0x7F12_3450_0000
+OTHER_BASE = 0x7F55_0000_0000
+ANON = 0x7F66_0000_0000  # an anonymous executable mapping (JIT code): no CFI
+ANON_LINE = f"{ANON:x}-{ANON + 0x1000:x} r-xp 00000000 00:00 0 "
+STACK = 0x7FFD_1000_0000  # where each stack copy starts
+SP = STACK + 0x40
+UNMAPPED = 0x1234
+
+MapsFor = Callable[[Path, int], list[str]]
+AddFakeProcess = Callable[..., Path]
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    require_toolchain()
+    return build_library(tmp_path_factory.mktemp("unwind_walk"), "libwalk")
+
+
+@pytest.fixture(scope="module")
+def labels(library: Path) -> dict[str, int]:
+    return symbol_addresses(library)
+
+
+@pytest.fixture
+def process(library: Path, maps_for: MapsFor, add_fake_process: AddFakeProcess) -> Path:
+    """fake_proc/PID mapping the library at LOAD_BASE and an anonymous executable page at ANON."""
+    return add_fake_process(PID, [*maps_for(library, LOAD_BASE), ANON_LINE])
+
+
+@pytest.fixture
+def at(labels: dict[str, int]) -> Callable[[str], int]:
+    """The runtime address of a label of the library loaded at LOAD_BASE."""
+    return lambda label: LOAD_BASE + labels[label]
+
+
+def stack_copy(ip: int, sp: int, bp: int, words: dict[int, int], size: int = 0x100) -> UserStackCopy:
+    """A copy of `size` bytes from STACK, zero but for `words` ({address: u64}); words past `size` are cut off."""
+    data = bytearray(max(size, *(address + 8 - STACK for address in words)))
+    for address, value in words.items():
+        struct.pack_into("<Q", data, address - STACK, value)
+    return UserStackCopy(ip, sp, bp, STACK, bytes(data[:size]))
+
+
+def event(copy: UserStackCopy | None, user: Stack = EMPTY_STACK, profiler: str = "cpu") -> StackEvent:
+    return StackEvent(profiler, 0, PID, PID, 0, False, "prog", EMPTY_STACK, user, (1.0,), copy)
+
+
+def leaf_fp_outer_copy(
+    at: Callable[[str], int], ret_into_fp: int, ret_into_outer: int, size: int = 0x100
+) -> UserStackCopy:
+    """Sampled in leaf_func after `sub $24`: [sp+24] returns into the frame-pointer function, whose frame
+    (rbp = sp+32) holds the outermost function's rbp (0) and the return address into it."""
+    bp = SP + 32
+    return stack_copy(at("leaf_subbed"), SP, bp, {SP + 24: ret_into_fp, bp: 0, bp + 8: ret_into_outer}, size)
+
+
+def test_frameless_leaf_through_frame_pointer_function_to_outermost(
+    process: Path, at: Callable[[str], int], fake_proc: Path
+) -> None:
+    """rsp+32 leaf -> rbp+16 caller -> undefined-rip outermost: three frames and status OK."""
+    unwinder = Unwinder({"cpu": "dwarf"}, proc_root=fake_proc)
+    copy = leaf_fp_outer_copy(at, at("fp_ret"), at("outer_ret"))
+    stack = unwinder.unwind(event(copy))
+    assert stack == Stack(StackStatus.OK, (at("leaf_subbed"), at("fp_ret"), at("outer_ret")))
+    assert unwinder.outcomes["complete"] == 1
+    assert unwinder.outcomes["truncated"] == 0
+    assert unwinder.frames == 3
+    assert unwinder.frame_pointer_steps == 0
+    assert unwinder.tables.stats.loaded == 1
+
+
+def test_caller_is_found_from_the_call_instruction_not_the_return_address(
+    process: Path, at: Callable[[str], int], fake_proc: Path
+) -> None:
+    """fp_noreturn ends with its call, so its return address is leaf_func's entry: the rule at ra-1 applies."""
+    unwinder = Unwinder({"cpu": "dwarf"}, proc_root=fake_proc)
+    copy = leaf_fp_outer_copy(at, at("leaf_func"), at("outer_ret"))
+    stack = unwinder.unwind(event(copy))
+    assert stack == Stack(StackStatus.OK, (at("leaf_subbed"), at("leaf_func"), at("outer_ret")))
+
+
+def test_copy_ending_before_a_return_address_truncates(
+    process: Path, at: Callable[[str], int], fake_proc: Path
+) -> None:
+    """When the caller's return address lies beyond the copy, the frames found so far come back TRUNCATED."""
+    unwinder = Unwinder({"cpu": "dwarf"}, proc_root=fake_proc)
+    copy = leaf_fp_outer_copy(at, at("fp_ret"), at("outer_ret"), size=SP + 40 - STACK)  # ends at rbp+8
+    stack = unwinder.unwind(event(copy))
+    assert stack == Stack(StackStatus.TRUNCATED, (at("leaf_subbed"), at("fp_ret")))
+    assert unwinder.outcomes["truncated"] == 1
+
+
+def test_return_address_outside_every_mapping_is_dropped(
+    process: Path, at: Callable[[str], int], fake_proc: Path
+) -> None:
+    """A return address that is not code ends the walk without being kept: TRUNCATED."""
+    unwinder = Unwinder({"cpu": "dwarf"}, proc_root=fake_proc)
+    copy = leaf_fp_outer_copy(at, at("fp_ret"), UNMAPPED)
+    stack = unwinder.unwind(event(copy))
+    assert stack == Stack(StackStatus.TRUNCATED, (at("leaf_subbed"), at("fp_ret")))
+
+
+def test_zero_return_address_ends_the_stack_cleanly(process: Path, at: Callable[[str], int], fake_proc: Path) -> None:
+    """A return address of 0 (the end of a frame-pointer chain) is the outermost frame: status OK."""
+    unwinder = Unwinder({"cpu": "dwarf"}, proc_root=fake_proc)
+    copy = leaf_fp_outer_copy(at, at("fp_ret"), 0)
+    stack = unwinder.unwind(event(copy))
+    assert stack == Stack(StackStatus.OK, (at("leaf_subbed"), at("fp_ret")))
+
+
+def test_anonymous_code_is_stepped_with_the_frame_pointer(
+    process: Path, at: Callable[[str], int], fake_proc: Path
+) -> None:
+    """JIT-like code without CFI: the caller comes from [rbp+8], and the step is counted."""
+    unwinder = Unwinder({"cpu": "dwarf"}, proc_root=fake_proc)
+    bp = SP + 0x20
+    copy = stack_copy(ANON + 0x10, SP, bp, {bp: 0, bp + 8: at("outer_ret")})
+    stack = unwinder.unwind(event(copy))
+    assert stack == Stack(StackStatus.OK, (ANON + 0x10, at("outer_ret")))
+    assert unwinder.frame_pointer_steps == 1
+
+
+def test_cfa_expression_falls_back_to_the_frame_pointer(
+    process: Path, at: Callable[[str], int], fake_proc: Path
+) -> None:
+    """A CFA the unwinder cannot compute (an expression) is stepped with the frame pointer."""
+    unwinder = Unwinder({"cpu": "dwarf"}, proc_root=fake_proc)
+    bp = SP + 0x20
+    copy = stack_copy(at("expr_body"), SP, bp, {bp: 0, bp + 8: at("outer_ret")})
+    stack = unwinder.unwind(event(copy))
+    assert stack == Stack(StackStatus.OK, (at("expr_body"), at("outer_ret")))
+    assert unwinder.frame_pointer_steps == 1
+
+
+def test_frame_pointer_pointing_at_itself_stops_the_walk(process: Path, fake_proc: Path) -> None:
+    """A saved rbp equal to its own address would loop forever: the stack pointer stops moving, the walk ends."""
+    unwinder = Unwinder({"cpu": "dwarf"}, proc_root=fake_proc)
+    bp = SP
+    copy = stack_copy(ANON + 0x10, SP, bp, {bp: bp, bp + 8: ANON + 0x20})
+    stack = unwinder.unwind(event(copy))
+    assert stack == Stack(StackStatus.TRUNCATED, (ANON + 0x10, ANON + 0x20))
+
+
+def test_cfa_below_the_stack_pointer_stops_the_walk(process: Path, at: Callable[[str], int], fake_proc: Path) -> None:
+    """An rbp-based CFA at or below the stack pointer (a stale rbp) ends the walk at the leaf."""
+    unwinder = Unwinder({"cpu": "dwarf"}, proc_root=fake_proc)
+    sp, bp = STACK + 0x80, STACK + 0x40  # CFA = rbp+16 = sp-0x30
+    copy = stack_copy(at("fp_ret"), sp, bp, {bp: 0, bp + 8: at("fp_ret")})
+    stack = unwinder.unwind(event(copy))
+    assert stack == Stack(StackStatus.TRUNCATED, (at("fp_ret"),))
+
+
+def test_process_without_maps_gives_the_leaf_only(fake_proc: Path, at: Callable[[str], int]) -> None:
+    """A pid whose maps cannot be read keeps its sampled instruction, TRUNCATED."""
+    unwinder = Unwinder({"cpu": "dwarf"}, proc_root=fake_proc)
+    copy = leaf_fp_outer_copy(at, at("fp_ret"), at("outer_ret"))
+    assert unwinder.unwind(event(copy)) == Stack(StackStatus.TRUNCATED, (at("leaf_subbed"),))
+
+
+def test_event_without_copy_keeps_its_user_stack(process: Path, fake_proc: Path) -> None:
+    """An event whose program copied no stack comes back with `event.user`, the same object."""
+    unwinder = Unwinder({"cpu": "dwarf"}, proc_root=fake_proc)
+    user = Stack(StackStatus.OK, (0x1000, 0x2000))
+    assert unwinder.unwind(event(None, user)) is user
+    assert not unwinder.outcomes
+
+
+def test_equal_stacks_are_interned(process: Path, at: Callable[[str], int], fake_proc: Path) -> None:
+    """Two events that unwind to equal stacks share one Stack object."""
+    unwinder = Unwinder({"cpu": "dwarf"}, proc_root=fake_proc)
+    first = unwinder.unwind(event(leaf_fp_outer_copy(at, at("fp_ret"), at("outer_ret"))))
+    other_copy = leaf_fp_outer_copy(at, at("fp_ret"), at("outer_ret"), size=0x200)  # different bytes, same walk
+    assert unwinder.unwind(event(other_copy)) is first
+
+
+def test_auto_mode_keeps_a_confirmed_frame_pointer_stack(
+    process: Path, at: Callable[[str], int], fake_proc: Path
+) -> None:
+    """In auto mode, a kernel stack whose every link is in rbp-framed code is returned as is."""
+    unwinder = Unwinder({"cpu": "auto"}, proc_root=fake_proc)
+    user = Stack(StackStatus.OK, (at("fp_framed"), at("fp_ret"), at("outer_ret")))
+    copy = stack_copy(at("fp_framed"), SP, SP, {SP + 8: at("outer_ret")})
+    assert unwinder.unwind(event(copy, user)) is user
+    assert unwinder.outcomes["frame_pointers_confirmed"] == 1
+    assert unwinder.frames == 0
+
+
+def test_auto_mode_unwinds_when_the_leaf_is_frameless(process: Path, at: Callable[[str], int], fake_proc: Path) -> None:
+    """A frameless leaf fails the check (the kernel's walk skipped its caller): the copy is unwound."""
+    unwinder = Unwinder({"cpu": "auto"}, proc_root=fake_proc)
+    user = Stack(StackStatus.OK, (at("leaf_subbed"), at("outer_ret")))
+    copy = leaf_fp_outer_copy(at, at("fp_ret"), at("outer_ret"))
+    stack = unwinder.unwind(event(copy, user))
+    assert stack == Stack(StackStatus.OK, (at("leaf_subbed"), at("fp_ret"), at("outer_ret")))
+    assert unwinder.outcomes["frame_pointers_confirmed"] == 0
+    assert unwinder.outcomes["complete"] == 1
+
+
+def test_auto_mode_never_confirms_a_single_frame(process: Path, at: Callable[[str], int], fake_proc: Path) -> None:
+    """A one-frame kernel stack says nothing about the frame pointer: the copy is unwound."""
+    unwinder = Unwinder({"cpu": "auto"}, proc_root=fake_proc)
+    user = Stack(StackStatus.OK, (at("fp_framed"),))
+    copy = stack_copy(at("fp_framed"), SP, SP, {SP: 0, SP + 8: at("outer_ret")})
+    stack = unwinder.unwind(event(copy, user))
+    assert stack is not user
+    assert stack == Stack(StackStatus.OK, (at("fp_framed"), at("outer_ret")))
+    assert unwinder.outcomes["frame_pointers_confirmed"] == 0
+
+
+def test_auto_mode_rejects_a_link_through_unmapped_memory(
+    process: Path, at: Callable[[str], int], fake_proc: Path
+) -> None:
+    """A kernel stack with a frame outside every mapping (before the last) is not confirmed."""
+    unwinder = Unwinder({"cpu": "auto"}, proc_root=fake_proc)
+    user = Stack(StackStatus.OK, (at("fp_framed"), UNMAPPED, at("outer_ret")))
+    copy = stack_copy(at("fp_framed"), SP, SP, {SP: 0, SP + 8: at("outer_ret")})
+    assert unwinder.unwind(event(copy, user)) is not user
+    assert unwinder.outcomes["frame_pointers_confirmed"] == 0
+
+
+def test_dwarf_mode_unwinds_even_a_frame_pointer_stack(
+    process: Path, at: Callable[[str], int], fake_proc: Path
+) -> None:
+    """Only auto mode trusts the kernel's stack; dwarf mode always unwinds the copy."""
+    unwinder = Unwinder({"cpu": "dwarf"}, proc_root=fake_proc)
+    user = Stack(StackStatus.OK, (at("fp_framed"), at("outer_ret")))
+    copy = stack_copy(at("fp_framed"), SP, SP, {SP: 0, SP + 8: at("outer_ret")})
+    stack = unwinder.unwind(event(copy, user))
+    assert stack is not user
+    assert stack == user
+    assert unwinder.outcomes["frame_pointers_confirmed"] == 0
+
+
+def test_forget_rereads_the_maps(
+    process: Path,
+    labels: dict[str, int],
+    at: Callable[[str], int],
+    fake_proc: Path,
+    library: Path,
+    maps_for: MapsFor,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After `forget(pid)` the next unwind reads the maps again and finds the library at its new base."""
+    monkeypatch.setattr(spaces, "MAPS_REFRESH_S", 1e9)  # no re-read on a miss: only forget() may re-read
+    unwinder = Unwinder({"cpu": "dwarf"}, proc_root=fake_proc)
+    assert len(unwinder.unwind(event(leaf_fp_outer_copy(at, at("fp_ret"), at("outer_ret")))).addresses) == 3
+    (process / "maps").write_text("".join(line + "\n" for line in maps_for(library, OTHER_BASE)))
+    moved = leaf_fp_outer_copy(
+        lambda label: OTHER_BASE + labels[label], OTHER_BASE + labels["fp_ret"], OTHER_BASE + labels["outer_ret"]
+    )
+    leaf = OTHER_BASE + labels["leaf_subbed"]
+    assert unwinder.unwind(event(moved)) == Stack(StackStatus.TRUNCATED, (leaf,))  # the old snapshot
+    unwinder.forget(PID)
+    expected = (leaf, OTHER_BASE + labels["fp_ret"], OTHER_BASE + labels["outer_ret"])
+    assert unwinder.unwind(event(moved)) == Stack(StackStatus.OK, expected)
+
+
+def test_unwind_table_is_shared_between_processes(
+    process: Path,
+    at: Callable[[str], int],
+    fake_proc: Path,
+    library: Path,
+    maps_for: MapsFor,
+    add_fake_process: AddFakeProcess,
+) -> None:
+    """Two processes mapping the same file share one table, loaded once."""
+    add_fake_process(PID + 1, maps_for(library, LOAD_BASE))
+    unwinder = Unwinder({"cpu": "dwarf"}, proc_root=fake_proc)
+    copy = leaf_fp_outer_copy(at, at("fp_ret"), at("outer_ret"))
+    first = unwinder.unwind(event(copy))
+    second = unwinder.unwind(event(copy)._replace(pid=PID + 1))
+    assert first is second
+    assert first.status is StackStatus.OK
+    assert unwinder.tables.stats.loaded == 1
+    assert len(unwinder.tables) == 1
+
+
+def test_return_address_in_a_register_truncates(process: Path, at: Callable[[str], int], fake_proc: Path) -> None:
+    """A return address the unwinder cannot recover (kept in rax) ends the stack TRUNCATED, not OK."""
+    unwinder = Unwinder({"cpu": "dwarf"}, proc_root=fake_proc)
+    copy = stack_copy(at("ra_reg_body"), SP, SP, {SP: at("outer_ret")})
+    stack = unwinder.unwind(event(copy))
+    assert stack.status is StackStatus.TRUNCATED
+    assert unwinder.outcomes["complete"] == 0
+
+
+def test_library_mapped_after_a_miss_is_found(
+    fake_proc: Path,
+    at: Callable[[str], int],
+    library: Path,
+    maps_for: MapsFor,
+    add_fake_process: AddFakeProcess,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An address outside the maps snapshot is looked up again once the library appears in /proc/PID/maps."""
+    monkeypatch.setattr(spaces, "MAPS_REFRESH_S", 0.0)  # every miss may re-read the maps
+    pid_dir = add_fake_process(PID, [ANON_LINE])
+    unwinder = Unwinder({"cpu": "dwarf"}, proc_root=fake_proc)
+    copy = leaf_fp_outer_copy(at, at("fp_ret"), at("outer_ret"))
+    assert unwinder.unwind(event(copy)).status is StackStatus.TRUNCATED
+    (pid_dir / "maps").write_text("".join(line + "\n" for line in [*maps_for(library, LOAD_BASE), ANON_LINE]))
+    assert unwinder.unwind(event(copy)) == Stack(StackStatus.OK, (at("leaf_subbed"), at("fp_ret"), at("outer_ret")))
+
+
+def test_library_with_unaligned_text_segment_unwinds(
+    tmp_path: Path, fake_proc: Path, maps_for: MapsFor, add_fake_process: AddFakeProcess
+) -> None:
+    """A library whose executable PT_LOAD has p_offset 0x299, p_vaddr 0x1299 (mapped from offset 0) unwinds."""
+    require_toolchain()
+    library = build_library(tmp_path, "libunaligned", linker_script=unaligned_text_script(tmp_path))
+    labels = symbol_addresses(library)
+    add_fake_process(PID, maps_for(library, LOAD_BASE))
+
+    def at(label: str) -> int:
+        return LOAD_BASE + labels[label]
+
+    unwinder = Unwinder({"cpu": "dwarf"}, proc_root=fake_proc)
+    stack = unwinder.unwind(event(leaf_fp_outer_copy(at, at("fp_ret"), at("outer_ret"))))
+    assert stack == Stack(StackStatus.OK, (at("leaf_subbed"), at("fp_ret"), at("outer_ret")))
