@@ -68,6 +68,8 @@ class UnwindConfig:
 class SymbolizeConfig:
     elf_cache_size: int
     process_ttl_intervals: int
+    jvm_perf_map: bool
+    jvm_perf_map_interval_s: float
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,6 +44,7 @@ from agent.sampling.adaptive import AdaptiveSampler
 from agent.sampling.keep import KeepSampler
 from agent.sdnotify import Notifier
 from agent.sinks import make_file_sink
+from agent.symbolize.jvm import JvmPerfMapRequester
 from agent.symbolize.symbolizer import Symbolizer
 from agent.unwind.unwinder import Unwinder
 
@@ -77,6 +78,8 @@ class Daemon:
             process_ttl_intervals=config.symbolize.process_ttl_intervals,
             metadata=self.metadata,
         )
+        symbolize = config.symbolize
+        self.jvm = JvmPerfMapRequester(symbolize.jvm_perf_map_interval_s) if symbolize.jvm_perf_map else None
         self.selector = ProcessSelector(config.filters, self.metadata)
         self.keep = KeepSampler()
         modes = {probe.name: getattr(config.unwind, probe.name, "fp") for probe in self.probes}
@@ -237,6 +240,8 @@ class Daemon:
                 probe.refresh()
             if self.sampler is not None:
                 self.sampler.tick()
+            if self.jvm is not None:
+                self.jvm.tick(self.symbolizer.take_unnamed_jit_pids())
         except Exception:
             logger.exception("adjusting the probes failed; continuing with the current settings")
 

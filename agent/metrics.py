@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from agent.pipeline import Pipeline
     from agent.probes.bpf_probe import BpfProbe
     from agent.report import Reporter
+    from agent.symbolize.jvm import JvmPerfMapRequester
     from agent.symbolize.symbolizer import Symbolizer
     from agent.unwind.unwinder import Unwinder
 
@@ -51,6 +52,9 @@ class MetricsSource(Protocol):
 
     @property
     def unwinder(self) -> Unwinder | None: ...
+
+    @property
+    def jvm(self) -> JvmPerfMapRequester | None: ...
 
     @property
     def reporter(self) -> Reporter | None: ...
@@ -197,6 +201,13 @@ class AgentCollector(Collector):
         for cache, size in sorted(self._source.symbolizer.cache_sizes().items()):
             sizes.add_metric([cache], size)
         yield from (hits, misses, errors, frames, processes, jit, sources, sizes)
+        if self._source.jvm is not None:
+            requests = _counter(
+                "symbolize_jvm_perf_map_requests", "Perf map requests to JVMs, by outcome.", ("outcome",)
+            )
+            for outcome, count in sorted(self._source.jvm.outcomes.items()):
+                requests.add_metric([outcome], count)
+            yield requests
 
     def _export(self) -> Iterator[Metric]:
         reporter = self._source.reporter

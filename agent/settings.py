@@ -287,6 +287,20 @@ SETTINGS: tuple[Setting, ...] = (
         ranged_int(1, 10_000),
         "Forget a process's captured mappings after this many intervals without samples.",
     ),
+    Setting(
+        "symbolize.jvm_perf_map",
+        False,
+        parse_bool,
+        "Ask HotSpot JVMs (JDK 17+) whose JIT code shows up unnamed to write /tmp/perf-PID.map "
+        "(jcmd PID Compiler.perfmap, sent through the attach socket): needs the agent to run as root or as "
+        "the JVM's user; the JVM gets a SIGQUIT to start its attach listener, as with jcmd.",
+    ),
+    Setting(
+        "symbolize.jvm_perf_map_interval_s",
+        60.0,
+        ranged_float(5.0, 86400.0),
+        "Ask each JVM at most this often (the map covers only code compiled by then).",
+    ),
     # export.files: the embedded default sink
     Setting(
         "export.files.enabled",

@@ -161,6 +161,7 @@ class PerfMapStore:
         self._maps: dict[int, _PerfMap] = {}
         self._total = 0
         self._called: dict[int, _PerfMap | None] = {}  # this symbolize call's maps (report thread only)
+        self._unnamed: set[int] = set()  # pids with JIT addresses no perf map named, since the last take
 
     def observe(self, pid: int) -> None:
         """Read (or catch up with) `pid`'s perf map now, while it is alive, if it has one."""
@@ -184,7 +185,14 @@ class PerfMapStore:
             self._stats.perf_map_hits += 1
         else:
             self._stats.perf_map_misses += 1
+            self._unnamed.add(pid)
         return name
+
+    def take_unnamed(self) -> set[int]:
+        """The pids whose JIT code went unnamed since the last call (e.g. JVMs to ask for a perf map)."""
+        with self._lock:
+            taken, self._unnamed = self._unnamed, set()
+        return taken
 
     def retain(self, pids: Collection[int]) -> None:
         """Drop the maps of processes no longer tracked."""

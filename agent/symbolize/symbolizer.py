@@ -96,6 +96,10 @@ class Symbolizer:
         """
         self._processes.forget(pid)
 
+    def take_unnamed_jit_pids(self) -> set[int]:
+        """Processes whose JIT code went unnamed since the last call (safe from another thread)."""
+        return self._perf_maps.take_unnamed()
+
     def cache_sizes(self) -> dict[str, int]:
         """Current entry counts of the caches, for the metrics stage."""
         return {

@@ -114,11 +114,13 @@ def compile_c(source: str, out: Path, name: str) -> Path:
     return binary
 
 
-def profile(tmp_path: Path, workload: Callable[[], list[int]], interval: str = "3") -> dict[int, list[ReadSample]]:
+def profile(
+    tmp_path: Path, workload: Callable[[], list[int]], interval: str = "3", env: dict[str, str] | None = None
+) -> dict[int, list[ReadSample]]:
     """Run `workload` (which starts processes, waits for them and returns their pids) under the agent;
     returns each pid's samples."""
     out, log = tmp_path / "profiles", tmp_path / "agent.log"
-    agent = start_agent(out, "--frequency", "99", "--interval", interval, log_path=log)
+    agent = start_agent(out, "--frequency", "99", "--interval", interval, log_path=log, env=env)
     try:
         wait_for_log(log, "profiling started", 60, agent)
         time.sleep(0.5)
@@ -218,6 +220,44 @@ def test_node_perf_basic_prof_names_javascript_functions(tmp_path: Path, perf_ma
     total = sum(s.values[0] for s in samples)
     hot = sum(s.values[0] for s in samples if any("hotLoopForProfiling" in f for f in s.functions))
     assert total and hot / total > 0.5, (hot, total, top_stacks(samples))
+
+
+JAVA_SOURCE = """
+public class Hot {
+    static long work(long n) {
+        long x = 1;
+        for (long i = 0; i < n; i++) x = x * 6364136223846793005L + 1442695040888963407L;
+        return x;
+    }
+    public static void main(String[] args) {
+        long end = System.nanoTime() + (long) (Double.parseDouble(args[0]) * 1e9), sink = 0;
+        while (System.nanoTime() < end) sink += work(100000) ^ sink;
+        System.out.println(sink & 1);
+    }
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="java is not installed (make setup does not install it)")
+def test_jvm_is_asked_for_its_perf_map(tmp_path: Path, perf_maps_to_remove: list[Path]) -> None:
+    """With symbolize.jvm_perf_map, a JVM whose JIT code comes up unnamed is asked (through its attach
+    socket, as jcmd PID Compiler.perfmap) to write /tmp/perf-PID.map, and its Java methods get names."""
+    source = tmp_path / "Hot.java"
+    source.write_text(JAVA_SOURCE)
+
+    def workload() -> list[int]:
+        proc = subprocess.Popen(["java", str(source), "8"], stdout=subprocess.DEVNULL, cwd=tmp_path)
+        perf_maps_to_remove.append(Path(f"/tmp/perf-{proc.pid}.map"))
+        assert proc.wait(timeout=120) == 0
+        return [proc.pid]
+
+    env = {"PROFILING_AGENT_SYMBOLIZE_JVM_PERF_MAP": "true", "PROFILING_AGENT_SYMBOLIZE_JVM_PERF_MAP_INTERVAL_S": "5"}
+    (samples,) = profile(tmp_path, workload, interval="2", env=env).values()
+    total = sum(s.values[0] for s in samples)
+    named = sum(s.values[0] for s in samples if s.functions and "Hot.work" in s.functions[0])
+    assert total and named / total > 0.3, (named, total, top_stacks(samples))
+    log = (tmp_path / "agent.log").read_text()
+    assert "Traceback" not in log, log
 
 
 def build_id_of(path: Path) -> str:

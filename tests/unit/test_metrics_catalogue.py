@@ -17,6 +17,7 @@ from agent.export.otlp.stats import REQUESTS
 from agent.metrics import AgentCollector, make_registry
 from agent.probes.bpf_probe import ReaderStats
 from agent.probes.stacks import StackDecoder
+from agent.symbolize.jvm import JvmPerfMapRequester
 from agent.symbolize.symbolizer import Symbolizer
 from agent.unwind.unwinder import Unwinder
 
@@ -42,6 +43,7 @@ def fake_source(spool_dir: str = "/tmp/profiling-agent-test-spool") -> Any:
         probes=[probe],
         symbolizer=Symbolizer(),
         unwinder=Unwinder({"cpu": "auto"}),
+        jvm=JvmPerfMapRequester(60.0),
         reporter=reporter,
         pipeline=pipeline,
         sinks=[files, otlp],
