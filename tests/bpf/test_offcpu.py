@@ -194,7 +194,7 @@ def test_blocks_whose_stacks_were_evicted_are_counted(tmp_path: Path, monkeypatc
     monkeypatch.setattr(offcpu, "MIN_STACK_ENTRIES", 4)
     monkeypatch.setattr(offcpu, "STACK_MAP_BYTES", 4 * USER_STACK_OFFSET)
     binary = compile_workload("offcpu_split", tmp_path)
-    events, truth, lost = profile_in_process(binary, ["1", "16", "2000"], OffCpuConfig(min_block_us=100, attach="auto"))
+    events, truth, lost = profile_in_process(binary, ["2", "16", "2000"], OffCpuConfig(min_block_us=100, attach="auto"))
     evicted = lost.get("stacks_evicted", 0)
     assert evicted > 0, lost
     assert abs(len(events) + evicted - truth["blocks"]) <= 0.05 * truth["blocks"], (len(events), lost, truth)
@@ -203,7 +203,7 @@ def test_blocks_whose_stacks_were_evicted_are_counted(tmp_path: Path, monkeypatc
     durations: defaultdict[int, list[float]] = defaultdict(list)
     for event in events:
         durations[event.user.addresses[0]].append(event.values[1])
-    sites = [site for site in durations.values() if len(site) >= 5]
+    sites = [site for site in durations.values() if len(site) >= 3]
     assert sites, durations
     for site in sites:
         long_share = sum(d > 3e6 for d in site) / len(site)
