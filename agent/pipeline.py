@@ -1,10 +1,10 @@
 """Decode-to-aggregate routing: what the pipeline thread does with each event from the reader.
 
 Stack events that carry a copy of their user stack are unwound first (the unwind stage, after the
-sampling stage's keep decision); stack events are summed into their profiler's interval (aggregate); process events tell the
-symbolizer to capture a process's mappings while it is alive; an `IntervalMark` hands each
-profiler's finished interval to `deliver`. This module starts no threads: `agent.daemon` runs
-`Pipeline.handle` on the thread it owns.
+sampling stage's keep decision); stack events are summed into their profiler's interval (aggregate);
+process events tell the symbolizer to capture a process's mappings while it is alive; an
+`IntervalMark` hands each profiler's finished interval to `deliver`. This module starts no threads:
+`agent.daemon` runs `Pipeline.handle` on the thread it owns.
 
 Process filters: with a selector (`agent.metadata.selector.ProcessSelector`), stack events of
 rejected processes are dropped before they are aggregated and counted in `filtered`, and rejected
@@ -28,6 +28,10 @@ logger = logging.getLogger(__name__)
 
 class KeepLike(Protocol):
     """The sampling stage's user-space keep decision (`agent.sampling.keep.KeepSampler`)."""
+
+    @property
+    def keeps_all(self) -> bool:
+        """True while every event is kept as it is (`admit` need not be asked)."""
 
     def admit(self, event: StackEvent) -> StackEvent | None: ...
 
@@ -83,9 +87,37 @@ class Pipeline:
 
     def handle(self, item: object) -> bool:
         """Process one queued item; True once the final intervals have been delivered."""
-        if isinstance(item, StackEvent):
-            self._on_stack_event(item)
-        elif isinstance(item, ProcessEvent):
+        if not isinstance(item, StackEvent):
+            return self._handle_other(item)
+        # Stack events, inline: this runs for every event, and a call costs as much as a step here.
+        event = item
+        aggregator = self._aggregators.get(event.profiler)
+        if aggregator is None:
+            self.unknown_items += 1
+            return False
+        self._received[event.profiler] += 1
+        if self._selector is not None and not self._admits(event):
+            self.filtered += 1
+            return False
+        keep = self._keep
+        if keep is not None and not keep.keeps_all:  # the sampling stage: may drop the event, or weight it up
+            kept = keep.admit(event)
+            if kept is None:
+                return False
+            event = kept
+        if event.pid not in self._seen_pids and not event.kernel_thread:
+            # Covers a process whose announcement was lost, and is cheap once captured.
+            self._seen_pids.add(event.pid)
+            self._processes.observe_process(event.pid)
+        if event.user_copy is None or self._unwinder is None:
+            aggregator.add_event(event, event.user, event.identity)
+        else:
+            # After the keep decision: unwinding costs far more than anything else done per event.
+            aggregator.add_event(event, self._unwinder.unwind(event))
+        return False
+
+    def _handle_other(self, item: object) -> bool:
+        if isinstance(item, ProcessEvent):
             self._on_process_event(item)
         elif isinstance(item, IntervalMark):
             return self._on_mark(item)
@@ -94,40 +126,8 @@ class Pipeline:
             logger.debug("ignoring unexpected queue item %r", item)
         return False
 
-    def _on_stack_event(self, event: StackEvent) -> None:
-        aggregator = self._aggregators.get(event.profiler)
-        if aggregator is None:
-            self.unknown_items += 1
-            return
-        self._received[event.profiler] += 1
-        if not self._admits(event):
-            self.filtered += 1
-            return
-        if self._keep is not None:  # the sampling stage: may drop the event, or weight it up
-            kept = self._keep.admit(event)
-            if kept is None:
-                return
-            event = kept
-        if event.pid not in self._seen_pids and not event.kernel_thread:
-            # Covers a process whose announcement was lost, and is cheap once captured.
-            self._seen_pids.add(event.pid)
-            self._processes.observe_process(event.pid)
-        # After the keep decision: unwinding costs far more than anything else done per event.
-        user = event.user if event.user_copy is None or self._unwinder is None else self._unwinder.unwind(event)
-        aggregator.add(
-            pid=event.pid,
-            tid=event.tid,
-            cpu=event.cpu,
-            kernel=event.kernel,
-            user=user,
-            thread_name=event.comm,
-            values=event.values,
-            timestamp_ns=event.timestamp_ns,
-        )
-
     def _admits(self, event: StackEvent) -> bool:
-        if self._selector is None:
-            return True
+        assert self._selector is not None
         if event.kernel_thread:
             return self._selector.admits_kernel_thread(event.comm)
         return self._selector.admits(event.pid)

@@ -1,16 +1,18 @@
 """Scenario 4, ingest capacity: events per second one core turns into a profile (decode -> aggregate -> build).
 
 Synthetic `struct stack_event` records (`bpf/common.h`, built with the ctypes mirror and truncated after
-the last frame as the kernel sends them) with a realistic mix: 2,000 unique stacks over 50 processes
+the last frame as the kernel sends them, then followed by the 4 bytes of padding a perf buffer adds
+and never writes, here random bytes) with a realistic mix: 2,000 unique stacks over 50 processes
 cloned from real ones, drawn with Zipf-like weights (a few hot stacks, a long tail), user stacks of
 4-30 frames, a quarter with kernel frames. A small C library (`bench/workloads/ingest_driver.c`) hands
 them to the agent's own perf-buffer callback through the same ctypes trampoline libbcc's perf reader
 uses (`CFUNCTYPE(None, py_object, c_void_p, c_int)` and BCC's wrapper), in batches; the callback is the
 CPU probe's (`BpfProbe.open_buffer`), so decoding and the bounded queue are the agent's. Then, on the
-same thread, the daemon's `Pipeline` (process filter, keep sampler, aggregation), and at the interval
-end the `Symbolizer` and `build_pprof`. One warm-up interval fills the caches; each timed interval
-holds as many events as one second at the target rate. The queue must drop nothing. Times are
-the thread's CPU seconds (`time.thread_time`), so other load on the host does not count against it.
+same thread, the daemon's `Pipeline` (process filter, keep sampler, aggregation, and the sums and
+sorts at the interval end), then the `Symbolizer` and `build_pprof`. One warm-up interval fills the
+caches; each timed interval holds as many events as one second at the target rate. The queue must
+drop nothing. Times are the thread's CPU seconds (`time.thread_time`), so other load on the host does
+not count against it.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ UNIQUE_STACKS = 2_000
 PROCESSES = 50
 BATCH = 1_024  # records per perf-reader wake-up
 TARGET_EVENTS_PER_S = 250_000
+PERF_PADDING = 4  # a raw sample's u32 size and its data are padded to whole u64s
 RAW_CB = ctypes.CFUNCTYPE(None, ctypes.py_object, ctypes.c_void_p, ctypes.c_int)  # bcc.libbcc._RAW_CB_TYPE
 
 
@@ -87,9 +90,9 @@ class Records:
             unique.append(record_bytes(pid, pid + i % 3, i % 2, comms[pid], kernel, user, 0))
         weights = [1.0 / (rank + 1) ** 1.1 for rank in range(UNIQUE_STACKS)]
         chosen = rng.choices(range(UNIQUE_STACKS), weights=weights, k=EVENTS_PER_INTERVAL)
-        blob = b"".join(unique[i] for i in chosen)
+        blob = b"".join(unique[i] + rng.randbytes(PERF_PADDING) for i in chosen)  # fresh garbage each time
         self.buffer = ctypes.create_string_buffer(blob, len(blob))
-        sizes = [len(unique[i]) for i in chosen]
+        sizes = [len(unique[i]) + PERF_PADDING for i in chosen]
         offsets, position = [], 0
         for size in sizes:
             offsets.append(position)
@@ -144,9 +147,11 @@ class Harness:
             for item in self.queue.get_batch(0):
                 self.pipeline.handle(item)
             decode, aggregate = decode + read - begun, aggregate + time.thread_time() - read
+        begun = time.thread_time()
         self.queue.put(IntervalMark(time.monotonic_ns()))
         for item in self.queue.get_batch(0):
-            self.pipeline.handle(item)
+            self.pipeline.handle(item)  # the interval ends: the aggregator sums and sorts what it kept
+        aggregate += time.thread_time() - begun
         interval = self.delivered.pop()
         begun = time.thread_time()
         profile = self.symbolizer.symbolize(interval)

@@ -3,21 +3,61 @@
 Owns the table of (pid, tid, cpu, kernel stack, user stack) -> values and timestamps for the interval
 in progress. `finish()` hands the finished interval out as an immutable `IntervalProfile` and starts
 the next one; the aggregator never symbolizes and never calls downstream.
+
+The table is keyed on each event's identity where the probe gave one (the record's bytes, whose hash
+Python computes once per object, as the decoder shares one object per distinct record), so an event
+costs a dict lookup and two appends; the sample keys are built once per entry and the values summed
+once per interval.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections.abc import Hashable
+from dataclasses import dataclass
+from functools import reduce
+from operator import add, itemgetter
+from typing import NamedTuple, Protocol
 
 from agent.aggregate.types import AggregatedSample, IntervalProfile, ProfileSpec, SampleKey, Stack
 
 
+class EventLike(Protocol):
+    """What the aggregator reads of an event (`agent.probes.events.StackEvent` is one)."""
+
+    @property
+    def pid(self) -> int: ...
+    @property
+    def tid(self) -> int: ...
+    @property
+    def cpu(self) -> int: ...
+    @property
+    def kernel(self) -> Stack: ...
+    @property
+    def comm(self) -> str: ...
+    @property
+    def values(self) -> tuple[float, ...]: ...
+    @property
+    def timestamp_ns(self) -> int: ...
+
+
+class _Fields(NamedTuple):
+    pid: int
+    tid: int
+    cpu: int
+    kernel: Stack
+    comm: str
+    values: tuple[float, ...]
+    timestamp_ns: int
+
+
 @dataclass(slots=True)
 class _Entry:
-    values: list[float]  # weighted estimates are fractional; rounded once, when the interval ends
+    key: SampleKey
     thread_name: str
-    timestamps: list[int] = field(default_factory=list)
+    values: list[tuple[float, ...]]  # every event's, summed (and rounded) once, when the interval ends
+    timestamps: list[int]
+    last: int  # the event count when this entry last grew: of two entries of one key, the later names it
 
 
 def mono_to_unix_offset_ns() -> int:
@@ -32,7 +72,8 @@ class IntervalAggregator:
     def __init__(self, spec: ProfileSpec, start_mono_ns: int | None = None) -> None:
         self.spec = spec
         self._start = time.monotonic_ns() if start_mono_ns is None else start_mono_ns
-        self._entries: dict[SampleKey, _Entry] = {}
+        # By the event's identity, or by (pid, tid, cpu, kernel, user) for an event without one.
+        self._entries: dict[Hashable, _Entry] = {}
         self.events = 0
 
     def add(
@@ -47,27 +88,42 @@ class IntervalAggregator:
         values: tuple[float, ...],
         timestamp_ns: int,
     ) -> None:
-        key = SampleKey(pid, tid, cpu, kernel, user)
+        self.add_event(_Fields(pid, tid, cpu, kernel, thread_name, values, timestamp_ns), user)
+
+    def add_event(self, event: EventLike, user: Stack, identity: Hashable | None = None) -> None:
+        """Sum one event with user stack `user` into its sample.
+
+        `identity`, when given, must be equal for two events only if their pid, tid, cpu, stacks and
+        comm are (as `StackEvent.identity` is): it is then the table's key, which is far cheaper to
+        look up than the stacks. Events of one sample may arrive under several identities (e.g. before
+        and after the thread renamed itself): `finish` merges them."""
+        self.events = seq = self.events + 1
+        key = (event.pid, event.tid, event.cpu, event.kernel, user) if identity is None else identity
         entry = self._entries.get(key)
         if entry is None:
-            self._entries[key] = _Entry(list(values), thread_name, [timestamp_ns])
-        else:
-            for i, value in enumerate(values):
-                entry.values[i] += value
-            entry.thread_name = thread_name  # a thread may rename itself; keep the latest
-            entry.timestamps.append(timestamp_ns)
-        self.events += 1
+            sample_key = SampleKey(event.pid, event.tid, event.cpu, event.kernel, user)
+            self._entries[key] = _Entry(sample_key, event.comm, [event.values], [event.timestamp_ns], seq)
+            return
+        entry.values.append(event.values)
+        entry.timestamps.append(event.timestamp_ns)
+        entry.last = seq
+        if identity is None:
+            entry.thread_name = event.comm  # a thread may rename itself; keep the latest
 
     def __len__(self) -> int:
+        """Entries so far (a sample that arrived under several identities counts once for each)."""
         return len(self._entries)
 
     def finish(self, end_mono_ns: int) -> IntervalProfile:
         """The interval that ends now, and a fresh one starting where it ended."""
+        entries: dict[SampleKey, _Entry] = {}
+        for entry in self._entries.values():
+            first = entries.setdefault(entry.key, entry)
+            if first is not entry:
+                entries[entry.key] = _merged(first, entry)
         samples = tuple(
-            AggregatedSample(
-                key, entry.thread_name, tuple(round(v) for v in entry.values), tuple(sorted(entry.timestamps))
-            )
-            for key, entry in self._entries.items()
+            AggregatedSample(key, entry.thread_name, _summed(entry.values), tuple(sorted(entry.timestamps)))
+            for key, entry in entries.items()
         )
         # Events read after their interval ended (in flight at the drain) stretch it rather than
         # falling outside it: profile timestamps must lie inside the profile's window.
@@ -84,3 +140,17 @@ class IntervalAggregator:
         self._entries = {}
         self.events = 0
         return profile
+
+
+def _summed(values: list[tuple[float, ...]]) -> tuple[int, ...]:
+    """Column sums in arrival order (as a running total would add them), rounded."""
+    first = values[0]
+    if all(type(v) is int for v in first) and values.count(first) == len(values):
+        return tuple(round(v) * len(values) for v in first)  # e.g. CPU samples, all one period: exact
+    return tuple(round(reduce(add, map(itemgetter(i), values))) for i in range(len(first)))
+
+
+def _merged(first: _Entry, second: _Entry) -> _Entry:
+    latest = second if second.last > first.last else first
+    timestamps = first.timestamps + second.timestamps
+    return _Entry(first.key, latest.thread_name, first.values + second.values, timestamps, latest.last)

@@ -9,7 +9,7 @@ symbolize stage's job.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class StackStatus(enum.IntEnum):
@@ -28,6 +28,15 @@ class Stack:
 
     status: StackStatus
     addresses: tuple[int, ...] = ()
+    # Hashed once: stacks are dictionary keys at every stage (aggregation, symbolization), and a
+    # generated __hash__ would hash every address again on each lookup.
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.status, self.addresses)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 EMPTY_STACK = Stack(StackStatus.NOT_COLLECTED)

@@ -129,14 +129,16 @@ class BpfProbe(ABC):
     def detach_events(self) -> None: ...
 
     def open_buffer(self, table: str, decode: Decoder, pages: int, wakeup_events: int) -> None:
+        stats, emit = self.stats, self._emit  # runs once per record: no lookups through self
+
         def on_record(cpu: int, data: int, size: int) -> None:
             try:
                 event = decode(data, size)
             except MalformedRecord as e:
                 self._malformed(e)
                 return
-            self.stats.received += 1
-            self._emit(event)
+            stats.received += 1
+            emit(event)
 
         def on_lost(count: int) -> None:
             self.stats.lost[table] = self.stats.lost.get(table, 0) + count

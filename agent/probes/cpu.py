@@ -7,13 +7,11 @@ software cpu-clock: the choice is logged once and reported as `attach_method`) a
 
 from __future__ import annotations
 
-from functools import partial
-
 from agent.aggregate.types import ProfileSpec, ValueType
 from agent.errors import BpfAttachError
 from agent.preflight import hardware_cycles_available
 from agent.probes.bpf_probe import BpfProbe
-from agent.probes.events import decode_stack_event
+from agent.probes.events import StackEventDecoder
 
 # Perf-event ids as in linux/perf_event.h (bcc.PerfType / PerfHWConfig / PerfSWConfig).
 PERF_TYPE_HARDWARE, PERF_COUNT_HW_CPU_CYCLES = 0, 0
@@ -53,7 +51,7 @@ class CpuProbe(BpfProbe):
 
     def open_event_buffers(self) -> None:
         values = (1, self.spec.period)  # every sample stands for one period of CPU time
-        decode = partial(decode_stack_event, stacks=self.stacks, profiler=self.name, values_of=lambda _: values)
+        decode = StackEventDecoder(self.name, self.stacks, values).decode
         wakeup = max(1, self._config.frequency_hz // WAKEUPS_PER_SECOND)
         self.open_buffer("samples", decode, self._config.perf_buffer_pages, wakeup)
 

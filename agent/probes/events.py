@@ -3,7 +3,9 @@
 The decoders run inside the perf-buffer callbacks: they copy every field out of the ctypes view
 (the view points into the ring buffer and is reused as soon as the callback returns), turn the inline
 stacks into `Stack`s, and reject records that are too short or carry impossible values with
-`MalformedRecord`, which the reader counts.
+`MalformedRecord`, which the reader counts. `decode_stack_event` decodes one record in full;
+`StackEventDecoder` does the same through a cache of the records it has seen, which is what makes
+the reader cheap enough per event (see `bench/ingest.py`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from agent.probes.records import (
     STACK_EVENT_HEADER_SIZE,
     USER_STACK_OFFSET,
     ProcEventRecord,
+    StackEventRecord,
 )
 from agent.probes.stacks import StackDecoder
 
@@ -71,6 +74,10 @@ class StackEvent(NamedTuple):
     # Only from programs built to copy the user stack (DWARF unwinding): the unwind stage replaces
     # `user` with the stack it unwinds from this, then drops it.
     user_copy: UserStackCopy | None = None
+    # Equal for events whose records are equal in everything but timestamp, value and sampling (so
+    # in every field above but those and `values`): the aggregate stage keys on it. None for an event
+    # with a stack copy, or one not decoded from a record.
+    identity: bytes | None = None
 
 
 class RecordHeader(NamedTuple):
@@ -96,6 +103,12 @@ class RecordHeader(NamedTuple):
 # Field for field the layout of StackEventRecord up to `ips` (the layout test checks the mirror).
 _HEADER = struct.Struct("<QQQIIIIii16sQQQQI4x")
 assert _HEADER.size == STACK_EVENT_HEADER_SIZE
+# What a cached record's decoding reads afresh: timestamp_ns, and value and sampling for its worth.
+_TIMESTAMP = struct.Struct("<Q")
+_WORTH = struct.Struct("<QQQ")
+_IDENTITY_START = 24  # after timestamp_ns, value and sampling
+_REGISTERS = StackEventRecord.user_ip.offset  # to the end of the header: the user registers
+_FRAMES = STACK_EVENT_HEADER_SIZE
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,29 +143,133 @@ def decode_stack_event(data: int, size: int, stacks: StackDecoder, profiler: str
     if size < STACK_EVENT_HEADER_SIZE:
         raise MalformedRecord(f"StackEventRecord: {size} bytes, expected at least {STACK_EVENT_HEADER_SIZE}")
     raw = ctypes.string_at(data, size)  # one copy out of the ring buffer; everything below reads it
+    header, fields, user_copy, identity = _decode_fields(raw, stacks)
+    event = StackEvent(profiler, header.timestamp_ns, *fields, values_of(header), user_copy, identity)
+    stacks.counts[stacks.signature(event.kernel, event.user)] += 1
+    return event
+
+
+# (pid, tid, cpu, kernel_thread, comm, kernel, user): what every record with the same identity shares.
+Fields = tuple[int, int, int, bool, str, Stack, Stack]
+
+
+def _decode_fields(raw: bytes, stacks: StackDecoder) -> tuple[RecordHeader, Fields, UserStackCopy | None, bytes | None]:
+    """Everything in a record but its worth, checked; the stacks are not counted yet."""
     header = RecordHeader._make(_HEADER.unpack_from(raw))
     kernel_len, user_len = header.kernel_stack_len, header.user_stack_len
     if kernel_len > MAX_STACK_DEPTH or user_len > MAX_STACK_DEPTH:
         raise MalformedRecord(f"stack_event: stack lengths {kernel_len}/{user_len} exceed {MAX_STACK_DEPTH}")
     kernel_end = STACK_EVENT_HEADER_SIZE + max(kernel_len, 0) * 8
     user_end = kernel_end + max(user_len, 0) * 8
-    if size < user_end:
-        raise MalformedRecord(f"stack_event: {size} bytes cannot hold {kernel_len}+{user_len} frames")
+    if len(raw) < user_end:
+        raise MalformedRecord(f"stack_event: {len(raw)} bytes cannot hold {kernel_len}+{user_len} frames")
     kernel_thread = bool(header.flags & SAMPLE_FLAG_KERNEL_THREAD)
     user_copy = _user_copy(header, raw) if header.user_stack_bytes else None
-    return StackEvent(
-        profiler,
-        header.timestamp_ns,
+    fields = (
         header.pid,
         header.tid,
         header.cpu,
         kernel_thread,
         header.comm.split(b"\0", 1)[0].decode("utf-8", "replace"),
-        stacks.decode(kernel_len, raw[STACK_EVENT_HEADER_SIZE:kernel_end], kernel=True),
-        stacks.decode(user_len, raw[kernel_end:user_end], kernel=False, kernel_thread=kernel_thread),
-        values_of(header),
-        user_copy,
+        stacks.stack(kernel_len, raw[STACK_EVENT_HEADER_SIZE:kernel_end], kernel=True),
+        stacks.stack(user_len, raw[kernel_end:user_end], kernel=False, kernel_thread=kernel_thread),
     )
+    # A record's bytes after its timestamp, value and sampling up to its last frame, less the user
+    # registers (they vary from event to event, and only the unwinder reads them): records equal in
+    # these decode to equal fields. Not for a record with a stack copy, whose user stack comes from it.
+    identity = None if user_copy is not None else raw[_IDENTITY_START:_REGISTERS] + raw[_FRAMES:user_end]
+    return header, fields, user_copy, identity
+
+
+RECORD_CACHE_LIMIT = 8192
+_new_tuple = tuple.__new__  # builds a NamedTuple from a tuple without its Python-level __new__
+# A record's size, as the perf buffer reports it, is what the program sent (a whole number of u64s)
+# plus the padding perf adds after it (4 bytes, never written): this mask takes the padding off.
+_WHOLE_WORDS = ~7
+# What records with one cache key share: the event's fields from pid to user (on to the end when every
+# event is worth the same), the stack-count signature, the header after value and sampling (when the
+# worth is read from it), and the identity.
+_Known = tuple[tuple[object, ...], int, tuple[object, ...], bytes]
+
+
+class StackEventDecoder:
+    """One profiler's records, decoded through a cache keyed on their bytes after timestamp and worth.
+
+    The same stacks of the same threads recur at every sample: a record seen before costs one copy out
+    of the ring, one unpack of its timestamp (and worth) and one dict lookup; a new one is decoded and
+    checked in full, by `decode_stack_event`'s rules, and its events share one `identity` object.
+    Records that carry a user stack copy are decoded in full every time. `values` reads what an event
+    is worth from the record's fixed part, or is the tuple that every event is worth. `decode` is the
+    perf-buffer decoder; it runs on the reader thread.
+    """
+
+    def __init__(
+        self,
+        profiler: str,
+        stacks: StackDecoder,
+        values: ValuesOf | tuple[float, ...],
+        cache_limit: int = RECORD_CACHE_LIMIT,
+    ) -> None:
+        self._profiler = profiler
+        self._stacks = stacks
+        self._counts = stacks.counts
+        self._values_of: ValuesOf | None = None if isinstance(values, tuple) else values
+        self._values: tuple[float, ...] = values if isinstance(values, tuple) else ()
+        self._cache: dict[bytes, _Known] = {}
+        self._limit = cache_limit
+        self._arrays: dict[int, type[ctypes.Array[ctypes.c_char]]] = {}  # a ctypes view type per size
+        self.decode: Callable[[int, int], StackEvent] = self._weighed if self._values_of else self._same_worth
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def _same_worth(self, data: int, size: int) -> StackEvent:
+        if not STACK_EVENT_HEADER_SIZE <= size <= USER_STACK_OFFSET:
+            return self._decode_in_full(data, size)  # too short, or carrying a stack copy
+        raw = (self._arrays.get(size) or self._array(size)).from_address(data).raw  # one copy out of the ring
+        key = raw[_IDENTITY_START : size & _WHOLE_WORDS]
+        known = self._cache.get(key) or self._learn(raw, key)
+        self._counts[known[1]] += 1
+        event: StackEvent = _new_tuple(StackEvent, (self._profiler, _TIMESTAMP.unpack_from(raw)[0]) + known[0])
+        return event
+
+    def _weighed(self, data: int, size: int) -> StackEvent:
+        if not STACK_EVENT_HEADER_SIZE <= size <= USER_STACK_OFFSET:
+            return self._decode_in_full(data, size)
+        raw = (self._arrays.get(size) or self._array(size)).from_address(data).raw
+        key = raw[_IDENTITY_START : size & _WHOLE_WORDS]
+        fields, signature, rest, identity = self._cache.get(key) or self._learn(raw, key)
+        timestamp, value, sampling = _WORTH.unpack_from(raw)
+        assert self._values_of is not None
+        values = self._values_of(_new_tuple(RecordHeader, (timestamp, value, sampling, *rest)))
+        self._counts[signature] += 1
+        event: StackEvent = _new_tuple(StackEvent, (self._profiler, timestamp, *fields, values, None, identity))
+        return event
+
+    def _learn(self, raw: bytes, key: bytes) -> _Known:
+        header, fields, _, identity = _decode_fields(raw, self._stacks)  # may raise MalformedRecord
+        assert identity is not None  # a stack copy would not fit in the bytes let through to here
+        signature = self._stacks.signature(fields[5], fields[6])
+        if self._values_of is None:
+            known: _Known = ((*fields, self._values, None, identity), signature, (), identity)
+        else:
+            known = (fields, signature, tuple(header)[3:], identity)
+        # The key ends where the frames end, unless the padding is not perf's (never seen): such a
+        # record is decoded afresh every time, never wrongly.
+        if len(key) == len(identity) + _FRAMES - _REGISTERS:
+            if len(self._cache) >= self._limit:
+                self._cache.clear()  # as StackDecoder's: refills in one interval
+            self._cache[key] = known
+        return known
+
+    def _decode_in_full(self, data: int, size: int) -> StackEvent:
+        values = self._values
+        values_of = self._values_of or (lambda _: values)
+        return decode_stack_event(data, size, self._stacks, self._profiler, values_of)
+
+    def _array(self, size: int) -> type[ctypes.Array[ctypes.c_char]]:
+        array = self._arrays[size] = ctypes.c_char * size
+        return array
 
 
 def _user_copy(header: RecordHeader, raw: bytes) -> UserStackCopy:

@@ -4,12 +4,18 @@ Records carry their stacks inline (see `bpf/common.h`): a length, or a negative 
 `bpf_get_stack`, and that many addresses. Identical stacks recur constantly, so decoded `Stack`s are
 cached by their raw bytes: a hit costs one dict lookup, and equal stacks share one object, which keeps
 aggregation cheap. The cache is content-addressed, so it can never be stale; it is only bounded.
+
+Every stack handed out is counted by status, except the ones that are no loss (`EMPTY_STACK`). The
+counting is one list increment per event on the reader thread (`count`, by a pair's `signature`);
+`status_counts`, read by the metrics stage on its own thread, folds what was counted since its last
+read into a `Counter` by status name.
 """
 
 from __future__ import annotations
 
 import errno
 import struct
+import threading
 from collections import Counter
 
 from agent.aggregate.types import EMPTY_STACK, Stack, StackStatus
@@ -17,15 +23,56 @@ from agent.probes.records import MAX_STACK_DEPTH
 
 CACHE_LIMIT = 65536
 
+# A signature packs what one event's two stacks count as: a status per stack, or nothing (SLOTS - 1)
+# for a stack that is no loss.
+_NOTHING = len(StackStatus)
+SLOTS = _NOTHING + 1
+_STATUS_NAMES = {status.value: status.name for status in StackStatus}
+_MISSING, _ERROR = Stack(StackStatus.MISSING), Stack(StackStatus.ERROR)
+
+
+def _slot(stack: Stack) -> int:
+    return _NOTHING if stack is EMPTY_STACK else int(stack.status)
+
 
 class StackDecoder:
     def __init__(self, cache_limit: int = CACHE_LIMIT) -> None:
         self._cache: dict[bytes, Stack] = {}
         self._limit = cache_limit
-        self.status_counts: Counter[str] = Counter()
+        # Written only by the reader thread (`counts[signature] += 1`); `_folded` is what
+        # `status_counts` has already taken from each slot.
+        self.counts = [0] * (SLOTS * SLOTS)
+        self._folded = [0] * (SLOTS * SLOTS)
+        self._fold_lock = threading.Lock()
+        self._status_counts: Counter[str] = Counter()
+
+    @staticmethod
+    def signature(first: Stack, second: Stack = EMPTY_STACK) -> int:
+        """The slot of `counts` that one event with these stacks increments."""
+        return _slot(first) * SLOTS + _slot(second)
+
+    @property
+    def status_counts(self) -> Counter[str]:
+        """Stacks handed out so far, by status name (the stacks that are no loss are not counted)."""
+        with self._fold_lock:
+            counts, folded, totals = self.counts, self._folded, self._status_counts
+            for signature, folded_so_far in enumerate(folded):
+                new = counts[signature] - folded_so_far
+                if new:
+                    folded[signature] += new
+                    for slot in divmod(signature, SLOTS):
+                        if slot != _NOTHING:
+                            totals[_STATUS_NAMES[slot]] += new
+            return totals
 
     def decode(self, length: int, raw: bytes, *, kernel: bool, kernel_thread: bool = False) -> Stack:
-        """`length` frames in `raw` (8 bytes each, leaf first), or `-errno` when none were captured."""
+        """`length` frames in `raw` (8 bytes each, leaf first), or `-errno` when none were captured; counted."""
+        stack = self.stack(length, raw, kernel=kernel, kernel_thread=kernel_thread)
+        self.counts[_slot(stack) * SLOTS + _NOTHING] += 1
+        return stack
+
+    def stack(self, length: int, raw: bytes, *, kernel: bool, kernel_thread: bool = False) -> Stack:
+        """What `decode` returns, without counting it (the caller counts the event's pair)."""
         if length < 0:
             return self._classify_error(-length, kernel=kernel, kernel_thread=kernel_thread)
         if length == 0:
@@ -40,9 +87,8 @@ class StackDecoder:
                 # A frame-pointer walk can end on a zero return address (a thread's outermost frame,
                 # or a frame pointer used as a general register): nothing real lies at or beyond it.
                 addresses = addresses[: addresses.index(0)]
-            stack = Stack(status, addresses) if addresses else Stack(StackStatus.MISSING)
+            stack = Stack(status, addresses) if addresses else _MISSING
             self._cache[raw] = stack
-        self.status_counts[stack.status.name] += 1
         return stack
 
     def _classify_error(self, err: int, *, kernel: bool, kernel_thread: bool) -> Stack:
@@ -50,9 +96,7 @@ class StackDecoder:
         # thread that there is no user space: both are normal, not losses.
         if err == errno.EFAULT and (kernel or kernel_thread):
             return EMPTY_STACK
-        status = StackStatus.MISSING if err == errno.EFAULT else StackStatus.ERROR
-        self.status_counts[status.name] += 1
-        return Stack(status)
+        return _MISSING if err == errno.EFAULT else _ERROR
 
     def __len__(self) -> int:
         return len(self._cache)

@@ -19,9 +19,13 @@ class KeepSampler:
         self._rng = rng or random.Random()
         self._keep: dict[str, float] = {}
         self.dropped: Counter[str] = Counter()
+        # Every probability is 1, so `admit` would return every event as it is: the pipeline reads
+        # this flag instead of asking about each event.
+        self.keeps_all = True
 
     def set_probability(self, profiler: str, probability: float) -> None:
         self._keep[profiler] = min(1.0, max(probability, 1e-6))
+        self.keeps_all = all(p >= 1.0 for p in self._keep.values())
 
     def probability(self, profiler: str) -> float:
         return self._keep.get(profiler, 1.0)

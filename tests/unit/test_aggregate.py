@@ -171,3 +171,69 @@ def test_mono_to_unix_offset_is_sane() -> None:
     assert abs(mono_to_unix_offset_ns() - expected) < 1_000_000_000
     profile = IntervalAggregator(SPEC, start_mono_ns=START).finish(START + 1)
     assert abs(profile.mono_to_unix_offset_ns - expected) < 1_000_000_000
+
+
+class Event:
+    """What the pipeline hands `add_event` (a StackEvent's fields)."""
+
+    def __init__(self, timestamp_ns: int, comm: str = "worker", values: tuple[float, ...] = (1, 10)) -> None:
+        self.pid, self.tid, self.cpu, self.kernel = 100, 101, 0, EMPTY_STACK
+        self.comm, self.values, self.timestamp_ns = comm, values, timestamp_ns
+
+
+def test_events_with_an_identity_are_keyed_on_it() -> None:
+    aggregator = IntervalAggregator(SPEC, start_mono_ns=START)
+    for timestamp in (START + 3, START + 1, START + 2):
+        aggregator.add_event(Event(timestamp), USER_A, b"record-a")
+    aggregator.add_event(Event(START + 4), USER_B, b"record-b")
+    assert len(aggregator) == 2 and aggregator.events == 4
+    samples = by_key(aggregator.finish(START + 100))
+    assert samples[SampleKey(100, 101, 0, EMPTY_STACK, USER_A)] == AggregatedSample(
+        SampleKey(100, 101, 0, EMPTY_STACK, USER_A), "worker", (3, 30), (START + 1, START + 2, START + 3)
+    )
+    assert samples[SampleKey(100, 101, 0, EMPTY_STACK, USER_B)].values == (1, 10)
+
+
+def test_one_sample_under_several_identities_is_merged_with_the_latest_thread_name() -> None:
+    aggregator = IntervalAggregator(SPEC, start_mono_ns=START)
+    aggregator.add_event(Event(START + 5, "old"), USER_A, b"as old")
+    aggregator.add_event(Event(START + 1, "new"), USER_A, b"as new")  # renamed (arrived later, stamped earlier)
+    aggregator.add_event(Event(START + 9, "old"), USER_A, b"as old")
+    aggregator.add_event(Event(START + 7, "new", (2, 20)), USER_A, b"as new")
+    add(aggregator, START + 3, user=USER_A, thread_name="newest")  # no identity: keyed on the fields
+    add(aggregator, START + 8, user=USER_B)
+    profile = aggregator.finish(START + 100)
+    assert [sample.key.user for sample in profile.samples] == [USER_A, USER_B]  # in order of first arrival
+    merged = profile.samples[0]
+    assert merged.thread_name == "newest"
+    assert merged.values == (6, 60)
+    assert merged.timestamps_mono_ns == (START + 1, START + 3, START + 5, START + 7, START + 9)
+
+
+def test_the_thread_name_of_the_last_arrival_wins_between_identities() -> None:
+    aggregator = IntervalAggregator(SPEC, start_mono_ns=START)
+    aggregator.add_event(Event(START + 1, "a"), USER_A, b"a")
+    aggregator.add_event(Event(START + 2, "b"), USER_A, b"b")
+    aggregator.add_event(Event(START + 3, "a"), USER_A, b"a")  # renamed back
+    (sample,) = aggregator.finish(START + 100).samples
+    assert sample.thread_name == "a"
+
+
+def test_fractional_values_are_summed_in_arrival_order_then_rounded() -> None:
+    aggregator = IntervalAggregator(SPEC, start_mono_ns=START)
+    for value in (0.4, 0.4, 0.4, 1e16, -1e16):
+        add(aggregator, START + 1, values=(value, 2 * value))
+    (sample,) = aggregator.finish(START + 100).samples
+    total = 0.0
+    for value in (0.4, 0.4, 0.4, 1e16, -1e16):
+        total += value  # what a running total gives (not math.fsum's 1.2)
+    assert sample.values == (round(total), round(2 * total))
+
+
+def test_equal_integer_values_are_multiplied_exactly() -> None:
+    aggregator = IntervalAggregator(SPEC, start_mono_ns=START)
+    values = (1, 52_631_578)
+    for i in range(1000):
+        add(aggregator, START + i, values=values)
+    (sample,) = aggregator.finish(START + 10_000).samples
+    assert sample.values == (1000, 52_631_578_000)

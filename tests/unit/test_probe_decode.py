@@ -2,7 +2,8 @@
 
 Stack records arrive truncated after their last filled frame, so every stack record is handed to the
 decoder as exactly the bytes the BPF program sends, followed by sentinel bytes that must never be read
-as frames.
+as frames. Every record decoded by `decode_stack_event` here is also decoded twice by a fresh
+`StackEventDecoder` (a cache miss, then a hit), which must give the same event or the same error.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from agent.probes.events import (
     ProcessEventKind,
     RecordHeader,
     StackEvent,
+    StackEventDecoder,
+    UserStackCopy,
     ValuesOf,
     decode_proc_event,
     decode_stack_event,
@@ -30,6 +33,7 @@ from agent.probes.records import (
     PROC_EVENT_NEW,
     SAMPLE_FLAG_KERNEL_THREAD,
     STACK_EVENT_HEADER_SIZE,
+    USER_STACK_OFFSET,
     ProcEventRecord,
     StackEventRecord,
 )
@@ -103,7 +107,27 @@ def decode(
     buffer = ctypes.create_string_buffer(raw + b"\xee" * (ctypes.sizeof(record) - len(raw)), ctypes.sizeof(record))
     stacks = StackDecoder() if stacks is None else stacks  # not `or`: an empty decoder is falsy (len 0)
     values_of = RecordingValues() if values_of is None else values_of
-    return decode_stack_event(ctypes.addressof(buffer), size, stacks, profiler, values_of)
+    cached = StackEventDecoder(
+        profiler, StackDecoder(), RecordingValues() if isinstance(values_of, RecordingValues) else values_of
+    )
+    try:
+        event = decode_stack_event(ctypes.addressof(buffer), size, stacks, profiler, values_of)
+    except MalformedRecord as e:
+        for _ in range(2):
+            with pytest.raises(MalformedRecord) as cached_error:
+                cached.decode(ctypes.addressof(buffer), size)
+            assert str(cached_error.value) == str(e)
+        assert len(cached) == 0
+        raise
+    assert cached.decode(ctypes.addressof(buffer), size) == event
+    assert cached.decode(ctypes.addressof(buffer), size) == event
+    return event
+
+
+def identity(record: StackEventRecord) -> bytes:
+    """What `StackEvent.identity` is: the bytes after timestamp, value and sampling, less the registers."""
+    raw = bytes(record)
+    return raw[24:64] + raw[104 : sent_size(record)]
 
 
 def test_header_is_everything_before_the_frames() -> None:
@@ -124,6 +148,7 @@ def test_decode_stack_event_copies_every_field() -> None:
         kernel=Stack(StackStatus.OK, KERNEL),
         user=Stack(StackStatus.OK, USER),
         values=(1, 52_631_579),
+        identity=identity(stack_record()),
     )
     assert values_of.seen == [(RecordHeader, 4242, 52_631_579)]  # called once, with the record's header
 
@@ -335,3 +360,111 @@ def test_too_short_proc_event_is_malformed() -> None:
     record = ProcEventRecord(timestamp_ns=1, pid=2, kind=PROC_EVENT_NEW)
     with pytest.raises(MalformedRecord, match="ProcEventRecord: 12 bytes, expected at least 16"):
         decode_proc_event(ctypes.addressof(record), 12)
+
+
+# StackEventDecoder: what its cache shares between records, and what it reads afresh
+
+
+def in_buffer(record: StackEventRecord, size: int | None = None, padding: bytes = b"") -> ctypes.Array[ctypes.c_char]:
+    raw = bytes(record)[: sent_size(record) if size is None else size] + padding
+    return ctypes.create_string_buffer(raw, len(raw))
+
+
+def cached_decode(decoder: StackEventDecoder, buffer: ctypes.Array[ctypes.c_char]) -> StackEvent:
+    return decoder.decode(ctypes.addressof(buffer), len(buffer))
+
+
+def test_a_cached_record_reads_its_timestamp_and_worth_afresh() -> None:
+    values_of = RecordingValues()
+    decoder = StackEventDecoder("offcpu", StackDecoder(), values_of)
+    first = cached_decode(decoder, in_buffer(stack_record(timestamp_ns=10, value=100, sampling=1)))
+    second = cached_decode(decoder, in_buffer(stack_record(timestamp_ns=20, value=200, sampling=2)))
+    assert len(decoder) == 1  # one record, seen twice
+    assert (first.timestamp_ns, first.values, second.timestamp_ns, second.values) == (10, (1, 100), 20, (1, 200))
+    assert second._replace(timestamp_ns=10, values=(1, 100)) == first
+    assert second.identity is first.identity  # one object: the aggregator's key, hashed once
+    assert values_of.seen == [(RecordHeader, 4242, 100), (RecordHeader, 4242, 200)]
+
+
+def test_every_event_is_worth_a_constant_worth() -> None:
+    decoder = StackEventDecoder("cpu", StackDecoder(), (1, 52_631_578))
+    events = [cached_decode(decoder, in_buffer(stack_record(value=v))) for v in (0, 5, 7)]
+    assert {event.values for event in events} == {(1, 52_631_578)}
+    assert events[0] == decode(stack_record(), values_of=lambda _: (1, 52_631_578))
+
+
+def test_the_identity_leaves_out_the_user_registers_but_not_the_thread() -> None:
+    decoder = StackEventDecoder("alloc", StackDecoder(), (1,))
+    base = cached_decode(decoder, in_buffer(stack_record()))
+    registers = cached_decode(decoder, in_buffer(stack_record(user_ip=1, user_sp=2, user_bp=3)))
+    assert registers == base and registers.identity == base.identity
+    for changed in (stack_record(comm=b"renamed"), stack_record(tid=1), stack_record(cpu=0), stack_record(pid=1)):
+        event = cached_decode(decoder, in_buffer(changed))
+        assert event.identity == identity(changed) != base.identity
+
+
+def test_perf_padding_is_not_part_of_the_key() -> None:
+    decoder = StackEventDecoder("cpu", StackDecoder(), (1,))
+    a = cached_decode(decoder, in_buffer(stack_record(), padding=b"\x01\x02\x03\x04"))
+    b = cached_decode(decoder, in_buffer(stack_record(), padding=b"\xff\xfe\xfd\xfc"))  # never written by perf
+    assert a == b and a.identity is b.identity
+    assert len(decoder) == 1
+    odd = cached_decode(decoder, in_buffer(stack_record(), padding=b"\x05" * 12))  # not perf's: not cached
+    assert odd == a and len(decoder) == 1
+
+
+def test_hits_count_their_stacks() -> None:
+    stacks = StackDecoder()
+    decoder = StackEventDecoder("cpu", stacks, (1,))
+    for _ in range(3):
+        cached_decode(decoder, in_buffer(stack_record()))
+    cached_decode(decoder, in_buffer(stack_record(KERNEL, (), user_len=-errno.EFAULT)))
+    assert stacks.status_counts == {"OK": 7, "MISSING": 1}
+
+
+def test_a_malformed_worth_is_raised_on_a_hit_too() -> None:
+    def values_of(record: RecordHeader) -> tuple[float, ...]:
+        if record.value == 0:
+            raise MalformedRecord("alloc record: size 0")
+        return (1, record.value)
+
+    stacks = StackDecoder()
+    decoder = StackEventDecoder("alloc", stacks, values_of)
+    cached_decode(decoder, in_buffer(stack_record(value=5)))
+    with pytest.raises(MalformedRecord, match="size 0"):
+        cached_decode(decoder, in_buffer(stack_record(value=0)))
+    assert stacks.status_counts == {"OK": 2}  # the rejected record's stacks are not counted
+
+
+def test_the_cache_is_bounded() -> None:
+    decoder = StackEventDecoder("cpu", StackDecoder(), (1,), cache_limit=2)
+    for pid in range(7):
+        event = cached_decode(decoder, in_buffer(stack_record(pid=pid)))
+        assert event.pid == pid
+        assert 1 <= len(decoder) <= 2
+
+
+def test_a_record_with_a_stack_copy_is_decoded_in_full_every_time() -> None:
+    sp, base = 0x7FFD0000_1010, 0x7FFD0000_1000
+    record = stack_record(user_ip=0x401234, user_sp=sp, user_bp=sp + 32, user_stack_base=base, user_stack_bytes=512)
+    copy = bytes(range(256)) * 2
+    raw = bytes(record) + copy
+    assert len(raw) == USER_STACK_OFFSET + 512
+    buffer = ctypes.create_string_buffer(raw, len(raw))
+    decoder = StackEventDecoder("cpu", StackDecoder(), (1,))
+    for _ in range(2):
+        event = cached_decode(decoder, buffer)
+        assert event.user_copy == UserStackCopy(0x401234, sp, sp + 32, base, copy)
+        assert event.identity is None  # its user stack is what the unwinder makes of the copy
+        assert event.user == Stack(StackStatus.OK, USER)
+    assert len(decoder) == 0
+
+
+def test_the_cached_decoder_does_not_keep_the_view() -> None:
+    decoder = StackEventDecoder("cpu", StackDecoder(), (1,))
+    for _ in range(2):  # a miss, then a hit
+        buffer = in_buffer(stack_record(comm=b"before"))
+        event = cached_decode(decoder, buffer)
+        ctypes.memset(ctypes.addressof(buffer), 0xFF, len(buffer))
+        assert (event.pid, event.comm, event.timestamp_ns) == (4242, "before", 123_456_789_012)
+        assert event.user == Stack(StackStatus.OK, USER)

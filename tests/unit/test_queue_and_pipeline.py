@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 
@@ -11,6 +12,7 @@ from agent.aggregate.types import EMPTY_STACK, IntervalProfile, ProfileSpec, Sam
 from agent.pipeline import Pipeline
 from agent.probes.events import IntervalMark, ProcessEvent, ProcessEventKind, StackEvent
 from agent.probes.queue import DropOldestQueue
+from agent.sampling.keep import KeepSampler
 
 # DropOldestQueue
 
@@ -66,6 +68,70 @@ def test_put_from_another_thread_wakes_the_consumer() -> None:
     finally:
         timer.cancel()
         timer.join()
+
+
+def lazy_event(n: int = 0) -> StackEvent:
+    return StackEvent("cpu", n, 1, 1, 0, False, "w", EMPTY_STACK, EMPTY_STACK, (1,))
+
+
+def test_stack_events_wait_for_wake_at_items_or_the_timeout() -> None:
+    queue: DropOldestQueue[object] = DropOldestQueue(100, wake_at=3)
+    queue.put(lazy_event(1))
+    queue.put(lazy_event(2))
+    started = time.monotonic()
+    assert queue.get_batch(timeout=0.05) == [lazy_event(1), lazy_event(2)]  # not woken: taken at the timeout
+    assert time.monotonic() - started >= 0.04
+    for n in range(3):
+        queue.put(lazy_event(n))
+    started = time.monotonic()
+    assert len(queue.get_batch(timeout=5.0)) == 3  # the third woke the consumer
+    assert time.monotonic() - started < 4.0
+
+
+@pytest.mark.parametrize("urgent", [IntervalMark(5), ProcessEvent(1, 2, ProcessEventKind.NEW), "anything else"])
+def test_other_items_wake_the_consumer_at_once(urgent: object) -> None:
+    queue: DropOldestQueue[object] = DropOldestQueue(100)
+    queue.put(lazy_event())
+    queue.put(urgent)
+    started = time.monotonic()
+    assert queue.get_batch(timeout=5.0) == [lazy_event(), urgent]
+    assert time.monotonic() - started < 4.0
+
+
+def test_wake_at_is_bounded_by_the_capacity() -> None:
+    queue: DropOldestQueue[object] = DropOldestQueue(8, wake_at=1000)
+    for n in range(2):  # a quarter of the capacity
+        queue.put(lazy_event(n))
+    started = time.monotonic()
+    assert len(queue.get_batch(timeout=5.0)) == 2
+    assert time.monotonic() - started < 4.0
+
+
+def test_lazy_items_are_dropped_and_counted_like_any_other() -> None:
+    queue: DropOldestQueue[object] = DropOldestQueue(3, lazy=(int,), wake_at=100)
+    for item in range(1, 6):
+        queue.put(item)
+    assert queue.dropped == 2
+    assert queue.get_batch(timeout=0) == [3, 4, 5]
+
+
+def test_a_producer_thread_loses_nothing_while_batches_are_taken() -> None:
+    queue: DropOldestQueue[int] = DropOldestQueue(1 << 20, lazy=(int,), wake_at=64)
+    count = 200_000
+
+    def produce() -> None:
+        for item in range(count):
+            queue.put(item)
+        queue.put(-1)  # not lazy: wakes the consumer for the end
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    taken: list[int] = []
+    while not taken or taken[-1] != -1:
+        taken += queue.get_batch(timeout=5.0)
+    producer.join()
+    assert taken == [*range(count), -1]
+    assert queue.dropped == 0 and len(queue) == 0
 
 
 # Pipeline
@@ -259,3 +325,29 @@ def test_events_of_an_unknown_profiler_are_counted_and_ignored(h: Harness) -> No
     assert h.observer.calls == []  # not even observed: nothing would ever use the mappings
     h.pipeline.handle(mark())
     assert all(profile.samples == () for profile in h.delivered)
+
+
+def test_events_with_an_identity_are_summed_as_any_other(h: Harness) -> None:
+    for comm in ("worker", "worker", "renamed"):  # a new comm, a new record: one sample still
+        h.pipeline.handle(cpu_event(100, kernel=KERNEL, comm=comm)._replace(identity=comm.encode()))
+    h.pipeline.handle(cpu_event(100, kernel=KERNEL))
+    h.pipeline.handle(mark())
+    (sample,) = h.delivered_for("cpu")[0].samples
+    assert sample.key == SampleKey(100, 100, 2, KERNEL, USER)
+    assert sample.values == (4, 4 * PERIOD)
+    assert sample.thread_name == "worker"  # the last event's
+
+
+def test_the_keep_sampler_is_asked_only_below_probability_one() -> None:
+    keep = KeepSampler(random.Random(5))
+    delivered: list[IntervalProfile] = []
+    pipeline = Pipeline({"cpu": SPEC}, RecordingObserver(), delivered.append, keep=keep)
+    pipeline.handle(cpu_event(100))
+    keep.set_probability("cpu", 0.5)
+    for _ in range(2000):
+        pipeline.handle(cpu_event(100))
+    pipeline.handle(mark())
+    (sample,) = delivered[0].samples
+    assert 0 < keep.dropped["cpu"] < 2000
+    assert sample.values[0] == 1 + 2 * (2000 - keep.dropped["cpu"])  # each kept one stands for two
+    assert pipeline.last_rates["cpu"] > 0

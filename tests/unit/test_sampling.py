@@ -103,6 +103,20 @@ def test_keep_sampler_passes_everything_at_probability_one() -> None:
     assert keep.probability("cpu") == 1.0
 
 
+def test_keeps_all_while_every_probability_is_one() -> None:
+    keep = KeepSampler(random.Random(1))
+    assert keep.keeps_all  # the pipeline then skips `admit`
+    keep.set_probability("cpu", 1.0)
+    assert keep.keeps_all
+    keep.set_probability("alloc", 0.5)
+    assert not keep.keeps_all
+    keep.set_probability("cpu", 0.9)
+    keep.set_probability("alloc", 1.0)
+    assert not keep.keeps_all
+    keep.set_probability("cpu", 1.0)
+    assert keep.keeps_all
+
+
 @dataclass
 class Stats:
     received: int = 0

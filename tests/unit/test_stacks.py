@@ -170,3 +170,28 @@ def test_a_zero_return_address_ends_the_stack() -> None:
     raw = struct.pack("<3Q", 0x7F0000001BD3, 0, 0x401000)
     assert decoder.decode(3, raw, kernel=False) == Stack(StackStatus.OK, (0x7F0000001BD3,))
     assert decoder.decode(1, struct.pack("<Q", 0), kernel=False) == Stack(StackStatus.MISSING)
+
+
+def test_status_counts_keep_counting_between_reads(decoder: StackDecoder) -> None:
+    decode(decoder, USER)
+    assert decoder.status_counts == {"OK": 1}
+    decode(decoder, USER)
+    decoder.decode(-errno.EINVAL, b"", kernel=True)
+    assert decoder.status_counts == {"OK": 2, "ERROR": 1}
+    assert decoder.status_counts == {"OK": 2, "ERROR": 1}  # a read takes nothing twice
+
+
+def test_a_pair_signature_counts_both_stacks_of_an_event(decoder: StackDecoder) -> None:
+    ok = decoder.stack(len(USER), pack(USER), kernel=False)
+    missing = decoder.stack(-errno.EFAULT, b"", kernel=False)
+    assert decoder.status_counts == {}  # `stack` hands out without counting
+    decoder.counts[decoder.signature(ok, missing)] += 2
+    decoder.counts[decoder.signature(EMPTY_STACK, ok)] += 1
+    decoder.counts[decoder.signature(EMPTY_STACK, EMPTY_STACK)] += 5  # no loss: nothing to count
+    assert decoder.status_counts == {"OK": 3, "MISSING": 2}
+
+
+def test_status_counts_is_one_counter_that_can_be_added_to(decoder: StackDecoder) -> None:
+    decoder.status_counts.update({"OK": 5})
+    decode(decoder, USER)
+    assert decoder.status_counts == {"OK": 6}

@@ -1,0 +1,89 @@
+"""Tests for the CPU probe's perf-buffer callback (`agent.probes.cpu` through `BpfProbe.open_buffer`):
+records in, events out to `emit`, with the reader's counts."""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+from typing import Any
+
+from agent.aggregate.types import EMPTY_STACK, Stack, StackStatus
+from agent.config import ProfilingConfig
+from agent.probes.cpu import CpuProbe
+from agent.probes.events import StackEvent
+from agent.probes.records import STACK_EVENT_HEADER_SIZE, StackEventRecord
+
+PROFILING = ProfilingConfig(
+    profilers=("cpu",),
+    frequency_hz=19,
+    interval_s=10.0,
+    duration_s=0.0,
+    pids=(),
+    perf_buffer_pages=64,
+    queue_size=65536,
+)
+PERIOD = round(1e9 / 19)
+USER = (0x401000, 0x402000, 0x403000)
+
+
+class CapturingTable:
+    def __init__(self, callbacks: dict[str, Callable[[int, int, int], None]], name: str) -> None:
+        self._callbacks, self._name = callbacks, name
+
+    def open_perf_buffer(self, callback: Callable[[int, int, int], None], **options: Any) -> None:
+        self._callbacks[self._name] = callback
+
+
+class CapturingBpf:
+    def __init__(self) -> None:
+        self.callbacks: dict[str, Callable[[int, int, int], None]] = {}
+
+    def __getitem__(self, name: bytes) -> CapturingTable:
+        return CapturingTable(self.callbacks, name.decode())
+
+
+def record(timestamp_ns: int, comm: bytes = b"worker", user_len: int = len(USER)) -> ctypes.Array[ctypes.c_char]:
+    r = StackEventRecord(timestamp_ns=timestamp_ns, pid=50, tid=51, cpu=1, kernel_stack_len=-14)
+    r.user_stack_len = user_len
+    for i, address in enumerate(USER):
+        r.ips[i] = address
+    r.comm = comm
+    sent = bytes(r)[: STACK_EVENT_HEADER_SIZE + 8 * len(USER)] + b"\xa5\xa5\xa5\xa5"  # perf's padding
+    return ctypes.create_string_buffer(sent, len(sent))
+
+
+def test_samples_are_decoded_worth_one_period_and_emitted() -> None:
+    emitted: list[object] = []
+    probe = CpuProbe(PROFILING, emitted.append)
+    probe._bpf = CapturingBpf()
+    probe.open_event_buffers()
+    on_record = probe._bpf.callbacks["samples"]
+    for timestamp, comm in ((10, b"worker"), (20, b"worker"), (30, b"renamed")):
+        buffer = record(timestamp, comm)
+        on_record(1, ctypes.addressof(buffer), len(buffer))
+    first, second, renamed = emitted
+    assert isinstance(first, StackEvent) and isinstance(second, StackEvent) and isinstance(renamed, StackEvent)
+    assert first == StackEvent(
+        "cpu", 10, 50, 51, 1, False, "worker", EMPTY_STACK, Stack(StackStatus.OK, USER), (1, PERIOD), None,
+        first.identity,
+    )  # fmt: skip
+    assert second == first._replace(timestamp_ns=20)
+    assert second.identity is first.identity  # the second was a cache hit
+    assert renamed.comm == "renamed" and renamed.identity != first.identity
+    assert probe.stats.received == 3 and probe.stats.malformed == 0
+    assert probe.stacks.status_counts == {"OK": 3}
+
+
+def test_malformed_records_are_counted_and_not_emitted() -> None:
+    emitted: list[object] = []
+    probe = CpuProbe(PROFILING, emitted.append)
+    probe._bpf = CapturingBpf()
+    probe.open_event_buffers()
+    on_record = probe._bpf.callbacks["samples"]
+    bad = record(10, user_len=200)  # more frames than bpf_get_stack can give
+    for _ in range(2):
+        on_record(0, ctypes.addressof(bad), len(bad))
+    short = record(10)
+    on_record(0, ctypes.addressof(short), STACK_EVENT_HEADER_SIZE - 8)
+    assert emitted == []
+    assert probe.stats.malformed == 3 and probe.stats.received == 0
