@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import random
 import signal
+import sys
 import threading
 import time
 from collections import Counter
@@ -50,7 +51,10 @@ from agent.unwind.unwinder import Unwinder
 
 logger = logging.getLogger(__name__)
 
-POLL_TIMEOUT_MS = 100
+# The reader also notices interval ends and shutdown between polls: a mark is queued at most this late.
+# Records wake it themselves (batched wakeups), so a longer timeout only saves idle wake-ups.
+POLL_TIMEOUT_MS = 250
+GIL_SWITCH_INTERVAL_S = 0.0005
 # Spread a fleet's reports so backends do not see every host at once.
 INTERVAL_JITTER = 0.2
 SHUTDOWN_DEADLINE_S = 10.0
@@ -82,9 +86,9 @@ class Daemon:
         self.jvm = JvmPerfMapRequester(symbolize.jvm_perf_map_interval_s) if symbolize.jvm_perf_map else None
         self.selector = ProcessSelector(config.filters, self.metadata)
         self.keep = KeepSampler()
-        modes = {probe.name: getattr(config.unwind, probe.name, "fp") for probe in self.probes}
         # Only profilers whose programs copy the user stack need the unwind stage.
-        self.unwinder = Unwinder(modes) if any(probe.user_stack_bytes for probe in self.probes) else None
+        copying = any(probe.user_stack_bytes for probe in self.probes)
+        self.unwinder = Unwinder(snapshots=self.symbolizer.process_maps) if copying else None
         self.sampler: AdaptiveSampler | None = None
         self.sinks: list[Sink] = []
         self.otlp: OtlpSink | None = None
@@ -190,6 +194,11 @@ class Daemon:
 
     def _start_threads(self) -> None:
         assert self.reporter is not None
+        # Each perf-buffer record is a ctypes callback that must take the GIL. While the pipeline thread
+        # unwinds a burst, a waiting callback gets it only after the switch interval (5 ms by default),
+        # which caps the reader at a few hundred records a second and overflows the buffers: hand the
+        # GIL over sooner.
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self.pipeline = Pipeline(
             {probe.name: probe.spec for probe in self.probes},
             self.symbolizer,
@@ -353,7 +362,7 @@ class Daemon:
 def _consume(queue: DropOldestQueue[object], handle: Callable[[object], bool], exhausted: Callable[[], bool]) -> None:
     """Feed queued items to `handle` until it reports the final interval (or the reader died)."""
     while True:
-        batch = queue.get_batch(timeout=0.5)
+        batch = queue.get_batch(timeout=1.0)  # marks and process events wake it at once
         for item in batch:
             if handle(item):
                 return

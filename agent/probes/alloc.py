@@ -24,14 +24,13 @@ import os
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 from agent.aggregate.types import ProfileSpec, ValueType
 from agent.config import AllocConfig, ProfilingConfig
 from agent.errors import BpfAttachError
 from agent.probes.bpf_probe import BpfProbe, Emit
-from agent.probes.events import MalformedRecord, ProcessEvent, ProcessEventKind, RecordHeader, decode_stack_event
+from agent.probes.events import MalformedRecord, ProcessEvent, ProcessEventKind, RecordHeader, StackEventDecoder
 from agent.probes.libc_tracker import ALL_PROCESSES, LibcTracker, Source, Target
 from agent.probes.records import PARAM_SAMPLING
 from agent.settings import SETTINGS_BY_KEY
@@ -148,8 +147,8 @@ class AllocProbe(BpfProbe):
         self.write_param(PARAM_SAMPLING, self._sample_bytes)
 
     def open_event_buffers(self) -> None:
-        decode = partial(decode_stack_event, stacks=self.stacks, profiler=self.name, values_of=alloc_values)
-        self.open_buffer("samples", decode, self._config.perf_buffer_pages, WAKEUP_EVENTS)
+        decode = StackEventDecoder(self.name, self.stacks, alloc_values).decode
+        self.open_buffer("samples", decode, self._config.perf_buffer_pages, WAKEUP_EVENTS, stack_records=True)
 
     def attach_events(self) -> None:
         with self._lock:

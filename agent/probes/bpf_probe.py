@@ -20,8 +20,9 @@ from typing import Any
 from agent.aggregate.types import ProfileSpec
 from agent.config import ProfilingConfig
 from agent.probes.events import MalformedRecord, decode_proc_event
+from agent.probes.geometry import page_count, sized_for_records
 from agent.probes.loader import dump_program, load_program
-from agent.probes.records import PARAM_SAMPLING
+from agent.probes.records import PARAM_SAMPLING, USER_STACK_OFFSET
 from agent.probes.stacks import StackDecoder
 
 logger = logging.getLogger(__name__)
@@ -38,11 +39,6 @@ class ReaderStats:
     received: int = 0
     malformed: int = 0
     lost: dict[str, int] = field(default_factory=dict)  # by perf buffer
-
-
-def page_count(pages: int) -> int:
-    """BCC needs a power of two."""
-    return 1 << max(0, (pages - 1).bit_length())
 
 
 class BpfProbe(ABC):
@@ -128,7 +124,13 @@ class BpfProbe(ABC):
     @abstractmethod
     def detach_events(self) -> None: ...
 
-    def open_buffer(self, table: str, decode: Decoder, pages: int, wakeup_events: int) -> None:
+    def open_buffer(
+        self, table: str, decode: Decoder, pages: int, wakeup_events: int, *, stack_records: bool = False
+    ) -> None:
+        """`stack_records`: the buffer carries `struct stack_event`s, which grow by the user stack copy."""
+        if stack_records and self.user_stack_bytes:
+            record_bytes = USER_STACK_OFFSET + self.user_stack_bytes
+            pages, wakeup_events = sized_for_records(pages, wakeup_events, record_bytes, os.cpu_count() or 1)
         stats, emit = self.stats, self._emit  # runs once per record: no lookups through self
 
         def on_record(cpu: int, data: int, size: int) -> None:

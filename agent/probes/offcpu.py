@@ -16,14 +16,13 @@ import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 from agent.aggregate.types import ProfileSpec, ValueType
 from agent.config import OffCpuConfig, ProfilingConfig
 from agent.errors import BpfAttachError
 from agent.probes.bpf_probe import BpfProbe, Emit
-from agent.probes.events import RecordHeader, decode_stack_event
+from agent.probes.events import RecordHeader, StackEventDecoder
 from agent.probes.records import PARAM_MIN_BLOCK_NS, PARAM_SAMPLING, USER_STACK_OFFSET
 
 logger = logging.getLogger(__name__)
@@ -188,8 +187,8 @@ class OffCpuProbe(BpfProbe):
         self.write_param(PARAM_MIN_BLOCK_NS, self._offcpu.min_block_us * 1000)
 
     def open_event_buffers(self) -> None:
-        decode = partial(decode_stack_event, stacks=self.stacks, profiler=self.name, values_of=offcpu_values)
-        self.open_buffer("samples", decode, self._config.perf_buffer_pages, WAKEUP_EVENTS)
+        decode = StackEventDecoder(self.name, self.stacks, offcpu_values).decode
+        self.open_buffer("samples", decode, self._config.perf_buffer_pages, WAKEUP_EVENTS, stack_records=True)
 
     def attach_events(self) -> None:
         plan = self.plan

@@ -27,19 +27,21 @@ USER = (0x401000, 0x402000, 0x403000)
 
 
 class CapturingTable:
-    def __init__(self, callbacks: dict[str, Callable[[int, int, int], None]], name: str) -> None:
-        self._callbacks, self._name = callbacks, name
+    def __init__(self, bpf: CapturingBpf, name: str) -> None:
+        self._bpf, self._name = bpf, name
 
     def open_perf_buffer(self, callback: Callable[[int, int, int], None], **options: Any) -> None:
-        self._callbacks[self._name] = callback
+        self._bpf.callbacks[self._name] = callback
+        self._bpf.options[self._name] = options
 
 
 class CapturingBpf:
     def __init__(self) -> None:
         self.callbacks: dict[str, Callable[[int, int, int], None]] = {}
+        self.options: dict[str, dict[str, Any]] = {}
 
     def __getitem__(self, name: bytes) -> CapturingTable:
-        return CapturingTable(self.callbacks, name.decode())
+        return CapturingTable(self, name.decode())
 
 
 def record(timestamp_ns: int, comm: bytes = b"worker", user_len: int = len(USER)) -> ctypes.Array[ctypes.c_char]:
@@ -87,3 +89,20 @@ def test_malformed_records_are_counted_and_not_emitted() -> None:
     on_record(0, ctypes.addressof(short), STACK_EVENT_HEADER_SIZE - 8)
     assert emitted == []
     assert probe.stats.malformed == 3 and probe.stats.received == 0
+
+
+def test_records_with_a_stack_copy_get_a_buffer_sized_for_them(monkeypatch: Any) -> None:
+    """An 8 KiB stack copy makes records ~10 KiB: the samples buffer grows (2 CPUs: 2 MiB each) and a
+    wakeup batch fills at most half of it; without a copy the configured geometry is kept."""
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    plain = CpuProbe(PROFILING, lambda _: None)
+    plain._bpf = CapturingBpf()
+    plain.open_event_buffers()
+    options = plain._bpf.options["samples"]
+    assert (options["page_cnt"], options["wakeup_events"]) == (64, 19)
+    copying = CpuProbe(PROFILING, lambda _: None)
+    copying.user_stack_bytes = 8192
+    copying._bpf = CapturingBpf()
+    copying.open_event_buffers()
+    options = copying._bpf.options["samples"]
+    assert (options["page_cnt"], options["wakeup_events"]) == (512, 19)
