@@ -260,17 +260,24 @@ SETTINGS: tuple[Setting, ...] = (
         "How often the sampler measures rates and adjusts the in-kernel sampling parameters.",
     ),
     # unwind: how user stacks are walked, per profiler
-    *(
-        Setting(
-            f"unwind.{profiler}",
-            "fp",
-            choice("auto", "dwarf", "fp"),
-            f"User stacks of the {profiler} profiler: fp walks frame pointers in the kernel (cheapest; loses "
-            "callers in code built without them, as most distributions build libc and python3); dwarf unwinds "
-            "a copy of the stack with the binaries' .eh_frame CFI; auto copies the stack and unwinds it with "
-            "CFI only when the frame-pointer walk crossed code that has no frame pointers.",
-        )
-        for profiler in KNOWN_PROFILERS
+    Setting(
+        "unwind.cpu",
+        "auto",
+        choice("auto", "dwarf", "fp"),
+        "User stacks of the CPU profiler: fp walks frame pointers in the kernel (cheapest, small records; loses "
+        "callers in code built without them, as most distributions build libc and python3); auto also copies "
+        "the top of the user stack into each record and unwinds it with the binaries' .eh_frame CFI (frame "
+        "pointers where no CFI exists), falling back to fp on kernels that cannot copy (< 5.15 or no BTF); "
+        "dwarf is auto that refuses to start on such kernels.",
+    ),
+    Setting("unwind.offcpu", "auto", choice("auto", "dwarf", "fp"), "User stacks of the off-CPU profiler (see cpu)."),
+    Setting(
+        "unwind.alloc",
+        "fp",
+        choice("auto", "dwarf", "fp"),
+        "User stacks of the allocation profiler (see cpu). fp by default: allocation samples come in bursts "
+        "faster than the sampler reacts, and records with a stack copy are ~40 times larger, so a burst can "
+        "overflow the perf buffers (counted as lost); the immediate caller is found either way.",
     ),
     Setting(
         "unwind.stack_bytes",

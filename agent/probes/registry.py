@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 
 from agent.config import AgentConfig
+from agent.errors import ConfigError
 from agent.preflight import task_regs_unavailable
 from agent.probes.alloc import AllocProbe
 from agent.probes.bpf_probe import BpfProbe, Emit
@@ -32,6 +33,8 @@ def make_probes(config: AgentConfig, emit: Emit) -> list[BpfProbe]:
         probe = PROBES[name](config, emit)
         probe.user_stack_bytes = config.unwind.copy_bytes(name)
         if probe.user_stack_bytes and unavailable and name not in _CONTEXT_HAS_USER_REGS:
+            if getattr(config.unwind, name) == "dwarf":
+                raise ConfigError(f"unwind.{name}", f"dwarf needs the task's user registers: {unavailable}")
             logger.warning("unwind.%s: DWARF unwinding is unavailable (%s): walking frame pointers", name, unavailable)
             probe.user_stack_bytes = 0
         probes.append(probe)

@@ -96,6 +96,10 @@ class Symbolizer:
         """
         self._processes.forget(pid)
 
+    def process_maps(self, pid: int) -> ProcessMaps | None:
+        """The mappings captured for `pid`, if it is tracked (the unwind stage's fallback once it exits)."""
+        return self._processes.get(pid)
+
     def take_unnamed_jit_pids(self) -> set[int]:
         """Processes whose JIT code went unnamed since the last call (safe from another thread)."""
         return self._perf_maps.take_unnamed()

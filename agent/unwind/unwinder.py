@@ -1,53 +1,54 @@
 """Unwind stage: user stacks from the registers and stack copy a record carries, with the binaries' CFI.
 
 Runs on the pipeline thread, after the sampling stage's keep decision and before aggregation, for
-events whose program copies the user stack (`unwind.<profiler>` is `dwarf` or `auto`):
-
-- `dwarf`: always unwind the copy. Each step applies the CFI rule at the frame's address (the
-  sampled instruction for the leaf, the call instruction, return address - 1, for callers); where no
-  CFI covers an address (JIT code, a binary that cannot be read) the step follows the frame pointer.
-- `auto`: keep the kernel's frame-pointer stack when CFI confirms every link of it (it has at least two
-  frames, and each but the outermost sits in code whose CFA is rbp + 16 at that address, or in code
-  without CFI), which is the
-  common case for code built with frame pointers and costs one memoized lookup per frame; otherwise
-  unwind as `dwarf`. A frameless leaf or a frame in libc fails the check, so their callers are found.
+events whose program copies the user stack (`unwind.<profiler>` is `auto` or `dwarf`; they differ
+only in what happens on a kernel that cannot copy, see `agent.probes.registry`). Each step applies
+the CFI rule at the frame's address (the sampled instruction for the leaf, the call instruction,
+return address - 1, for callers); where no CFI covers an address (JIT code, a binary that cannot be
+read) the step follows the frame pointer. CFI is right wherever frame pointers are, and also where
+they are not (a frameless leaf, libc, python3), so every frame it covers is stepped with it: an
+earlier version kept the kernel's frame-pointer stack when CFI confirmed every link of it, which
+saved nothing measurable (confirming costs a lookup per frame, as a step does) and split one code
+path into two roots in flame graphs (the frame-pointer walk stops inside libc's start-up code).
 
 The stack ends cleanly (status OK) at a frame whose return address is undefined in its CFI (_start,
 a thread's clone) or zero. It is TRUNCATED when the copy ends first (deeper callers lie beyond
 `unwind.stack_bytes`), when a rule needs a register that was lost, when the stack pointer fails to
 move up, or at the depth limit; a return address outside every mapping ends it too, and is dropped.
+When the process's mappings cannot be read at all (it exited, and no snapshot was captured), the
+kernel's frame-pointer stack is kept.
 """
 
 from __future__ import annotations
 
-import logging
 import struct
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable
 from pathlib import Path
 
 from agent.aggregate.types import Stack, StackStatus
 from agent.probes.events import StackEvent, UserStackCopy
 from agent.probes.records import MAX_STACK_DEPTH
+from agent.symbolize.proc_maps import ProcessMaps
 from agent.unwind.cfi import CFA_UNSUPPORTED, LOST, RBP_LOST, RSP
 from agent.unwind.spaces import AddressSpace, UnwindTables
 
-logger = logging.getLogger(__name__)
-
 _U64 = struct.Struct("<Q").unpack_from
 MAX_PROCESSES = 4096
+Snapshots = Callable[[int], ProcessMaps | None]
 INTERNED_STACKS = 1 << 16
 
 
 class Unwinder:
-    def __init__(self, modes: Mapping[str, str], proc_root: Path = Path("/proc")) -> None:
-        self._modes = dict(modes)  # profiler -> "auto" | "dwarf" | "fp"
+    def __init__(self, proc_root: Path = Path("/proc"), snapshots: Snapshots | None = None) -> None:
+        """`snapshots`: mappings captured earlier by the symbolize stage, for processes already gone."""
         self._proc_root = proc_root
+        self._snapshots = snapshots
         self.tables = UnwindTables(proc_root)
         self._spaces: OrderedDict[int, AddressSpace] = OrderedDict()  # least recently used first
         self._interned: dict[tuple[StackStatus, tuple[int, ...]], Stack] = {}
-        # outcome -> events: frame_pointers_confirmed, complete, truncated
+        # outcome -> events: complete, truncated, no_mappings (the frame-pointer stack was kept)
         self.outcomes: Counter[str] = Counter()
         self.frames = 0  # frames unwound from stack copies
         self.frame_pointer_steps = 0  # of which found by the frame pointer, for lack of CFI
@@ -60,8 +61,8 @@ class Unwinder:
             return event.user
         begun = time.thread_time()
         space = self._space(event.pid)
-        if self._modes.get(event.profiler) == "auto" and self._frame_pointers_confirmed(space, event.user):
-            self.outcomes["frame_pointers_confirmed"] += 1
+        if space.maps is None:
+            self.outcomes["no_mappings"] += 1
             stack = event.user
         else:
             stack = self._unwind_copy(space, copy)
@@ -77,24 +78,14 @@ class Unwinder:
         if space is None:
             space = AddressSpace(pid, None, 0.0)
             space.refresh(self._proc_root)
+            if space.maps is None and self._snapshots is not None:
+                space.maps = self._snapshots(pid)
             self._spaces[pid] = space
             if len(self._spaces) > MAX_PROCESSES:
                 self._spaces.popitem(last=False)
         else:
             self._spaces.move_to_end(pid)
         return space
-
-    def _frame_pointers_confirmed(self, space: AddressSpace, stack: Stack) -> bool:
-        addresses = stack.addresses
-        if stack.status not in (StackStatus.OK, StackStatus.TRUNCATED) or len(addresses) < 2:
-            return False  # a walk that ended at once says nothing about the frame pointer
-        for i in range(len(addresses) - 1):  # the link from each frame to the next
-            found = space.lookup(addresses[i] - (i > 0), self.tables, self._proc_root)
-            if not found.mapped:
-                return False
-            if found.rule is not None and not found.rule.frame_pointer_based:
-                return False
-        return True
 
     def _unwind_copy(self, space: AddressSpace, copy: UserStackCopy) -> Stack:
         data, base = copy.data, copy.base

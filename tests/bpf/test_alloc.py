@@ -121,9 +121,14 @@ def assert_sites_split(samples: list[ReadSample], truth: dict[str, float]) -> No
     assert callers.get(("alloc_helper", "alloc_small"), 0) >= 0.99 * small, callers
 
 
-def test_call_sites_of_one_process_with_the_pid_filter(tmp_path: Path, alloc_sites: Path) -> None:
+@pytest.mark.parametrize("unwind", ["fp", "auto"])
+def test_call_sites_of_one_process_with_the_pid_filter(tmp_path: Path, alloc_sites: Path, unwind: str) -> None:
+    """fp: the kernel splices the allocator's caller into a frame-pointer walk; auto: the records carry a
+    stack copy, unwound with CFI from the allocator's entry. Both give the same sites and callers."""
+    config = tmp_path / "agent.yaml"
+    config.write_text(f"unwind:\n  alloc: {unwind}\n")
     workload = Workload(alloc_sites, "sites", SITES_MB)
-    with running_agent(tmp_path, "--pid", str(workload.pid)) as agent:
+    with running_agent(tmp_path, "--config", str(config), "--pid", str(workload.pid)) as agent:
         assert "uprobes on 1 C library in 1 process" in agent.text()
         truth = workload.go()
         # Another process using the same libc does not take the uprobe trap (~1 us per call): with

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.bpf
 def test_check_reports_ready_and_the_fallbacks_in_use() -> None:
     result = subprocess.run([*AGENT, "check"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
-    for name in ("privileges", "bpf syscall", "perf events", "tracefs", "kernel headers", "BTF", "kprobes"):
+    names = ("privileges", "bpf syscall", "perf events", "tracefs", "kernel headers", "DWARF unwinding", "kprobes")
+    for name in names:
         assert f"] {name}:" in result.stdout
     assert result.stdout.rstrip().endswith("ready: the agent can run")
 

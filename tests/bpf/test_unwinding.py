@@ -35,7 +35,9 @@ while time.monotonic() < end:
 """
 
 
-def profile(tmp_path: Path, command: list[str], profilers: str, mode: str, seconds: float) -> tuple[list[ReadSample], str]:
+def profile(
+    tmp_path: Path, command: list[str], profilers: str, mode: str, seconds: float
+) -> tuple[list[ReadSample], str]:
     """Start the workload behind a gate (it waits for a byte on stdin), attach the agent to its pid with
     `unwind.<profilers> = mode`, release it, and return its samples and its output."""
     workload = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

@@ -79,7 +79,7 @@ def test_frameless_leaf_through_frame_pointer_function_to_outermost(
     process: Path, at: Callable[[str], int], fake_proc: Path
 ) -> None:
     """rsp+32 leaf -> rbp+16 caller -> undefined-rip outermost: three frames and status OK."""
-    unwinder = Unwinder({"cpu": "dwarf"}, proc_root=fake_proc)
+    unwinder = Unwinder(proc_root=fake_proc)
     copy = leaf_fp_outer_copy(at, at("fp_ret"), at("outer_ret"))
     stack = unwinder.unwind(event(copy))
     assert stack == Stack(StackStatus.OK, (at("leaf_subbed"), at("fp_ret"), at("outer_ret")))
@@ -94,7 +94,7 @@ def test_caller_is_found_from_the_call_instruction_not_the_return_address(
     process: Path, at: Callable[[str], int], fake_proc: Path
 ) -> None:
     """fp_noreturn ends with its call, so its return address is leaf_func's entry: the rule at ra-1 applies."""
-    unwinder = Unwinder({"cpu": "dwarf"}, proc_root=fake_proc)
+    unwinder = Unwinder(proc_root=fake_proc)
     copy = leaf_fp_outer_copy(at, at("leaf_func"), at("outer_ret"))
     stack = unwinder.unwind(event(copy))
     assert stack == Stack(StackStatus.OK, (at("leaf_subbed"), at("leaf_func"), at("outer_ret")))
@@ -104,7 +104,7 @@ def test_copy_ending_before_a_return_address_truncates(
     process: Path, at: Callable[[str], int], fake_proc: Path
 ) -> None:
     """When the caller's return address lies beyond the copy, the frames found so far come back TRUNCATED."""
-    unwinder = Unwinder({"cpu": "dwarf"}, proc_root=fake_proc)
+    unwinder = Unwinder(proc_root=fake_proc)
     copy = leaf_fp_outer_copy(at, at("fp_ret"), at("outer_ret"), size=SP + 40 - STACK)  # ends at rbp+8
     stack = unwinder.unwind(event(copy))
     assert stack == Stack(StackStatus.TRUNCATED, (at("leaf_subbed"), at("fp_ret")))
@@ -115,7 +115,7 @@ def test_return_address_outside_every_mapping_is_dropped(
     process: Path, at: Callable[[str], int], fake_proc: Path
 ) -> None:
     """A return address that is not code ends the walk without being kept: TRUNCATED."""
-    unwinder = Unwinder({"cpu": "dwarf"}, proc_root=fake_proc)
+    unwinder = Unwinder(proc_root=fake_proc)
     copy = leaf_fp_outer_copy(at, at("fp_ret"), UNMAPPED)
     stack = unwinder.unwind(event(copy))
     assert stack == Stack(StackStatus.TRUNCATED, (at("leaf_subbed"), at("fp_ret")))
@@ -123,7 +123,7 @@ def test_return_address_outside_every_mapping_is_dropped(
 
 def test_zero_return_address_ends_the_stack_cleanly(process: Path, at: Callable[[str], int], fake_proc: Path) -> None:
     """A return address of 0 (the end of a frame-pointer chain) is the outermost frame: status OK."""
-    unwinder = Unwinder({"cpu": "dwarf"}, proc_root=fake_proc)
+    unwinder = Unwinder(proc_root=fake_proc)
     copy = leaf_fp_outer_copy(at, at("fp_ret"), 0)
     stack = unwinder.unwind(event(copy))
     assert stack == Stack(StackStatus.OK, (at("leaf_subbed"), at("fp_ret")))
@@ -133,7 +133,7 @@ def test_anonymous_code_is_stepped_with_the_frame_pointer(
     process: Path, at: Callable[[str], int], fake_proc: Path
 ) -> None:
     """JIT-like code without CFI: the caller comes from [rbp+8], and the step is counted."""
-    unwinder = Unwinder({"cpu": "dwarf"}, proc_root=fake_proc)
+    unwinder = Unwinder(proc_root=fake_proc)
     bp = SP + 0x20
     copy = stack_copy(ANON + 0x10, SP, bp, {bp: 0, bp + 8: at("outer_ret")})
     stack = unwinder.unwind(event(copy))
@@ -145,7 +145,7 @@ def test_cfa_expression_falls_back_to_the_frame_pointer(
     process: Path, at: Callable[[str], int], fake_proc: Path
 ) -> None:
     """A CFA the unwinder cannot compute (an expression) is stepped with the frame pointer."""
-    unwinder = Unwinder({"cpu": "dwarf"}, proc_root=fake_proc)
+    unwinder = Unwinder(proc_root=fake_proc)
     bp = SP + 0x20
     copy = stack_copy(at("expr_body"), SP, bp, {bp: 0, bp + 8: at("outer_ret")})
     stack = unwinder.unwind(event(copy))
@@ -155,7 +155,7 @@ def test_cfa_expression_falls_back_to_the_frame_pointer(
 
 def test_frame_pointer_pointing_at_itself_stops_the_walk(process: Path, fake_proc: Path) -> None:
     """A saved rbp equal to its own address would loop forever: the stack pointer stops moving, the walk ends."""
-    unwinder = Unwinder({"cpu": "dwarf"}, proc_root=fake_proc)
+    unwinder = Unwinder(proc_root=fake_proc)
     bp = SP
     copy = stack_copy(ANON + 0x10, SP, bp, {bp: bp, bp + 8: ANON + 0x20})
     stack = unwinder.unwind(event(copy))
@@ -164,23 +164,16 @@ def test_frame_pointer_pointing_at_itself_stops_the_walk(process: Path, fake_pro
 
 def test_cfa_below_the_stack_pointer_stops_the_walk(process: Path, at: Callable[[str], int], fake_proc: Path) -> None:
     """An rbp-based CFA at or below the stack pointer (a stale rbp) ends the walk at the leaf."""
-    unwinder = Unwinder({"cpu": "dwarf"}, proc_root=fake_proc)
+    unwinder = Unwinder(proc_root=fake_proc)
     sp, bp = STACK + 0x80, STACK + 0x40  # CFA = rbp+16 = sp-0x30
     copy = stack_copy(at("fp_ret"), sp, bp, {bp: 0, bp + 8: at("fp_ret")})
     stack = unwinder.unwind(event(copy))
     assert stack == Stack(StackStatus.TRUNCATED, (at("fp_ret"),))
 
 
-def test_process_without_maps_gives_the_leaf_only(fake_proc: Path, at: Callable[[str], int]) -> None:
-    """A pid whose maps cannot be read keeps its sampled instruction, TRUNCATED."""
-    unwinder = Unwinder({"cpu": "dwarf"}, proc_root=fake_proc)
-    copy = leaf_fp_outer_copy(at, at("fp_ret"), at("outer_ret"))
-    assert unwinder.unwind(event(copy)) == Stack(StackStatus.TRUNCATED, (at("leaf_subbed"),))
-
-
 def test_event_without_copy_keeps_its_user_stack(process: Path, fake_proc: Path) -> None:
     """An event whose program copied no stack comes back with `event.user`, the same object."""
-    unwinder = Unwinder({"cpu": "dwarf"}, proc_root=fake_proc)
+    unwinder = Unwinder(proc_root=fake_proc)
     user = Stack(StackStatus.OK, (0x1000, 0x2000))
     assert unwinder.unwind(event(None, user)) is user
     assert not unwinder.outcomes
@@ -188,68 +181,44 @@ def test_event_without_copy_keeps_its_user_stack(process: Path, fake_proc: Path)
 
 def test_equal_stacks_are_interned(process: Path, at: Callable[[str], int], fake_proc: Path) -> None:
     """Two events that unwind to equal stacks share one Stack object."""
-    unwinder = Unwinder({"cpu": "dwarf"}, proc_root=fake_proc)
+    unwinder = Unwinder(proc_root=fake_proc)
     first = unwinder.unwind(event(leaf_fp_outer_copy(at, at("fp_ret"), at("outer_ret"))))
     other_copy = leaf_fp_outer_copy(at, at("fp_ret"), at("outer_ret"), size=0x200)  # different bytes, same walk
     assert unwinder.unwind(event(other_copy)) is first
 
 
-def test_auto_mode_keeps_a_confirmed_frame_pointer_stack(
+def test_a_frame_pointer_stack_is_unwound_from_the_copy_too(
     process: Path, at: Callable[[str], int], fake_proc: Path
 ) -> None:
-    """In auto mode, a kernel stack whose every link is in rbp-framed code is returned as is."""
-    unwinder = Unwinder({"cpu": "auto"}, proc_root=fake_proc)
-    user = Stack(StackStatus.OK, (at("fp_framed"), at("fp_ret"), at("outer_ret")))
-    copy = stack_copy(at("fp_framed"), SP, SP, {SP + 8: at("outer_ret")})
-    assert unwinder.unwind(event(copy, user)) is user
-    assert unwinder.outcomes["frame_pointers_confirmed"] == 1
-    assert unwinder.frames == 0
-
-
-def test_auto_mode_unwinds_when_the_leaf_is_frameless(process: Path, at: Callable[[str], int], fake_proc: Path) -> None:
-    """A frameless leaf fails the check (the kernel's walk skipped its caller): the copy is unwound."""
-    unwinder = Unwinder({"cpu": "auto"}, proc_root=fake_proc)
-    user = Stack(StackStatus.OK, (at("leaf_subbed"), at("outer_ret")))
-    copy = leaf_fp_outer_copy(at, at("fp_ret"), at("outer_ret"))
-    stack = unwinder.unwind(event(copy, user))
-    assert stack == Stack(StackStatus.OK, (at("leaf_subbed"), at("fp_ret"), at("outer_ret")))
-    assert unwinder.outcomes["frame_pointers_confirmed"] == 0
-    assert unwinder.outcomes["complete"] == 1
-
-
-def test_auto_mode_never_confirms_a_single_frame(process: Path, at: Callable[[str], int], fake_proc: Path) -> None:
-    """A one-frame kernel stack says nothing about the frame pointer: the copy is unwound."""
-    unwinder = Unwinder({"cpu": "auto"}, proc_root=fake_proc)
-    user = Stack(StackStatus.OK, (at("fp_framed"),))
-    copy = stack_copy(at("fp_framed"), SP, SP, {SP: 0, SP + 8: at("outer_ret")})
-    stack = unwinder.unwind(event(copy, user))
-    assert stack is not user
-    assert stack == Stack(StackStatus.OK, (at("fp_framed"), at("outer_ret")))
-    assert unwinder.outcomes["frame_pointers_confirmed"] == 0
-
-
-def test_auto_mode_rejects_a_link_through_unmapped_memory(
-    process: Path, at: Callable[[str], int], fake_proc: Path
-) -> None:
-    """A kernel stack with a frame outside every mapping (before the last) is not confirmed."""
-    unwinder = Unwinder({"cpu": "auto"}, proc_root=fake_proc)
-    user = Stack(StackStatus.OK, (at("fp_framed"), UNMAPPED, at("outer_ret")))
-    copy = stack_copy(at("fp_framed"), SP, SP, {SP: 0, SP + 8: at("outer_ret")})
-    assert unwinder.unwind(event(copy, user)) is not user
-    assert unwinder.outcomes["frame_pointers_confirmed"] == 0
-
-
-def test_dwarf_mode_unwinds_even_a_frame_pointer_stack(
-    process: Path, at: Callable[[str], int], fake_proc: Path
-) -> None:
-    """Only auto mode trusts the kernel's stack; dwarf mode always unwinds the copy."""
-    unwinder = Unwinder({"cpu": "dwarf"}, proc_root=fake_proc)
+    """The kernel's frame-pointer stack is never taken as it is: the copy is unwound (to the same frames)."""
+    unwinder = Unwinder(proc_root=fake_proc)
     user = Stack(StackStatus.OK, (at("fp_framed"), at("outer_ret")))
     copy = stack_copy(at("fp_framed"), SP, SP, {SP: 0, SP + 8: at("outer_ret")})
     stack = unwinder.unwind(event(copy, user))
     assert stack is not user
     assert stack == user
-    assert unwinder.outcomes["frame_pointers_confirmed"] == 0
+
+
+def test_without_mappings_the_frame_pointer_stack_is_kept(at: Callable[[str], int], tmp_path: Path) -> None:
+    """A process whose maps cannot be read (gone, no snapshot) keeps the kernel's frame-pointer stack."""
+    unwinder = Unwinder(proc_root=tmp_path)
+    user = Stack(StackStatus.OK, (at("fp_framed"), at("outer_ret")))
+    copy = stack_copy(at("fp_framed"), SP, SP, {SP: 0, SP + 8: at("outer_ret")})
+    assert unwinder.unwind(event(copy, user)) is user
+    assert unwinder.outcomes == {"no_mappings": 1}
+
+
+def test_a_snapshot_stands_in_for_the_maps_of_a_process_gone(
+    process: Path, at: Callable[[str], int], fake_proc: Path, tmp_path: Path
+) -> None:
+    """The symbolize stage's captured mappings are used when /proc/PID/maps is gone."""
+    from agent.symbolize.proc_maps import read_process_maps
+
+    snapshot = read_process_maps(fake_proc, PID)
+    unwinder = Unwinder(proc_root=tmp_path / "empty-proc", snapshots={PID: snapshot}.get)
+    unwinder.tables = spaces.UnwindTables(fake_proc)  # the files themselves are still reachable
+    stack = unwinder.unwind(event(leaf_fp_outer_copy(at, at("fp_ret"), at("outer_ret"))))
+    assert stack == Stack(StackStatus.OK, (at("leaf_subbed"), at("fp_ret"), at("outer_ret")))
 
 
 def test_forget_rereads_the_maps(
@@ -263,7 +232,7 @@ def test_forget_rereads_the_maps(
 ) -> None:
     """After `forget(pid)` the next unwind reads the maps again and finds the library at its new base."""
     monkeypatch.setattr(spaces, "MAPS_REFRESH_S", 1e9)  # no re-read on a miss: only forget() may re-read
-    unwinder = Unwinder({"cpu": "dwarf"}, proc_root=fake_proc)
+    unwinder = Unwinder(proc_root=fake_proc)
     assert len(unwinder.unwind(event(leaf_fp_outer_copy(at, at("fp_ret"), at("outer_ret")))).addresses) == 3
     (process / "maps").write_text("".join(line + "\n" for line in maps_for(library, OTHER_BASE)))
     moved = leaf_fp_outer_copy(
@@ -286,7 +255,7 @@ def test_unwind_table_is_shared_between_processes(
 ) -> None:
     """Two processes mapping the same file share one table, loaded once."""
     add_fake_process(PID + 1, maps_for(library, LOAD_BASE))
-    unwinder = Unwinder({"cpu": "dwarf"}, proc_root=fake_proc)
+    unwinder = Unwinder(proc_root=fake_proc)
     copy = leaf_fp_outer_copy(at, at("fp_ret"), at("outer_ret"))
     first = unwinder.unwind(event(copy))
     second = unwinder.unwind(event(copy)._replace(pid=PID + 1))
@@ -298,7 +267,7 @@ def test_unwind_table_is_shared_between_processes(
 
 def test_return_address_in_a_register_truncates(process: Path, at: Callable[[str], int], fake_proc: Path) -> None:
     """A return address the unwinder cannot recover (kept in rax) ends the stack TRUNCATED, not OK."""
-    unwinder = Unwinder({"cpu": "dwarf"}, proc_root=fake_proc)
+    unwinder = Unwinder(proc_root=fake_proc)
     copy = stack_copy(at("ra_reg_body"), SP, SP, {SP: at("outer_ret")})
     stack = unwinder.unwind(event(copy))
     assert stack.status is StackStatus.TRUNCATED
@@ -316,7 +285,7 @@ def test_library_mapped_after_a_miss_is_found(
     """An address outside the maps snapshot is looked up again once the library appears in /proc/PID/maps."""
     monkeypatch.setattr(spaces, "MAPS_REFRESH_S", 0.0)  # every miss may re-read the maps
     pid_dir = add_fake_process(PID, [ANON_LINE])
-    unwinder = Unwinder({"cpu": "dwarf"}, proc_root=fake_proc)
+    unwinder = Unwinder(proc_root=fake_proc)
     copy = leaf_fp_outer_copy(at, at("fp_ret"), at("outer_ret"))
     assert unwinder.unwind(event(copy)).status is StackStatus.TRUNCATED
     (pid_dir / "maps").write_text("".join(line + "\n" for line in [*maps_for(library, LOAD_BASE), ANON_LINE]))
@@ -335,6 +304,6 @@ def test_library_with_unaligned_text_segment_unwinds(
     def at(label: str) -> int:
         return LOAD_BASE + labels[label]
 
-    unwinder = Unwinder({"cpu": "dwarf"}, proc_root=fake_proc)
+    unwinder = Unwinder(proc_root=fake_proc)
     stack = unwinder.unwind(event(leaf_fp_outer_copy(at, at("fp_ret"), at("outer_ret"))))
     assert stack == Stack(StackStatus.OK, (at("leaf_subbed"), at("fp_ret"), at("outer_ret")))
