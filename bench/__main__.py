@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import accuracy, ingest, scale, slowdown, startup, steady
+from bench import accuracy, ingest, scale, slowdown, startup, steady, unwind
 from bench.build import REPO, build_workloads, ensure_tools
 from bench.context import Context, online_cpus, registered_profilers
 from bench.report import tree_state, write_reports
@@ -27,6 +27,7 @@ SCENARIOS: dict[str, Callable[[Context], ScenarioResult]] = {
     "ingest": ingest.run,
     "accuracy": accuracy.run,
     "scale": scale.run,
+    "unwind": unwind.run,
 }
 
 

@@ -87,14 +87,17 @@ class AgentRun:
         return self.timed.stop(timeout)
 
 
-def start_agent(directory: Path, *args: str) -> AgentRun:
-    """`profiling-agent run --output-dir DIR --metrics-address 127.0.0.1:<free> ARGS` in the background."""
+def start_agent(directory: Path, *args: str, env: dict[str, str] | None = None) -> AgentRun:
+    """`profiling-agent run --output-dir DIR --metrics-address 127.0.0.1:<free> ARGS` in the background.
+
+    `env` adds to (or overrides) the environment, e.g. a `PROFILING_AGENT_*` setting that has no flag."""
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    env = {
+    environment = {
         **os.environ,
         "PYTHONUNBUFFERED": "1",
         "PROFILING_AGENT_EXPORT_OTLP_SPOOL_DIR": str(directory / "spool"),
+        **(env or {}),
     }
     argv = [
         str(AGENT),
@@ -106,7 +109,7 @@ def start_agent(directory: Path, *args: str) -> AgentRun:
         *args,
     ]
     with open(directory / "agent.log", "wb") as log:
-        timed = Timed(argv, directory / "agent.time", stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        timed = Timed(argv, directory / "agent.time", stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=REPO)
     return AgentRun(timed, directory, port)
 
 

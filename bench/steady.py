@@ -7,7 +7,10 @@ interval, reported with cold caches, is shown on its own), then the CPU
 seconds each used (utime + stime of all its threads, /proc/PID/stat) are read over the window and
 divided by its length, and RSS is sampled every 0.5 s (psutil). Both run under `/usr/bin/time -v`.
 Kernel-side cost (BPF programs run in the interrupted task's context) is not in these figures: it shows
-up as target slowdown (scenario 3).
+up as target slowdown (scenario 3). The agent runs at its defaults, which unwind user stacks with DWARF
+(`unwind.*=auto`: every event carries a copy of the user stack, unwound with the binaries' CFI). Then, in
+each repetition, the frame-pointer condition for contrast: the agent alone (same busy load, no BCC beside
+it) with `PROFILING_AGENT_UNWIND_{CPU,OFFCPU,ALLOC}=fp` (no stack copies, nothing to unwind).
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ WINDOW_S = 30.0
 TARGET_CPU = {19: 0.5, 99: 1.0}  # percent of one core
 TARGET_RSS_MB = 150.0
 MB = 1e6
+# The default unwinds with DWARF (unwind.*=auto); the fp condition, for contrast, copies no stacks.
+CONDITIONS = ("default", "fp")
+FP_ENV = {f"PROFILING_AGENT_UNWIND_{name.upper()}": "fp" for name in ("cpu", "offcpu", "alloc")}
+UNWIND_SECONDS = "profiling_agent_unwind_cpu_seconds_total"
 
 
 def start_receiver(ctx: Context) -> tuple[subprocess.Popen[str], str]:
@@ -113,45 +120,68 @@ def measure_window(pids: dict[str, int]) -> dict[str, dict[str, Any]]:
     }
 
 
-def one_run(ctx: Context, hz: int, rep: int, endpoint: str) -> dict[str, Any]:
-    directory = ctx.directory("steady", f"{hz}hz-{rep}")
-    flags = ["--profilers", ",".join(ctx.profilers), "--frequency", str(hz)]
-    # BCC's tool first: once it is attached its compiler has finished, so the agent does not spend its
-    # first interval symbolizing another process's LLVM (both still run side by side for the window).
+def start_peer(ctx: Context, hz: int, rep: int) -> Timed:
+    """BCC's tool, attached. It goes first: once it is attached its compiler has finished, so the agent
+    does not spend its first interval symbolizing another process's LLVM (both still run side by side)."""
     bcc = start_bcc_profile(ctx, hz, rep)
     try:
         wait_until(lambda: perf_event_fds(bcc.pid) >= ctx.cpus, 120, "profile-bpfcc attaching")
     except BaseException:
         bcc.stop()
         raise
-    agent = start_agent(directory / "agent", *flags, "--otlp-endpoint", endpoint, "--otlp-insecure")
+    return bcc
+
+
+def one_run(ctx: Context, hz: int, rep: int, endpoint: str, condition: str = "default") -> dict[str, Any]:
+    """One agent run; the default condition beside BCC's profile, the fp one alone (its peer is the
+    default condition's agent, under the same busy load)."""
+    directory = ctx.directory("steady", f"{hz}hz-{rep}" + ("" if condition == "default" else f"-{condition}"))
+    flags = ["--profilers", ",".join(ctx.profilers), "--frequency", str(hz)]
+    bcc = start_peer(ctx, hz, rep) if condition == "default" else None
+    env = FP_ENV if condition == "fp" else None
+    agent = start_agent(directory / "agent", *flags, "--otlp-endpoint", endpoint, "--otlp-insecure", env=env)
     try:
         agent.wait_ready()
         ready_cpu = cpu_seconds(agent.pid)
         time.sleep(max(0.0, SETTLE_S - (time.monotonic() - agent.timed.launched - agent.ready_s)))
         warmup = warmup_cost(agent, ready_cpu)
-        window = measure_window({"agent": agent.pid, "bcc": bcc.pid})
+        unwind_before = metric_sum(agent.metrics(), UNWIND_SECONDS) if condition == "default" else 0.0
+        window = measure_window({"agent": agent.pid} | ({"bcc": bcc.pid} if bcc is not None else {}))
         metrics = agent.metrics()
-        bcc_before_exit = cpu_seconds(bcc.pid)
+        bcc_before_exit = cpu_seconds(bcc.pid) if bcc is not None else 0.0
     finally:
-        agent_time, bcc_time = agent.stop(), bcc.stop()
-    events = {
-        name: metric_sum(metrics, "profiling_agent_probe_events_received_total", profiler=name)
-        for name in ctx.profilers
-    }
-    return {
+        agent_time = agent.stop()
+        bcc_time = bcc.stop() if bcc is not None else None
+    record: dict[str, Any] = {
         "hz": hz,
         "rep": rep,
+        "condition": condition,
         "agent": window["agent"] | {"time_v_max_rss_mb": agent_time.max_rss_kib * 1024 / MB} | warmup,
         "agent_threads": window["agent_threads"],
-        "bcc": window["bcc"]
-        | {
-            "time_v_max_rss_mb": bcc_time.max_rss_kib * 1024 / MB,
-            "exit_cpu_s": bcc_time.user_s + bcc_time.system_s - bcc_before_exit,
-        },
         "agent_ready_s": agent.ready_s,
         "agent_exit": agent_time.exit_status,
-        "events_received": events,
+    }
+    if condition == "default":
+        unwind_s = metric_sum(metrics, UNWIND_SECONDS) - unwind_before
+        record["unwind_cpu_percent"] = 100 * unwind_s / window["agent"]["window_s"]
+        record["unwind_stacks"] = {
+            outcome: metric_sum(metrics, "profiling_agent_unwind_stacks_total", outcome=outcome)
+            for outcome in ("complete", "truncated", "no_mappings")
+        }
+    if bcc_time is not None:
+        record["bcc"] = window["bcc"] | {
+            "time_v_max_rss_mb": bcc_time.max_rss_kib * 1024 / MB,
+            "exit_cpu_s": bcc_time.user_s + bcc_time.system_s - bcc_before_exit,
+        }
+    return record | agent_counters(ctx, metrics)
+
+
+def agent_counters(ctx: Context, metrics: dict[str, float]) -> dict[str, Any]:
+    return {
+        "events_received": {
+            name: metric_sum(metrics, "profiling_agent_probe_events_received_total", profiler=name)
+            for name in ctx.profilers
+        },
         "events_lost": metric_sum(metrics, "profiling_agent_probe_events_lost_total"),
         "otlp_requests_ok": metric_sum(metrics, "profiling_agent_export_otlp_requests_total", outcome="success"),
         "otlp_requests": metric_sum(metrics, "profiling_agent_export_otlp_requests_total"),
@@ -167,10 +197,18 @@ def warmup_cost(agent: AgentRun, ready_cpu: float) -> dict[str, float]:
 
 
 def cost_rows(ctx: Context, runs: list[dict[str, Any]]) -> list[tuple[str, ...]]:
+    agent = f"agent ({','.join(ctx.profilers)}), OTLP"
+    tools = (
+        ("default", "agent", agent),
+        ("default", "bcc", "BCC profile-bpfcc"),
+        ("fp", "agent", f"{agent}, unwind=fp (frame pointers only)"),
+    )
     rows: list[tuple[str, ...]] = []
     for hz in FREQUENCIES:
-        mine = [r for r in runs if r["hz"] == hz]
-        for tool, label in (("agent", f"agent ({','.join(ctx.profilers)}), OTLP"), ("bcc", "BCC profile-bpfcc")):
+        for condition, tool, label in tools:
+            mine = [r for r in runs if r["hz"] == hz and r["condition"] == condition and tool in r]
+            if not mine:
+                continue
             warmup = Spread.of(r[tool].get("warmup_cpu_percent", float("nan")) for r in mine)
             rows.append(
                 (
@@ -187,15 +225,22 @@ def cost_rows(ctx: Context, runs: list[dict[str, Any]]) -> list[tuple[str, ...]]
     return rows
 
 
-def thread_rows(runs: list[dict[str, Any]]) -> list[tuple[str, ...]]:
-    names = sorted({name for r in runs for name in r["agent_threads"]})
+def thread_table(runs: list[dict[str, Any]]) -> Table:
+    """% of one core per agent thread, a column per frequency and condition."""
+    keys = [
+        (c, hz) for c in CONDITIONS for hz in FREQUENCIES if any((r["condition"], r["hz"]) == (c, hz) for r in runs)
+    ]
+    columns = [f"% of one core at {hz} Hz" + ("" if c == "default" else f", unwind={c}") for c, hz in keys]
     rows = []
-    for name in names:
-        cells = [Spread.of(r["agent_threads"].get(name, 0.0) for r in runs if r["hz"] == hz) for hz in FREQUENCIES]
+    for name in sorted({name for r in runs for name in r["agent_threads"]}):
+        cells = [
+            Spread.of(r["agent_threads"].get(name, 0.0) for r in runs if (r["condition"], r["hz"]) == key)
+            for key in keys
+        ]
         if all(cell.median < 0.0005 for cell in cells):
             continue
         rows.append((name, *(cell.show(3, "%") for cell in cells)))
-    return rows
+    return Table(("agent thread", *columns), tuple(rows))
 
 
 def event_rates(ctx: Context, runs: list[dict[str, Any]]) -> str:
@@ -211,22 +256,52 @@ def event_rates(ctx: Context, runs: list[dict[str, Any]]) -> str:
     return "; ".join(parts)
 
 
-def summarize(ctx: Context, runs: list[dict[str, Any]], receiver: dict[str, Any]) -> ScenarioResult:
-    result = ScenarioResult("steady", "Steady-state agent cost (all CPUs busy)", __doc__ or "")
+def target_checks(ctx: Context, runs: list[dict[str, Any]], condition: str) -> list[Check]:
+    """The issue's CPU and memory targets, for the agent's runs in one condition."""
+    mine = [r for r in runs if r["condition"] == condition]
+    if not mine:
+        return []
+    prefix = "" if condition == "default" else "frame pointers only (unwind.cpu/offcpu/alloc=fp): "
+    checks = []
     for hz in FREQUENCIES:
-        cpu = Spread.of(r["agent"]["cpu_percent"] for r in runs if r["hz"] == hz)
+        cpu = Spread.of(r["agent"]["cpu_percent"] for r in mine if r["hz"] == hz)
         target = f"steady state at {hz} Hz, all profilers, {ctx.cpus} busy CPUs: <= {TARGET_CPU[hz]}% of one core"
-        result.checks.append(Check(target, cpu.show(3, "%"), cpu.median <= TARGET_CPU[hz]))
-    rss = Spread.of(r["agent"]["rss_max_mb"] for r in runs)
-    peak = Spread.of(r["agent"]["time_v_max_rss_mb"] for r in runs)
-    result.checks.append(
+        checks.append(Check(prefix + target, cpu.show(3, "%"), cpu.median <= TARGET_CPU[hz]))
+    rss = Spread.of(r["agent"]["rss_max_mb"] for r in mine)
+    peak = Spread.of(r["agent"]["time_v_max_rss_mb"] for r in mine)
+    checks.append(
         Check(
-            f"resident memory <= {TARGET_RSS_MB:g} MB (steady state)",
+            f"{prefix}resident memory <= {TARGET_RSS_MB:g} MB (steady state)",
             f"{rss.show(1)} MB",
             rss.high <= TARGET_RSS_MB,
             f"peak over the whole run, start-up included (time -v): {peak.show(1)} MB",
         )
     )
+    return checks
+
+
+def unwind_note(ctx: Context, runs: list[dict[str, Any]]) -> str:
+    mine = [r for r in runs if r["condition"] == "default"]
+    shares = []
+    for hz in FREQUENCIES:
+        unwind = Spread.of(r["unwind_cpu_percent"] for r in mine if r["hz"] == hz)
+        stacks = [r["unwind_stacks"] for r in mine if r["hz"] == hz]
+        complete = Spread.of(100 * s["complete"] / max(1.0, sum(s.values())) for s in stacks)
+        shares.append(f"{hz} Hz: {unwind.show(3, '%')} of one core, {complete.show(1, '%')} of stacks complete")
+    settings = ", ".join(f"`{name}={value}`" for name, value in FP_ENV.items())
+    fp = [r for r in runs if r["condition"] == "fp"]
+    return (
+        f"At the defaults every event carries a stack copy and is unwound. The unwind stage itself "
+        f"(profiling_agent_unwind_cpu_seconds_total over the window; complete: ended at the outermost frame, "
+        f"counted since start, over every process on the host): {'; '.join(shares)}. The frame-pointer "
+        f"condition runs the agent alone (no BCC beside it; same busy load) with {settings}; events received "
+        f"per second since READY there: {event_rates(ctx, fp)}."
+    )
+
+
+def summarize(ctx: Context, runs: list[dict[str, Any]], receiver: dict[str, Any]) -> ScenarioResult:
+    result = ScenarioResult("steady", "Steady-state agent cost (all CPUs busy)", __doc__ or "")
+    result.checks += target_checks(ctx, runs, "default")
     columns = (
         "frequency",
         "tool",
@@ -238,15 +313,17 @@ def summarize(ctx: Context, runs: list[dict[str, Any]], receiver: dict[str, Any]
         "peak RSS, MB (time -v)",
     )
     result.tables.append(Table(columns, tuple(cost_rows(ctx, runs))))
-    thread_columns = ("agent thread", *(f"% of one core at {hz} Hz" for hz in FREQUENCIES))
-    result.tables.append(Table(thread_columns, tuple(thread_rows(runs))))
+    result.tables.append(thread_table(runs))
+    default = [r for r in runs if r["condition"] == "default"]
     result.notes.append(
         f"{ctx.reps} runs per frequency; window {WINDOW_S:g} s starting {SETTLE_S:g} s after READY; events the "
-        f"agent received per second since READY: {event_rates(ctx, runs)}; the local receiver accepted "
+        f"agent received per second since READY: {event_rates(ctx, default)}; the local receiver accepted "
         f"{receiver.get('requests', 0)} OTLP requests in all. The busy loop alone puts the load average near "
         f"{ctx.cpus}."
     )
-    exit_cpu = Spread.of(r["bcc"]["exit_cpu_s"] for r in runs)
+    if len(default) < len(runs):
+        result.notes.append(unwind_note(ctx, runs))
+    exit_cpu = Spread.of(r["bcc"]["exit_cpu_s"] for r in default)
     result.notes.append(
         "profile-bpfcc counts stacks in a kernel map and does no user-space work until it is stopped; reading, "
         f"symbolizing and printing them at exit then took {exit_cpu.show(2)} s of CPU (not in the window)."
@@ -261,8 +338,9 @@ def run(ctx: Context) -> ScenarioResult:
     runs = []
     try:
         for rep in range(ctx.reps):
-            for hz in FREQUENCIES:
-                runs.append(one_run(ctx, hz, rep, endpoint))
+            for condition in CONDITIONS:
+                for hz in FREQUENCIES:
+                    runs.append(one_run(ctx, hz, rep, endpoint, condition))
     finally:
         busy.kill()
         busy.wait()

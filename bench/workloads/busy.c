@@ -15,17 +15,21 @@ static double wall(void)
     return t.tv_sec + t.tv_nsec / 1e9;
 }
 
+/* The loop's state lives in a volatile, so -O2 can neither fold the loop into a constant nor leave
+ * the time to clock_gettime: the samples land here, in code built with frame pointers. */
 __attribute__((noinline)) static void spin_leaf(void)
 {
-    unsigned long x = 0;
+    volatile unsigned long x = 0;
     for (int i = 0; i < 1000000; i++)
         x += i * 7;
     sink = x;
 }
 
+/* The store after the call keeps it from becoming a tail jump, so spin_mid keeps its frame. */
 __attribute__((noinline)) static void spin_mid(void)
 {
     spin_leaf();
+    sink++;
 }
 
 static void *worker(void *arg)
