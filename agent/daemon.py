@@ -10,6 +10,7 @@ config file (see `agent.reload`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import signal
@@ -53,8 +54,9 @@ logger = logging.getLogger(__name__)
 
 # The reader also notices interval ends and shutdown between polls: a mark is queued at most this late.
 # Records wake it themselves (batched wakeups), so a longer timeout only saves idle wake-ups.
-POLL_TIMEOUT_MS = 250
+POLL_TIMEOUT_MS = 500
 GIL_SWITCH_INTERVAL_S = 0.0005
+SERVER_POLL_S = 1.0
 # Spread a fleet's reports so backends do not see every host at once.
 INTERVAL_JITTER = 0.2
 SHUTDOWN_DEADLINE_S = 10.0
@@ -188,7 +190,9 @@ class Daemon:
             self._server = make_server(address, make_registry(self), self.health)
         except OSError as e:
             raise ConfigError("metrics.address", f"cannot listen on {address}: {e.strerror or e}") from e
-        thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
+        # serve_forever wakes every poll_interval to look for shutdown(): idle wake-ups cost CPU too.
+        serve = functools.partial(self._server.serve_forever, poll_interval=SERVER_POLL_S)
+        thread = threading.Thread(target=serve, name="metrics-http", daemon=True)
         thread.start()
         logger.info("metrics, /healthz and /readyz on http://%s/", address)
 
@@ -350,7 +354,7 @@ class Daemon:
     def _report_loop(self) -> None:
         assert self.reporter is not None
         while True:
-            for interval in self._intervals.get_batch(timeout=1.0):
+            for interval in self._intervals.get_batch(timeout=5.0):  # an interval (or None) wakes it at once
                 if interval is None:
                     return
                 try:

@@ -47,7 +47,8 @@ class Reporter:
             logger.debug("%s interval had no samples; nothing to export", interval.spec.name)
             return
         profile = self._symbolizer.symbolize(interval)
-        pprof = build_pprof(profile)
+        # OTLP encodes from the profile itself; only files (and OTLP's include_pprof) need pprof bytes.
+        pprof = build_pprof(profile) if any(sink.needs_pprof for sink in self._sinks) else b""
         for sink in self._sinks:
             try:
                 sink.export(profile, pprof)

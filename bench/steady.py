@@ -45,7 +45,7 @@ MB = 1e6
 # The default unwinds with DWARF (unwind.*=auto); the fp condition, for contrast, copies no stacks.
 CONDITIONS = ("default", "fp")
 FP_ENV = {f"PROFILING_AGENT_UNWIND_{name.upper()}": "fp" for name in ("cpu", "offcpu", "alloc")}
-UNWIND_SECONDS = "profiling_agent_unwind_cpu_seconds_total"
+UNWIND_SECONDS = "profiling_agent_unwind_seconds_total"
 
 
 def start_receiver(ctx: Context) -> tuple[subprocess.Popen[str], str]:
@@ -292,7 +292,7 @@ def unwind_note(ctx: Context, runs: list[dict[str, Any]]) -> str:
     fp = [r for r in runs if r["condition"] == "fp"]
     return (
         f"At the defaults every event carries a stack copy and is unwound. The unwind stage itself "
-        f"(profiling_agent_unwind_cpu_seconds_total over the window; complete: ended at the outermost frame, "
+        f"(profiling_agent_unwind_seconds_total over the window; complete: ended at the outermost frame, "
         f"counted since start, over every process on the host): {'; '.join(shares)}. The frame-pointer "
         f"condition runs the agent alone (no BCC beside it; same busy load) with {settings}; events received "
         f"per second since READY there: {event_rates(ctx, fp)}."

@@ -56,6 +56,7 @@ class FileSink:
     """Writes profiles to `output_dir` and deletes its oldest ones beyond `max_files` / `max_bytes` (0 = no limit)."""
 
     name: str = "files"
+    needs_pprof: bool = True
 
     def __init__(self, output_dir: Path, max_files: int, max_bytes: int) -> None:
         if max_files < 0 or max_bytes < 0:

@@ -1,7 +1,7 @@
 """Export stage: the `Sink` protocol every exporter (local files, OTLP) implements.
 
-The daemon hands each finished profile, together with its serialized pprof bytes, to every
-configured sink and shuts them down with the remaining deadline at exit.
+The daemon hands each finished profile, together with its serialized pprof bytes (built only when a
+sink needs them), to every configured sink and shuts them down with the remaining deadline at exit.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ class Sink(Protocol):
     """
 
     name: str
+    # Whether `export` uses the pprof bytes: when no sink does, they are not built (b"" is passed).
+    needs_pprof: bool
 
     def export(self, profile: Profile, pprof: bytes) -> object: ...
 

@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 from agent.symbolize.cache import LruCache
 from agent.symbolize.elf_symbols import segment_for_offset
@@ -29,7 +28,16 @@ from agent.symbolize.proc_maps import (
     read_process_maps,
     resolve_file,
 )
-from agent.unwind.cfi import CfiError, Rule, UnwindTable, read_unwind_table, read_unwind_table_bytes
+from agent.unwind.cfi import (
+    CFA_UNSUPPORTED,
+    LOST,
+    RSP,
+    CfiError,
+    Rule,
+    UnwindTable,
+    read_unwind_table,
+    read_unwind_table_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -37,15 +45,25 @@ MAPS_REFRESH_S = 1.0
 MEMO_LIMIT = 1 << 16
 
 
-class Lookup(NamedTuple):
-    """What is known at one runtime address: whether any mapping holds it, and the rule if CFI covers it."""
+# What one unwinding step does at an address, precomputed from its rule: (kind, CFA offset, offset of
+# the return address from the CFA, offset of the saved rbp from the CFA or KEEP_RBP/LOST). A plain tuple:
+# the unwinder unpacks one per frame, and attribute access would cost more than the step itself.
+Step = tuple[int, int, int, int]
+UNMAPPED, FRAME_POINTER, CFA_RSP, CFA_RBP, OUTERMOST, RA_LOST = range(6)
+KEEP_RBP = -(1 << 62)  # the caller's rbp is this frame's
+UNMAPPED_STEP: Step = (UNMAPPED, 0, 0, 0)
+FRAME_POINTER_STEP: Step = (FRAME_POINTER, 0, 0, 0)  # no CFI here (JIT code, an unreadable binary)
 
-    mapped: bool
-    rule: Rule | None
 
-
-NOT_MAPPED = Lookup(False, None)
-NO_CFI = Lookup(True, None)
+def step_of(rule: Rule | None) -> Step:
+    if rule is None or rule.cfa_reg == CFA_UNSUPPORTED:
+        return FRAME_POINTER_STEP
+    if rule.ra is None:
+        return (OUTERMOST, 0, 0, 0)
+    if rule.ra == LOST:
+        return (RA_LOST, 0, 0, 0)
+    rbp = KEEP_RBP if rule.rbp is None else rule.rbp
+    return (CFA_RSP if rule.cfa_reg == RSP else CFA_RBP, rule.cfa_offset, rule.ra, rbp)
 
 
 @dataclass(slots=True)
@@ -119,35 +137,36 @@ class AddressSpace:
     pid: int
     maps: ProcessMaps | None
     read_at: float
-    memo: dict[int, Lookup] = field(default_factory=dict)
+    memo: dict[int, Step] = field(default_factory=dict)
     tables: dict[int, tuple[UnwindTable, int] | None] = field(default_factory=dict)  # by mapping index
 
-    def lookup(self, address: int, tables: UnwindTables, proc_root: Path) -> Lookup:
+    def step(self, address: int, tables: UnwindTables, proc_root: Path) -> Step:
+        """The step at `address` (memoized; the unwinder reads `memo` itself first)."""
         found = self.memo.get(address)
         if found is not None:
             return found
         found = self._find(address, tables, proc_root)
-        if found is NOT_MAPPED:
+        if found is UNMAPPED_STEP:
             return found  # not remembered: a library loaded later may map it (maps are re-read then)
         if len(self.memo) >= MEMO_LIMIT:
             self.memo.clear()
         self.memo[address] = found
         return found
 
-    def _find(self, address: int, tables: UnwindTables, proc_root: Path) -> Lookup:
+    def _find(self, address: int, tables: UnwindTables, proc_root: Path) -> Step:
         index = self.maps.index_of(address) if self.maps is not None else -1
         if index < 0 and time.monotonic() - self.read_at >= MAPS_REFRESH_S:
             self.refresh(proc_root)  # a library loaded since the snapshot
             index = self.maps.index_of(address) if self.maps is not None else -1
         if index < 0 or self.maps is None:
-            return NOT_MAPPED
+            return UNMAPPED_STEP
         if index not in self.tables:
             self.tables[index] = tables.for_mapping(self.pid, self.maps.mappings[index])
         located = self.tables[index]
         if located is None:
-            return NO_CFI
+            return FRAME_POINTER_STEP
         table, bias = located
-        return Lookup(True, table.lookup(address - bias))
+        return step_of(table.lookup(address - bias))
 
     def refresh(self, proc_root: Path) -> None:
         self.read_at = time.monotonic()

@@ -31,8 +31,17 @@ from agent.aggregate.types import Stack, StackStatus
 from agent.probes.events import StackEvent, UserStackCopy
 from agent.probes.records import MAX_STACK_DEPTH
 from agent.symbolize.proc_maps import ProcessMaps
-from agent.unwind.cfi import CFA_UNSUPPORTED, LOST, RBP_LOST, RSP
-from agent.unwind.spaces import AddressSpace, UnwindTables
+from agent.unwind.cfi import LOST
+from agent.unwind.spaces import (
+    CFA_RBP,
+    CFA_RSP,
+    FRAME_POINTER,
+    KEEP_RBP,
+    OUTERMOST,
+    UNMAPPED,
+    AddressSpace,
+    UnwindTables,
+)
 
 _U64 = struct.Struct("<Q").unpack_from
 MAX_PROCESSES = 4096
@@ -52,21 +61,21 @@ class Unwinder:
         self.outcomes: Counter[str] = Counter()
         self.frames = 0  # frames unwound from stack copies
         self.frame_pointer_steps = 0  # of which found by the frame pointer, for lack of CFI
-        self.seconds = 0.0  # CPU time of the pipeline thread spent here, for the metrics
+        self.seconds = 0.0  # time the pipeline thread spent here (table loading included), for the metrics
 
     def unwind(self, event: StackEvent) -> Stack:
         """The user stack of `event`, which carries a stack copy."""
         copy = event.user_copy
         if copy is None:
             return event.user
-        begun = time.thread_time()
+        begun = time.perf_counter()  # wall time on the pipeline thread: a thread-CPU clock is a syscall
         space = self._space(event.pid)
         if space.maps is None:
             self.outcomes["no_mappings"] += 1
             stack = event.user
         else:
             stack = self._unwind_copy(space, copy)
-        self.seconds += time.thread_time() - begun
+        self.seconds += time.perf_counter() - begun
         return stack
 
     def forget(self, pid: int) -> None:
@@ -89,57 +98,54 @@ class Unwinder:
 
     def _unwind_copy(self, space: AddressSpace, copy: UserStackCopy) -> Stack:
         data, base = copy.data, copy.base
-        end = base + len(data)
-        pc, sp = copy.ip, copy.sp
+        last = base + len(data) - 8  # the highest address a u64 can be read from
+        sp = copy.sp
         bp: int | None = copy.bp
-        next_bp: int | None
-        frames = [pc]
+        frames = [copy.ip]
         complete = False
-        lookup = space.lookup
+        memo, step_at = space.memo, space.step
         tables, proc_root = self.tables, self._proc_root
-        address = pc  # the leaf's own instruction; for callers, the call before the return address
+        address = copy.ip  # the leaf's own instruction; for callers, the call before the return address
+        fp_steps = 0
         while len(frames) < MAX_STACK_DEPTH:
-            found = lookup(address, tables, proc_root)
-            if not found.mapped:
-                if len(frames) > 1:
-                    frames.pop()  # not code: the step that produced it went wrong
-                break
-            rule = found.rule
-            if rule is None or rule.cfa_reg == CFA_UNSUPPORTED:
-                # No CFI here: the frame pointer is the only way on (JIT code keeps one).
-                if bp is None or not base <= bp <= end - 16:
-                    break
-                ra, next_bp, cfa = _U64(data, bp + 8 - base)[0], _U64(data, bp - base)[0], bp + 16
-                self.frame_pointer_steps += 1
-            else:
-                if rule.ra is None:
-                    complete = True  # the outermost frame
-                    break
-                if rule.ra == LOST:
-                    break  # the return address is in a register or behind an expression
-                if rule.cfa_reg == RSP:
-                    cfa = sp + rule.cfa_offset
+            step = memo.get(address) or step_at(address, tables, proc_root)
+            kind, cfa_offset, ra_offset, rbp_offset = step
+            if kind in (CFA_RSP, CFA_RBP):
+                if kind == CFA_RSP:
+                    cfa = sp + cfa_offset
                 elif bp is None:
                     break
                 else:
-                    cfa = bp + rule.cfa_offset
-                at = cfa + rule.ra
-                if not base <= at <= end - 8:
+                    cfa = bp + cfa_offset
+                at = cfa + ra_offset
+                if not base <= at <= last:
                     break  # the caller's frame lies beyond the copy
                 ra = _U64(data, at - base)[0]
-                if rule.rbp is None:
-                    next_bp = bp
-                elif rule.rbp == RBP_LOST or not base <= cfa + rule.rbp <= end - 8:
-                    next_bp = None
-                else:
-                    next_bp = _U64(data, cfa + rule.rbp - base)[0]
+                if rbp_offset != KEEP_RBP:
+                    at = cfa + rbp_offset
+                    bp = _U64(data, at - base)[0] if rbp_offset != LOST and base <= at <= last else None
+            elif kind == FRAME_POINTER:
+                # No CFI here: the frame pointer is the only way on (JIT code keeps one).
+                if bp is None or not base <= bp <= last - 8:
+                    break
+                ra, cfa = _U64(data, bp + 8 - base)[0], bp + 16
+                bp = _U64(data, bp - base)[0]
+                fp_steps += 1
+            elif kind == OUTERMOST:
+                complete = True
+                break
+            else:  # UNMAPPED: not code, the step that produced it went wrong; RA_LOST: nowhere to go on
+                if kind == UNMAPPED and len(frames) > 1:
+                    frames.pop()
+                break
             if ra == 0:
                 complete = True
                 break
             if cfa <= sp:
                 break  # the stack pointer must move toward the stack's base, or this would loop
             frames.append(ra)
-            sp, bp, address = cfa, next_bp, ra - 1
+            sp, address = cfa, ra - 1
+        self.frame_pointer_steps += fp_steps
         self.frames += len(frames)
         self.outcomes["complete" if complete else "truncated"] += 1
         return self._intern(StackStatus.OK if complete else StackStatus.TRUNCATED, tuple(frames))

@@ -44,12 +44,13 @@ class OtlpSink:
         resource_hook: ResourceHook | None = None,
         proc_root: str = "/proc",
         retry_policy: RetryPolicy | None = None,
-        idle_wait_s: float = 0.25,
+        idle_wait_s: float = 1.0,
         counters: Counters | None = None,
     ) -> None:
         """`resource_hook(pid)` returns extra resource attributes of a process (e.g. `container.id`)."""
         config.validate()
         self._config = config
+        self.needs_pprof = config.include_pprof  # otherwise requests are encoded from the profile alone
         self.counters = counters or Counters()
         self._resource = resource or ResourceOptions.detect(config.service_name)
         self._resource_hook = resource_hook
