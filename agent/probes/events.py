@@ -51,7 +51,7 @@ class UserStackCopy(NamedTuple):
     sp: int
     bp: int
     base: int
-    data: bytes
+    data: bytes | memoryview
 
 
 class StackEvent(NamedTuple):
@@ -278,7 +278,7 @@ def _user_copy(header: RecordHeader, raw: bytes) -> UserStackCopy:
         raise MalformedRecord(f"stack_event: {len(raw)} bytes cannot hold a {header.user_stack_bytes}-byte stack copy")
     if not header.user_stack_base <= header.user_sp < header.user_stack_base + header.user_stack_bytes:
         raise MalformedRecord(f"stack_event: stack pointer {header.user_sp:#x} outside its copy")
-    data = raw[USER_STACK_OFFSET:end]
+    data = memoryview(raw)[USER_STACK_OFFSET:end]  # a view of the record's one copy, not a second one
     return UserStackCopy(header.user_ip, header.user_sp, header.user_bp, header.user_stack_base, data)
 
 

@@ -78,3 +78,21 @@ def test_cache_reloads_only_after_the_interval(tmp_path: Path) -> None:
     assert cache.table().lookup(0xFFFFFFFF81000010) == "second_name"
     assert stats.kallsyms_loads == 2
     assert cache.size() == 1
+
+
+def test_cache_reloads_only_when_the_modules_changed(tmp_path: Path) -> None:
+    """Due for a reload, kallsyms is parsed again only if /proc/modules (its neighbour) changed."""
+    path, modules = tmp_path / "kallsyms", tmp_path / "modules"
+    path.write_text("ffffffff81000000 T first_name\n")
+    modules.write_text("ext4 1000 1 - Live 0x0\n")
+    now = [1000.0]
+    stats = SymbolizerStats()
+    cache = KallsymsCache(path, stats, reload_interval_s=300.0, clock=lambda: now[0])
+    assert cache.table().lookup(0xFFFFFFFF81000010) == "first_name"
+    path.write_text("ffffffff81000000 T second_name\n")
+    now[0] += 300.0
+    assert cache.table().lookup(0xFFFFFFFF81000010) == "first_name"  # same modules: not parsed again
+    modules.write_text("ext4 1000 1 - Live 0x0\nxfs 2000 0 - Live 0x0\n")
+    now[0] += 300.0
+    assert cache.table().lookup(0xFFFFFFFF81000010) == "second_name"
+    assert stats.kallsyms_loads == 2
