@@ -299,6 +299,30 @@ def unwind_note(ctx: Context, runs: list[dict[str, Any]]) -> str:
     )
 
 
+def _median(runs: list[dict[str, Any]], hz: int, condition: str, thread: str | None = None) -> float:
+    """The median agent CPU (or one thread's) of one frequency and condition, % of one core."""
+    mine = [r for r in runs if r["hz"] == hz and r["condition"] == condition]
+    values = (r["agent_threads"].get(thread, 0.0) if thread else r["agent"]["cpu_percent"] for r in mine)
+    return Spread.of(values).median
+
+
+def remaining_note(runs: list[dict[str, Any]]) -> str:
+    """What DWARF unwinding adds over frame pointers, by thread: where a missed target's gap comes from."""
+    parts = []
+    for hz in FREQUENCIES:
+        extra = {t: _median(runs, hz, "default", t) - _median(runs, hz, "fp", t) for t in ("perf-reader", "pipeline")}
+        detail = ", ".join(f"{thread} {value:+.3f}" for thread, value in extra.items())
+        total = _median(runs, hz, "default") - _median(runs, hz, "fp")
+        parts.append(f"{hz} Hz: {total:+.3f} points ({detail})")
+    return (
+        "What unwinding costs over frame pointers (medians, default minus unwind=fp, % of one core): "
+        + "; ".join(parts)
+        + ". The reader's share is reading records of ~10 KiB (the 8 KiB stack copy and every ips slot) "
+        "instead of a few hundred bytes; the pipeline's is the unwinding itself (see the unwind scenario "
+        "for its cost per sample)."
+    )
+
+
 def summarize(ctx: Context, runs: list[dict[str, Any]], receiver: dict[str, Any]) -> ScenarioResult:
     result = ScenarioResult("steady", "Steady-state agent cost (all CPUs busy)", __doc__ or "")
     result.checks += target_checks(ctx, runs, "default")
@@ -323,6 +347,7 @@ def summarize(ctx: Context, runs: list[dict[str, Any]], receiver: dict[str, Any]
     )
     if len(default) < len(runs):
         result.notes.append(unwind_note(ctx, runs))
+        result.notes.append(remaining_note(runs))
     exit_cpu = Spread.of(r["bcc"]["exit_cpu_s"] for r in default)
     result.notes.append(
         "profile-bpfcc counts stacks in a kernel map and does no user-space work until it is stopped; reading, "

@@ -20,7 +20,8 @@
  *   the trap handler) and perf buffer `proc_events` (struct proc_event, as cpu.bpf.c).
  * Minimum kernel: 5.5 (bpf_probe_read_user; uprobes, bpf_get_stack and LRU hashes are older).
  *
- * Compile-time parameters (cflags): KNOWN_PIDS_ENTRIES, FILTER_PIDS (0/1), THREAD_ENTRIES,
+ * Compile-time parameters (cflags): KNOWN_PIDS_ENTRIES, FILTER_PIDS (0/1; the agent passes 0: with --pid
+ *   its uprobes are attached to those processes only), THREAD_ENTRIES,
  *   AGENT_PID (never sampled), USER_STACK_BYTES (user stack copied for DWARF unwinding; 0: none).
  */
 #include <uapi/linux/ptrace.h>

@@ -89,7 +89,8 @@ def test_profile_shape_and_parameters(tmp_path: Path) -> None:
 
 def test_the_program_is_built_for_its_pid_filter(tmp_path: Path) -> None:
     restricted = dataclasses.replace(PROFILING, pids=(7, 8))
-    assert AllocProbe(restricted, lambda _: None, proc_root=tmp_path).defines["FILTER_PIDS"] == 1
+    # The uprobes themselves are attached to the listed processes only: no lookup in the program.
+    assert AllocProbe(restricted, lambda _: None, proc_root=tmp_path).defines["FILTER_PIDS"] == 0
     defines = AllocProbe(PROFILING, lambda _: None, proc_root=tmp_path).defines
     assert defines["FILTER_PIDS"] == 0 and int(defines["THREAD_ENTRIES"]) > 0
     assert "alloc.bpf.c" in AllocProbe(PROFILING, lambda _: None, proc_root=tmp_path).dump()
