@@ -352,12 +352,12 @@ def summarize(ctx: Context, by_workload: dict[str, list[dict[str, Any]]], overhe
     result.tables.append(Table(ONE_OFF_COLUMNS, one_off_rows(by_workload)))
     result.notes += [
         f"{ctx.reps} runs per workload, each {WARMUP_S:g} s of warm-up then {MEASURE_S:g} s measured at {HZ} Hz; "
-        f"both modes unwind the same records, in turn first. A `time.thread_time()` pair alone costs "
+        f"A `time.thread_time()` pair alone costs "
         f"{overhead_us:.2f} µs (included in the figures, not subtracted).",
         "The buffer wakes the reader once per "
         f"{HZ} records, as in the agent; the first unwind of each batch finds cold caches and costs a few "
         "times the median (the tail). The share of a core uses the mean, and counts unwinding alone; the agent's "
-        "whole steady-state cost with `unwind.*=dwarf` is in the steady-state section.",
+        "whole steady-state cost with unwinding on (its default) is in the steady-state section.",
         "Record sizes are what the program sends (perf's own header not counted): the fixed part and both "
         "stacks without a copy; the fixed part, every `ips` slot and the copied chunks with one (the copy "
         "stops at the top of the stack).",
