@@ -188,7 +188,6 @@ class Run:
         self.warmup_cpu = dict.fromkeys(MODES, 0.0)
         self.record_bytes: list[int] = []
         self.fp_record_bytes: list[int] = []
-        self.handled = 0
 
     def handle(self, event: StackEvent) -> None:
         if event.user_copy is None or event.pid != self.pid or event.timestamp_ns >= self.end_ns:
@@ -199,8 +198,7 @@ class Run:
             self.record_bytes.append(USER_STACK_OFFSET + len(event.user_copy.data))
             frames = len(event.kernel.addresses) + len(event.user.addresses)
             self.fp_record_bytes.append(STACK_EVENT_HEADER_SIZE + 8 * frames)
-        self.handled += 1  # the first call of a batch finds colder caches: which mode goes first alternates
-        for mode in MODES if self.handled % 2 else MODES[::-1]:
+        for mode in MODES:
             begun = time.thread_time()
             stack = self.unwinders[mode].unwind(event)
             spent = time.thread_time() - begun

@@ -64,7 +64,7 @@ RBP, RSP, RA = 6, 7, 16
 CFA_UNSUPPORTED = -1
 # `Rule.rbp` or `Rule.ra` when the caller's value cannot be recovered (an expression, another register).
 LOST = 1 << 62
-RBP_LOST = LOST
+RBP_LOST = LOST  # the name the rbp rule reads best with
 _ADVANCES = (DW_CFA_advance_loc, DW_CFA_advance_loc1, DW_CFA_advance_loc2, DW_CFA_advance_loc4)
 _OFFSETS = (DW_CFA_offset, DW_CFA_offset_extended, DW_CFA_offset_extended_sf)
 # Register rules this unwinder does not evaluate: the register is lost for the caller's frame.
@@ -306,7 +306,7 @@ def _interpret(
         elif op == DW_CFA_same_value:
             _set_register(state, args[0], None)
         elif op in _UNFOLLOWED:
-            _set_register(state, args[0], RBP_LOST)
+            _set_register(state, args[0], LOST)
         elif op == DW_CFA_remember_state:
             saved.append(state.copy())
         elif op == DW_CFA_restore_state and saved:
@@ -328,7 +328,7 @@ def _cfa_register(register: int) -> int:
 
 def _set_register(state: _State, register: int, offset: int | None, *, undefined: bool = False) -> None:
     if register == RBP:
-        state.rbp = RBP_LOST if undefined else offset
+        state.rbp = LOST if undefined else offset
     elif register == RA:
         # An undefined return address marks the outermost frame (_start, clone's child); any rule other
         # than "saved at CFA + offset" (LOST here) cannot be followed, and truncates the stack.
