@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import OffCpuConfig, ProfilingConfig
+from agent.config import OffCpuConfig
 from agent.errors import BpfAttachError
 from agent.probes import offcpu
 from agent.probes.events import StackEvent
@@ -26,20 +26,13 @@ from agent.probes.offcpu import BLOCKED_ENTRIES, OffCpuProbe, plan_attach, read_
 from agent.probes.reader import PerfReader
 from agent.probes.records import USER_STACK_OFFSET
 from tests.support.agent import free_port, start_agent, wait_for_log
+from tests.support.config import profiling
 from tests.support.profiles import ReadSample, read_all, read_pprof, samples_of
 from tests.support.workloads import compile_workload
 
 pytestmark = pytest.mark.bpf
 
-PROFILING = ProfilingConfig(
-    profilers=("offcpu",),
-    frequency_hz=19,
-    interval_s=10.0,
-    duration_s=0.0,
-    pids=(),
-    perf_buffer_pages=64,
-    queue_size=65536,
-)
+PROFILING = profiling("offcpu")
 
 
 def truth_of(output: str) -> dict[str, float]:

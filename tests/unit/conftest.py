@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from tests.support.fixture_types import AddFakeProcess, LoadRow, MapsFor, NmFunctions, ReadelfLoads
 
 # Functions are noinline and built at -O0 so they exist, in source order, with no alignment padding.
 # zero_size_fn is assembly without a .size directive: an ELF symbol of size 0.
@@ -32,11 +33,6 @@ int main(int argc, char **argv) {
 """
 
 PAGE = 4096
-NmFunctions = Callable[..., dict[str, tuple[int, int]]]
-LoadRow = tuple[int, int, int, int, str]  # offset, vaddr, filesz, memsz, readelf flags ("R E")
-ReadelfLoads = Callable[[Path], list[LoadRow]]
-MapsFor = Callable[[Path, int], list[str]]
-AddFakeProcess = Callable[..., Path]
 
 
 def _run(*argv: str) -> str:

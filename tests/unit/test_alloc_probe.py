@@ -14,21 +14,14 @@ from pathlib import Path
 import pytest
 
 from agent.aggregate.types import EMPTY_STACK, ValueType
-from agent.config import AllocConfig, ProfilingConfig
+from agent.config import AllocConfig
 from agent.probes.alloc import DEFAULT_SAMPLE_BYTES, AllocProbe, alloc_values, alloc_weight
 from agent.probes.events import MalformedRecord, ProcessEvent, ProcessEventKind, StackEvent, decode_stack_event
 from agent.probes.records import STACK_EVENT_HEADER_SIZE, StackEventRecord
 from agent.probes.stacks import StackDecoder
+from tests.support.config import profiling
 
-PROFILING = ProfilingConfig(
-    profilers=("alloc",),
-    frequency_hz=19,
-    interval_s=10.0,
-    duration_s=0.0,
-    pids=(),
-    perf_buffer_pages=64,
-    queue_size=1024,
-)
+PROFILING = profiling("alloc", queue_size=1024)
 USER = (0x7F0000098930, 0x55000000117C, 0x5500000011A8)  # malloc, its caller, the caller's caller
 
 

@@ -8,20 +8,12 @@ from collections.abc import Callable
 from typing import Any
 
 from agent.aggregate.types import EMPTY_STACK, Stack, StackStatus
-from agent.config import ProfilingConfig
 from agent.probes.cpu import CpuProbe
 from agent.probes.events import StackEvent
 from agent.probes.records import STACK_EVENT_HEADER_SIZE, StackEventRecord
+from tests.support.config import profiling
 
-PROFILING = ProfilingConfig(
-    profilers=("cpu",),
-    frequency_hz=19,
-    interval_s=10.0,
-    duration_s=0.0,
-    pids=(),
-    perf_buffer_pages=64,
-    queue_size=65536,
-)
+PROFILING = profiling("cpu")
 PERIOD = round(1e9 / 19)
 USER = (0x401000, 0x402000, 0x403000)
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from agent.aggregate.types import StackStatus, ValueType
-from agent.config import OffCpuConfig, ProfilingConfig
+from agent.config import OffCpuConfig
 from agent.errors import BpfAttachError
 from agent.export.otlp.shapes import value_mapping
 from agent.probes import bpf_probe, offcpu
@@ -39,16 +39,9 @@ from agent.probes.offcpu import (
 )
 from agent.probes.records import PARAM_MIN_BLOCK_NS, PARAM_SAMPLING, USER_STACK_OFFSET, StackEventRecord
 from agent.probes.registry import PROBES
+from tests.support.config import profiling
 
-PROFILING = ProfilingConfig(
-    profilers=("offcpu",),
-    frequency_hz=19,
-    interval_s=10.0,
-    duration_s=0.0,
-    pids=(),
-    perf_buffer_pages=64,
-    queue_size=65536,
-)
+PROFILING = profiling("offcpu")
 NO_KPROBES = KernelFeatures(kprobes=False, switch_symbol=None)
 KPROBES = KernelFeatures(kprobes=True, switch_symbol="finish_task_switch.isra.0")
 BPF_SOURCE = Path(__file__).resolve().parents[2] / "bpf" / "offcpu.bpf.c"

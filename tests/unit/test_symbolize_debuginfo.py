@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import zlib
 from array import array
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,10 +31,8 @@ from agent.symbolize.debuginfo import SymbolSource
 from agent.symbolize.elf_symbols import ElfSymbols, merge_symbols, read_elf, read_elf_with_hints
 from agent.symbolize.stats import ErrorReason
 from agent.symbolize.symbolizer import Symbolizer
+from tests.support.fixture_types import AddFakeProcess, MapsFor, NmFunctions
 
-NmFunctions = Callable[..., dict[str, tuple[int, int]]]
-MapsFor = Callable[[Path, int], list[str]]
-AddFakeProcess = Callable[..., Path]
 BASE = 0x555555554000
 SPEC = ProfileSpec("cpu", (ValueType("samples", "count"),), ValueType("cpu", "nanoseconds"), 10_000_000)
 LOCAL_FUNCTIONS = ("local_leaf", "local_middle", "exported_outer", "main")

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 
 from agent.symbolize.elf_symbols import ElfErrorReason, ElfReadError, read_build_id, read_elf
+from tests.support.fixture_types import LoadRow, NmFunctions
 
-NmFunctions = Callable[[Path], dict[str, tuple[int, int]]]
-LoadRow = tuple[int, int, int, int, str]
 WORKLOAD_FUNCTIONS = ("leaf_a", "middle_b", "outer_c", "main", "zero_size_fn")
 
 

@@ -26,8 +26,8 @@ from agent.symbolize.perf_map import PerfMapStore, parse_perf_map, read_nspid
 from agent.symbolize.stats import ErrorReason, SymbolizerStats
 from agent.symbolize.symbolizer import Symbolizer
 from agent.symbolize.types import Frame, FrameKind
+from tests.support.fixture_types import AddFakeProcess
 
-AddFakeProcess = Callable[..., Path]
 SPEC = ProfileSpec("cpu", (ValueType("samples", "count"),), ValueType("cpu", "nanoseconds"), 10_000_000)
 JIT = 0x7F0000000000  # the anonymous executable mapping spans JIT .. JIT + 0x10000
 JIT_MAPS = [f"{JIT:x}-{JIT + 0x10000:x} rwxp 00000000 00:00 0 "]

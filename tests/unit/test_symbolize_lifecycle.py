@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,10 +22,7 @@ from agent.symbolize.markers import status_marker
 from agent.symbolize.proc_maps import ProcessMaps
 from agent.symbolize.symbolizer import Symbolizer
 from agent.symbolize.types import FrameKind, ProcessInfo
-
-NmFunctions = Callable[[Path], dict[str, tuple[int, int]]]
-MapsFor = Callable[[Path, int], list[str]]
-AddFakeProcess = Callable[..., Path]
+from tests.support.fixture_types import AddFakeProcess, MapsFor, NmFunctions
 
 BASE = 0x555555554000
 SPEC = ProfileSpec("cpu", (ValueType("samples", "count"),), ValueType("cpu", "nanoseconds"), 10_000_000)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,8 +21,8 @@ from agent.aggregate.types import (
 from agent.symbolize.proc_maps import parse_maps_line
 from agent.symbolize.symbolizer import Symbolizer
 from agent.symbolize.types import FrameKind
+from tests.support.fixture_types import NmFunctions
 
-NmFunctions = Callable[..., dict[str, tuple[int, int]]]
 SPEC = ProfileSpec("cpu", (ValueType("samples", "count"),), ValueType("cpu", "nanoseconds"), 10_000_000)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,10 +30,7 @@ from agent.symbolize.proc_maps import read_process_maps
 from agent.symbolize.stats import SymbolizerStats
 from agent.symbolize.symbolizer import Symbolizer
 from agent.symbolize.types import Frame
-
-NmFunctions = Callable[[Path], dict[str, tuple[int, int]]]
-MapsFor = Callable[[Path, int], list[str]]
-AddFakeProcess = Callable[..., Path]
+from tests.support.fixture_types import AddFakeProcess, MapsFor, NmFunctions
 
 PIE_BASE = 0x555555554000
 SPEC = ProfileSpec("cpu", (ValueType("samples", "count"),), ValueType("cpu", "nanoseconds"), 10_000_000)

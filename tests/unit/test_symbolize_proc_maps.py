@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,8 +18,7 @@ from agent.symbolize.proc_maps import (
     read_process_maps,
     resolve_file,
 )
-
-AddFakeProcess = Callable[..., Path]
+from tests.support.fixture_types import AddFakeProcess
 
 
 @pytest.mark.parametrize(

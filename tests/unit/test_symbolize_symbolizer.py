@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,10 +27,7 @@ from agent.aggregate.types import (
 from agent.symbolize.stats import ErrorReason
 from agent.symbolize.symbolizer import Symbolizer
 from agent.symbolize.types import KERNEL_MAPPING_NAME, FrameKind, Profile
-
-NmFunctions = Callable[[Path], dict[str, tuple[int, int]]]
-MapsFor = Callable[[Path, int], list[str]]
-AddFakeProcess = Callable[..., Path]
+from tests.support.fixture_types import AddFakeProcess, MapsFor, NmFunctions
 
 PIE_BASE = 0x555555554000
 SPEC = ProfileSpec("cpu", (ValueType("samples", "count"),), ValueType("cpu", "nanoseconds"), 10_000_000)

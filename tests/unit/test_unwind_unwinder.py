@@ -16,6 +16,7 @@ from agent.aggregate.types import EMPTY_STACK, Stack, StackStatus
 from agent.probes.events import StackEvent, UserStackCopy
 from agent.unwind import spaces
 from agent.unwind.unwinder import Unwinder
+from tests.support.fixture_types import AddFakeProcess, MapsFor
 from tests.unit.unwind_fixtures import build_library, require_toolchain, symbol_addresses, unaligned_text_script
 
 PID = 4242
@@ -26,9 +27,6 @@ ANON_LINE = f"{ANON:x}-{ANON + 0x1000:x} r-xp 00000000 00:00 0 "
 STACK = 0x7FFD_1000_0000  # where each stack copy starts
 SP = STACK + 0x40
 UNMAPPED = 0x1234
-
-MapsFor = Callable[[Path, int], list[str]]
-AddFakeProcess = Callable[..., Path]
 
 
 @pytest.fixture(scope="module")
