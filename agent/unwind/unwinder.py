@@ -51,7 +51,7 @@ INTERNED_STACKS = 1 << 16
 
 class Unwinder:
     def __init__(self, proc_root: Path = Path("/proc"), snapshots: Snapshots | None = None) -> None:
-        """`snapshots`: mappings captured earlier by the symbolize stage, for processes already gone."""
+        """`snapshots`: the mappings the symbolize stage captured for a pid (used first; /proc otherwise)."""
         self._proc_root = proc_root
         self._snapshots = snapshots
         self.tables = UnwindTables(proc_root)
@@ -85,10 +85,13 @@ class Unwinder:
     def _space(self, pid: int) -> AddressSpace:
         space = self._spaces.get(pid)
         if space is None:
-            space = AddressSpace(pid, None, 0.0)
-            space.refresh(self._proc_root)
-            if space.maps is None and self._snapshots is not None:
-                space.maps = self._snapshots(pid)
+            # The pipeline has the symbolize stage capture a process before its first event is unwound:
+            # use that snapshot rather than reading /proc/PID/maps (and stat'ing every file) again. An
+            # address outside it makes the space re-read /proc at once (read_at 0).
+            maps = self._snapshots(pid) if self._snapshots is not None else None
+            space = AddressSpace(pid, maps, 0.0)
+            if maps is None:
+                space.refresh(self._proc_root)
             self._spaces[pid] = space
             if len(self._spaces) > MAX_PROCESSES:
                 self._spaces.popitem(last=False)
