@@ -3,8 +3,9 @@
 This module owns `NativeResolver`: given a process snapshot and runtime addresses it finds each
 address's mapping, loads (or takes from the cache) the mapped file's symbol table, applies the load
 bias and names the function. A binary without `.symtab` is completed from its debug files
-(`agent.symbolize.debuginfo`), and an address in JIT code (an executable mapping with no file, or no
-mapping at all) is named from the process's perf map (`agent.symbolize.perf_map`).
+(`agent.symbolize.debuginfo`), the vDSO is named from the agent's own copy (`agent.symbolize.vdso`),
+and an address in JIT code (an executable mapping with no file, or no mapping at all) is named from
+the process's perf map (`agent.symbolize.perf_map`).
 
 Memos keep the per-frame work to a dictionary lookup, and most of them outlive a `symbolize` call:
 a steady workload's addresses are resolved once, not once per interval. Per process snapshot (the
@@ -33,7 +34,14 @@ from pathlib import Path
 from agent.aggregate.types import Stack
 from agent.symbolize.cache import ElfEntry, ElfTableCache
 from agent.symbolize.debuginfo import DEFAULT_DEBUG_ROOTS, DebugInfoFinder
-from agent.symbolize.elf_symbols import ElfErrorReason, ElfReadError, ElfSymbols, read_build_id, read_elf_with_hints
+from agent.symbolize.elf_symbols import (
+    ElfErrorReason,
+    ElfReadError,
+    ElfSymbols,
+    read_build_id,
+    read_elf_bytes,
+    read_elf_with_hints,
+)
 from agent.symbolize.perf_map import JIT_KINDS, PerfMapStore
 from agent.symbolize.proc_maps import (
     FileIdentity,
@@ -46,6 +54,7 @@ from agent.symbolize.proc_maps import (
 )
 from agent.symbolize.stats import ErrorReason, SymbolizerStats
 from agent.symbolize.types import Frame, FrameKind, MappingInfo
+from agent.symbolize.vdso import VDSO_PATH, VdsoUnavailable, read_own_vdso
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +129,8 @@ class NativeResolver:
         self._call = 0
         self._names: dict[tuple[FileIdentity, int], str] = {}
         self._unreachable: set[FileIdentity] = set()
+        self._vdso: ElfEntry | None = None
+        self._vdso_size = 0
 
     def begin_call(self) -> None:
         """Start a `symbolize` call: the per-call memos go, the snapshot memos are checked again at first use."""
@@ -210,20 +221,27 @@ class NativeResolver:
             jit_name = self.perf_maps.lookup(memo.maps.pid, address)
             frame = memo.volatile[address] = Frame(FrameKind.NATIVE, address, jit_name, prepared.mapping)
             return frame
-        if prepared.table is None or prepared.identity is None:
+        if prepared.table is None:
             frame = Frame(FrameKind.NATIVE, address, "", prepared.mapping)
         else:
             vaddr = address - prepared.bias
-            key = (prepared.identity, vaddr)
-            name = self._names.get(key)
-            if name is None:
-                name = self._names[key] = prepared.table.lookup(vaddr)
+            if prepared.identity is None:  # the vDSO: a handful of symbols, one image for every process
+                name = prepared.table.lookup(vaddr)
+            else:
+                key = (prepared.identity, vaddr)
+                known = self._names.get(key)
+                name = known if known is not None else self._names.setdefault(key, prepared.table.lookup(vaddr))
             frame = Frame(FrameKind.NATIVE, address, name, prepared.mapping)
         (memo.volatile if prepared.retry else memo.frames)[address] = frame
         return frame
 
     def _prepare(self, pid: int, entry: MapEntry) -> _Prepared:
-        source = self._table(pid, entry) if entry.kind is MapKind.FILE else None
+        if entry.kind is MapKind.FILE:
+            source = self._table(pid, entry)
+        elif entry.kind is MapKind.VDSO:
+            source = self._vdso_symbols(entry)
+        else:
+            source = None
         table = source if isinstance(source, ElfSymbols) else None
         mapping = MappingInfo(
             printable(entry.path), entry.start, entry.end, entry.offset, table.build_id if table is not None else ""
@@ -239,6 +257,23 @@ class NativeResolver:
             logger.debug("%s: offset %#x of pid %d's mapping is in no PT_LOAD", entry.path, entry.offset, pid)
             return _Prepared(mapping, None, 0, entry.identity, source=table)
         return _Prepared(mapping, table, load_bias(entry, segment), entry.identity, source=table)
+
+    def _vdso_symbols(self, entry: MapEntry) -> ElfEntry | None:
+        """The vDSO's symbols, read from the agent's own copy once (an error is counted once and kept); None
+        for a vDSO of another size, which is another image (a 32-bit process's) that they would misname."""
+        if self._vdso is None:
+            try:
+                image = read_own_vdso()
+                self._vdso_size = len(image)
+                self._vdso = read_elf_bytes(image, VDSO_PATH)
+            except VdsoUnavailable as e:
+                self._vdso = ElfReadError(ElfErrorReason.UNREADABLE, VDSO_PATH, str(e))
+            except ElfReadError as e:
+                self._vdso = e
+            if isinstance(self._vdso, ElfReadError):
+                self._stats.errors[_ELF_REASONS[self._vdso.reason]] += 1
+                logger.warning("vDSO frames stay unnamed: %s", self._vdso)
+        return self._vdso if entry.end - entry.start == self._vdso_size else None
 
     def _table(self, pid: int, entry: MapEntry) -> ElfEntry | None:
         """The ELF cache's entry for the mapped file (loading it on a miss); None when it has no identity or

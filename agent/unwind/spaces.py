@@ -5,13 +5,12 @@ falls outside them, at most once a second, for libraries loaded later) with a me
 address to rule. `UnwindTables` holds the tables of the binaries themselves, shared between
 processes and keyed by file identity (device, inode, mtime), bounded by an LRU, and built once: a
 binary whose CFI cannot be read is remembered as such. The vDSO has no file: its table is built
-from the agent's own copy (every process of one kernel maps the same image).
+from the agent's own copy (`agent.symbolize.vdso`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from agent.symbolize.proc_maps import (
     read_process_maps,
     resolve_file,
 )
+from agent.symbolize.vdso import VDSO_PATH, VdsoUnavailable, read_own_vdso
 from agent.unwind.cfi import (
     CFA_UNSUPPORTED,
     LOST,
@@ -82,7 +82,7 @@ class UnwindTables:
     def for_mapping(self, pid: int, entry: MapEntry) -> tuple[UnwindTable, int] | None:
         """The table covering `entry` and the load bias to subtract from its runtime addresses."""
         if entry.kind is MapKind.VDSO:
-            table = self._load("[vdso]", "[vdso]", lambda: _vdso_table(self._proc_root))
+            table = self._load(VDSO_PATH, VDSO_PATH, _vdso_table)
         elif entry.kind is MapKind.FILE and entry.identity is not None:
             table = self._load(entry.identity, entry.path, lambda: _file_table(self._proc_root, pid, entry))
         else:
@@ -118,16 +118,12 @@ def _file_table(proc_root: Path, pid: int, entry: MapEntry) -> UnwindTable:
     return read_unwind_table(path)
 
 
-def _vdso_table(proc_root: Path) -> UnwindTable:
+def _vdso_table() -> UnwindTable:
     try:
-        maps = read_process_maps(proc_root, os.getpid())
-        vdso = next(m for m in maps.mappings if m.kind is MapKind.VDSO)
-        with open(proc_root / str(os.getpid()) / "mem", "rb") as mem:
-            mem.seek(vdso.start)
-            image = mem.read(vdso.end - vdso.start)
-    except (OSError, StopIteration) as e:
-        raise CfiError(f"cannot read the vDSO: {e}") from e
-    return read_unwind_table_bytes(image, "[vdso]")
+        image = read_own_vdso()
+    except VdsoUnavailable as e:
+        raise CfiError(str(e)) from e
+    return read_unwind_table_bytes(image, VDSO_PATH)
 
 
 @dataclass(slots=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.symbolize.types import KERNEL_MAPPING_NAME
 from tests.support.agent import start_agent, wait_for_log
 from tests.support.profiles import ReadSample, read_all, samples_of
 from tests.support.workloads import compile_workload
@@ -112,10 +113,18 @@ def test_kernel_frames_are_named(tmp_path: Path) -> None:
     samples = samples_of(read_all(out), pid)
     assert samples
     kallsyms = {line.split()[2] for line in Path("/proc/kallsyms").read_text().splitlines()}
-    with_kernel = [s for s in samples if "spin_reads" in s.functions and s.functions[0] != "spin_reads"]
+    with_kernel = [s for s in samples if "spin_reads" in s.functions and s.mappings[0] == KERNEL_MAPPING_NAME]
     assert sum(s.values[0] for s in with_kernel) >= 0.5 * sum(s.values[0] for s in samples)
-    kernel_names = {name for s in with_kernel for name in s.functions[: s.functions.index("spin_reads")]}
+    # Above spin_reads are kernel frames and, for its clock_gettime calls, libc's and the vDSO's.
+    above = [
+        frame
+        for s in samples
+        if "spin_reads" in s.functions
+        for frame in zip(s.functions[: s.functions.index("spin_reads")], s.mappings, strict=False)
+    ]
+    kernel_names = {name for name, file in above if file == KERNEL_MAPPING_NAME}
     assert kernel_names and kernel_names <= kallsyms, kernel_names - kallsyms
+    assert all(name.startswith("__vdso_") for name, file in above if file == "[vdso]"), above
     assert kernel_names & {"read_zero", "clear_user", "iov_iter_zero", "vfs_read", "ksys_read", "do_syscall_64"}
 
 

@@ -126,3 +126,20 @@ def test_distribution_python_reaches_start(tmp_path: Path, mode: str) -> None:
     assert complete >= 0.90 * total, (complete, total, [s.functions for s in samples[:3]])
     through = sum(s.values[0] for s in samples if "_PyEval_EvalFrameDefault" in s.functions)
     assert through >= 0.80 * total, (through, total)
+
+
+def test_vdso_frames_are_named_and_unwound(tmp_path: Path) -> None:
+    """A loop of clock_gettime calls spends its time in the vDSO, which has no file: its frames are named
+    from the agent's own copy of it (`__vdso_clock_gettime`, mapping `[vdso]`), and its CFI leads back
+    through libc to the caller."""
+    binary = compile_workload("vdso_clock", tmp_path)
+    samples, output = profile(tmp_path, [str(binary), "3", "gate"], "cpu", "auto", 3)
+    assert re.search(r"calls=\d+", output), output
+    total = sum(s.values[0] for s in samples)
+    assert total >= 100, total
+    in_vdso = [s for s in samples if "[vdso]" in s.mappings]
+    assert sum(s.values[0] for s in in_vdso) >= 0.5 * total, (total, samples[:5])
+    named = [s for s in in_vdso if s.functions[s.mappings.index("[vdso]")] == "__vdso_clock_gettime"]
+    assert named == in_vdso, [s.functions for s in in_vdso if s not in named][:5]
+    through = sum(s.values[0] for s in in_vdso if "read_clock" in s.functions and s.functions[-1] == "_start")
+    assert through >= 0.95 * sum(s.values[0] for s in in_vdso), [s.functions for s in in_vdso[:5]]

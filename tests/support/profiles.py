@@ -12,6 +12,7 @@ from agent._proto import profile_pb2
 @dataclass(frozen=True)
 class ReadSample:
     functions: tuple[str, ...]  # leaf first
+    mappings: tuple[str, ...]  # each frame's mapping file name ("" for none), parallel to functions
     values: tuple[int, ...]
     numeric: dict[str, int]
     strings: dict[str, str]
@@ -22,16 +23,20 @@ def read_pprof(path: Path) -> tuple[profile_pb2.Profile, list[ReadSample]]:
     profile.ParseFromString(gzip.decompress(path.read_bytes()))
     strings = profile.string_table
     functions = {f.id: strings[f.name] for f in profile.function}
+    mappings = {m.id: strings[m.filename] for m in profile.mapping}
     locations = {loc.id: loc for loc in profile.location}
     samples = []
     for sample in profile.sample:
         names = []
+        files = []
         for location_id in sample.location_id:
             location = locations[location_id]
             names.append(functions[location.line[0].function_id] if location.line else "")
+            files.append(mappings.get(location.mapping_id, ""))
         samples.append(
             ReadSample(
                 functions=tuple(names),
+                mappings=tuple(files),
                 values=tuple(sample.value),
                 numeric={strings[label.key]: label.num for label in sample.label if not label.str},
                 strings={strings[label.key]: strings[label.str] for label in sample.label if label.str},

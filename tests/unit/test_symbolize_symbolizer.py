@@ -24,9 +24,12 @@ from agent.aggregate.types import (
     StackStatus,
     ValueType,
 )
+from agent.symbolize import native
+from agent.symbolize.elf_symbols import read_elf_bytes
 from agent.symbolize.stats import ErrorReason
 from agent.symbolize.symbolizer import Symbolizer
 from agent.symbolize.types import KERNEL_MAPPING_NAME, FrameKind, Profile
+from agent.symbolize.vdso import VdsoUnavailable, read_own_vdso
 from tests.support.fixture_types import AddFakeProcess, MapsFor, NmFunctions
 
 PIE_BASE = 0x555555554000
@@ -222,6 +225,43 @@ def test_special_mappings_keep_mapping_and_address(fake_proc: Path, add_fake_pro
         "/memfd:jit (deleted)",
         "/old/lib.so (deleted)",
     ]
+
+
+VDSO_AT = 0x7FFFF7FC1000
+
+
+def vdso_line(size: int) -> str:
+    return f"{VDSO_AT:x}-{VDSO_AT + size:x} r-xp 00000000 00:00 0 [vdso]"
+
+
+def test_vdso_frames_are_named_from_the_agents_own_copy(fake_proc: Path, add_fake_process: AddFakeProcess) -> None:
+    """The vDSO has no file: the agent's own image (the same for every process) names the frame."""
+    own = read_own_vdso()
+    image = read_elf_bytes(own, "[vdso]")
+    address = VDSO_AT + image.starts[image.names.index("__vdso_clock_gettime")] + 4
+    add_fake_process(510, [vdso_line(len(own))])
+    add_fake_process(512, [vdso_line(len(own) + 0x1000)])  # another image: a 32-bit process's
+    symbolizer = Symbolizer(proc_root=fake_proc)
+    profile = symbolizer.symbolize(interval(agg(510, user=user_stack(address)), agg(512, user=user_stack(address))))
+    named, other = (sample.frames[0] for sample in profile.samples)
+    assert named.function == "__vdso_clock_gettime"
+    assert named.mapping is not None and (named.mapping.path, named.mapping.build_id) == ("[vdso]", image.build_id)
+    assert other.function == "" and other.mapping is not None and other.mapping.path == "[vdso]"
+
+
+def test_an_unreadable_vdso_is_counted_once_and_leaves_frames_unnamed(
+    fake_proc: Path, add_fake_process: AddFakeProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unreadable() -> bytes:
+        raise VdsoUnavailable("no [vdso] in /proc/self/maps")
+
+    monkeypatch.setattr(native, "read_own_vdso", unreadable)
+    add_fake_process(511, [vdso_line(0x2000)])
+    symbolizer = Symbolizer(proc_root=fake_proc)
+    for offset in (0x10, 0x20):
+        (frame,) = symbolizer.symbolize(interval(agg(511, user=user_stack(VDSO_AT + offset)))).samples[0].frames
+        assert frame.function == "" and frame.mapping is not None and frame.mapping.path == "[vdso]"
+    assert symbolizer.stats.errors[ErrorReason.ELF_UNREADABLE] == 1
 
 
 def test_address_outside_every_mapping_has_no_mapping(pie_process: Path, fake_proc: Path) -> None:
