@@ -114,7 +114,7 @@ def assert_sites_split(samples: list[ReadSample], truth: dict[str, float]) -> No
     assert abs(total / (truth["alloc_big"] + truth["alloc_small"]) - 1) <= 0.10, (total, truth)
     # The immediate caller is spliced in after the allocator: alloc_big -> malloc, and through the
     # helper alloc_small -> alloc_helper -> malloc (frame pointers alone would say main/alloc_small).
-    callers = {}
+    callers: dict[tuple[str, ...], int] = {}
     for s in samples:
         callers[s.functions[1:3]] = callers.get(s.functions[1:3], 0) + s.values[1]
     assert callers.get(("alloc_big", "run_sites"), 0) >= 0.99 * big, callers

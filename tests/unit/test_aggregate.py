@@ -38,7 +38,7 @@ def add(
     kernel: Stack = EMPTY_STACK,
     user: Stack = USER_A,
     thread_name: str = "worker",
-    values: tuple[int, ...] = (1, 10),
+    values: tuple[float, ...] = (1, 10),
 ) -> None:
     aggregator.add(
         pid=pid,

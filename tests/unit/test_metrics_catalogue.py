@@ -42,7 +42,7 @@ def fake_source(spool_dir: str = "/tmp/profiling-agent-test-spool") -> Any:
     return SimpleNamespace(
         probes=[probe],
         symbolizer=Symbolizer(),
-        unwinder=Unwinder({"cpu": "auto"}),
+        unwinder=Unwinder(),
         jvm=JvmPerfMapRequester(60.0),
         reporter=reporter,
         pipeline=pipeline,

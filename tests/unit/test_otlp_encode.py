@@ -95,8 +95,8 @@ def _attrs(request: ExportProfilesServiceRequest, indices: object) -> dict[str, 
     return result
 
 
-def _resource_attrs(resource_profiles: object) -> dict[str, object]:
-    result: dict[str, object] = {}
+def _resource_attrs(resource_profiles: object) -> dict[str, str | int]:
+    result: dict[str, str | int] = {}
     for kv in resource_profiles.resource.attributes:  # type: ignore[attr-defined]
         assert kv.key and kv.key_strindex == 0, "resource keys must be plain strings"
         kind = kv.value.WhichOneof("value")
@@ -105,10 +105,14 @@ def _resource_attrs(resource_profiles: object) -> dict[str, object]:
     return result
 
 
-def decode(request: ExportProfilesServiceRequest) -> list[tuple[object, ...]]:
+# (type, pid, tid, thread, cpu, frames leaf first as (kind, function, address), value, timestamps)
+Row = tuple[str, object, object, object, object, tuple[tuple[object, str, int], ...], int, tuple[int, ...]]
+
+
+def decode(request: ExportProfilesServiceRequest) -> list[Row]:
     """Flatten a request back to (type, pid, tid, thread, cpu, frames leaf first, value, timestamps) rows."""
     d = request.dictionary
-    rows = []
+    rows: list[Row] = []
     for rp in request.resource_profiles:
         pid = _resource_attrs(rp)["process.pid"]
         for scope in rp.scope_profiles:

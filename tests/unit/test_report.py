@@ -34,7 +34,12 @@ def interval() -> IntervalProfile:
 
 def test_pprof_is_not_built_when_no_sink_needs_it(monkeypatch: pytest.MonkeyPatch) -> None:
     built: list[Profile] = []
-    monkeypatch.setattr(report, "build_pprof", lambda profile: built.append(profile) or b"pprof")
+
+    def build_pprof(profile: Profile) -> bytes:
+        built.append(profile)
+        return b"pprof"
+
+    monkeypatch.setattr(report, "build_pprof", build_pprof)
     otlp = FakeSink("otlp", needs_pprof=False)
     reporter = report.Reporter(FakeSymbolizer(), [otlp])
     reporter.report(interval())

@@ -217,7 +217,12 @@ def test_symbolize_does_not_wait_for_a_capture_in_progress(
     monkeypatch.setattr(processes, "read_process_maps", slow_read)
     observer = threading.Thread(target=symbolizer.observe_process, args=(50,))
     observer.start()
-    reporter = threading.Thread(target=lambda: (symbolizer.symbolize(interval(agg(60))), reported.set()))
+
+    def report() -> None:
+        symbolizer.symbolize(interval(agg(60)))
+        reported.set()
+
+    reporter = threading.Thread(target=report)
     try:
         assert entered.wait(10)
         reporter.start()
