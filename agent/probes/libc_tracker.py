@@ -14,6 +14,9 @@ Scans are incremental: a process is read when first seen, again when it is repor
 libc just after exec; a process with no address space, a kernel thread, is never young), and every
 process is read again every `full_scan_every` scans (a minute at the daemon's one-second refresh):
 reading every process's maps costs about 0.3 ms each, too much to repeat every second on a busy host.
+When every process is profiled, /proc itself is listed (for exits, and for new processes whose exec
+event was lost) only every `list_every` scans; on the scans between, new images are the ones
+announced by exec events.
 """
 
 from __future__ import annotations
@@ -110,12 +113,15 @@ class LibcTracker:
         *,
         full_scan_every: int = 60,
         young_scans: int = 3,
+        list_every: int = 5,
     ) -> None:
         self._proc_root = proc_root
         self._only = frozenset(pids)  # empty: every process
         self._full_scan_every = max(1, full_scan_every)
+        self._list_every = max(1, list_every)
         self._young_scans = young_scans
         self._processes: dict[int, _Scanned] = {}
+        self._young: set[int] = set()  # read again at every scan: they map no C library yet
         self._noted: set[int] = set()
         self._noted_lock = threading.Lock()  # note_pids is called from the perf-buffer reader thread
         self.scans = 0
@@ -135,22 +141,30 @@ class LibcTracker:
         with self._noted_lock:
             noted, self._noted = self._noted, set()
         full = self.scans % self._full_scan_every == 0
+        listing = full or self.scans % self._list_every == 0
         self.scans += 1
-        live = set(self._only) if self._only else _listed_pids(self._proc_root)
-        for pid in self._processes.keys() - live:
-            del self._processes[pid]
-        for pid in live:
+        if self._only or listing:
+            live = set(self._only) if self._only else _listed_pids(self._proc_root)
+            for pid in self._processes.keys() - live:
+                self._forget(pid)
+            to_read = live if full else live - self._processes.keys()
+        else:
+            # On the scans between listings /proc is not read at all (listing it alone costs more than
+            # the rest of a scan on a busy host): a new image is announced by its exec event (noted), and
+            # a forked child maps its parent's libraries. What an exit frees waits for the next listing.
+            to_read = set()
+        for pid in to_read | noted | self._young:
             state = self._processes.get(pid)
-            young = state is not None and not state.libraries and state.scans < self._young_scans
-            if state is None or pid in noted:
-                self._read(pid, scans=1)  # a new image: young again
-            elif full or young:
-                self._read(pid, scans=state.scans + 1)
+            self._read(pid, scans=1 if state is None or pid in noted else state.scans + 1)  # new image: young again
         wanted: dict[Target, Source] = {}
         for pid, state in sorted(self._processes.items()):
             for library, source in state.libraries.items():
                 wanted.setdefault(Target(library, pid if self._only else ALL_PROCESSES), source)
         return wanted
+
+    def _forget(self, pid: int) -> None:
+        self._processes.pop(pid, None)
+        self._young.discard(pid)
 
     def _read(self, pid: int, scans: int) -> None:
         self.process_reads += 1
@@ -158,8 +172,12 @@ class LibcTracker:
             with open(self._proc_root / str(pid) / "maps", encoding="utf-8", errors="surrogateescape") as f:
                 lines = f.readlines()
         except OSError:
-            self._processes.pop(pid, None)  # gone (or never there: a configured pid that does not exist)
+            self._forget(pid)  # gone (or never there: a configured pid that does not exist)
             return
         if not lines:  # no address space: a kernel thread (or a zombie) will never map a library
             scans = max(scans, self._young_scans)
-        self._processes[pid] = _Scanned(_c_libraries_in(self._proc_root, pid, lines), scans)
+        state = self._processes[pid] = _Scanned(_c_libraries_in(self._proc_root, pid, lines), scans)
+        if not state.libraries and scans < self._young_scans:
+            self._young.add(pid)  # the loader may not have mapped libc yet: read it again next scan
+        else:
+            self._young.discard(pid)

@@ -115,9 +115,10 @@ def test_libraries_no_process_maps_any_more_are_dropped(host: FakeHost) -> None:
     host_root, container = host.root("host", LIBC), host.root("container", LIBC)
     host.process(10, host_root, maps_lines(LIBC))
     host.process(20, container, maps_lines(LIBC))
-    tracker = LibcTracker(host.proc)
+    tracker = LibcTracker(host.proc, list_every=2)
     assert len(tracker.scan()) == 2
     host.exit(20)
+    assert len(tracker.scan()) == 2  # exits are noticed when /proc is listed: a stale target costs nothing
     assert set(tracker.scan()) == {Target(key(host_root / LIBC[1:]), ALL_PROCESSES)}
 
 
@@ -150,6 +151,23 @@ def test_known_processes_are_read_again_only_when_noted_or_at_a_full_scan(host: 
     assert tracker.scan() == {}  # scans 0, 4, 8, ... read everything again
 
 
+def test_between_full_scans_only_announced_processes_are_read(host: FakeHost) -> None:
+    """/proc is listed every few scans: a new image is found by its exec event, or by the next listing."""
+    host_root = host.root("host", LIBC)
+    host.process(10, host_root, maps_lines(LIBC))
+    tracker = LibcTracker(host.proc, list_every=3)
+    assert len(tracker.scan()) == 1
+    other = host.root("other", LIBC)
+    host.process(20, other, maps_lines(LIBC))  # its exec event was lost
+    host.process(30, host_root, maps_lines(LIBC))
+    tracker.note_pids([30])
+    reads = tracker.process_reads
+    assert set(tracker.scan()) == {Target(key(host_root / LIBC[1:]), ALL_PROCESSES)}
+    assert tracker.process_reads == reads + 1  # 30 only: nothing else was listed or read
+    assert len(tracker.scan()) == 1
+    assert len(tracker.scan()) == 2  # the listing finds 20
+
+
 def test_a_process_without_libc_yet_is_read_again_while_young(host: FakeHost) -> None:
     host_root = host.root("host", LIBC)
     host.process(10, host_root, maps_lines("/usr/bin/app", "/lib64/ld-linux-x86-64.so.2"))  # just exec'd
@@ -159,6 +177,7 @@ def test_a_process_without_libc_yet_is_read_again_while_young(host: FakeHost) ->
     assert set(tracker.scan()) == {Target(key(host_root / LIBC[1:]), ALL_PROCESSES)}
     host.process(11, host_root, maps_lines("/usr/local/bin/static"))
     host.process(12, host_root, [])  # a kernel thread: no address space, nothing to wait for
+    tracker.note_pids([11, 12])  # as their exec events do
     reads = tracker.process_reads
     for _ in range(3):
         tracker.scan()
