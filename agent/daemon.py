@@ -88,9 +88,14 @@ class Daemon:
         self.jvm = JvmPerfMapRequester(symbolize.jvm_perf_map_interval_s) if symbolize.jvm_perf_map else None
         self.selector = ProcessSelector(config.filters, self.metadata)
         self.keep = KeepSampler()
-        # Only profilers whose programs copy the user stack need the unwind stage.
-        copying = any(probe.user_stack_bytes for probe in self.probes)
-        self.unwinder = Unwinder(snapshots=self.symbolizer.process_maps) if copying else None
+        # Only profilers whose programs copy the user stack need the unwind stage; their decoders run it.
+        copying = [probe for probe in self.probes if probe.user_stack_bytes]
+        self.unwinder = (
+            Unwinder(snapshots=self.symbolizer.process_maps, skip=self.selector.known_rejected) if copying else None
+        )
+        for probe in copying:
+            assert self.unwinder is not None
+            probe.unwind_copy = self.unwinder.unwind_copy
         self.sampler: AdaptiveSampler | None = None
         self.sinks: list[Sink] = []
         self.otlp: OtlpSink | None = None
@@ -198,10 +203,10 @@ class Daemon:
 
     def _start_threads(self) -> None:
         assert self.reporter is not None
-        # Each perf-buffer record is a ctypes callback that must take the GIL. While the pipeline thread
-        # unwinds a burst, a waiting callback gets it only after the switch interval (5 ms by default),
-        # which caps the reader at a few hundred records a second and overflows the buffers: hand the
-        # GIL over sooner.
+        # Each perf-buffer record is a ctypes callback that must take the GIL. While another thread holds
+        # it (the report thread symbolizing, loading an ELF file), a waiting callback gets it only after
+        # the switch interval (5 ms by default), which caps the reader at a few hundred records a second
+        # in a burst and overflows the buffers: hand the GIL over sooner.
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self.pipeline = Pipeline(
             {probe.name: probe.spec for probe in self.probes},

@@ -1,7 +1,8 @@
 """Decode-to-aggregate routing: what the pipeline thread does with each event from the reader.
 
-Stack events that carry a copy of their user stack are unwound first (the unwind stage, after the
-sampling stage's keep decision); stack events are summed into their profiler's interval (aggregate);
+Stack events pass the sampling stage's keep decision and are summed into their profiler's interval
+(aggregate); those whose program copies the user stack arrive unwound already (the reader's decoder
+runs the unwind stage inside the perf-buffer callback, see `agent.unwind.unwinder`);
 process events tell the symbolizer to capture a process's mappings while it is alive; an
 `IntervalMark` hands each profiler's finished interval to `deliver`. This module starts no threads:
 `agent.daemon` runs `Pipeline.handle` on the thread it owns.
@@ -20,7 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from agent.aggregate.interval import IntervalAggregator
-from agent.aggregate.types import IntervalProfile, ProfileSpec, Stack
+from agent.aggregate.types import IntervalProfile, ProfileSpec
 from agent.probes.events import IntervalMark, ProcessEvent, ProcessEventKind, StackEvent
 
 logger = logging.getLogger(__name__)
@@ -37,10 +38,8 @@ class KeepLike(Protocol):
 
 
 class UnwinderLike(Protocol):
-    """The unwind stage (`agent.unwind.unwinder.Unwinder`): the user stack of an event that carries a
-    copy of its stack, and the process events that make what it knows of a pid stale."""
-
-    def unwind(self, event: StackEvent) -> Stack: ...
+    """The unwind stage (`agent.unwind.unwinder.Unwinder`, run by the reader): told of the process events
+    that make what it knows of a pid stale."""
 
     def forget(self, pid: int) -> None: ...
 
@@ -109,11 +108,7 @@ class Pipeline:
             # Covers a process whose announcement was lost, and is cheap once captured.
             self._seen_pids.add(event.pid)
             self._processes.observe_process(event.pid)
-        if event.user_copy is None or self._unwinder is None:
-            aggregator.add_event(event, event.user, event.identity)
-        else:
-            # After the keep decision: unwinding costs far more than anything else done per event.
-            aggregator.add_event(event, self._unwinder.unwind(event))
+        aggregator.add_event(event, event.user, event.identity)
         return False
 
     def _handle_other(self, item: object) -> bool:

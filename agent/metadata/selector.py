@@ -102,6 +102,11 @@ class ProcessSelector:
             self.events_filtered += 1
         return decision
 
+    def known_rejected(self, pid: int) -> bool:
+        """Whether `pid` has been rejected already. Safe from any thread (the reader asks, before unwinding):
+        it reads the decisions made so far, never /proc, and changes nothing."""
+        return self._state.decisions.get(pid) is False
+
     def admits_kernel_thread(self, comm: str) -> bool:
         """Whether events of a kernel thread named `comm` are kept; never reads /proc."""
         state = self._state

@@ -149,7 +149,7 @@ class AllocProbe(BpfProbe):
         self.write_param(PARAM_SAMPLING, self._sample_bytes)
 
     def open_event_buffers(self) -> None:
-        decode = StackEventDecoder(self.name, self.stacks, alloc_values).decode
+        decode = StackEventDecoder(self.name, self.stacks, alloc_values, unwind=self.unwind_copy).decode
         self.open_buffer("samples", decode, self._config.perf_buffer_pages, WAKEUP_EVENTS, stack_records=True)
 
     def attach_events(self) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from agent.aggregate.types import ProfileSpec
 from agent.config import ProfilingConfig
-from agent.probes.events import MalformedRecord, decode_proc_event
+from agent.probes.events import MalformedRecord, UnwindCopy, decode_proc_event
 from agent.probes.geometry import page_count, sized_for_records
 from agent.probes.loader import dump_program, load_program
 from agent.probes.records import PARAM_SAMPLING, USER_STACK_OFFSET
@@ -55,6 +55,9 @@ class BpfProbe(ABC):
         # Bytes of user stack each record carries for DWARF unwinding (USER_STACK_BYTES); 0: frame
         # pointers only. Set before `load` (agent.probes.registry does, from the unwind config).
         self.user_stack_bytes = 0
+        # The unwind stage, for records with a stack copy: their decoder calls it inside the callback.
+        # Set before `attach` (the daemon does); without it the events keep the copy for a later stage.
+        self.unwind_copy: UnwindCopy | None = None
 
     @property
     @abstractmethod

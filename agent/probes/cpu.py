@@ -51,7 +51,7 @@ class CpuProbe(BpfProbe):
 
     def open_event_buffers(self) -> None:
         values = (1, self.spec.period)  # every sample stands for one period of CPU time
-        decode = StackEventDecoder(self.name, self.stacks, values).decode
+        decode = StackEventDecoder(self.name, self.stacks, values, unwind=self.unwind_copy).decode
         wakeup = max(1, self._config.frequency_hz // WAKEUPS_PER_SECOND)
         self.open_buffer("samples", decode, self._config.perf_buffer_pages, wakeup, stack_records=True)
 

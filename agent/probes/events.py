@@ -136,6 +136,9 @@ def _view(data: int, size: int, record_type: type[R], minimum: int | None = None
 
 
 ValuesOf = Callable[[RecordHeader], tuple[float, ...]]
+# The unwind stage, called inside the callback for a record with a stack copy: (pid, the registers and
+# a view of the copy in the ring, the kernel's frame-pointer user stack) -> the user stack.
+UnwindCopy = Callable[[int, UserStackCopy, Stack], Stack]
 
 
 def decode_stack_event(data: int, size: int, stacks: StackDecoder, profiler: str, values_of: ValuesOf) -> StackEvent:
@@ -153,8 +156,11 @@ def decode_stack_event(data: int, size: int, stacks: StackDecoder, profiler: str
 Fields = tuple[int, int, int, bool, str, Stack, Stack]
 
 
-def _decode_fields(raw: bytes, stacks: StackDecoder) -> tuple[RecordHeader, Fields, UserStackCopy | None, bytes | None]:
-    """Everything in a record but its worth, checked; the stacks are not counted yet."""
+def _decode_fields(
+    raw: bytes, stacks: StackDecoder, record: bytes | memoryview | None = None
+) -> tuple[RecordHeader, Fields, UserStackCopy | None, bytes | None]:
+    """Everything in a record but its worth, checked; the stacks are not counted yet. `record`: the whole
+    record, when `raw` holds only its start up to the last frame (the stack copy is then a view of it)."""
     header = RecordHeader._make(_HEADER.unpack_from(raw))
     kernel_len, user_len = header.kernel_stack_len, header.user_stack_len
     if kernel_len > MAX_STACK_DEPTH or user_len > MAX_STACK_DEPTH:
@@ -164,7 +170,7 @@ def _decode_fields(raw: bytes, stacks: StackDecoder) -> tuple[RecordHeader, Fiel
     if len(raw) < user_end:
         raise MalformedRecord(f"stack_event: {len(raw)} bytes cannot hold {kernel_len}+{user_len} frames")
     kernel_thread = bool(header.flags & SAMPLE_FLAG_KERNEL_THREAD)
-    user_copy = _user_copy(header, raw) if header.user_stack_bytes else None
+    user_copy = _user_copy(header, raw if record is None else record) if header.user_stack_bytes else None
     fields = (
         header.pid,
         header.tid,
@@ -198,7 +204,8 @@ class StackEventDecoder:
     The same stacks of the same threads recur at every sample: a record seen before costs one copy out
     of the ring, one unpack of its timestamp (and worth) and one dict lookup; a new one is decoded and
     checked in full, by `decode_stack_event`'s rules, and its events share one `identity` object.
-    Records that carry a user stack copy are decoded in full every time. `values` reads what an event
+    Records that carry a user stack copy are decoded in full every time, and unwound then when an
+    `unwind` stage is given (the event carries the unwound stack, and no copy). `values` reads what an event
     is worth from the record's fixed part, or is the tuple that every event is worth. `decode` is the
     perf-buffer decoder; it runs on the reader thread.
     """
@@ -209,8 +216,10 @@ class StackEventDecoder:
         stacks: StackDecoder,
         values: ValuesOf | tuple[float, ...],
         cache_limit: int = RECORD_CACHE_LIMIT,
+        unwind: UnwindCopy | None = None,
     ) -> None:
         self._profiler = profiler
+        self._unwind = unwind
         self._stacks = stacks
         self._counts = stacks.counts
         self._values_of: ValuesOf | None = None if isinstance(values, tuple) else values
@@ -265,20 +274,38 @@ class StackEventDecoder:
     def _decode_in_full(self, data: int, size: int) -> StackEvent:
         values = self._values
         values_of = self._values_of or (lambda _: values)
+        if self._unwind is not None and size > USER_STACK_OFFSET:
+            return self._decode_and_unwind(data, size, values_of)
         return decode_stack_event(data, size, self._stacks, self._profiler, values_of)
+
+    def _decode_and_unwind(self, data: int, size: int, values_of: ValuesOf) -> StackEvent:
+        """A record with a stack copy, unwound where it lies: only its start (header and frames) is copied
+        out of the ring, and the unwinder reads the few words of the copy it needs in place. Copying the
+        whole record (~10 KiB, into memory no cache holds yet) cost more than the unwinding itself."""
+        assert self._unwind is not None
+        ring = memoryview((self._arrays.get(size) or self._array(size)).from_address(data)).cast("B")
+        header = RecordHeader._make(_HEADER.unpack_from(ring))
+        end = STACK_EVENT_HEADER_SIZE + 8 * (max(header.kernel_stack_len, 0) + max(header.user_stack_len, 0))
+        _, fields, copy, _ = _decode_fields(ring[: min(end, size)].tobytes(), self._stacks, ring)
+        kernel, frame_pointer_user = fields[5], fields[6]
+        user = frame_pointer_user if copy is None else self._unwind(header.pid, copy, frame_pointer_user)
+        self._counts[self._stacks.signature(kernel, frame_pointer_user)] += 1
+        return StackEvent(self._profiler, header.timestamp_ns, *fields[:6], user, values_of(header))
 
     def _array(self, size: int) -> type[ctypes.Array[ctypes.c_char]]:
         array = self._arrays[size] = ctypes.c_char * size
         return array
 
 
-def _user_copy(header: RecordHeader, raw: bytes) -> UserStackCopy:
+def _user_copy(header: RecordHeader, record: bytes | memoryview) -> UserStackCopy:
     end = USER_STACK_OFFSET + header.user_stack_bytes
-    if len(raw) < end:
-        raise MalformedRecord(f"stack_event: {len(raw)} bytes cannot hold a {header.user_stack_bytes}-byte stack copy")
+    if len(record) < end:
+        raise MalformedRecord(
+            f"stack_event: {len(record)} bytes cannot hold a {header.user_stack_bytes}-byte stack copy"
+        )
     if not header.user_stack_base <= header.user_sp < header.user_stack_base + header.user_stack_bytes:
         raise MalformedRecord(f"stack_event: stack pointer {header.user_sp:#x} outside its copy")
-    data = memoryview(raw)[USER_STACK_OFFSET:end]  # a view of the record's one copy, not a second one
+    data = memoryview(record)[USER_STACK_OFFSET:end]  # a view of the record, not a second copy
     return UserStackCopy(header.user_ip, header.user_sp, header.user_bp, header.user_stack_base, data)
 
 

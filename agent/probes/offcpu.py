@@ -187,7 +187,7 @@ class OffCpuProbe(BpfProbe):
         self.write_param(PARAM_MIN_BLOCK_NS, self._offcpu.min_block_us * 1000)
 
     def open_event_buffers(self) -> None:
-        decode = StackEventDecoder(self.name, self.stacks, offcpu_values).decode
+        decode = StackEventDecoder(self.name, self.stacks, offcpu_values, unwind=self.unwind_copy).decode
         self.open_buffer("samples", decode, self._config.perf_buffer_pages, WAKEUP_EVENTS, stack_records=True)
 
     def attach_events(self) -> None:

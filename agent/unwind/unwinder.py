@@ -1,8 +1,13 @@
 """Unwind stage: user stacks from the registers and stack copy a record carries, with the binaries' CFI.
 
-Runs on the pipeline thread, after the sampling stage's keep decision and before aggregation, for
-events whose program copies the user stack (`unwind.<profiler>` is `auto` or `dwarf`; they differ
-only in what happens on a kernel that cannot copy, see `agent.probes.registry`). Each step applies
+Runs on the reader thread, inside the perf-buffer callback that decodes the record, for events whose
+program copies the user stack (`unwind.<profiler>` is `auto` or `dwarf`; they differ only in what
+happens on a kernel that cannot copy, see `agent.probes.registry`). The copy is read where it lies in
+the ring: copying ~8 KiB per record out of it, into memory the pipeline thread would read later, cost
+more than the unwinding, which touches only the few words it needs. The price is that it runs before
+the sampling stage: events that the keep decision drops were unwound too (the adaptive sampler keeps
+that share small by steering the kernel's rates), and pids the process filters have rejected are
+skipped. Each step applies
 the CFI rule at the frame's address (the sampled instruction for the leaf, the call instruction,
 return address - 1, for callers); where no CFI covers an address (JIT code, a binary that cannot be
 read) the step follows the frame pointer. CFI is right wherever frame pointers are, and also where
@@ -50,31 +55,47 @@ INTERNED_STACKS = 1 << 16
 
 
 class Unwinder:
-    def __init__(self, proc_root: Path = Path("/proc"), snapshots: Snapshots | None = None) -> None:
-        """`snapshots`: the mappings the symbolize stage captured for a pid (used first; /proc otherwise)."""
+    def __init__(
+        self,
+        proc_root: Path = Path("/proc"),
+        snapshots: Snapshots | None = None,
+        skip: Callable[[int], bool] | None = None,
+    ) -> None:
+        """`snapshots`: the mappings the symbolize stage captured for a pid (used first; /proc otherwise).
+        `skip`: pids whose events will be dropped anyway (the process filters rejected them): not unwound."""
         self._proc_root = proc_root
         self._snapshots = snapshots
+        self._skip = skip
         self.tables = UnwindTables(proc_root)
         self._spaces: OrderedDict[int, AddressSpace] = OrderedDict()  # least recently used first
         self._interned: dict[tuple[StackStatus, tuple[int, ...]], Stack] = {}
-        # outcome -> events: complete, truncated, no_mappings (the frame-pointer stack was kept)
+        # outcome -> events: complete, truncated; no_mappings and skipped: the frame-pointer stack was kept
         self.outcomes: Counter[str] = Counter()
         self.frames = 0  # frames unwound from stack copies
         self.frame_pointer_steps = 0  # of which found by the frame pointer, for lack of CFI
-        self.seconds = 0.0  # time the pipeline thread spent here (table loading included), for the metrics
+        self.seconds = 0.0  # time the reader thread spent here (table loading included), for the metrics
 
     def unwind(self, event: StackEvent) -> Stack:
-        """The user stack of `event`, which carries a stack copy."""
+        """The user stack of `event`: unwound from its stack copy, or its own when it carries none."""
         copy = event.user_copy
-        if copy is None:
-            return event.user
-        begun = time.perf_counter()  # wall time on the pipeline thread: a thread-CPU clock is a syscall
-        space = self._space(event.pid)
-        if space.maps is None:
-            self.outcomes["no_mappings"] += 1
-            stack = event.user
+        return event.user if copy is None else self.unwind_copy(event.pid, copy, event.user)
+
+    def unwind_copy(self, pid: int, copy: UserStackCopy, frame_pointer_stack: Stack) -> Stack:
+        """The user stack of process `pid` from its registers and stack copy; `frame_pointer_stack` (the
+        kernel's walk) when the process's mappings cannot be read. The decoder calls this inside the
+        perf-buffer callback, with `copy.data` a view of the ring itself: only the words it reads are
+        touched, not the whole copy (see `agent.probes.events.StackEventDecoder`)."""
+        begun = time.perf_counter()  # wall time on the reader thread: a thread-CPU clock is a syscall
+        if self._skip is not None and self._skip(pid):
+            self.outcomes["skipped"] += 1
+            stack = frame_pointer_stack
         else:
-            stack = self._unwind_copy(space, copy)
+            space = self._space(pid)
+            if space.maps is None:
+                self.outcomes["no_mappings"] += 1
+                stack = frame_pointer_stack
+            else:
+                stack = self._unwind_copy(space, copy)
         self.seconds += time.perf_counter() - begun
         return stack
 

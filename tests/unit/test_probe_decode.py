@@ -460,6 +460,42 @@ def test_a_record_with_a_stack_copy_is_decoded_in_full_every_time() -> None:
     assert len(decoder) == 0
 
 
+def test_a_stack_copy_is_unwound_inside_the_callback_by_the_unwind_stage() -> None:
+    """With an unwind stage the copy is handed over where it lies (a view of the record, read while the
+    callback runs), and the event carries the unwound stack instead of the copy."""
+    sp, base = 0x7FFD0000_1010, 0x7FFD0000_1000
+    record = stack_record(user_ip=0x401234, user_sp=sp, user_bp=sp + 32, user_stack_base=base, user_stack_bytes=512)
+    copy = bytes(range(256)) * 2
+    buffer = ctypes.create_string_buffer(bytes(record) + copy, USER_STACK_OFFSET + 512)
+    unwound = Stack(StackStatus.OK, (0x401234, 0x401500, 0x401600))
+    calls: list[tuple[int, UserStackCopy, Stack]] = []
+
+    def unwind(pid: int, user_copy: UserStackCopy, frame_pointer_stack: Stack) -> Stack:
+        assert bytes(user_copy.data) == copy  # read during the call: the view is the record's own bytes
+        calls.append((pid, user_copy._replace(data=b""), frame_pointer_stack))
+        return unwound
+
+    stacks = StackDecoder()
+    decoder = StackEventDecoder("cpu", stacks, (1,), unwind=unwind)
+    for _ in range(2):
+        event = cached_decode(decoder, buffer)
+        assert (event.user, event.user_copy, event.identity) == (unwound, None, None)
+        assert (event.pid, event.kernel, event.values) == (4242, Stack(StackStatus.OK, KERNEL), (1,))
+    assert calls == [(4242, UserStackCopy(0x401234, sp, sp + 32, base, b""), Stack(StackStatus.OK, USER))] * 2
+    assert stacks.status_counts == {"OK": 4}  # the kernel's stacks are what the status metrics count
+
+
+def test_a_stack_copy_that_does_not_fit_is_malformed_before_the_unwind_stage() -> None:
+    record = stack_record(user_sp=0x1010, user_stack_base=0x1000, user_stack_bytes=4096)
+    buffer = ctypes.create_string_buffer(bytes(record) + b"\0" * 512, USER_STACK_OFFSET + 512)
+
+    def unwind(pid: int, user_copy: UserStackCopy, frame_pointer_stack: Stack) -> Stack:
+        raise AssertionError("a malformed record must not be unwound")
+
+    with pytest.raises(MalformedRecord, match="cannot hold a 4096-byte stack copy"):
+        cached_decode(StackEventDecoder("cpu", StackDecoder(), (1,), unwind=unwind), buffer)
+
+
 def test_the_cached_decoder_does_not_keep_the_view() -> None:
     decoder = StackEventDecoder("cpu", StackDecoder(), (1,))
     for _ in range(2):  # a miss, then a hit

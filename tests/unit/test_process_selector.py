@@ -98,6 +98,18 @@ def test_decisions_are_cached_per_pid_and_every_no_is_counted(proc: Path) -> Non
     assert (selector.admitted, selector.rejected, selector.events_filtered) == (1, 1, 5)
 
 
+def test_known_rejected_answers_from_the_decisions_only(proc: Path) -> None:
+    """What the reader asks before unwinding: never reads /proc, never counts, forgets with the decision."""
+    metadata = ProcessMetadata(proc)
+    selector = ProcessSelector(ProcessFilter(include_comm=("nginx",)), metadata)
+    assert not selector.known_rejected(BASH) and reads(metadata) == 0  # not decided yet
+    assert not selector.admits(BASH) and selector.admits(NGINX)
+    assert selector.known_rejected(BASH) and not selector.known_rejected(NGINX)
+    assert (reads(metadata), selector.events_filtered) == (2, 1)
+    selector.forget(BASH)
+    assert not selector.known_rejected(BASH)
+
+
 @pytest.mark.parametrize(
     ("process_filter", "admits"),
     [

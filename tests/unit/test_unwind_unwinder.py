@@ -206,6 +206,16 @@ def test_without_mappings_the_frame_pointer_stack_is_kept(at: Callable[[str], in
     assert unwinder.outcomes == {"no_mappings": 1}
 
 
+def test_pids_the_filters_rejected_are_not_unwound(process: Path, at: Callable[[str], int], fake_proc: Path) -> None:
+    """Their events are dropped after decoding anyway: the frame-pointer stack is kept, at no cost."""
+    unwinder = Unwinder(proc_root=fake_proc, skip=lambda pid: pid == PID + 1)
+    user = Stack(StackStatus.OK, (at("fp_framed"), at("outer_ret")))
+    copy = stack_copy(at("fp_framed"), SP, SP, {SP: 0, SP + 8: at("outer_ret")})
+    assert unwinder.unwind_copy(PID + 1, copy, user) is user
+    assert unwinder.unwind_copy(PID, copy, user) == user  # unwound: an equal stack, not the same object
+    assert unwinder.outcomes == {"skipped": 1, "complete": 1}
+
+
 def test_a_snapshot_stands_in_for_the_maps_of_a_process_gone(
     process: Path, at: Callable[[str], int], fake_proc: Path, tmp_path: Path
 ) -> None:
