@@ -169,7 +169,7 @@ class AgentCollector(Collector):
         frames = _counter("unwind_frames", "Frames unwound from stack copies, by how.", ("method",))
         frames.add_metric(["cfi"], unwinder.frames - unwinder.frame_pointer_steps)
         frames.add_metric(["frame_pointer"], unwinder.frame_pointer_steps)
-        seconds = _counter("unwind_seconds", "Time the pipeline thread spent unwinding, table loading included.")
+        seconds = _counter("unwind_seconds", "Time the reader thread spent unwinding, table loading included.")
         seconds.add_metric([], unwinder.seconds)
         tables = _counter("unwind_tables", "Unwind tables read from binaries, by result.", ("result",))
         tables.add_metric(["loaded"], unwinder.tables.stats.loaded)

@@ -3,18 +3,20 @@
 Runs on the reader thread, inside the perf-buffer callback that decodes the record, for events whose
 program copies the user stack (`unwind.<profiler>` is `auto` or `dwarf`; they differ only in what
 happens on a kernel that cannot copy, see `agent.probes.registry`). The copy is read where it lies in
-the ring: copying ~8 KiB per record out of it, into memory the pipeline thread would read later, cost
-more than the unwinding, which touches only the few words it needs. The price is that it runs before
-the sampling stage: events that the keep decision drops were unwound too (the adaptive sampler keeps
-that share small by steering the kernel's rates), and pids the process filters have rejected are
-skipped. Each step applies
-the CFI rule at the frame's address (the sampled instruction for the leaf, the call instruction,
-return address - 1, for callers); where no CFI covers an address (JIT code, a binary that cannot be
-read) the step follows the frame pointer. CFI is right wherever frame pointers are, and also where
-they are not (a frameless leaf, libc, python3), so every frame it covers is stepped with it: an
-earlier version kept the kernel's frame-pointer stack when CFI confirmed every link of it, which
-saved nothing measurable (confirming costs a lookup per frame, as a step does) and split one code
-path into two roots in flame graphs (the frame-pointer walk stops inside libc's start-up code).
+the ring, only the few words each step needs: copying ~8 KiB per record out of it for the pipeline
+thread cost about as much as the unwinding, and a full event queue of copies would hold hundreds of
+MB. The price is that it runs before the sampling stage: events that the keep decision drops were
+unwound too (the adaptive sampler keeps that share small by steering the kernel's rates), and pids
+the process filters have rejected are skipped.
+
+Each step applies the CFI rule at the frame's address (the sampled instruction for the leaf, the
+call instruction, return address - 1, for callers); where no CFI covers an address (JIT code, a
+binary that cannot be read) the step follows the frame pointer. CFI is right wherever frame pointers
+are, and also where they are not (a frameless leaf, libc, python3), so every frame it covers is
+stepped with it: an earlier version kept the kernel's frame-pointer stack when CFI confirmed every
+link of it, which saved nothing measurable (confirming costs a lookup per frame, as a step does) and
+split one code path into two roots in flame graphs (the frame-pointer walk stops inside libc's
+start-up code).
 
 The stack ends cleanly (status OK) at a frame whose return address is undefined in its CFI (_start,
 a thread's clone) or zero. It is TRUNCATED when the copy ends first (deeper callers lie beyond
