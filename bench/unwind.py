@@ -1,11 +1,12 @@
 """Scenario: DWARF unwinding, its CPU cost per sample and what it finds that a frame-pointer walk loses.
 
-Runs in the benchmark's own process, as the agent's pipeline would. For each workload the CPU probe
+Runs in the benchmark's own process. For each workload the CPU probe
 (`agent.probes.cpu.CpuProbe`) samples it at 99 Hz, limited to its pid, with an 8 KiB copy of the user
 stack in every record; the benchmark polls the perf buffer itself and, while the process is alive (its
 mappings are read from /proc), hands every sample to the unwinder (`agent.unwind.unwinder.Unwinder`,
 which unwinds alike for `unwind.*=auto` and `dwarf`), timing each call with `time.thread_time` (CPU
-time of this thread).
+time of this thread). It unwinds a copy of each record taken out of the ring, where the agent's
+reader unwinds the record in place inside the callback: the same steps, over memory already cached.
 The first second of samples warms them (unwind tables read, FDEs decoded as addresses turn up) and is
 reported on its own; the next seconds are measured. The workloads are single-threaded: Debian's
 `/usr/bin/python3` in a busy loop (no frame pointers in python3 or libc),
