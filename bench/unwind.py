@@ -37,6 +37,7 @@ from agent.probes.records import STACK_EVENT_HEADER_SIZE, USER_STACK_OFFSET
 from agent.symbolize.elf_symbols import read_elf
 from agent.symbolize.proc_maps import load_bias, read_process_maps
 from agent.unwind.unwinder import Unwinder
+from bench.build import REPO
 from bench.context import Context
 from bench.results import ScenarioResult, Spread, Table
 
@@ -49,15 +50,7 @@ MEASURE_S = 8.0
 MODES = ("dwarf",)  # auto unwinds the same way (it differs only on kernels that cannot copy the stack)
 SOURCES = ("fp", *MODES)  # fp: the kernel's frame-pointer walk, as the record carries it
 PROC = Path("/proc")
-PY_LOOP = """
-def work(n):
-    s = 0
-    for i in range(n):
-        s += i * i
-    return s
-while True:
-    work(100000)
-"""
+PY_BUSY = REPO / "tests" / "workloads" / "python_busy.py"  # the unwinding tests' workload too
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +68,10 @@ class Workload:
 WORKLOADS = (
     # `main` is not in python3's dynamic symbol table: Py_BytesMain, which it calls, is.
     Workload(
-        "python3", "Debian /usr/bin/python3 (no frame pointers)", ("/usr/bin/python3", "-c", PY_LOOP), ("Py_BytesMain",)
+        "python3",
+        "Debian /usr/bin/python3 (no frame pointers)",
+        ("/usr/bin/python3", str(PY_BUSY), "0"),
+        ("Py_BytesMain",),
     ),
     Workload(
         "frameless_leaf",

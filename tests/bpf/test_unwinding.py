@@ -16,23 +16,12 @@ import pytest
 
 from tests.support.agent import start_agent, wait_for_log
 from tests.support.profiles import ReadSample, read_all, samples_of
-from tests.support.workloads import compile_workload
+from tests.support.workloads import WORKLOADS, compile_workload
 
 pytestmark = pytest.mark.bpf
 
 PYTHON3 = Path("/usr/bin/python3")  # Debian's own interpreter: built without frame pointers
-BUSY_SCRIPT = """
-import sys, time
-def work(n):
-    total = 0
-    for i in range(n):
-        total += i * i
-    return total
-sys.stdin.read(1)
-end = time.monotonic() + float(sys.argv[1])
-while time.monotonic() < end:
-    work(10_000)
-"""
+BUSY_SCRIPT = WORKLOADS / "python_busy.py"
 
 
 def profile(
@@ -119,7 +108,7 @@ def test_offcpu_libc_sleep_loses_its_callers_with_frame_pointers(tmp_path: Path)
 def test_distribution_python_reaches_start(tmp_path: Path, mode: str) -> None:
     """Debian's python3 (no frame pointers) running a busy loop: >= 90% of its CPU samples unwind through
     the interpreter (_PyEval_EvalFrameDefault) down to _start."""
-    samples, _ = profile(tmp_path, [str(PYTHON3), "-c", BUSY_SCRIPT, "4"], "cpu", mode, 4)
+    samples, _ = profile(tmp_path, [str(PYTHON3), str(BUSY_SCRIPT), "4", "gate"], "cpu", mode, 4)
     total = sum(s.values[0] for s in samples)
     assert total >= 100, total  # ~4 s of CPU at 99 Hz on an idle host; fewer when it shares the cores
     complete = sum(s.values[0] for s in samples if s.functions and s.functions[-1] == "_start")
