@@ -142,6 +142,13 @@ class BpfProbe(ABC):
             except MalformedRecord as e:
                 self._malformed(e)
                 return
+            except Exception:
+                # A bug in decoding or unwinding. Raised into the ctypes callback it would only be
+                # printed to stderr, and the record lost uncounted: count it, log it, go on.
+                self.stats.malformed += 1
+                if self.stats.malformed & (self.stats.malformed - 1) == 0:
+                    logger.exception("%s: decoding a record failed (%d so far)", self.name, self.stats.malformed)
+                return
             stats.received += 1
             emit(event)
 

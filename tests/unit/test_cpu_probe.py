@@ -7,6 +7,8 @@ import ctypes
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from agent.aggregate.types import EMPTY_STACK, Stack, StackStatus
 from agent.probes.cpu import CpuProbe
 from agent.probes.events import StackEvent
@@ -81,6 +83,28 @@ def test_malformed_records_are_counted_and_not_emitted() -> None:
     on_record(0, ctypes.addressof(short), STACK_EVENT_HEADER_SIZE - 8)
     assert emitted == []
     assert probe.stats.malformed == 3 and probe.stats.received == 0
+
+
+def test_a_failing_unwind_stage_is_counted_and_never_escapes_the_callback(caplog: pytest.LogCaptureFixture) -> None:
+    """An exception raised into a ctypes callback is only printed, and its record lost uncounted."""
+
+    def unwind(pid: int, copy: object, frame_pointer_stack: Stack) -> Stack:
+        raise RuntimeError("a bug in the unwinder")
+
+    emitted: list[object] = []
+    probe = CpuProbe(PROFILING, emitted.append)
+    probe._bpf = CapturingBpf()
+    probe.unwind_copy = unwind
+    probe.open_event_buffers()
+    r = StackEventRecord(timestamp_ns=1, pid=50, tid=51, cpu=1, kernel_stack_len=0, user_stack_len=0)
+    r.user_sp, r.user_stack_base, r.user_stack_bytes = 0x1010, 0x1000, 512
+    sent = bytes(r) + b"\0" * 512
+    buffer = ctypes.create_string_buffer(sent, len(sent))
+    for _ in range(3):
+        probe._bpf.callbacks["samples"](0, ctypes.addressof(buffer), len(buffer))
+    assert emitted == [] and (probe.stats.malformed, probe.stats.received) == (3, 0)
+    failures = [r for r in caplog.records if "decoding a record failed" in r.getMessage()]
+    assert len(failures) == 2 and failures[0].exc_info is not None  # the 1st and 2nd, then the 4th, ...
 
 
 def test_records_with_a_stack_copy_get_a_buffer_sized_for_them(monkeypatch: Any) -> None:
