@@ -90,12 +90,11 @@ class Daemon:
         self.keep = KeepSampler()
         # Only profilers whose programs copy the user stack need the unwind stage; their decoders run it.
         copying = [probe for probe in self.probes if probe.user_stack_bytes]
-        self.unwinder = (
-            Unwinder(snapshots=self.symbolizer.process_maps, skip=self.selector.known_rejected) if copying else None
-        )
-        for probe in copying:
-            assert self.unwinder is not None
-            probe.unwind_copy = self.unwinder.unwind_copy
+        self.unwinder: Unwinder | None = None
+        if copying:
+            self.unwinder = Unwinder(snapshots=self.symbolizer.process_maps, skip=self.selector.known_rejected)
+            for probe in copying:
+                probe.unwind_copy = self.unwinder.unwind_copy
         self.sampler: AdaptiveSampler | None = None
         self.sinks: list[Sink] = []
         self.otlp: OtlpSink | None = None

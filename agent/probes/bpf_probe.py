@@ -142,12 +142,10 @@ class BpfProbe(ABC):
             except MalformedRecord as e:
                 self._malformed(e)
                 return
-            except Exception:
+            except Exception as e:
                 # A bug in decoding or unwinding. Raised into the ctypes callback it would only be
                 # printed to stderr, and the record lost uncounted: count it, log it, go on.
-                self.stats.malformed += 1
-                if self.stats.malformed & (self.stats.malformed - 1) == 0:
-                    logger.exception("%s: decoding a record failed (%d so far)", self.name, self.stats.malformed)
+                self._malformed(e)
                 return
             stats.received += 1
             emit(event)
@@ -159,10 +157,17 @@ class BpfProbe(ABC):
             on_record, page_cnt=page_count(pages), lost_cb=on_lost, wakeup_events=wakeup_events
         )
 
-    def _malformed(self, error: MalformedRecord) -> None:
+    def _malformed(self, error: Exception) -> None:
+        """Count a record that could not be decoded; log the 1st, 2nd, 4th, 8th, ... (a bug, not a
+        MalformedRecord, at warning with its traceback)."""
         self.stats.malformed += 1
-        if self.stats.malformed & (self.stats.malformed - 1) == 0:  # log the 1st, 2nd, 4th, 8th, ...
-            logger.debug("%s: malformed record (%d so far): %s", self.name, self.stats.malformed, error)
+        if self.stats.malformed & (self.stats.malformed - 1) == 0:
+            if isinstance(error, MalformedRecord):
+                logger.debug("%s: malformed record (%d so far): %s", self.name, self.stats.malformed, error)
+            else:
+                logger.error(
+                    "%s: decoding a record failed (%d so far)", self.name, self.stats.malformed, exc_info=error
+                )
 
     def readers(self) -> list[int]:
         """The perf readers of every open buffer, for a poll across all profilers."""

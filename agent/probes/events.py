@@ -107,6 +107,8 @@ assert _HEADER.size == STACK_EVENT_HEADER_SIZE
 _TIMESTAMP = struct.Struct("<Q")
 _WORTH = struct.Struct("<QQQ")
 _IDENTITY_START = 24  # after timestamp_ns, value and sampling
+_LENGTHS = struct.Struct("<ii")  # kernel_stack_len, user_stack_len
+_LENGTHS_OFFSET = StackEventRecord.kernel_stack_len.offset
 _REGISTERS = StackEventRecord.user_ip.offset  # to the end of the header: the user registers
 _FRAMES = STACK_EVENT_HEADER_SIZE
 
@@ -284,9 +286,9 @@ class StackEventDecoder:
         whole record (~10 KiB, into memory no cache holds yet) cost more than the unwinding itself."""
         assert self._unwind is not None
         ring = memoryview((self._arrays.get(size) or self._array(size)).from_address(data)).cast("B")
-        header = RecordHeader._make(_HEADER.unpack_from(ring))
-        end = STACK_EVENT_HEADER_SIZE + 8 * (max(header.kernel_stack_len, 0) + max(header.user_stack_len, 0))
-        _, fields, copy, _ = _decode_fields(ring[: min(end, size)].tobytes(), self._stacks, ring)
+        kernel_len, user_len = _LENGTHS.unpack_from(ring, _LENGTHS_OFFSET)  # how much of the start to copy
+        end = STACK_EVENT_HEADER_SIZE + 8 * (max(kernel_len, 0) + max(user_len, 0))
+        header, fields, copy, _ = _decode_fields(ring[: min(end, size)].tobytes(), self._stacks, ring)
         kernel, frame_pointer_user = fields[5], fields[6]
         user = frame_pointer_user if copy is None else self._unwind(header.pid, copy, frame_pointer_user)
         self._counts[self._stacks.signature(kernel, frame_pointer_user)] += 1

@@ -26,12 +26,10 @@ def read_own_vdso(proc_self: Path = _SELF) -> bytes:
         with open(proc_self / "maps", encoding="utf-8", errors="surrogateescape") as maps:
             entries = [parse_maps_line(line) for line in maps]
         vdso = next((entry for entry in entries if entry is not None and entry.kind is MapKind.VDSO), None)
-        if vdso is None:
-            raise VdsoUnavailable(f"no {VDSO_PATH} in {proc_self}/maps")
-        with open(proc_self / "mem", "rb") as mem:
-            mem.seek(vdso.start)
-            return mem.read(vdso.end - vdso.start)
-    except VdsoUnavailable:
-        raise
+        if vdso is not None:
+            with open(proc_self / "mem", "rb") as mem:
+                mem.seek(vdso.start)
+                return mem.read(vdso.end - vdso.start)
     except OSError as e:
         raise VdsoUnavailable(f"cannot read the vDSO through {proc_self}: {e}") from e
+    raise VdsoUnavailable(f"no {VDSO_PATH} in {proc_self}/maps")
