@@ -88,13 +88,15 @@ class Daemon:
         self.jvm = JvmPerfMapRequester(symbolize.jvm_perf_map_interval_s) if symbolize.jvm_perf_map else None
         self.selector = ProcessSelector(config.filters, self.metadata)
         self.keep = KeepSampler()
-        # Only profilers whose programs copy the user stack need the unwind stage; their decoders run it.
+        # Only profilers whose programs copy the user stack need the unwind stage; their decoders run it,
+        # but for bursty profilers, whose copies the pipeline unwinds.
         copying = [probe for probe in self.probes if probe.user_stack_bytes]
         self.unwinder: Unwinder | None = None
         if copying:
             self.unwinder = Unwinder(snapshots=self.symbolizer.process_maps, skip=self.selector.known_rejected)
             for probe in copying:
-                probe.unwind_copy = self.unwinder.unwind_copy
+                if probe.unwinds_in_reader:
+                    probe.unwind_copy = self.unwinder.unwind_copy
         self.sampler: AdaptiveSampler | None = None
         self.sinks: list[Sink] = []
         self.otlp: OtlpSink | None = None

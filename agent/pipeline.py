@@ -2,7 +2,8 @@
 
 Stack events pass the sampling stage's keep decision and are summed into their profiler's interval
 (aggregate); those whose program copies the user stack arrive unwound already (the reader's decoder
-runs the unwind stage inside the perf-buffer callback, see `agent.unwind.unwinder`);
+runs the unwind stage inside the perf-buffer callback, see `agent.unwind.unwinder`), except a bursty
+profiler's (allocations), which are unwound here, after the keep decision;
 process events tell the symbolizer to capture a process's mappings while it is alive; an
 `IntervalMark` hands each profiler's finished interval to `deliver`. This module starts no threads:
 `agent.daemon` runs `Pipeline.handle` on the thread it owns.
@@ -21,7 +22,7 @@ from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from agent.aggregate.interval import IntervalAggregator
-from agent.aggregate.types import IntervalProfile, ProfileSpec
+from agent.aggregate.types import IntervalProfile, ProfileSpec, Stack
 from agent.probes.events import IntervalMark, ProcessEvent, ProcessEventKind, StackEvent
 
 logger = logging.getLogger(__name__)
@@ -38,8 +39,11 @@ class KeepLike(Protocol):
 
 
 class UnwinderLike(Protocol):
-    """The unwind stage (`agent.unwind.unwinder.Unwinder`, run by the reader): told of the process events
-    that make what it knows of a pid stale."""
+    """The unwind stage (`agent.unwind.unwinder.Unwinder`): the user stack of an event that still carries
+    its stack copy (a bursty profiler's, which the reader did not unwind), and the process events that
+    make what it knows of a pid stale."""
+
+    def unwind(self, event: StackEvent) -> Stack: ...
 
     def forget(self, pid: int) -> None: ...
 
@@ -108,7 +112,10 @@ class Pipeline:
             # Covers a process whose announcement was lost, and is cheap once captured.
             self._seen_pids.add(event.pid)
             self._processes.observe_process(event.pid)
-        aggregator.add_event(event, event.user, event.identity)
+        if event.user_copy is None or self._unwinder is None:
+            aggregator.add_event(event, event.user, event.identity)
+        else:  # after the keep decision: unwinding costs more than anything else done per event
+            aggregator.add_event(event, self._unwinder.unwind(event))
         return False
 
     def _handle_other(self, item: object) -> bool:

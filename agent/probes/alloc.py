@@ -88,6 +88,9 @@ class AllocProbe(BpfProbe):
     name = "alloc"
     program = "alloc"
     adaptive = True  # the sampler may raise R above the configured value to hold the event budget
+    # Allocation samples come in bursts (4 GiB in 0.1 s is thousands of records) faster than the
+    # sampler reacts: with unwind.alloc = auto the pipeline unwinds them, behind the queue.
+    unwinds_in_reader = False
 
     def __init__(
         self,
@@ -149,7 +152,7 @@ class AllocProbe(BpfProbe):
         self.write_param(PARAM_SAMPLING, self._sample_bytes)
 
     def open_event_buffers(self) -> None:
-        decode = StackEventDecoder(self.name, self.stacks, alloc_values, unwind=self.unwind_copy).decode
+        decode = StackEventDecoder(self.name, self.stacks, alloc_values).decode
         self.open_buffer("samples", decode, self._config.perf_buffer_pages, WAKEUP_EVENTS, stack_records=True)
 
     def attach_events(self) -> None:

@@ -44,6 +44,10 @@ class ReaderStats:
 class BpfProbe(ABC):
     name: str  # the profiler: "cpu", ...
     program: str  # bpf/<program>.bpf.c
+    # Whether its stack copies are unwound inside the callback. A profiler whose records come in bursts
+    # says no: there the reader must only copy records out (the pipeline unwinds behind the queue), or
+    # the ~10 KiB records overflow the perf buffers while it unwinds.
+    unwinds_in_reader: bool = True
 
     def __init__(self, config: ProfilingConfig, emit: Emit) -> None:
         self._config = config
@@ -56,7 +60,8 @@ class BpfProbe(ABC):
         # pointers only. Set before `load` (agent.probes.registry does, from the unwind config).
         self.user_stack_bytes = 0
         # The unwind stage, for records with a stack copy: their decoder calls it inside the callback.
-        # Set before `attach` (the daemon does); without it the events keep the copy for a later stage.
+        # Set before `attach` (the daemon does, where `unwinds_in_reader`); without it the events keep
+        # the copy and the pipeline thread unwinds them.
         self.unwind_copy: UnwindCopy | None = None
 
     @property

@@ -7,7 +7,9 @@ the ring, only the few words each step needs: copying ~8 KiB per record out of i
 thread cost about as much as the unwinding, and a full event queue of copies would hold hundreds of
 MB. The price is that it runs before the sampling stage: events that the keep decision drops were
 unwound too (the adaptive sampler keeps that share small by steering the kernel's rates), and pids
-the process filters have rejected are skipped.
+the process filters have rejected are skipped. A bursty profiler's records (allocations) are copied
+out instead and unwound on the pipeline thread, after the keep decision: unwinding in the reader slows
+it enough that a burst of ~10 KiB records overflows the perf buffers.
 
 Each step applies the CFI rule at the frame's address (the sampled instruction for the leaf, the
 call instruction, return address - 1, for callers); where no CFI covers an address (JIT code, a
@@ -29,6 +31,7 @@ kernel's frame-pointer stack is kept.
 from __future__ import annotations
 
 import struct
+import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -68,6 +71,7 @@ class Unwinder:
         self._proc_root = proc_root
         self._snapshots = snapshots
         self._skip = skip
+        self._lock = threading.Lock()
         self.tables = UnwindTables(proc_root)
         self._spaces: OrderedDict[int, AddressSpace] = OrderedDict()  # least recently used first
         self._interned: dict[tuple[StackStatus, tuple[int, ...]], Stack] = {}
@@ -75,7 +79,7 @@ class Unwinder:
         self.outcomes: Counter[str] = Counter()
         self.frames = 0  # frames unwound from stack copies
         self.frame_pointer_steps = 0  # of which found by the frame pointer, for lack of CFI
-        self.seconds = 0.0  # time the reader thread spent here (table loading included), for the metrics
+        self.seconds = 0.0  # time spent here (table loading included), for the metrics
 
     def unwind(self, event: StackEvent) -> Stack:
         """The user stack of `event`: unwound from its stack copy, or its own when it carries none."""
@@ -87,7 +91,11 @@ class Unwinder:
         kernel's walk) when the process's mappings cannot be read. The decoder calls this inside the
         perf-buffer callback, with `copy.data` a view of the ring itself: only the words it reads are
         touched, not the whole copy (see `agent.probes.events.StackEventDecoder`)."""
-        begun = time.perf_counter()  # wall time on the reader thread: a thread-CPU clock is a syscall
+        with self._lock:  # the reader and, for a bursty profiler's events, the pipeline thread
+            return self._unwind_locked(pid, copy, frame_pointer_stack)
+
+    def _unwind_locked(self, pid: int, copy: UserStackCopy, frame_pointer_stack: Stack) -> Stack:
+        begun = time.perf_counter()  # wall time: a thread-CPU clock is a syscall
         if self._skip is not None and self._skip(pid):
             self.outcomes["skipped"] += 1
             stack = frame_pointer_stack

@@ -10,7 +10,7 @@ import pytest
 
 from agent.aggregate.types import EMPTY_STACK, IntervalProfile, ProfileSpec, SampleKey, Stack, StackStatus, ValueType
 from agent.pipeline import Pipeline
-from agent.probes.events import IntervalMark, ProcessEvent, ProcessEventKind, StackEvent
+from agent.probes.events import IntervalMark, ProcessEvent, ProcessEventKind, StackEvent, UserStackCopy
 from agent.probes.queue import DropOldestQueue
 from agent.sampling.keep import KeepSampler
 
@@ -351,3 +351,34 @@ def test_the_keep_sampler_is_asked_only_below_probability_one() -> None:
     assert 0 < keep.dropped["cpu"] < 2000
     assert sample.values[0] == 1 + 2 * (2000 - keep.dropped["cpu"])  # each kept one stands for two
     assert pipeline.last_rates["cpu"] > 0
+
+
+class StubUnwinder:
+    """Stands for the unwind stage: what a copy unwinds to, and which events it was asked about."""
+
+    def __init__(self, unwound: Stack) -> None:
+        self.unwound = unwound
+        self.asked: list[StackEvent] = []
+
+    def unwind(self, event: StackEvent) -> Stack:
+        self.asked.append(event)
+        return self.unwound
+
+    def forget(self, pid: int) -> None:
+        pass
+
+
+def test_events_still_carrying_a_copy_are_unwound_here_the_others_keep_their_stack() -> None:
+    """A bursty profiler's events arrive with their stack copy (the reader did not unwind them): the
+    pipeline unwinds those; events unwound in the reader, or without a copy, keep their user stack."""
+    unwound = Stack(StackStatus.OK, (0x7000, 0x7100))
+    unwinder = StubUnwinder(unwound)
+    delivered: list[IntervalProfile] = []
+    pipeline = Pipeline({"cpu": SPEC}, RecordingObserver(), delivered.append, unwinder=unwinder)
+    copied = cpu_event(100)._replace(user_copy=UserStackCopy(0x7000, 0x10, 0x20, 0x0, b"\0" * 64))
+    pipeline.handle(copied)
+    pipeline.handle(cpu_event(101))
+    pipeline.handle(mark())
+    users = {sample.key.pid: sample.key.user for sample in delivered[0].samples}
+    assert users == {100: unwound, 101: USER}
+    assert unwinder.asked == [copied]
