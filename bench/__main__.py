@@ -14,6 +14,7 @@ from pathlib import Path
 
 from bench import accuracy, ingest, scale, slowdown, startup, steady, unwind
 from bench.build import REPO, build_workloads, ensure_tools
+from bench.carry import carried_over
 from bench.context import Context, online_cpus, registered_profilers
 from bench.report import tree_state, write_reports
 from bench.results import Check, ScenarioResult
@@ -83,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+    if args.only:  # the scenarios not run keep their sections from the last report, marked as such
+        ran = {result.key for result in results}
+        kept = {result.key: result for result in carried_over(args.docs, ran)}
+        order = [*SCENARIOS]
+        results = sorted([*results, *kept.values()], key=lambda r: order.index(r.key) if r.key in order else len(order))
     command = args.command or " ".join([".venv/bin/python", "-m", "bench", *(argv or sys.argv[1:])])
     paths = write_reports(args.docs, results, ctx, command, time.monotonic() - started, installed, tree_at_start)
     logger.info("wrote %s in %.0f s", ", ".join(str(p) for p in paths), time.monotonic() - started)

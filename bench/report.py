@@ -121,7 +121,17 @@ def render(meta: dict[str, Any], results: list[ScenarioResult]) -> str:
     rows = tuple((c.target, c.measured, c.verdict, c.note) for c in checks)
     lines += markdown_table(Table(("target", "measured", "verdict", "note"), rows))
     for number, result in enumerate(results, 1):
-        lines += ["", f"## {number}. {result.title}", "", " ".join(result.method.split()), ""]
+        lines += ["", f"## {number}. {result.title}", ""]
+        if result.carried_markdown:
+            origin = result.from_run
+            lines += [
+                f"*Not rerun by this command: carried over from the run of {origin['date']} on agent "
+                f"{origin['agent']}.*",
+                "",
+                result.carried_markdown.removeprefix(_carried_prefix(result.carried_markdown)),
+            ]
+            continue
+        lines += [" ".join(result.method.split()), ""]
         for table in result.tables:
             lines += [*markdown_table(table), ""]
         lines += [f"- {note}" for note in result.notes]
@@ -130,6 +140,12 @@ def render(meta: dict[str, Any], results: list[ScenarioResult]) -> str:
             f"{result.load[0]:.2f} before it and {result.load[1]:.2f} after."
         )
     return "\n".join(lines) + "\n"
+
+
+def _carried_prefix(body: str) -> str:
+    """The 'carried over' line of a section carried over twice, so it is not repeated."""
+    first, _, rest = body.partition("\n\n")
+    return first + "\n\n" if first.startswith("*Not rerun by this command") and rest else ""
 
 
 def write_reports(

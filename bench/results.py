@@ -68,6 +68,10 @@ class ScenarioResult:
     raw: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0  # how long the scenario took
     load: tuple[float, float] = (0.0, 0.0)  # the host's 1-minute load average before and after it
+    # Set on a scenario carried over from an earlier report (bench.carry): its section's text as it was
+    # rendered then, and that run's date and agent commit.
+    carried_markdown: str = ""
+    from_run: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -78,6 +82,7 @@ class ScenarioResult:
             "checks": [{"target": c.target, "measured": c.measured, "met": c.met, "note": c.note} for c in self.checks],
             "notes": self.notes,
             "raw": self.raw,
+            **({"from_run": self.from_run} if self.from_run else {}),
         }
 
 
