@@ -15,9 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from agent.config import load_config
+from agent.config import SETTINGS, load_config
 from agent.errors import ConfigError
-from agent.settings import SETTINGS
 
 kubernetes_validate = pytest.importorskip(
     "kubernetes_validate", reason="kubernetes-validate is not installed (pip install kubernetes-validate==1.37.0)"
