@@ -153,29 +153,27 @@ def _read_file(path: Path, problems: list[ConfigError]) -> dict[str, Any]:
         kind = type(document).__name__
         problems.append(ConfigError("", f"config file {path} must be a mapping of sections, got {kind}"))
         return {}
-    raw: dict[str, Any] = {}
-    _flatten(document, "", raw, problems)
     values: dict[str, Any] = {}
-    for key, value in raw.items():
-        try:
-            values[key] = _parse(SETTINGS_BY_KEY[key], value, f"in {path}")
-        except ConfigError as e:
-            problems.append(e)
+    _flatten(document, "", f"in {path}", values, problems)
     return values
 
 
-def _flatten(node: dict[Any, Any], prefix: str, out: dict[str, Any], problems: list[ConfigError]) -> None:
+def _flatten(node: dict[Any, Any], prefix: str, origin: str, out: dict[str, Any], problems: list[ConfigError]) -> None:
+    """Parse the settings of a (nested) section into `out`; its problems in document order."""
     for raw_key, value in node.items():
         key = f"{prefix}{raw_key}"
         if key in SETTINGS_BY_KEY:
-            out[key] = value
+            try:
+                out[key] = _parse(SETTINGS_BY_KEY[key], value, origin)
+            except ConfigError as e:
+                problems.append(e)
         elif key in SECTIONS:
             if value is None:
                 continue
             if not isinstance(value, dict):
                 problems.append(ConfigError(key, f"expected a mapping (a section), got {value!r}"))
                 continue
-            _flatten(value, key + ".", out, problems)
+            _flatten(value, key + ".", origin, out, problems)
         else:
             problems.append(ConfigError(key, f"unknown key{_did_you_mean(key)}"))
 
