@@ -113,8 +113,8 @@ def load_config(
         values["export.otlp.enabled"] = "export.otlp.endpoint" in explicit
     config = dataclasses.replace(_assemble(values), notify_socket=env.get("NOTIFY_SOCKET", ""))
     if config.export.otlp.enabled:
-        # Reads the TLS files: only when they will be used. A key whose value was already refused
-        # holds its default here, so its checks would only repeat (or contradict) that problem.
+        # Reads the TLS files: only when they will be used. A key whose value was refused holds a
+        # lower layer's value (or its default) here: checking it would repeat or contradict that problem.
         reported = {problem.key for problem in problems}
         problems.extend(p for p in config.export.otlp.problems() if p.key not in reported)
     raise_all(problems)
