@@ -1,8 +1,9 @@
 """Command line: `profiling-agent run | check | config`.
 
-Owns argument parsing and turning errors into exit codes: a `ConfigError` exits 2 with one line naming
-the key, a failed preflight prints the readiness report (exit 3), BPF load/attach errors their own
-codes; no traceback reaches the user for any of them.
+Owns argument parsing and turning errors into exit codes: a `ConfigError` exits 2 with one line per
+problem, each naming its key (every problem of the file, environment and flags at once), a failed
+preflight prints the readiness report (exit 3), BPF load/attach errors their own codes; no traceback
+reaches the user for any of them.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ from typing import Any
 import yaml
 
 from agent import __version__
-from agent.config import AgentConfig, as_dict, example_yaml, load_config
+from agent.config import SETTINGS, AgentConfig, as_dict, example_yaml, load_config
 from agent.errors import AgentError, ConfigError, PreflightError
-from agent.settings import SETTINGS
 
 logger = logging.getLogger("agent")
 
@@ -46,11 +46,10 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         if setting.flag_is_switch:
             parser.add_argument(setting.flag, dest=setting.key, action="store_const", const=True, help=help_text)
             continue
-        repeatable = setting.key == "profiling.pids"
         parser.add_argument(
             setting.flag,
             dest=setting.key,
-            action="append" if repeatable else "store",
+            action="append" if setting.flag_repeats else "store",
             default=None,
             help=help_text,
         )
@@ -72,7 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides = _overrides(args)
         return _run(config, lambda: load_config(args.config, overrides=overrides), dump_bpf=args.dump_bpf)
     except ConfigError as e:
-        print(f"profiling-agent: configuration error: {e}", file=sys.stderr)
+        for problem in e.problems:
+            print(f"profiling-agent: configuration error: {problem}", file=sys.stderr)
         return e.exit_code
     except PreflightError as e:
         print(f"profiling-agent: this host cannot run the agent yet:\n{e}", file=sys.stderr)

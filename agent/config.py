@@ -1,8 +1,11 @@
 """Configuration: typed, frozen sections loaded from defaults < YAML file < environment < flags.
 
-Owns reading the config file and `os.environ` (nothing else in the agent reads either) and turning
-the declarations in `agent.settings` into one `AgentConfig`. Each stage receives only its section.
-Every problem is a `ConfigError` naming the key path, raised before anything touches the kernel.
+A wiring module: each stage declares its own section beside its code (`agent.probes.settings`,
+`agent.unwind.settings`, `agent.export.otlp.config`, ...; see `agent.settings`), and this module only
+gathers them into one `AgentConfig` and loads it. It owns reading the config file and `os.environ`
+(nothing else in the agent reads either). Each stage receives only its section. Every problem is a
+`ConfigError` naming the key path, found before anything touches the kernel, and all of them are
+reported at once (`ConfigErrors`): the file's, the environment's and the flags'.
 """
 
 from __future__ import annotations
@@ -17,85 +20,18 @@ from typing import Any
 
 import yaml
 
-from agent.errors import ConfigError
+from agent.errors import ConfigError, raise_all
+from agent.export.files import FilesConfig
 from agent.export.otlp.config import OtlpConfig
+from agent.health import MetricsConfig
+from agent.logs import LoggingConfig
 from agent.metadata.filters import ProcessFilter
-from agent.settings import SETTINGS, SETTINGS_BY_KEY, Setting
-
-
-@dataclass(frozen=True, slots=True)
-class ProfilingConfig:
-    profilers: tuple[str, ...]
-    frequency_hz: int
-    interval_s: float
-    duration_s: float
-    pids: tuple[int, ...]
-    perf_buffer_pages: int
-    queue_size: int
-
-
-@dataclass(frozen=True, slots=True)
-class OffCpuConfig:
-    min_block_us: int
-    attach: str  # auto | kprobe | tracepoint
-
-
-@dataclass(frozen=True, slots=True)
-class AllocConfig:
-    sample_bytes: int
-
-
-@dataclass(frozen=True, slots=True)
-class SamplingConfig:
-    max_events_per_s: int
-    cpu_budget_percent: float
-    adjust_interval_s: float
-
-
-@dataclass(frozen=True, slots=True)
-class UnwindConfig:
-    cpu: str  # auto | dwarf | fp
-    offcpu: str
-    alloc: str
-    stack_bytes: int
-
-    def copy_bytes(self, profiler: str) -> int:
-        """User stack bytes the profiler's BPF program copies per event (0: frame pointers only)."""
-        return 0 if getattr(self, profiler, "fp") == "fp" else self.stack_bytes
-
-
-@dataclass(frozen=True, slots=True)
-class SymbolizeConfig:
-    elf_cache_size: int
-    process_ttl_intervals: int
-    jvm_perf_map: bool
-    jvm_perf_map_interval_s: float
-
-
-@dataclass(frozen=True, slots=True)
-class FilesConfig:
-    enabled: bool | None  # None: auto
-    output_dir: str
-    max_files: int
-    max_bytes: int
-
-
-@dataclass(frozen=True, slots=True)
-class MetricsConfig:
-    enabled: bool
-    address: str
-    ready_export_failure_s: float
-
-
-@dataclass(frozen=True, slots=True)
-class MetadataConfig:
-    node_name: str
-
-
-@dataclass(frozen=True, slots=True)
-class LoggingConfig:
-    level: str
-    format: str
+from agent.metadata.host import MetadataConfig
+from agent.probes.settings import AllocConfig, OffCpuConfig, ProfilingConfig
+from agent.sampling.settings import SamplingConfig
+from agent.settings import Setting, section_name, settings_of
+from agent.symbolize.settings import SymbolizeConfig
+from agent.unwind.settings import UnwindConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,21 +63,27 @@ class AgentConfig:
         return not self.export.otlp.enabled if enabled is None else enabled
 
 
+# In the order the example config and `profiling-agent config` show them.
 SECTION_TYPES: dict[str, type] = {
-    "profiling": ProfilingConfig,
-    "offcpu": OffCpuConfig,
-    "alloc": AllocConfig,
-    "sampling": SamplingConfig,
-    "unwind": UnwindConfig,
-    "symbolize": SymbolizeConfig,
-    "export.files": FilesConfig,
-    "export.otlp": OtlpConfig,
-    "metrics": MetricsConfig,
-    "metadata": MetadataConfig,
-    "filters": ProcessFilter,
-    "logging": LoggingConfig,
+    section_name(section): section
+    for section in (
+        ProfilingConfig,
+        OffCpuConfig,
+        AllocConfig,
+        SamplingConfig,
+        UnwindConfig,
+        SymbolizeConfig,
+        FilesConfig,
+        OtlpConfig,
+        MetricsConfig,
+        MetadataConfig,
+        ProcessFilter,
+        LoggingConfig,
+    )
 }
 SECTIONS = frozenset(SECTION_TYPES) | {"export"}
+SETTINGS: tuple[Setting, ...] = tuple(s for section in SECTION_TYPES.values() for s in settings_of(section))
+SETTINGS_BY_KEY = {setting.key: setting for setting in SETTINGS}
 
 
 def load_config(
@@ -149,63 +91,91 @@ def load_config(
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> AgentConfig:
-    """Build the effective configuration; `overrides` are command-line values keyed by setting key."""
+    """Build the effective configuration; `overrides` are command-line values keyed by setting key.
+
+    Raises one `ConfigError`, or `ConfigErrors` listing every problem of the file, environment and flags.
+    """
     values: dict[str, Any] = {setting.key: setting.default for setting in SETTINGS}
     explicit: set[str] = set()  # keys set by the file, the environment or a flag
+    problems: list[ConfigError] = []
     if path:
-        from_file = _read_file(Path(path))
+        from_file = _read_file(Path(path), problems)
         values.update(from_file)
         explicit.update(from_file)
     env = os.environ if environ is None else environ
     for setting in SETTINGS:
         if setting.env in env:
-            values[setting.key] = _parse(setting, env[setting.env], f"environment variable {setting.env}")
-            explicit.add(setting.key)
+            _take(setting, env[setting.env], f"environment variable {setting.env}", values, explicit, problems)
     for key, value in (overrides or {}).items():
         setting = SETTINGS_BY_KEY[key]
-        values[key] = _parse(setting, value, f"flag {setting.flag}" if setting.flag else "")
-        explicit.add(key)
+        _take(setting, value, f"flag {setting.flag}" if setting.flag else "", values, explicit, problems)
     if values["export.otlp.enabled"] is None:
         values["export.otlp.enabled"] = "export.otlp.endpoint" in explicit
     config = dataclasses.replace(_assemble(values), notify_socket=env.get("NOTIFY_SOCKET", ""))
     if config.export.otlp.enabled:
-        config.export.otlp.validate()  # reads the TLS files: only when they will be used
+        # Reads the TLS files: only when they will be used. A key whose value was refused holds a
+        # lower layer's value (or its default) here: checking it would repeat or contradict that problem.
+        reported = {problem.key for problem in problems}
+        problems.extend(p for p in config.export.otlp.problems() if p.key not in reported)
+    raise_all(problems)
     return config
 
 
-def _read_file(path: Path) -> dict[str, Any]:
+def _take(
+    setting: Setting, raw: Any, origin: str, values: dict[str, Any], explicit: set[str], problems: list[ConfigError]
+) -> None:
+    try:
+        values[setting.key] = _parse(setting, raw, origin)
+    except ConfigError as e:
+        problems.append(e)
+        return
+    explicit.add(setting.key)
+
+
+def _read_file(path: Path, problems: list[ConfigError]) -> dict[str, Any]:
+    """The file's valid settings; each problem in it is added to `problems`."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
-        raise ConfigError("", f"cannot read config file {path}: {e.strerror or e}") from e
+        problems.append(ConfigError("", f"cannot read config file {path}: {e.strerror or e}"))
+        return {}
     except UnicodeDecodeError as e:
-        raise ConfigError("", f"config file {path} is not UTF-8 text: {e}") from e
+        problems.append(ConfigError("", f"config file {path} is not UTF-8 text: {e}"))
+        return {}
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError("", f"config file {path} is not valid YAML: {e}") from e
+        problems.append(ConfigError("", f"config file {path} is not valid YAML: {e}"))
+        return {}
     if document is None:
         return {}
     if not isinstance(document, dict):
-        raise ConfigError("", f"config file {path} must be a mapping of sections, got {type(document).__name__}")
+        kind = type(document).__name__
+        problems.append(ConfigError("", f"config file {path} must be a mapping of sections, got {kind}"))
+        return {}
     values: dict[str, Any] = {}
-    _flatten(document, "", values)
-    return {key: _parse(SETTINGS_BY_KEY[key], value, f"in {path}") for key, value in values.items()}
+    _flatten(document, "", f"in {path}", values, problems)
+    return values
 
 
-def _flatten(node: dict[Any, Any], prefix: str, out: dict[str, Any]) -> None:
+def _flatten(node: dict[Any, Any], prefix: str, origin: str, out: dict[str, Any], problems: list[ConfigError]) -> None:
+    """Parse the settings of a (nested) section into `out`; its problems in document order."""
     for raw_key, value in node.items():
         key = f"{prefix}{raw_key}"
         if key in SETTINGS_BY_KEY:
-            out[key] = value
+            try:
+                out[key] = _parse(SETTINGS_BY_KEY[key], value, origin)
+            except ConfigError as e:
+                problems.append(e)
         elif key in SECTIONS:
             if value is None:
                 continue
             if not isinstance(value, dict):
-                raise ConfigError(key, f"expected a mapping (a section), got {value!r}")
-            _flatten(value, key + ".", out)
+                problems.append(ConfigError(key, f"expected a mapping (a section), got {value!r}"))
+                continue
+            _flatten(value, key + ".", origin, out, problems)
         else:
-            raise ConfigError(key, f"unknown key{_did_you_mean(key)}")
+            problems.append(ConfigError(key, f"unknown key{_did_you_mean(key)}"))
 
 
 def _did_you_mean(key: str) -> str:
@@ -230,7 +200,7 @@ def _parse(setting: Setting, value: Any, origin: str) -> Any:
 def _assemble(values: Mapping[str, Any]) -> AgentConfig:
     sections: dict[str, Any] = {}
     for name, section_type in SECTION_TYPES.items():
-        fields = {f.name: values[f"{name}.{f.name}"] for f in dataclasses.fields(section_type) if f.init}
+        fields = {s.field: values[s.key] for s in settings_of(section_type)}
         sections[name] = section_type(**fields)
     return AgentConfig(
         profiling=sections["profiling"],
@@ -275,10 +245,9 @@ def example_yaml() -> str:
     lines = [
         "# profiling-agent configuration. Every key is shown with its default.",
         "# Precedence: defaults < this file < environment (PROFILING_AGENT_*) < command-line flags.",
-        "# Generated from agent/settings.py by `profiling-agent config --example`; do not edit by hand.",
+        "# Generated by `profiling-agent config --example` from the settings each stage declares; do not edit by hand.",
     ]
-    defaults = as_dict(_assemble({s.key: s.default for s in SETTINGS}))
-    defaults["export"]["otlp"]["enabled"] = "auto"  # the declared default, before it is resolved
+    defaults = as_dict(_assemble({s.key: s.default for s in SETTINGS}))  # auto settings show as "auto"
     _emit(defaults, "", 0, lines)
     return "\n".join(lines) + "\n"
 

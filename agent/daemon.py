@@ -274,7 +274,8 @@ class Daemon:
             new = self._reload_config()
         except ConfigError as e:
             self.reloads["invalid"] += 1
-            logger.error("config reload refused, the running configuration stays: %s", e)
+            for problem in e.problems:
+                logger.error("config reload refused, the running configuration stays: %s", problem)
             return next_tick
         changed = changed_keys(self.config, new)
         restart_only = [key for key in changed if not is_live(key)]

@@ -7,6 +7,8 @@ past it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class AgentError(Exception):
     """Base of every error the agent raises on purpose."""
@@ -23,6 +25,38 @@ class ConfigError(AgentError):
         super().__init__(f"{key}: {message}" if key else message)
         self.key = key
         self.message = message
+
+    @property
+    def problems(self) -> tuple[ConfigError, ...]:
+        """Each problem on its own, to report one line per bad key."""
+        return (self,)
+
+
+class ConfigErrors(ConfigError):
+    """Several configuration problems found in one pass, reported together (one line each).
+
+    `key` and `message` are the first problem's, so code that handles one `ConfigError` still works.
+    """
+
+    def __init__(self, errors: Sequence[ConfigError]) -> None:
+        flat = tuple(problem for error in errors for problem in error.problems)
+        if not flat:
+            raise ValueError("ConfigErrors needs at least one problem")
+        super().__init__(flat[0].key, flat[0].message)
+        self.args = ("\n".join(str(problem) for problem in flat),)
+        self._problems = flat
+
+    @property
+    def problems(self) -> tuple[ConfigError, ...]:
+        return self._problems
+
+
+def raise_all(errors: Sequence[ConfigError]) -> None:
+    """Raise nothing, the one error, or every problem together as `ConfigErrors`."""
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise ConfigErrors(errors)
 
 
 class PreflightError(AgentError):

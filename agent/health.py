@@ -3,7 +3,8 @@
 Owns the answers to "is the agent alive" (/healthz: every thread it started is running) and "is it
 doing its job" (/readyz: probes attached, and no sink has been failing, or an OTLP backlog stuck,
 for longer than `metrics.ready_export_failure_s`), plus the small HTTP server for /metrics, /healthz
-and /readyz. The server is started and stopped by `agent.daemon`, which owns its thread.
+and /readyz. The server is started and stopped by `agent.daemon`, which owns its thread. Its
+configuration section, `metrics` (`MetricsConfig`), is declared here.
 """
 
 from __future__ import annotations
@@ -12,14 +13,46 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Protocol
+from typing import Any, ClassVar, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from agent.settings import parse_bool, parse_str, ranged_float, setting
 
 logger = logging.getLogger(__name__)
 
 Check = Callable[[], tuple[bool, str]]
+
+
+def parse_address(value: Any) -> str:
+    """host:port to listen on; the host must be given (0.0.0.0 only when asked for)."""
+    text = parse_str(value).strip()
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected host:port (e.g. 127.0.0.1:9464), got {value!r}")
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """The metrics and health server's section."""
+
+    SECTION: ClassVar[str] = "metrics"
+
+    enabled: bool = setting(True, parse_bool, "Serve Prometheus metrics, /healthz and /readyz.")
+    address: str = setting(
+        "127.0.0.1:9464",
+        parse_address,
+        "Address of the metrics and health server (use 0.0.0.0:9464 to expose it, e.g. in Kubernetes).",
+        "--metrics-address",
+    )
+    ready_export_failure_s: float = setting(
+        300.0,
+        ranged_float(1.0, 86_400.0),
+        "/readyz fails once exports have been failing (or undelivered) for this long.",
+    )
 
 
 class Backlog(Protocol):

@@ -1,4 +1,7 @@
-"""Logging set-up: human-readable text by default, JSON lines with `--log-format json`."""
+"""Logging set-up: human-readable text by default, JSON lines with `--log-format json`.
+
+The `logging` configuration section (`LoggingConfig`) is declared here.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,18 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
+from typing import ClassVar
+
+from agent.settings import choice, setting
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    SECTION: ClassVar[str] = "logging"
+
+    level: str = setting("info", choice("debug", "info", "warning", "error"), "Log level.", "--log-level")
+    format: str = setting("text", choice("text", "json"), "Log format: text or JSON lines.", "--log-format")
 
 
 class JsonFormatter(logging.Formatter):

@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from agent.aggregate.types import Stack, StackStatus
-from agent.config import ProfilingConfig
 from agent.probes.cpu import CpuProbe
 from agent.probes.events import StackEvent
 from agent.probes.reader import PerfReader
 from agent.probes.records import STACK_EVENT_HEADER_SIZE, USER_STACK_OFFSET
+from agent.probes.settings import ProfilingConfig
 from agent.symbolize.elf_symbols import read_elf
 from agent.symbolize.proc_maps import load_bias, read_process_maps
 from agent.unwind.unwinder import Unwinder

@@ -3,7 +3,7 @@
 Owns one output directory: writes each profile there as `<spec name>-<UTC start>.pb.gz` (the
 gzip-compressed pprof `go tool pprof` reads), atomically, and keeps the directory within a file
 count and byte budget by deleting the oldest files it wrote. Files that do not match its name
-pattern are never touched.
+pattern are never touched. Its configuration section, `export.files` (`FilesConfig`), is declared here.
 """
 
 from __future__ import annotations
@@ -15,14 +15,47 @@ import os
 import re
 import tempfile
 import threading
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 from agent.errors import ExportError
+from agent.settings import MiB, parse_auto_bool, parse_str, ranged_int, setting
 from agent.symbolize.types import Profile
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class FilesConfig:
+    """The embedded default sink's section."""
+
+    SECTION: ClassVar[str] = "export.files"
+
+    enabled: bool | None = setting(  # None: auto
+        None,
+        parse_auto_bool,
+        "Write gzipped pprof files locally: true, false or auto (on when OTLP export is off).",
+        expected="true, false or auto",
+    )
+    output_dir: str = setting(
+        "/var/lib/profiling-agent/profiles",
+        parse_str,
+        "Directory for <profiler>-<UTC start>.pb.gz files.",
+        "--output-dir",
+    )
+    max_files: int = setting(
+        1000,
+        ranged_int(0, 10_000_000),
+        "Keep at most this many profile files; oldest deleted first (0: no limit).",
+    )
+    max_bytes: int = setting(
+        1024 * MiB,
+        ranged_int(0, 1 << 50),
+        "Keep at most this many bytes of profile files; oldest deleted first (0: no limit).",
+    )
+
 
 DIR_MODE = 0o755
 # Readable by the unprivileged user who opens the profiles with `go tool pprof`, like the directory.

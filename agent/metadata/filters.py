@@ -1,7 +1,8 @@
 """Metadata stage: which processes the operator wants profiled, by executable, comm, systemd unit or cgroup.
 
-This module owns `ProcessFilter`, built by the config stage from the `filters` section and asked by the
-report stage about each process. Patterns are shell globs (`fnmatch`, case-sensitive). Rules:
+This module owns `ProcessFilter`, which is also the `filters` configuration section (each pattern field is
+declared as a setting here, see `agent.settings`): the config stage loads it, and the report stage asks
+it about each process. Patterns are shell globs (`fnmatch`, case-sensitive). Rules:
 
 - an exclude pattern that matches wins over everything;
 - with no include pattern at all every process is included; otherwise a process must match at least
@@ -17,10 +18,25 @@ import fnmatch
 import posixpath
 import re
 from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
 
 from agent.metadata.process import ProcessLabels
+from agent.settings import setting
 
 _Patterns = tuple[str, ...]
+_EXE = "executable (a pattern with / matches the full path, else the file name)"
+
+
+def parse_patterns(value: Any) -> tuple[str, ...]:
+    """Shell glob patterns: a YAML list, or a comma-separated string."""
+    if value is None:
+        return ()
+    items = value if isinstance(value, list | tuple) else str(value).split(",")
+    return tuple(str(item).strip() for item in items if str(item).strip())
+
+
+def _patterns(kind: str, label: str) -> _Patterns:
+    return setting((), parse_patterns, f"{kind} processes whose {label} match.")
 
 
 def _compile(patterns: _Patterns) -> re.Pattern[str] | None:
@@ -68,14 +84,18 @@ class _Compiled:
 
 @dataclass(frozen=True, slots=True)
 class ProcessFilter:
-    include_exe: _Patterns = ()
-    exclude_exe: _Patterns = ()
-    include_comm: _Patterns = ()
-    exclude_comm: _Patterns = ()
-    include_unit: _Patterns = ()
-    exclude_unit: _Patterns = ()
-    include_cgroup: _Patterns = ()
-    exclude_cgroup: _Patterns = ()
+    """Which processes are profiled (shell globs; exclude wins; no include = everything)."""
+
+    SECTION: ClassVar[str] = "filters"
+
+    include_exe: tuple[str, ...] = _patterns("Include", _EXE)
+    include_comm: tuple[str, ...] = _patterns("Include", "comm")
+    include_unit: tuple[str, ...] = _patterns("Include", "systemd unit")
+    include_cgroup: tuple[str, ...] = _patterns("Include", "cgroup path")
+    exclude_exe: tuple[str, ...] = _patterns("Exclude", _EXE)
+    exclude_comm: tuple[str, ...] = _patterns("Exclude", "comm")
+    exclude_unit: tuple[str, ...] = _patterns("Exclude", "systemd unit")
+    exclude_cgroup: tuple[str, ...] = _patterns("Exclude", "cgroup path")
     _include: _Compiled = field(init=False, repr=False, compare=False)
     _exclude: _Compiled = field(init=False, repr=False, compare=False)
 

@@ -3,7 +3,8 @@
 This module owns `HostAttributes`: `host.name`, `host.arch` and `os.type` (OpenTelemetry semantic
 conventions), and `k8s.node.name` when the agent runs in Kubernetes. The node name is handed in by the
 caller: the config stage reads it from the environment (the DaemonSet sets it from the downward API),
-since nothing outside `agent/config.py` reads `os.environ`.
+since nothing outside `agent/config.py` reads `os.environ`. The `metadata` configuration section
+(`MetadataConfig`) is declared here.
 """
 
 from __future__ import annotations
@@ -11,6 +12,22 @@ from __future__ import annotations
 import platform
 import socket
 from dataclasses import dataclass
+from typing import ClassVar
+
+from agent.settings import parse_str, setting
+
+
+@dataclass(frozen=True, slots=True)
+class MetadataConfig:
+    SECTION: ClassVar[str] = "metadata"
+
+    node_name: str = setting(
+        "",
+        parse_str,
+        "Kubernetes node name (k8s.node.name); the DaemonSet sets it from the downward API.",
+        env_name="PROFILING_AGENT_NODE_NAME",
+    )
+
 
 # platform.machine() -> the semantic conventions' well-known `host.arch` values.
 _ARCH = {

@@ -27,17 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.aggregate.types import ProfileSpec, ValueType
-from agent.config import AllocConfig, ProfilingConfig
 from agent.errors import BpfAttachError
 from agent.probes.bpf_probe import BpfProbe, Emit
 from agent.probes.events import MalformedRecord, ProcessEvent, ProcessEventKind, RecordHeader, StackEventDecoder
 from agent.probes.libc_tracker import ALL_PROCESSES, LibcTracker, Source, Target
 from agent.probes.records import PARAM_SAMPLING
-from agent.settings import SETTINGS_BY_KEY
+from agent.probes.settings import AllocConfig, ProfilingConfig
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SAMPLE_BYTES: int = SETTINGS_BY_KEY["alloc.sample_bytes"].default
+DEFAULT_SAMPLE_BYTES: int = AllocConfig().sample_bytes
 MAX_SAMPLE_BYTES = 1 << 40  # MAX_MEAN in bpf/alloc.bpf.c: the threshold arithmetic stays within 64 bits
 THREAD_ENTRIES = 65536  # per-thread countdowns; an evicted thread just draws a new threshold
 # Records are a few per second per busy process at the default R: wake the reader every few.

@@ -19,15 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.aggregate.types import ProfileSpec, ValueType
-from agent.config import OffCpuConfig, ProfilingConfig
 from agent.errors import BpfAttachError
 from agent.probes.bpf_probe import BpfProbe, Emit
 from agent.probes.events import RecordHeader, StackEventDecoder
 from agent.probes.records import PARAM_MIN_BLOCK_NS, PARAM_SAMPLING, USER_STACK_OFFSET
+from agent.probes.settings import OffCpuConfig, ProfilingConfig
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_OFFCPU = OffCpuConfig(min_block_us=1000, attach="auto")
+DEFAULT_OFFCPU = OffCpuConfig()
 # Blocked threads the kernel follows at once (`start`: ~90 bytes each, preallocated: 1.4 MiB); more are
 # counted as lost. On the tracepoint path their stacks wait in an LRU map of records (~2.1 KiB each,
 # plus the user stack copy when unwinding with DWARF; preallocated): it gets STACK_MAP_BYTES, so 4096

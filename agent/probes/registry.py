@@ -5,17 +5,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from agent.config import AgentConfig
 from agent.errors import ConfigError
 from agent.preflight import task_regs_unavailable
 from agent.probes.alloc import AllocProbe
 from agent.probes.bpf_probe import BpfProbe, Emit
 from agent.probes.cpu import CpuProbe
 from agent.probes.offcpu import OffCpuProbe
+from agent.probes.settings import ProbesConfig
 
 logger = logging.getLogger(__name__)
 
-PROBES: dict[str, Callable[[AgentConfig, Emit], BpfProbe]] = {
+PROBES: dict[str, Callable[[ProbesConfig, Emit], BpfProbe]] = {
     "cpu": lambda config, emit: CpuProbe(config.profiling, emit),
     "offcpu": lambda config, emit: OffCpuProbe(config.profiling, emit, config.offcpu),
     "alloc": lambda config, emit: AllocProbe(config.profiling, emit, config.alloc),
@@ -26,7 +26,7 @@ PROBES: dict[str, Callable[[AgentConfig, Emit], BpfProbe]] = {
 _CONTEXT_HAS_USER_REGS = frozenset({"alloc"})
 
 
-def make_probes(config: AgentConfig, emit: Emit) -> list[BpfProbe]:
+def make_probes(config: ProbesConfig, emit: Emit) -> list[BpfProbe]:
     probes = []
     unavailable = task_regs_unavailable()
     for name in config.profiling.profilers:

@@ -14,9 +14,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from agent.config import SamplingConfig
 from agent.sampling.controller import DEAD_BAND, CpuGovernor, RateController
 from agent.sampling.keep import KeepSampler
+from agent.sampling.settings import SamplingConfig
 
 logger = logging.getLogger(__name__)
 

@@ -32,6 +32,7 @@ from agent.symbolize.native import NativeResolver, StackFrames
 from agent.symbolize.perf_map import DEFAULT_MAX_ENTRIES, PerfMapStore
 from agent.symbolize.proc_maps import ProcessMaps
 from agent.symbolize.processes import ProcessRegistry
+from agent.symbolize.settings import SymbolizeConfig
 from agent.symbolize.stats import SymbolizerStats
 from agent.symbolize.types import Frame, FrameKind, ProcessInfo, Profile, Sample
 
@@ -54,14 +55,17 @@ class _CallState:
     kernel_checked: bool = False  # whether the kallsyms table was checked for a reload in this call
 
 
+_DEFAULTS = SymbolizeConfig()  # the declared defaults of the `symbolize` section
+
+
 class Symbolizer:
     """Turns raw stacks into named frames; see the module docstring for the threading rules."""
 
     def __init__(
         self,
         proc_root: Path = Path("/proc"),
-        elf_cache_size: int = 128,
-        process_ttl_intervals: int = 6,
+        elf_cache_size: int = _DEFAULTS.elf_cache_size,
+        process_ttl_intervals: int = _DEFAULTS.process_ttl_intervals,
         metadata: ProcessMetadata | None = None,
         debug_roots: Sequence[Path] = DEFAULT_DEBUG_ROOTS,
         perf_map_max_entries: int = DEFAULT_MAX_ENTRIES,

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import OffCpuConfig
 from agent.errors import BpfAttachError
 from agent.probes import offcpu
 from agent.probes.events import StackEvent
@@ -25,6 +24,7 @@ from agent.probes.loader import load_program
 from agent.probes.offcpu import BLOCKED_ENTRIES, OffCpuProbe, plan_attach, read_kernel_features
 from agent.probes.reader import PerfReader
 from agent.probes.records import USER_STACK_OFFSET
+from agent.probes.settings import OffCpuConfig
 from tests.support.agent import free_port, start_agent, wait_for_log
 from tests.support.config import profiling
 from tests.support.profiles import ReadSample, read_all, read_pprof, samples_of

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from agent.config import ProfilingConfig
+from agent.probes.settings import ProfilingConfig
 
 PROFILING = ProfilingConfig(
     profilers=("cpu",),

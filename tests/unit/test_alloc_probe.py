@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from agent.aggregate.types import EMPTY_STACK, ValueType
-from agent.config import AllocConfig
 from agent.probes.alloc import DEFAULT_SAMPLE_BYTES, AllocProbe, alloc_values, alloc_weight
 from agent.probes.events import MalformedRecord, ProcessEvent, ProcessEventKind, StackEvent, decode_stack_event
 from agent.probes.records import STACK_EVENT_HEADER_SIZE, StackEventRecord
+from agent.probes.settings import AllocConfig
 from agent.probes.stacks import StackDecoder
 from tests.support.config import profiling
 

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from agent.cli import main
-from agent.config import as_dict, example_yaml, load_config
-from agent.settings import ENV_PREFIX, SETTINGS
+from agent.config import SETTINGS, as_dict, example_yaml, load_config
+from agent.settings import ENV_PREFIX
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "profiling-agent"
 

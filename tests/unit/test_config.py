@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import yaml
 
-from agent.config import AgentConfig, as_dict, example_yaml, load_config
+from agent.config import SETTINGS, SETTINGS_BY_KEY, AgentConfig, as_dict, example_yaml, load_config
 from agent.errors import ConfigError
-from agent.settings import SETTINGS, SETTINGS_BY_KEY, Setting
+from agent.settings import Setting
 
 EXAMPLE_CONFIG = Path(__file__).resolve().parents[2] / "config" / "agent.yaml"
 NO_ENV: dict[str, str] = {}

@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 
 from agent.aggregate.types import StackStatus, ValueType
-from agent.config import OffCpuConfig
 from agent.errors import BpfAttachError
 from agent.export.otlp.shapes import value_mapping
 from agent.probes import bpf_probe, offcpu
@@ -39,6 +38,7 @@ from agent.probes.offcpu import (
 )
 from agent.probes.records import PARAM_MIN_BLOCK_NS, PARAM_SAMPLING, USER_STACK_OFFSET, StackEventRecord
 from agent.probes.registry import PROBES
+from agent.probes.settings import OffCpuConfig
 from tests.support.config import profiling
 
 PROFILING = profiling("offcpu")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.settings import SETTINGS
+from agent.config import SETTINGS
 
 UNIT = Path(__file__).resolve().parents[2] / "systemd" / "profiling-agent.service"
 INSTALLED_BINARY = "/opt/profiling-agent/.venv/bin/profiling-agent"

@@ -1,17 +1,22 @@
 """Export stage, OTLP sink: the `export.otlp` configuration section and its validation.
 
-`OtlpConfig` is the one input the OTLP sink receives from `agent/config.py`. `validate()` fails fast
-at start-up with a `ConfigError` naming the offending key, so a bad endpoint, an unreadable TLS file
-or a malformed header never turns into a runtime crash in the sender thread.
+`OtlpConfig` is the one input the OTLP sink receives; each field is declared here once, as a setting
+(see `agent.settings`), and `agent.config` loads it. `problems()` lists every invalid field at start-up as
+a `ConfigError` naming its key (`validate()` raises them together), so a bad endpoint, an unreadable TLS
+file or a malformed header never turns into a runtime crash in the sender thread.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from typing import Any, ClassVar
 
-from agent.errors import ConfigError
+from agent.errors import ConfigError, raise_all
+from agent.settings import MiB, choice, parse_auto_bool, parse_bool, parse_str, ranged_float, ranged_int, setting
 
 KEY_PREFIX = "export.otlp."
 COMPRESSIONS = ("gzip", "none")
@@ -24,40 +29,119 @@ _HOST = re.compile(r"^[A-Za-z0-9_.-]+$")
 _HEADER_VALUE = re.compile(r"^[\x20-\x7e]*$")
 
 
+def parse_headers(value: Any) -> tuple[tuple[str, str], ...]:
+    """A YAML mapping {name: value}, or "name=value,name2=value2" from the environment."""
+    if value is None:
+        return ()
+    if isinstance(value, dict):
+        pairs = [(str(k), str(v)) for k, v in value.items()]
+    elif isinstance(value, list | tuple) and all(isinstance(pair, list | tuple) and len(pair) == 2 for pair in value):
+        pairs = [(str(k), str(v)) for k, v in value]
+    elif isinstance(value, str):
+        pairs = []
+        for item in (part.strip() for part in value.split(",")):
+            if not item:
+                continue
+            name, sep, text = item.partition("=")
+            if not sep or not name.strip():
+                raise ValueError(f"expected name=value pairs separated by commas, got {item!r}")
+            pairs.append((name.strip(), text.strip()))
+    else:
+        raise ValueError(f"expected a mapping of header names to values, got {value!r}")
+    return tuple((name.lower(), text) for name, text in pairs)
+
+
 @dataclass(frozen=True, slots=True)
 class OtlpConfig:
-    enabled: bool = False
-    endpoint: str = "127.0.0.1:4317"  # host:port of an OTLP/gRPC receiver; "[v6addr]:port" for IPv6
-    insecure: bool = False  # plaintext gRPC instead of TLS
-    ca_file: str = ""  # PEM CA bundle; "" = the system roots
-    cert_file: str = ""  # PEM client certificate for mutual TLS (needs key_file)
-    key_file: str = ""
-    headers: tuple[tuple[str, str], ...] = ()  # gRPC metadata sent with every call (keys lowercased)
-    timeout_s: float = 10.0  # per-call deadline
-    compression: str = "gzip"  # "gzip" or "none"
-    spool_dir: str = "/var/lib/profiling-agent/spool"
-    spool_max_bytes: int = 256 * 1024 * 1024
-    queue_size: int = 64  # encoded requests kept in memory; the rest wait on disk
-    retry_deadline_s: float = 300.0  # one deadline across all attempts of one request
-    include_pprof: bool = False  # also carry the pprof bytes as `original_payload`
-    service_name: str = ""  # resource `service.name`; "" = the process's executable name (else comm)
+    """OTLP profiles over gRPC (opentelemetry-proto profiles/v1development, proto v1.10)."""
+
+    SECTION: ClassVar[str] = "export.otlp"
+
+    # None (auto) until the loader resolves it: on when an endpoint was configured.
+    enabled: bool | None = setting(
+        None,
+        parse_auto_bool,
+        "Send OTLP profiles: true, false or auto (on when an endpoint is configured).",
+        expected="true, false or auto",
+    )
+    endpoint: str = setting(  # "[v6addr]:port" for IPv6
+        "127.0.0.1:4317",
+        parse_str,
+        "OTLP/gRPC receiver as host:port; setting it turns OTLP export on (when enabled is auto).",
+        "--otlp-endpoint",
+        commented_in_example=True,
+    )
+    insecure: bool = setting(
+        False, parse_bool, "Plaintext gRPC instead of TLS.", "--otlp-insecure", flag_is_switch=True
+    )
+    ca_file: str = setting("", parse_str, "PEM CA bundle for TLS (empty: the system roots).")
+    cert_file: str = setting("", parse_str, "PEM client certificate for mutual TLS (with key_file).")
+    key_file: str = setting("", parse_str, "PEM client key for mutual TLS.")
+    headers: tuple[tuple[str, str], ...] = setting(  # keys lowercased
+        (),
+        parse_headers,
+        "gRPC metadata sent with every request, e.g. an auth token (env: name=value,name2=value2).",
+    )
+    timeout_s: float = setting(10.0, ranged_float(0.1, 600.0), "Per-request timeout (s).")
+    compression: str = setting("gzip", choice(*COMPRESSIONS), "gzip or none.")
+    spool_dir: str = setting(
+        "/var/lib/profiling-agent/spool",
+        parse_str,
+        "Where requests wait while the receiver is unreachable; they survive restarts.",
+    )
+    spool_max_bytes: int = setting(
+        256 * MiB,
+        ranged_int(1, 1 << 50),
+        "Bound of the spool; the oldest requests are dropped (and counted) beyond it.",
+    )
+    queue_size: int = setting(64, ranged_int(1, 100_000), "Requests kept in memory (the rest wait on disk).")
+    retry_deadline_s: float = setting(
+        300.0,
+        ranged_float(1.0, 86_400.0),
+        "One deadline across all retries of one request before it waits in the spool for the next round.",
+    )
+    include_pprof: bool = setting(False, parse_bool, "Also send the pprof bytes as original_payload.")
+    service_name: str = setting(
+        "",
+        parse_str,
+        "Resource service.name for every process (empty: the process's executable name).",
+    )
 
     def validate(self) -> None:
-        """Raise `ConfigError("export.otlp.<key>", ...)` for the first invalid field."""
-        parse_endpoint(self.endpoint)
-        self._validate_tls()
-        for key, value in self.headers:
-            _validate_header(key, value)
-        _positive_finite("timeout_s", self.timeout_s)
-        _positive_finite("retry_deadline_s", self.retry_deadline_s)
+        """Raise every invalid field's `ConfigError("export.otlp.<key>", ...)` at once."""
+        raise_all(self.problems())
+
+    def problems(self) -> list[ConfigError]:
+        """One `ConfigError` per problem (TLS files are read: call it only when they will be used)."""
+        checks: list[Callable[[], object]] = [
+            partial(parse_endpoint, self.endpoint),
+            self._validate_tls,
+            *(partial(_validate_header, key, value) for key, value in self.headers),
+            partial(_positive_finite, "timeout_s", self.timeout_s),
+            partial(_positive_finite, "retry_deadline_s", self.retry_deadline_s),
+            self._validate_bounds,
+        ]
+        found: list[ConfigError] = []
+        for check in checks:
+            try:
+                check()
+            except ConfigError as e:
+                found.extend(e.problems)
+        return found
+
+    def _validate_bounds(self) -> None:
+        problems: list[ConfigError] = []
         if self.compression not in COMPRESSIONS:
-            raise ConfigError(KEY_PREFIX + "compression", f"must be one of {COMPRESSIONS}, not {self.compression!r}")
+            problems.append(
+                ConfigError(KEY_PREFIX + "compression", f"must be one of {COMPRESSIONS}, not {self.compression!r}")
+            )
         if not self.spool_dir:
-            raise ConfigError(KEY_PREFIX + "spool_dir", "must name a directory")
+            problems.append(ConfigError(KEY_PREFIX + "spool_dir", "must name a directory"))
         if self.spool_max_bytes <= 0:
-            raise ConfigError(KEY_PREFIX + "spool_max_bytes", f"must be > 0, not {self.spool_max_bytes}")
+            problems.append(ConfigError(KEY_PREFIX + "spool_max_bytes", f"must be > 0, not {self.spool_max_bytes}"))
         if self.queue_size < 1:
-            raise ConfigError(KEY_PREFIX + "queue_size", f"must be >= 1, not {self.queue_size}")
+            problems.append(ConfigError(KEY_PREFIX + "queue_size", f"must be >= 1, not {self.queue_size}"))
+        raise_all(problems)
 
     def _validate_tls(self) -> None:
         tls_files = {"ca_file": self.ca_file, "cert_file": self.cert_file, "key_file": self.key_file}
