@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from agent.probes.alloc import DEFAULT_SAMPLE_BYTES
-from tests.support.agent import free_port, start_agent, wait_for_log
+from tests.support.agent import STARTUP_TIMEOUT_S, free_port, start_agent, wait_for_log
 from tests.support.profiles import ReadSample, read_all, read_pprof, samples_of
 from tests.support.workloads import compile_workload
 
@@ -73,7 +73,7 @@ class Agent:
 def running_agent(tmp_path: Path, *args: str) -> Iterator[Agent]:
     agent = Agent(tmp_path, *args)
     try:
-        agent.wait_for_log("profiling started", 60)
+        agent.wait_for_log("profiling started", STARTUP_TIMEOUT_S)
         yield agent
     finally:
         agent.proc.terminate()
@@ -244,7 +244,7 @@ def test_adaptive_sampler_holds_the_event_budget_and_the_estimate(
     workload = Workload(alloc_sites, "storm", 10)
     agent = Agent(tmp_path, "--pid", str(workload.pid))
     try:
-        agent.wait_for_log("profiling started", 60)
+        agent.wait_for_log("profiling started", STARTUP_TIMEOUT_S)
         truth = workload.go()
         time.sleep(1.0)
         lost = agent.metric("profiling_agent_probe_events_lost_total", profiler="alloc")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from agent.symbolize.types import KERNEL_MAPPING_NAME
-from tests.support.agent import start_agent, wait_for_log
+from tests.support.agent import STARTUP_TIMEOUT_S, start_agent, wait_for_log
 from tests.support.profiles import ReadSample, read_all, samples_of
 from tests.support.workloads import compile_workload
 
@@ -33,7 +33,7 @@ def run_workload_under_agent(
     log = tmp_path / "agent.log"
     agent = start_agent(out, "--frequency", str(FREQUENCY), "--interval", "4", *agent_args, log_path=log)
     try:
-        wait_for_log(log, "profiling started", 60, agent)
+        wait_for_log(log, "profiling started", STARTUP_TIMEOUT_S, agent)
         time.sleep(settle)
         proc = subprocess.Popen(workload, stdout=subprocess.PIPE, text=True)
         _, status, usage = os.wait4(proc.pid, 0)

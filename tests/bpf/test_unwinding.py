@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.agent import start_agent, wait_for_log
+from tests.support.agent import STARTUP_TIMEOUT_S, start_agent, wait_for_log
 from tests.support.profiles import ReadSample, read_all, samples_of
 from tests.support.workloads import WORKLOADS, compile_workload
 
@@ -37,7 +37,7 @@ def profile(
         log_path=log, env=env,
     )  # fmt: skip
     try:
-        wait_for_log(log, "profiling started", 60, agent)
+        wait_for_log(log, "profiling started", STARTUP_TIMEOUT_S, agent)
         assert workload.stdin is not None
         workload.stdin.write("g")
         workload.stdin.flush()
