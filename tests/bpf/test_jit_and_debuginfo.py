@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.agent import start_agent, wait_for_log
+from tests.support.agent import STARTUP_TIMEOUT_S, start_agent, wait_for_log
 from tests.support.profiles import ReadSample, read_all, samples_of
 
 pytestmark = pytest.mark.bpf
@@ -122,7 +122,7 @@ def profile(
     out, log = tmp_path / "profiles", tmp_path / "agent.log"
     agent = start_agent(out, "--frequency", "99", "--interval", interval, log_path=log, env=env)
     try:
-        wait_for_log(log, "profiling started", 60, agent)
+        wait_for_log(log, "profiling started", STARTUP_TIMEOUT_S, agent)
         time.sleep(0.5)
         pids = workload()
         time.sleep(1.0)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.agent import free_port, start_agent, wait_for_log
+from tests.support.agent import STARTUP_TIMEOUT_S, free_port, start_agent, wait_for_log
 
 pytestmark = pytest.mark.bpf
 
@@ -55,7 +55,7 @@ def test_metrics_and_health_while_profiling(tmp_path: Path, busy: subprocess.Pop
         tmp_path / "profiles", "--interval", "1", "--metrics-address", f"127.0.0.1:{port}", log_path=log
     )
     try:
-        wait_for_log(log, "profiling started", 60, agent)
+        wait_for_log(log, "profiling started", STARTUP_TIMEOUT_S, agent)
         assert get(f"{base}/healthz") == (200, "ok\n")
         assert get(f"{base}/readyz") == (200, "ok\n")
         status, first = get(f"{base}/metrics")
@@ -108,7 +108,7 @@ def test_readyz_fails_while_otlp_exports_cannot_be_delivered(tmp_path: Path, bus
         log_path=log,
     )
     try:
-        wait_for_log(log, "profiling started", 60, agent)
+        wait_for_log(log, "profiling started", STARTUP_TIMEOUT_S, agent)
         assert get(f"{base}/readyz")[0] == 200
         deadline = time.monotonic() + 20
         while get(f"{base}/readyz")[0] == 200 and time.monotonic() < deadline:
@@ -126,7 +126,7 @@ def test_sd_notify_ready_status_and_stopping(tmp_path: Path, busy: subprocess.Po
     path = tmp_path / "notify.sock"
     receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     receiver.bind(str(path))
-    receiver.settimeout(60)
+    receiver.settimeout(STARTUP_TIMEOUT_S)
     os.environ["NOTIFY_SOCKET"] = str(path)
     log = tmp_path / "agent.log"
     try:
@@ -161,7 +161,7 @@ def test_sighup_applies_a_valid_config_and_refuses_an_invalid_one(
     # No --output-dir: a flag would win over the file, before and after the reload.
     agent = start_agent(None, "--config", str(config), "--metrics-address", f"127.0.0.1:{port}", log_path=log)
     try:
-        wait_for_log(log, "profiling started", 60, agent)
+        wait_for_log(log, "profiling started", STARTUP_TIMEOUT_S, agent)
         deadline = time.monotonic() + 30
         while not list(first_dir.glob("cpu-*.pb.gz")) and time.monotonic() < deadline:
             time.sleep(0.2)  # at least one interval reported under the first config

@@ -9,6 +9,10 @@ import sys
 from pathlib import Path
 
 AGENT = [sys.executable, "-m", "agent"]
+# How long the agent may take to start: BCC compiles the BPF programs with clang at start-up, a few
+# seconds on an idle host and over a minute on a busy 2-core one. Waits poll, so a generous deadline
+# costs nothing when it starts quickly.
+STARTUP_TIMEOUT_S = 300
 REPO = Path(__file__).resolve().parent.parent.parent
 
 

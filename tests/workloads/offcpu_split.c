@@ -7,16 +7,24 @@
  * Usage: offcpu_split SECONDS THREADS [SLICE_US [gate|go [libc]]]   (slice 4000 us by default)
  * With "gate" it first waits for one byte on stdin, so a test can start profiling it by pid before
  * it begins. With "libc" the functions sleep through libc's nanosleep() instead, as real programs
- * do: then the user stack starts inside libc, and only unwinding with CFI finds wait_a and wait_b. */
+ * do: then the user stack starts inside libc, and only unwinding with CFI finds wait_a and wait_b.
+ * With OFFCPU_SPLIT_DURATIONS=FILE in the environment it also writes every block it measured to FILE,
+ * one "a|b <ns> <preempted>" line each: a requested sleep can last far longer on a busy host, and a
+ * test of a duration threshold needs each block's real length, not the slice it asked for. <preempted>
+ * is 1 when the thread was also preempted (an involuntary switch, counted by RUSAGE_THREAD) within
+ * the measured time: then the measurement holds run-queue time that is no part of the block. */
+#define _GNU_SOURCE
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <time.h>
 
 static double spent_a, spent_b;
 static long blocks;
+static FILE *durations; /* OFFCPU_SPLIT_DURATIONS, or none */
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 
 static double wall(void)
@@ -77,19 +85,70 @@ __attribute__((noinline)) double wait_b(long slice_ns)
 static double seconds;
 static long slice_ns;
 
+/* Each thread keeps its blocks in memory, allocated and touched before it starts (no I/O, no page fault
+ * between the sleeps), and main writes them all after the joins: no thread blocks on another for them. */
+struct block {
+    char function;
+    long ns;
+    int preempted;
+};
+
+static struct kept {
+    struct block *blocks;
+    long n, room;
+} kept_by[64];
+
+/* This thread's involuntary context switches so far (0 when no durations are kept: no extra syscalls). */
+static long preemptions(void)
+{
+    struct rusage usage;
+    if (!durations || getrusage(RUSAGE_THREAD, &usage))
+        return 0;
+    return usage.ru_nivcsw;
+}
+
+static void record(struct kept *kept, char function, double spent, int preempted)
+{
+    if (kept->blocks && kept->n >= kept->room) {
+        fprintf(stderr, "offcpu_split: more blocks than room for them\n");
+        exit(1);
+    }
+    if (kept->blocks)
+        kept->blocks[kept->n] = (struct block){function, (long)(spent * 1e9), preempted};
+    kept->n++;
+}
+
 static void *worker(void *arg)
 {
+    struct kept *kept = arg;
+    if (durations) {
+        /* A pair of blocks takes at least three slices. */
+        kept->room = 2 * (long)(seconds * 1e9 / (3.0 * slice_ns) + 2);
+        kept->blocks = calloc(kept->room, sizeof *kept->blocks);
+        if (!kept->blocks) {
+            perror("calloc");
+            exit(1);
+        }
+        memset(kept->blocks, 1, kept->room * sizeof *kept->blocks);
+    }
     double end = wall() + seconds, a = 0, b = 0;
-    long n = 0;
+    long mark = preemptions(), now;
     while (wall() < end) {
-        a += wait_a(slice_ns);
-        b += wait_b(slice_ns);
-        n += 2;
+        double spent = wait_a(slice_ns);
+        now = preemptions();
+        record(kept, 'a', spent, now != mark);
+        a += spent;
+        mark = now;
+        spent = wait_b(slice_ns);
+        now = preemptions();
+        record(kept, 'b', spent, now != mark);
+        b += spent;
+        mark = now;
     }
     pthread_mutex_lock(&lock);
     spent_a += a;
     spent_b += b;
-    blocks += n;
+    blocks += kept->n;
     pthread_mutex_unlock(&lock);
     return arg;
 }
@@ -104,12 +163,26 @@ int main(int argc, char **argv)
         syscall4(SYS_read, 0, (long)&go, 1, 0);
     }
     through_libc = argc > 5 && !strcmp(argv[5], "libc");
+    const char *path = getenv("OFFCPU_SPLIT_DURATIONS");
+    if (path && !(durations = fopen(path, "w"))) {
+        perror(path);
+        return 1;
+    }
     pthread_t ids[64];
     for (int i = 1; i < threads && i < 64; i++)
-        pthread_create(&ids[i], 0, worker, 0);
-    worker(0);
+        pthread_create(&ids[i], 0, worker, &kept_by[i]);
+    worker(&kept_by[0]);
     for (int i = 1; i < threads && i < 64; i++)
         pthread_join(ids[i], 0);
+    for (int i = 0; durations && i < threads && i < 64; i++)
+        for (long j = 0; j < kept_by[i].n; j++) {
+            struct block *block = &kept_by[i].blocks[j];
+            fprintf(durations, "%c %ld %d\n", block->function, block->ns, block->preempted);
+        }
+    if (durations && fclose(durations)) {
+        perror(path);
+        return 1;
+    }
     printf("wait_a=%.6f wait_b=%.6f blocks=%ld\n", spent_a, spent_b, blocks);
     return 0;
 }
