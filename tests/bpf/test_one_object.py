@@ -1,0 +1,67 @@
+"""All three profilers in one BPF object: each new process is announced, and so captured, once.
+
+The agent runs with `--profilers cpu,offcpu,alloc`; a workload forks children that each burn CPU,
+allocate and sleep, so every profiler samples every child. The agent logs each process event it reads
+at debug level ("process PID announced (new)"): with one `known_pids` map and one `proc_events`
+buffer there is one announcement per child, where three objects announced it once per profiler.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.support.agent import start_agent, wait_for_log
+from tests.support.profiles import read_all, samples_of
+from tests.support.workloads import compile_workload
+
+pytestmark = pytest.mark.bpf
+
+CHILDREN = 4
+# Each child: 0.4 s of CPU time (~20 samples at 49 Hz), 64 MiB allocated (~128 samples
+# at the default 512 KiB), and 20 sleeps of 5 ms (each a block above the 1 ms minimum).
+CHILD_ARGS = ("400", "64", "20", "5")
+ANNOUNCED = re.compile(r"process (\d+) announced \((\w+)\)")
+
+
+def test_each_new_process_is_announced_once_with_every_profiler_on(tmp_path: Path) -> None:
+    binary = compile_workload("process_family", tmp_path)
+    out, log = tmp_path / "profiles", tmp_path / "agent.log"
+    agent = start_agent(
+        out,
+        "--profilers",
+        "cpu,offcpu,alloc",
+        "--interval",
+        "2",
+        "--frequency",
+        "49",
+        "--log-level",
+        "debug",
+        log_path=log,
+    )
+    try:
+        wait_for_log(log, "profiling started", 120, agent)
+        family = subprocess.run(
+            [str(binary), str(CHILDREN), *CHILD_ARGS], capture_output=True, text=True, timeout=120, check=True
+        )
+        children = [int(line) for line in family.stdout.split()]
+        time.sleep(3)  # an interval end after the last child exited: its samples are written out
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(timeout=60)
+    text = log.read_text(errors="replace")
+    assert agent.returncode == 0, text
+    assert len(children) == CHILDREN
+    # The precondition: every profiler sampled every child (else a single announcement proves nothing).
+    for profiler in ("cpu", "offcpu", "alloc"):
+        samples = read_all(out, profiler)
+        missing = [pid for pid in children if not samples_of(samples, pid)]
+        assert not missing, f"{profiler} has no samples of children {missing}"
+    announcements = Counter(int(pid) for pid, kind in ANNOUNCED.findall(text) if kind == "new")
+    assert {pid: announcements[pid] for pid in children} == dict.fromkeys(children, 1)
