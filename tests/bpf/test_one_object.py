@@ -25,9 +25,34 @@ pytestmark = pytest.mark.bpf
 
 CHILDREN = 4
 # Each child: 0.4 s of CPU time (~20 samples at 49 Hz), 64 MiB allocated (~128 samples
-# at the default 512 KiB), and 20 sleeps of 5 ms (each a block above the 1 ms minimum).
-CHILD_ARGS = ("400", "64", "20", "5")
+# at the default 512 KiB), and 10 sleeps of 20 ms: blocks above a 10 ms minimum, which keeps the host's
+# many short blocks from taking the off-CPU event budget that the adaptive sampler enforces.
+CHILD_ARGS = ("400", "64", "10", "20")
+ENV = {
+    "PROFILING_AGENT_OFFCPU_MIN_BLOCK_US": "10000",
+    # On a busy host the adaptive sampler would thin the events to hold the agent's 1% CPU budget: the
+    # test needs every child seen, not a cheap agent. Frame-pointer stacks keep the records small.
+    "PROFILING_AGENT_SAMPLING_CPU_BUDGET_PERCENT": "100",
+    "PROFILING_AGENT_UNWIND_CPU": "fp",
+    "PROFILING_AGENT_UNWIND_OFFCPU": "fp",
+}
+PROFILE_DEADLINE_S = 90.0
 ANNOUNCED = re.compile(r"process (\d+) announced \((\w+)\)")
+
+
+def wait_for_samples(out: Path, pids: list[int], timeout: float) -> dict[str, list[int]]:
+    """Poll the written profiles until each profiler has samples of every pid; what is still missing."""
+    deadline = time.monotonic() + timeout
+    while True:
+        missing = {}
+        for profiler in ("cpu", "offcpu", "alloc"):
+            samples = read_all(out, profiler) if out.is_dir() else []
+            absent = [pid for pid in pids if not samples_of(samples, pid)]
+            if absent:
+                missing[profiler] = absent
+        if not missing or time.monotonic() > deadline:
+            return missing
+        time.sleep(1.0)
 
 
 def test_each_new_process_is_announced_once_with_every_profiler_on(tmp_path: Path) -> None:
@@ -44,6 +69,7 @@ def test_each_new_process_is_announced_once_with_every_profiler_on(tmp_path: Pat
         "--log-level",
         "debug",
         log_path=log,
+        env=ENV,
     )
     try:
         wait_for_log(log, "profiling started", 120, agent)
@@ -51,17 +77,15 @@ def test_each_new_process_is_announced_once_with_every_profiler_on(tmp_path: Pat
             [str(binary), str(CHILDREN), *CHILD_ARGS], capture_output=True, text=True, timeout=120, check=True
         )
         children = [int(line) for line in family.stdout.split()]
-        time.sleep(3)  # an interval end after the last child exited: its samples are written out
+        # The precondition: every profiler sampled every child (else a single announcement proves
+        # nothing). The report thread may lag on a busy host: wait for the profiles to be written.
+        missing = wait_for_samples(out, children, PROFILE_DEADLINE_S)
     finally:
         agent.send_signal(signal.SIGTERM)
         agent.wait(timeout=60)
     text = log.read_text(errors="replace")
     assert agent.returncode == 0, text
     assert len(children) == CHILDREN
-    # The precondition: every profiler sampled every child (else a single announcement proves nothing).
-    for profiler in ("cpu", "offcpu", "alloc"):
-        samples = read_all(out, profiler)
-        missing = [pid for pid in children if not samples_of(samples, pid)]
-        assert not missing, f"{profiler} has no samples of children {missing}"
+    assert not missing, f"children without samples, by profiler: {missing}"
     announcements = Counter(int(pid) for pid, kind in ANNOUNCED.findall(text) if kind == "new")
     assert {pid: announcements[pid] for pid in children} == dict.fromkeys(children, 1)
