@@ -77,7 +77,9 @@ def hardware_cycles_available() -> bool:
 
 
 def kprobes_available(root: Path = Path("/")) -> bool:
-    return any((root / marker).exists() for marker in KPROBE_MARKERS)
+    # os.path.exists, not Path.exists: an unprivileged `run` or `check` must get an answer (no), never a
+    # PermissionError from tracefs; preflight then reports the missing privileges.
+    return any(os.path.exists(root / marker) for marker in KPROBE_MARKERS)
 
 
 def find_switch_symbol(kallsyms_lines: Iterable[str]) -> str | None:
@@ -111,7 +113,7 @@ def task_regs_unavailable(release: str | None = None, btf: Path = BTF_VMLINUX) -
     match = re.match(r"(\d+)\.(\d+)", release)
     if match is None or (int(match[1]), int(match[2])) < TASK_REGS_MIN_KERNEL:
         return f"kernel {release} is older than 5.15 (bpf_task_pt_regs)"
-    if not btf.exists():
+    if not os.path.exists(btf):
         return f"{btf} is absent (the kernel was built without CONFIG_DEBUG_INFO_BTF)"
     return ""
 

@@ -4,6 +4,8 @@ The agent runs with `--profilers cpu,offcpu,alloc`; a workload forks children th
 allocate and sleep, so every profiler samples every child. The agent logs each process event it reads
 at debug level ("process PID announced (new)"): with one `known_pids` map and one `proc_events`
 buffer there is one announcement per child, where three objects announced it once per profiler.
+The object with every section compiled in, each with its own stack copy, also passes the verifier
+with the off-CPU kprobe hook (for hosts that have kprobes; this one has none to attach).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.probes.loader import load_program
 from tests.support.agent import start_agent, wait_for_log
 from tests.support.profiles import read_all, samples_of
 from tests.support.workloads import compile_workload
@@ -89,3 +92,36 @@ def test_each_new_process_is_announced_once_with_every_profiler_on(tmp_path: Pat
     assert not missing, f"children without samples, by profiler: {missing}"
     announcements = Counter(int(pid) for pid, kind in ANNOUNCED.findall(text) if kind == "new")
     assert {pid: announcements[pid] for pid in children} == dict.fromkeys(children, 1)
+
+
+@pytest.mark.parametrize("use_kprobe", [0, 1])
+def test_every_profiler_passes_the_verifier_in_one_object(use_kprobe: int) -> None:
+    """All three sections at once, each with a stack copy, with either off-CPU hook (the kprobe one can
+    be verified even where kprobes cannot be attached)."""
+    from bcc import BPF
+
+    defines: dict[str, int | str] = {
+        "KNOWN_PIDS_ENTRIES": 1024,
+        "FILTER_PIDS": 1,
+        "AGENT_PID": 1,
+        "PROFILE_CPU": 1,
+        "PROFILE_OFFCPU": 1,
+        "PROFILE_ALLOC": 1,
+        "CPU_STACK_BYTES": 8192,
+        "OFFCPU_STACK_BYTES": 4096,
+        "ALLOC_STACK_BYTES": 512,
+        "USE_KPROBE": use_kprobe,
+        "BLOCKED_ENTRIES": 1024,
+        "STACK_ENTRIES": 256,
+        "THREAD_ENTRIES": 1024,
+    }
+    switch = ("on_finish_task_switch", BPF.KPROBE) if use_kprobe else ("on_sched_switch", BPF.TRACEPOINT)
+    programs = [("on_cpu_sample", BPF.PERF_EVENT), switch, ("on_malloc", BPF.KPROBE), ("on_calloc", BPF.KPROBE)]
+    programs += [("tracepoint__sched__sched_process_exec", BPF.TRACEPOINT)]
+    programs += [("tracepoint__sched__sched_process_exit", BPF.TRACEPOINT)]
+    bpf = load_program("agent", defines)
+    try:
+        for name, kind in programs:
+            assert bpf.load_func(name.encode(), kind).fd >= 0, name
+    finally:
+        bpf.cleanup()
