@@ -99,7 +99,7 @@ def _run(config: AgentConfig, reload_config: Callable[[], AgentConfig], *, dump_
     logs.configure(config.logging.level, config.logging.format)
     daemon = Daemon(config, reload_config)
     if dump_bpf:
-        print("\n".join(probe.dump() for probe in daemon.probes))
+        print(daemon.program.dump())
         return 0
     daemon.install_signal_handlers()
     return daemon.run()

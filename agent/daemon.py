@@ -37,9 +37,10 @@ from agent.pipeline import Pipeline
 from agent.preflight import run_checks
 from agent.probes.events import IntervalMark
 from agent.probes.loader import release_compiler_memory
+from agent.probes.program import ProbeProgram
 from agent.probes.queue import DropOldestQueue
 from agent.probes.reader import PerfReader
-from agent.probes.registry import make_probes
+from agent.probes.registry import make_probes, stack_copy_bytes
 from agent.reload import changed_keys, is_live, merge_live
 from agent.report import Reporter
 from agent.sampling.adaptive import AdaptiveSampler
@@ -77,7 +78,6 @@ class Daemon:
         self._reader_done = threading.Event()
         self._events: DropOldestQueue[object] = DropOldestQueue(config.profiling.queue_size)
         self._intervals: DropOldestQueue[IntervalProfile | None] = DropOldestQueue(REPORT_QUEUE_SIZE)
-        self.probes = make_probes(config, self._events.put)
         self.metadata = ProcessMetadata()
         self.symbolizer = Symbolizer(
             elf_cache_size=config.symbolize.elf_cache_size,
@@ -90,13 +90,13 @@ class Daemon:
         self.keep = KeepSampler()
         # Only profilers whose programs copy the user stack need the unwind stage; their decoders run it,
         # but for bursty profilers, whose copies the pipeline unwinds.
-        copying = [probe for probe in self.probes if probe.user_stack_bytes]
+        copy_bytes = stack_copy_bytes(config)
         self.unwinder: Unwinder | None = None
-        if copying:
+        if any(copy_bytes.values()):
             self.unwinder = Unwinder(snapshots=self.symbolizer.process_maps, skip=self.selector.known_rejected)
-            for probe in copying:
-                if probe.unwinds_in_reader:
-                    probe.unwind_copy = self.unwinder.unwind_copy
+        unwind = self.unwinder.unwind_copy if self.unwinder is not None else None
+        self.probes = make_probes(config, self._events.put, copy_bytes, unwind)
+        self.program = ProbeProgram(config.profiling, self.probes, self._events.put)
         self.sampler: AdaptiveSampler | None = None
         self.sinks: list[Sink] = []
         self.otlp: OtlpSink | None = None
@@ -150,8 +150,7 @@ class Daemon:
             self.notifier.stopping()
             self._shutdown()
         finally:
-            for probe in self.probes:
-                probe.close()
+            self.program.close()
             for sink in self.sinks:
                 sink.shutdown(0.0)  # after a clean shutdown this does nothing; after a failure it spools
             if self._server is not None:
@@ -161,12 +160,10 @@ class Daemon:
         return 0
 
     def _load_and_attach(self) -> None:
-        for probe in self.probes:
-            probe.load()
+        self.program.load()
         release_compiler_memory()
-        for probe in self.probes:
-            probe.attach()
-        self._reader = PerfReader(self.probes)
+        self.program.attach()
+        self._reader = PerfReader(self.program)
         self.sampler = AdaptiveSampler(self.config.sampling, self.probes, self.keep)
 
     def _describe(self) -> str:
@@ -338,8 +335,7 @@ class Daemon:
             self._wake.set()
         finally:
             # Stop sampling first so the final drain sees everything that was sampled.
-            for probe in self.probes:
-                probe.stop_sampling()
+            self.program.stop_sampling()
             try:
                 self._reader.drain()
             except Exception:

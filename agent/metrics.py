@@ -26,6 +26,7 @@ from agent.export.otlp.stats import DROPPED, REJECTED_PROFILES, REQUESTS, RETRIE
 if TYPE_CHECKING:
     from agent.pipeline import Pipeline
     from agent.probes.bpf_probe import BpfProbe
+    from agent.probes.program import ProbeProgram
     from agent.report import Reporter
     from agent.symbolize.jvm import JvmPerfMapRequester
     from agent.symbolize.symbolizer import Symbolizer
@@ -46,6 +47,9 @@ class MetricsSource(Protocol):
 
     @property
     def probes(self) -> Sequence[BpfProbe]: ...
+
+    @property
+    def program(self) -> ProbeProgram: ...
 
     @property
     def symbolizer(self) -> Symbolizer: ...
@@ -139,10 +143,21 @@ class AgentCollector(Collector):
                 lost.add_metric([probe.name, buffer], count)
             for status, count in sorted(probe.stacks.status_counts.items()):
                 stacks.add_metric([probe.name, status.lower()], count)
+        # The process-event buffer is shared by every profiler: its losses and malformed records are
+        # reported under profiler="process".
+        program = self._source.program
+        malformed.add_metric(["process"], program.stats.malformed)
+        for buffer, count in sorted(program.stats.lost.items()):
+            lost.add_metric(["process", buffer], count)
+        processes = _counter(
+            "probe_process_events", "Process events from the kernel: new (first record), exec.", ("kind",)
+        )
+        for kind, count in sorted(program.process_events.items()):
+            processes.add_metric([kind], count)
         sampling = _gauge("sampling_parameter", "Current sampling parameters.", ("profiler", "parameter"))
         for (profiler, parameter), value in sorted(self._source.sampling_parameters.items()):
             sampling.add_metric([profiler, parameter], value)
-        yield from (attached, received, lost, malformed, stacks, sampling)
+        yield from (attached, received, lost, malformed, stacks, processes, sampling)
 
     def _pipeline(self) -> Iterator[Metric]:
         depth = _gauge("pipeline_queue_depth", "Items waiting between threads.", ("queue",))

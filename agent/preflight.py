@@ -1,8 +1,10 @@
 """Preflight: can this host run the agent, and which kernel features and fallbacks will it use?
 
-Owns every host probe made before BPF is touched: privileges, the bpf() syscall, perf events
+Owns the readiness checks made before BPF is touched: privileges, the bpf() syscall, perf events
 (hardware PMU or the cpu-clock fallback), perf_event_paranoid, tracefs, kernel headers for BCC (and
-the closest-version fallback `make setup` links), BTF, kprobes, and the BCC bindings. Each check gives
+the closest-version fallback `make setup` links), BTF, kprobes, and the BCC bindings. The kernel
+features themselves are probed by `agent.features`, which the probes read too: this module only
+reports them. Each check gives
 one line, and one actionable line per problem. `profiling-agent check` prints the report; `run` refuses
 to start on a fatal problem and prints the same report instead of a traceback.
 """
@@ -15,13 +17,20 @@ import errno
 import importlib.util
 import os
 import platform
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.features import (
+    PERF_COUNT_HW_CPU_CYCLES,
+    PERF_COUNT_SW_CPU_CLOCK,
+    PERF_TYPE_HARDWARE,
+    PERF_TYPE_SOFTWARE,
+    kernel_features,
+    perf_event_open,
+)
+
 SYS_BPF = {"x86_64": 321, "aarch64": 280}
-SYS_PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241}
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
 TRACEFS_PATHS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
 
@@ -105,32 +114,10 @@ def check_bpf_syscall() -> Check:
     return Check("bpf syscall", False, f"BPF_MAP_CREATE failed: {os.strerror(err)}", fix)
 
 
-def _perf_event_open(type_: int, config: int) -> int:
-    number = SYS_PERF_EVENT_OPEN.get(platform.machine())
-    if number is None:
-        return -errno.ENOSYS
-    attr = (ctypes.c_uint8 * 128)()
-    fields = ctypes.cast(attr, ctypes.POINTER(ctypes.c_uint32))
-    fields[0], fields[1] = type_, 128  # type, size
-    ctypes.cast(ctypes.byref(attr, 8), ctypes.POINTER(ctypes.c_uint64))[0] = config
-    ctypes.cast(ctypes.byref(attr, 16), ctypes.POINTER(ctypes.c_uint64))[0] = 19  # sample_freq
-    ctypes.cast(ctypes.byref(attr, 40), ctypes.POINTER(ctypes.c_uint64))[0] = (1 << 0) | (1 << 10)  # disabled, freq
-    fd = _libc().syscall(number, ctypes.byref(attr), -1, 0, -1, 0)  # any pid, cpu 0
-    if fd >= 0:
-        os.close(fd)
-        return 0
-    return -ctypes.get_errno()
-
-
-def hardware_cycles_available() -> bool:
-    """Whether a cpu-cycles sampling event can be opened (no PMU in most VMs)."""
-    return _perf_event_open(0, 0) == 0
-
-
 def check_perf_events(proc_root: Path = Path("/proc")) -> list[Check]:
     paranoid = (proc_root / "sys/kernel/perf_event_paranoid").read_text().strip()
-    software = _perf_event_open(1, 0)  # PERF_TYPE_SOFTWARE, PERF_COUNT_SW_CPU_CLOCK
-    hardware = _perf_event_open(0, 0)  # PERF_TYPE_HARDWARE, PERF_COUNT_HW_CPU_CYCLES
+    software = perf_event_open(PERF_TYPE_SOFTWARE, PERF_COUNT_SW_CPU_CLOCK)
+    hardware = perf_event_open(PERF_TYPE_HARDWARE, PERF_COUNT_HW_CPU_CYCLES)
     checks = [
         Check(
             "perf events",
@@ -207,22 +194,8 @@ def check_kernel_headers(release: str | None = None, modules: Path = Path("/lib/
     )
 
 
-def task_regs_unavailable(release: str | None = None, btf: Path = Path("/sys/kernel/btf/vmlinux")) -> str:
-    """Why perf-event and tracepoint programs cannot read a task's user registers here, or "" if they can.
-
-    The stack copy for DWARF unwinding needs them (bpf_get_current_task_btf and bpf_task_pt_regs):
-    kernel >= 5.15 with BTF. Uprobe programs (allocations) get the user registers as their context."""
-    release = release or platform.release()
-    match = re.match(r"(\d+)\.(\d+)", release)
-    if match is None or (int(match[1]), int(match[2])) < (5, 15):
-        return f"kernel {release} is older than 5.15 (bpf_task_pt_regs)"
-    if not btf.exists():
-        return f"{btf} is absent (the kernel was built without CONFIG_DEBUG_INFO_BTF)"
-    return ""
-
-
 def check_btf() -> Check:
-    missing = task_regs_unavailable()
+    missing = kernel_features().task_regs_unavailable
     return Check(
         "DWARF unwinding",
         not missing,
@@ -235,9 +208,8 @@ def check_btf() -> Check:
 
 
 def check_kprobes() -> Check:
-    for path in TRACEFS_PATHS:
-        if (path / "kprobe_events").exists():
-            return Check("kprobes", True, "available: off-CPU uses a kprobe on the scheduler")
+    if kernel_features().kprobes:
+        return Check("kprobes", True, "available: off-CPU uses a kprobe on the scheduler")
     return Check(
         "kprobes",
         False,
@@ -248,10 +220,9 @@ def check_kprobes() -> Check:
 
 
 def check_offcpu_attach() -> Check:
-    from agent.probes.offcpu import plan_attach, read_kernel_features
-
-    plan = plan_attach("auto", read_kernel_features())
-    return Check("off-CPU", True, f"--profilers offcpu would attach with the {plan.description}")
+    symbol = kernel_features().switch_kprobe  # what offcpu.attach = auto chooses
+    hook = f"kprobe {symbol}" if symbol else "sched:sched_switch tracepoint"
+    return Check("off-CPU", True, f"--profilers offcpu would attach with the {hook}")
 
 
 def check_alloc_cost() -> Check:

@@ -112,7 +112,7 @@ class Harness:
         probe = CpuProbe(config.profiling, self.queue.put)
         probe._bpf = _CapturingBpf()  # the probe's own callback, minus the kernel
         probe.open_event_buffers()
-        on_record = probe._bpf.callbacks["samples"]
+        on_record = probe._bpf.callbacks["cpu_samples"]
 
         def raw_cb_(_: object, data: int, size: int) -> None:  # bcc.table's wrapper (its try costs nothing)
             on_record(0, data, size)

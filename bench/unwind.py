@@ -29,8 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from agent.aggregate.types import Stack, StackStatus
+from agent.probes.bpf_probe import StackCopyPlan
 from agent.probes.cpu import CpuProbe
 from agent.probes.events import StackEvent
+from agent.probes.program import ProbeProgram
 from agent.probes.reader import PerfReader
 from agent.probes.records import STACK_EVENT_HEADER_SIZE, USER_STACK_OFFSET
 from agent.probes.settings import ProfilingConfig
@@ -226,12 +228,13 @@ def sample(ctx: Context, workload: Workload) -> dict[str, Any]:
     """Like the agent's reader, poll until the buffer wakes (once per HZ records) and handle the batch."""
     process = subprocess.Popen(workload.command(ctx), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     events: list[object] = []
-    probe = CpuProbe(profiling_config(process.pid), events.append)
-    probe.user_stack_bytes = STACK_BYTES
+    config = profiling_config(process.pid)
+    probe = CpuProbe(config, events.append, StackCopyPlan(STACK_BYTES))
+    program = ProbeProgram(config, [probe], events.append)
     try:
-        probe.load()
-        probe.attach()
-        reader = PerfReader([probe])
+        program.load()
+        program.attach()
+        reader = PerfReader(program)
         warm_ns = time.monotonic_ns() + int(WARMUP_S * 1e9)
         run = Run(workload, process.pid, warm_ns, warm_ns + int(MEASURE_S * 1e9))
         while True:
@@ -250,7 +253,7 @@ def sample(ctx: Context, workload: Workload) -> dict[str, Any]:
             raise RuntimeError(f"{workload.name} exited early with status {process.returncode}")
         return run.summary()
     finally:
-        probe.close()
+        program.close()
         process.kill()
         process.wait()
 

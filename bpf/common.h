@@ -1,4 +1,4 @@
-/* Structs that cross the kernel/user boundary, shared by every program in bpf/, and the helpers that
+/* Structs that cross the kernel/user boundary, shared by the profilers in bpf/agent.bpf.c, and the helpers that
  * fill them. Their ctypes mirrors live in agent/probes/records.py; tests/unit/test_records_layout.py
  * checks that sizeof and every field offset agree. Keep fields naturally aligned, padding explicit.
  *
@@ -13,12 +13,11 @@
 #define AGENT_COMM_LEN 16
 #define MAX_STACK_DEPTH 127 /* the kernel's PERF_MAX_STACK_DEPTH */
 
-/* Bytes of the user stack copied into each record for DWARF unwinding in user space (cflag; a multiple
- * of USER_STACK_CHUNK). 0 compiles the copy out: frame-pointer stacks only, and records stay small. */
-#ifndef USER_STACK_BYTES
-#define USER_STACK_BYTES 0
-#endif
+/* Each profiler copies its own number of user stack bytes into its records for DWARF unwinding in user
+ * space (cflags CPU_STACK_BYTES, OFFCPU_STACK_BYTES, ALLOC_STACK_BYTES: multiples of USER_STACK_CHUNK up
+ * to MAX_USER_STACK_BYTES). 0 compiles the copy out: frame-pointer stacks only, and records stay small. */
 #define USER_STACK_CHUNK 512
+#define MAX_USER_STACK_BYTES 32768 /* the unwind.stack_bytes setting's bound */
 /* The agent's own process (cflag): its threads are never sampled, so profiling costs no feedback. */
 #ifndef AGENT_PID
 #define AGENT_PID 0
@@ -31,7 +30,7 @@
 #define PROC_EVENT_NEW 1  /* first sample of a process (or first after exec): capture its mappings now */
 #define PROC_EVENT_EXEC 2 /* the process replaced its image: mappings captured earlier are stale */
 
-/* Indices into each program's `params` array (u64), written by user space: the adaptive sampler
+/* Indices into each profiler's `<profiler>_params` array (u64), written by user space: the adaptive sampler
  * changes them at run time, and every record carries the sampling value it was kept under. */
 #define PARAM_SAMPLING 0     /* off-CPU: keep 1 in N events; allocations: mean bytes between samples */
 #define PARAM_MIN_BLOCK_NS 1 /* off-CPU: shorter blocks are not reported */
@@ -48,9 +47,10 @@ struct stack_event {
     s32 kernel_stack_len;   /* frames in ips[0..], or -errno from bpf_get_stack */
     s32 user_stack_len;     /* frames following the kernel frames, or -errno */
     char comm[AGENT_COMM_LEN];
-    /* The user registers and stack for unwinding with CFI (USER_STACK_BYTES > 0), else zero. The copy
-     * starts at user_stack_base (user_sp rounded down to USER_STACK_CHUNK) and holds
-     * user_stack_bytes bytes: whole chunks, up to the first unreadable one (the stack's end). */
+    /* The user registers and stack for unwinding with CFI (the profiler copies the stack), else zero.
+     * The copy starts at user_stack_base (user_sp rounded down to USER_STACK_CHUNK) and holds
+     * user_stack_bytes bytes: whole chunks, up to the first unreadable one (the stack's end). It follows
+     * the record, at sizeof(struct stack_event): after every slot of ips (see STACK_RECORD). */
     u64 user_ip;
     u64 user_sp;
     u64 user_bp;
@@ -58,10 +58,17 @@ struct stack_event {
     u32 user_stack_bytes;
     u32 reserved;
     u64 ips[2 * MAX_STACK_DEPTH]; /* kernel frames, then user frames, leaf first */
-#if USER_STACK_BYTES > 0
-    u8 stack[USER_STACK_BYTES];   /* sent whole-ips: at a fixed offset, after every slot of ips */
-#endif
 };
+
+/* A profiler's record as it fills it (in a per-CPU scratch map: records are too big for the 512-byte BPF
+ * stack): a stack_event and room for `bytes` of user stack right after it. One layout per profiler,
+ * since each copies its own amount; `struct stack_event` (mirrored in agent/probes/records.py) is the
+ * same in all of them. */
+#define STACK_RECORD(name, bytes) \
+    struct name {                 \
+        struct stack_event event; \
+        u8 stack[bytes];          \
+    }
 
 struct proc_event {
     u64 timestamp_ns;
@@ -69,53 +76,51 @@ struct proc_event {
     u32 kind;               /* PROC_EVENT_* */
 };
 
-/* Copy the registers and the top of the user stack for DWARF unwinding; returns the bytes of `e` to
- * submit (all of `ips`, then the copied chunks), or 0 when nothing is copied (USER_STACK_BYTES == 0, a
- * kernel thread, or no user registers). Chunks are read at constant offsets so the verifier sees every
- * access in bounds; the first unreadable one (past the top of the stack) ends the copy. */
-static __always_inline u32 copy_user_stack(struct stack_event *e, u64 ip, u64 sp, u64 bp)
+/* Copy the registers and the top of the user stack into `stack` (the `stack_bytes` right after `e`) for
+ * DWARF unwinding; returns the bytes of `e` to submit (all of `ips`, then the copied chunks), or 0 when
+ * nothing is copied (stack_bytes == 0, a kernel thread, or no user registers). `stack_bytes` is a
+ * constant of the calling profiler: the loop unrolls to its chunks, each read at a constant offset so
+ * the verifier sees every access in bounds; the first unreadable one (past the stack's top) ends it. */
+static __always_inline u32 copy_user_stack(struct stack_event *e, u8 *stack, u32 stack_bytes, u64 ip, u64 sp, u64 bp)
 {
     e->user_ip = ip;
     e->user_sp = sp;
     e->user_bp = bp;
     e->user_stack_base = 0;
     e->user_stack_bytes = 0;
-#if USER_STACK_BYTES > 0
-    if (!sp || (e->flags & SAMPLE_FLAG_KERNEL_THREAD))
+    if (stack_bytes == 0 || !sp || (e->flags & SAMPLE_FLAG_KERNEL_THREAD))
         return 0;
     u64 base = sp & ~((u64)USER_STACK_CHUNK - 1);
     e->user_stack_base = base;
     u32 chunks = 0;
 #pragma unroll
-    for (u32 i = 0; i < USER_STACK_BYTES / USER_STACK_CHUNK; i++) {
-        if (bpf_probe_read_user(&e->stack[i * USER_STACK_CHUNK], USER_STACK_CHUNK,
+    for (u32 i = 0; i < MAX_USER_STACK_BYTES / USER_STACK_CHUNK; i++) {
+        if (i >= stack_bytes / USER_STACK_CHUNK)
+            break;
+        if (bpf_probe_read_user(&stack[i * USER_STACK_CHUNK], USER_STACK_CHUNK,
                                 (void *)(base + i * USER_STACK_CHUNK)) != 0)
             break;
         chunks = i + 1;
     }
     e->user_stack_bytes = chunks * USER_STACK_CHUNK;
-    return offsetof(struct stack_event, stack) + chunks * USER_STACK_CHUNK;
-#else
-    return 0;
-#endif
+    return sizeof(struct stack_event) + chunks * USER_STACK_CHUNK;
 }
 
-/* The bytes to submit of a record filled earlier (by collect_stacks, or as alloc.bpf.c does). */
-static __always_inline u64 record_size(struct stack_event *e)
+/* The bytes to submit of a record filled earlier (by collect_stacks, or as the allocation profiler does)
+ * whose profiler copies `stack_bytes` of user stack. */
+static __always_inline u64 record_size(struct stack_event *e, u32 stack_bytes)
 {
     u64 size;
     s32 kernel = e->kernel_stack_len, user = e->user_stack_len;
     u32 nk = kernel > 0 ? (u32)kernel & 0x7f : 0;
     u32 nu = user > 0 ? (u32)user & 0x7f : 0;
     size = offsetof(struct stack_event, ips) + (nk + nu) * sizeof(u64);
-#if USER_STACK_BYTES > 0
-    if (e->user_stack_bytes)
-        size = offsetof(struct stack_event, stack) + (u64)e->user_stack_bytes;
-#endif
+    if (stack_bytes && e->user_stack_bytes)
+        size = sizeof(struct stack_event) + (u64)e->user_stack_bytes;
     /* Hide what the compiler knows, so the bound below reaches the verifier on the same register. */
     __asm__ __volatile__("" : "+r"(size));
-    if (size > sizeof(struct stack_event))
-        size = sizeof(struct stack_event);
+    if (size > sizeof(struct stack_event) + stack_bytes)
+        size = sizeof(struct stack_event) + stack_bytes;
     return size;
 }
 
@@ -123,19 +128,17 @@ static __always_inline u64 record_size(struct stack_event *e)
  * mode): what a perf_event or tracepoint program must unwind from. Kernel >= 5.15 (bpf_task_pt_regs). */
 static __always_inline void current_user_regs(u64 *ip, u64 *sp, u64 *bp)
 {
-#if USER_STACK_BYTES > 0
     struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
     bpf_probe_read_kernel(ip, sizeof(*ip), &regs->ip);
     bpf_probe_read_kernel(sp, sizeof(*sp), &regs->sp);
     bpf_probe_read_kernel(bp, sizeof(*bp), &regs->bp);
-#else
-    *ip = *sp = *bp = 0;
-#endif
 }
 
-/* Walk both stacks of the current task into e->ips, and copy the user stack when configured; returns
- * the number of bytes of `e` to submit. The masks keep every offset provably inside `ips`. */
-static __always_inline u32 collect_stacks(void *ctx, struct stack_event *e)
+/* Walk both stacks of the current task into e->ips, and copy `stack_bytes` of the user stack into
+ * `stack` (a constant of the calling profiler: 0 compiles the copy and the register reads out, so
+ * kernels without bpf_task_pt_regs load it); returns the number of bytes of `e` to submit. The masks
+ * keep every offset provably inside `ips`. */
+static __always_inline u32 collect_stacks(void *ctx, struct stack_event *e, u8 *stack, u32 stack_bytes)
 {
     long kernel = bpf_get_stack(ctx, e->ips, MAX_STACK_DEPTH * sizeof(u64), 0);
     u32 nk = kernel > 0 ? ((u32)kernel / sizeof(u64)) & 0x7f : 0;
@@ -149,9 +152,9 @@ static __always_inline u32 collect_stacks(void *ctx, struct stack_event *e)
         e->user_stack_len = user < 0 ? (s32)user : (s32)nu;
     }
     u64 ip = 0, sp = 0, bp = 0;
-    if (!(e->flags & SAMPLE_FLAG_KERNEL_THREAD))
+    if (stack_bytes && !(e->flags & SAMPLE_FLAG_KERNEL_THREAD))
         current_user_regs(&ip, &sp, &bp);
-    u32 copied = copy_user_stack(e, ip, sp, bp);
+    u32 copied = copy_user_stack(e, stack, stack_bytes, ip, sp, bp);
     return copied ? copied : offsetof(struct stack_event, ips) + (nk + nu) * sizeof(u64);
 }
 

@@ -1,10 +1,10 @@
-"""Probes stage: the allocation profiler (`bpf/alloc.bpf.c`).
+"""Probes stage: the allocation profiler (`bpf/agent.bpf.c`, section PROFILE_ALLOC).
 
 Attaches uprobes to malloc, calloc, realloc, posix_memalign and aligned_alloc in every C library file
 the profiled processes map (found by `agent.probes.libc_tracker`): once per file for the whole host,
 or once per file and process with `--pid`, so other processes do not take the uprobe trap. `refresh()`
 (called periodically by the daemon) attaches to libraries that appeared and detaches from those no
-process maps any more; exec'd processes reported by the program's own exec tracepoint are read again.
+process maps any more; exec'd processes reported by the shared exec tracepoint are read again.
 
 The kernel samples by bytes (see the program's header): each record is one allocation of `value`
 bytes kept with probability 1 - exp(-value/R), R being the mean sampling distance in force
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from agent.aggregate.types import ProfileSpec, ValueType
 from agent.errors import BpfAttachError
-from agent.probes.bpf_probe import BpfProbe, Emit
+from agent.probes.bpf_probe import FRAME_POINTERS, BpfProbe, Emit, StackCopyPlan
 from agent.probes.events import MalformedRecord, ProcessEvent, ProcessEventKind, RecordHeader, StackEventDecoder
 from agent.probes.libc_tracker import ALL_PROCESSES, LibcTracker, Source, Target
 from agent.probes.records import PARAM_SAMPLING
@@ -37,7 +37,7 @@ from agent.probes.settings import AllocConfig, ProfilingConfig
 logger = logging.getLogger(__name__)
 
 DEFAULT_SAMPLE_BYTES: int = AllocConfig().sample_bytes
-MAX_SAMPLE_BYTES = 1 << 40  # MAX_MEAN in bpf/alloc.bpf.c: the threshold arithmetic stays within 64 bits
+MAX_SAMPLE_BYTES = 1 << 40  # MAX_MEAN in bpf/alloc_math.h: the threshold arithmetic stays within 64 bits
 THREAD_ENTRIES = 65536  # per-thread countdowns; an evicted thread just draws a new threshold
 # Records are a few per second per busy process at the default R: wake the reader every few.
 WAKEUP_EVENTS = 8
@@ -85,7 +85,6 @@ class _Attachment:
 
 class AllocProbe(BpfProbe):
     name = "alloc"
-    program = "alloc"
     adaptive = True  # the sampler may raise R above the configured value to hold the event budget
     # Allocation samples come in bursts (4 GiB in 0.1 s is thousands of records) faster than the
     # sampler reacts: with unwind.alloc = auto the pipeline unwinds them, behind the queue.
@@ -96,11 +95,11 @@ class AllocProbe(BpfProbe):
         config: ProfilingConfig,
         emit: Emit,
         alloc: AllocConfig | None = None,
+        stacks: StackCopyPlan = FRAME_POINTERS,
         *,
         proc_root: Path = Path("/proc"),
     ) -> None:
-        super().__init__(config, self._forward)
-        self._downstream = emit
+        super().__init__(config, emit, stacks)
         self._sample_bytes = alloc.sample_bytes if alloc is not None else DEFAULT_SAMPLE_BYTES
         self._spec = alloc_profile_spec(self._sample_bytes)
         self.tracker = LibcTracker(proc_root, config.pids)
@@ -115,9 +114,9 @@ class AllocProbe(BpfProbe):
         return self._spec
 
     def extra_defines(self) -> dict[str, int | str]:
-        # With --pid the uprobes are attached to those processes only (the kernel filters uprobe events
-        # by address space), so the program's own pid-filter lookup would only add ~30 ns to every call.
-        return {"THREAD_ENTRIES": THREAD_ENTRIES, "FILTER_PIDS": 0}
+        # No pid filter: with --pid the uprobes are attached to those processes only (the kernel filters
+        # uprobe events by address space), so a pid-filter lookup would only add ~30 ns to every call.
+        return {"THREAD_ENTRIES": THREAD_ENTRIES}
 
     def parameters(self) -> dict[str, float]:
         return {"sample_bytes": self._sample_bytes}
@@ -141,18 +140,17 @@ class AllocProbe(BpfProbe):
         """New or exec'd processes: read their mappings at the next refresh."""
         self.tracker.note_pids(pids)
 
-    def _forward(self, event: object) -> None:
-        if isinstance(event, ProcessEvent) and event.kind is ProcessEventKind.EXEC:
+    def note_process_event(self, event: ProcessEvent) -> None:
+        if event.kind is ProcessEventKind.EXEC:  # it may map another C library now
             self.tracker.note_pids((event.pid,))
-        self._downstream(event)
 
-    def load(self) -> None:
-        super().load()
+    def loaded(self, bpf: object) -> None:
+        super().loaded(bpf)
         self.write_param(PARAM_SAMPLING, self._sample_bytes)
 
     def open_event_buffers(self) -> None:
         decode = StackEventDecoder(self.name, self.stacks, alloc_values).decode
-        self.open_buffer("samples", decode, self._config.perf_buffer_pages, WAKEUP_EVENTS, stack_records=True)
+        self.open_buffer(self.samples_buffer, decode, self._config.perf_buffer_pages, WAKEUP_EVENTS, stack_records=True)
 
     def attach_events(self) -> None:
         with self._lock:

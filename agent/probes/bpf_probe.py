@@ -1,10 +1,12 @@
-"""Probes stage: what every BPF profiler shares: loading, stack maps, process announcements, buffers.
+"""Probes stage: what every profiler shares: its part of the one BPF object, its buffers, its counts.
 
-A profiler's program (`bpf/<name>.bpf.c`) declares the same shared maps (`pid_filter`, `known_pids`,
-`proc_events`) and sends `struct stack_event` records (see `bpf/common.h`); this base class loads it,
-fills the pid filter, opens the process-event buffer, owns the profiler's `StackDecoder`, counts lost
-and malformed records, and exposes its perf readers so one thread can poll every profiler at once.
-Subclasses add their own buffer and attach their own events.
+Every enabled profiler's programs live in one BPF object (`bpf/agent.bpf.c`, loaded by
+`agent.probes.program.ProbeProgram`), each in its own `PROFILE_<NAME>` section with maps named after
+it (`<name>_samples`, `<name>_params`, ...). A `BpfProbe` contributes its section's cflags, is handed
+the loaded object, attaches its own events, opens its own perf buffer of `struct stack_event` records
+(see `bpf/common.h`), owns its `StackDecoder`, and counts its lost and malformed records. It is built
+with its `StackCopyPlan` (how many bytes of user stack its records carry, and the unwind stage to run
+on them in the reader's callback), decided once by `agent.probes.registry`.
 """
 
 from __future__ import annotations
@@ -18,17 +20,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.aggregate.types import ProfileSpec
-from agent.probes.events import MalformedRecord, UnwindCopy, decode_proc_event
+from agent.probes.events import MalformedRecord, ProcessEvent, UnwindCopy
 from agent.probes.geometry import page_count, sized_for_records
-from agent.probes.loader import dump_program, load_program
 from agent.probes.records import PARAM_SAMPLING, USER_STACK_OFFSET
 from agent.probes.settings import ProfilingConfig
 from agent.probes.stacks import StackDecoder
 
 logger = logging.getLogger(__name__)
-
-KNOWN_PIDS_ENTRIES = 65536
-PROC_EVENT_PAGES = 8
 
 Emit = Callable[[object], None]
 Decoder = Callable[[int, int], object]
@@ -41,28 +39,47 @@ class ReaderStats:
     lost: dict[str, int] = field(default_factory=dict)  # by perf buffer
 
 
+@dataclass(frozen=True, slots=True)
+class StackCopyPlan:
+    """How a profiler's records carry user stacks: decided once, before the probe is built."""
+
+    stack_bytes: int = 0  # user stack copied per record for DWARF unwinding (<NAME>_STACK_BYTES); 0: none
+    # The unwind stage, run on each record's copy inside the perf-buffer callback. None: the events keep
+    # their copies and the pipeline thread unwinds them (or there is nothing to unwind).
+    unwind: UnwindCopy | None = None
+
+
+FRAME_POINTERS = StackCopyPlan()
+
+
 class BpfProbe(ABC):
-    name: str  # the profiler: "cpu", ...
-    program: str  # bpf/<program>.bpf.c
+    name: str  # the profiler: "cpu", ...; its section is PROFILE_<NAME>, its maps <name>_*
     # Whether its stack copies are unwound inside the callback. A profiler whose records come in bursts
     # says no: there the reader must only copy records out (the pipeline unwinds behind the queue), or
     # the ~10 KiB records overflow the perf buffers while it unwinds.
     unwinds_in_reader: bool = True
 
-    def __init__(self, config: ProfilingConfig, emit: Emit) -> None:
+    def __init__(self, config: ProfilingConfig, emit: Emit, stacks: StackCopyPlan = FRAME_POINTERS) -> None:
         self._config = config
         self._emit = emit
-        self._bpf: Any = None
+        self._bpf: Any = None  # the shared bcc.BPF object, once loaded
         self.attach_method = ""  # what the events were attached with, for check/metrics/logs
         self.stats = ReaderStats()
         self.stacks = StackDecoder()  # used only by the reader thread, inside the callbacks
-        # Bytes of user stack each record carries for DWARF unwinding (USER_STACK_BYTES); 0: frame
-        # pointers only. Set before `load` (agent.probes.registry does, from the unwind config).
-        self.user_stack_bytes = 0
-        # The unwind stage, for records with a stack copy: their decoder calls it inside the callback.
-        # Set before `attach` (the daemon does, where `unwinds_in_reader`); without it the events keep
-        # the copy and the pipeline thread unwinds them.
-        self.unwind_copy: UnwindCopy | None = None
+        self._stack_copy = stacks
+
+    @property
+    def user_stack_bytes(self) -> int:
+        """Bytes of user stack each record carries for DWARF unwinding; 0: frame pointers only."""
+        return self._stack_copy.stack_bytes
+
+    @property
+    def unwind_copy(self) -> UnwindCopy | None:
+        return self._stack_copy.unwind
+
+    @property
+    def samples_buffer(self) -> str:
+        return f"{self.name}_samples"
 
     @property
     @abstractmethod
@@ -82,6 +99,9 @@ class BpfProbe(ABC):
     def refresh(self) -> None:  # noqa: B027 - an optional hook: most probes need no upkeep
         """Periodic upkeep on the main thread (e.g. attach to new libraries); nothing by default."""
 
+    def note_process_event(self, event: ProcessEvent) -> None:  # noqa: B027 - an optional hook
+        """A process announcement or exec from the shared buffer, before it goes downstream."""
+
     def sampling_floor(self) -> int:
         return 1
 
@@ -90,35 +110,24 @@ class BpfProbe(ABC):
         self.write_param(PARAM_SAMPLING, value)
 
     def write_param(self, index: int, value: int) -> None:
-        """Set `params[index]` of the loaded program (see PARAM_* in bpf/common.h)."""
-        self._bpf[b"params"][ctypes.c_int(index)] = ctypes.c_uint64(value)
+        """Set `<name>_params[index]` of the loaded object (see PARAM_* in bpf/common.h)."""
+        self._bpf[f"{self.name}_params".encode()][ctypes.c_int(index)] = ctypes.c_uint64(value)
 
     @property
     def defines(self) -> dict[str, int | str]:
-        return {
-            "KNOWN_PIDS_ENTRIES": KNOWN_PIDS_ENTRIES,
-            "FILTER_PIDS": 1 if self._config.pids else 0,
-            # The agent's own threads are never sampled: its perf-buffer reads, its sleeps and its
-            # allocations would otherwise be a large part of what it reports (and of what it costs).
-            "AGENT_PID": os.getpid(),
-            "USER_STACK_BYTES": self.user_stack_bytes,
-            **self.extra_defines(),
-        }
+        """This profiler's cflags: its section, its stack copy, and its own parameters."""
+        upper = self.name.upper()
+        return {f"PROFILE_{upper}": 1, f"{upper}_STACK_BYTES": self.user_stack_bytes, **self.extra_defines()}
 
-    def dump(self) -> str:
-        return dump_program(self.program, self.defines)
+    def loaded(self, bpf: Any) -> None:
+        """The object holding this profiler's programs was loaded: subclasses write their parameters."""
+        self._bpf = bpf
 
-    def load(self) -> None:
-        self._bpf = load_program(self.program, self.defines)
-        if self._config.pids:
-            pid_filter = self._bpf[b"pid_filter"]
-            for pid in self._config.pids:
-                pid_filter[ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
+    def unloaded(self) -> None:
+        self._bpf = None
 
     def attach(self) -> None:
         """Open the perf buffers first, so no early record finds no reader; then start the events."""
-        # Process announcements are rare and urgent (the process may exit soon): wake on each.
-        self.open_buffer("proc_events", decode_proc_event, PROC_EVENT_PAGES, wakeup_events=1)
         self.open_event_buffers()
         self.attach_events()
         logger.info("%s profiler attached with %s", self.name, self.attach_method)
@@ -139,49 +148,13 @@ class BpfProbe(ABC):
         if stack_records and self.user_stack_bytes:
             record_bytes = USER_STACK_OFFSET + self.user_stack_bytes
             pages, wakeup_events = sized_for_records(pages, wakeup_events, record_bytes, os.cpu_count() or 1)
-        stats, emit = self.stats, self._emit  # runs once per record: no lookups through self
-
-        def on_record(cpu: int, data: int, size: int) -> None:
-            try:
-                event = decode(data, size)
-            except MalformedRecord as e:
-                self._malformed(e)
-                return
-            except Exception as e:
-                # A bug in decoding or unwinding. Raised into the ctypes callback it would only be
-                # printed to stderr, and the record lost uncounted: count it, log it, go on.
-                self._malformed(e)
-                return
-            stats.received += 1
-            emit(event)
-
-        def on_lost(count: int) -> None:
-            self.stats.lost[table] = self.stats.lost.get(table, 0) + count
-
-        self._bpf[table.encode()].open_perf_buffer(
-            on_record, page_cnt=page_count(pages), lost_cb=on_lost, wakeup_events=wakeup_events
-        )
+        open_counted_buffer(self._bpf, table, decode, self._emit, self.stats, self._malformed, pages, wakeup_events)
 
     def _malformed(self, error: Exception) -> None:
-        """Count a record that could not be decoded; log the 1st, 2nd, 4th, 8th, ... (a bug, not a
-        MalformedRecord, at warning with its traceback)."""
-        self.stats.malformed += 1
-        if self.stats.malformed & (self.stats.malformed - 1) == 0:
-            if isinstance(error, MalformedRecord):
-                logger.debug("%s: malformed record (%d so far): %s", self.name, self.stats.malformed, error)
-            else:
-                logger.error(
-                    "%s: decoding a record failed (%d so far)", self.name, self.stats.malformed, exc_info=error
-                )
+        log_malformed(self.name, self.stats, error)
 
-    def readers(self) -> list[int]:
-        """The perf readers of every open buffer, for a poll across all profilers."""
-        return list(self._bpf.perf_buffers.values()) if self._bpf is not None else []
-
-    def drain(self) -> None:
-        """Read whatever sits in the buffers below the wakeup threshold."""
-        if self._bpf is not None:
-            self._bpf.perf_buffer_consume()
+    def drain(self) -> None:  # noqa: B027 - an optional hook: most probes keep no in-kernel counts
+        """After the object's buffers were drained: read any in-kernel loss counters."""
 
     def stop_sampling(self) -> None:
         if self._bpf is None:
@@ -191,8 +164,44 @@ class BpfProbe(ABC):
         except Exception as e:  # bcc raises bare Exception; detaching at shutdown must not stop the flush
             logger.warning("%s: could not detach its events: %s", self.name, e)
 
-    def close(self) -> None:
-        if self._bpf is not None:
-            self.stop_sampling()
-            self._bpf.cleanup()
-            self._bpf = None
+
+def open_counted_buffer(
+    bpf: Any,
+    table: str,
+    decode: Decoder,
+    emit: Emit,
+    stats: ReaderStats,
+    malformed: Callable[[Exception], None],
+    pages: int,
+    wakeup_events: int,
+) -> None:
+    """Open perf buffer `table`: each record is decoded, counted and emitted; losses are counted by buffer."""
+
+    def on_record(cpu: int, data: int, size: int) -> None:
+        try:
+            event = decode(data, size)
+        except Exception as e:
+            # A MalformedRecord, or a bug in decoding or unwinding. Raised into the ctypes callback it
+            # would only be printed to stderr, and the record lost uncounted: count it, log it, go on.
+            malformed(e)
+            return
+        stats.received += 1
+        emit(event)
+
+    def on_lost(count: int) -> None:
+        stats.lost[table] = stats.lost.get(table, 0) + count
+
+    bpf[table.encode()].open_perf_buffer(
+        on_record, page_cnt=page_count(pages), lost_cb=on_lost, wakeup_events=wakeup_events
+    )
+
+
+def log_malformed(name: str, stats: ReaderStats, error: Exception) -> None:
+    """Count a record that could not be decoded; log the 1st, 2nd, 4th, 8th, ... (a bug, not a
+    MalformedRecord, at error with its traceback)."""
+    stats.malformed += 1
+    if stats.malformed & (stats.malformed - 1) == 0:
+        if isinstance(error, MalformedRecord):
+            logger.debug("%s: malformed record (%d so far): %s", name, stats.malformed, error)
+        else:
+            logger.error("%s: decoding a record failed (%d so far)", name, stats.malformed, exc_info=error)

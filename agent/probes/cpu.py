@@ -1,21 +1,27 @@
-"""Probes stage: the CPU profiler (`bpf/cpu.bpf.c`).
+"""Probes stage: the CPU profiler (`bpf/agent.bpf.c`, section PROFILE_CPU).
 
 Attaches a sampling perf event to every online CPU (hardware cycles where a PMU exists, else the
-software cpu-clock: the choice is logged once and reported as `attach_method`) and reads the
-`samples` perf buffer with batched wakeups. Every sample stands for one period of CPU time.
+software cpu-clock, as `agent.features` found: the choice is logged once and reported as
+`attach_method`) and reads the `cpu_samples` perf buffer with batched wakeups. Every sample stands
+for one period of CPU time.
 """
 
 from __future__ import annotations
 
 from agent.aggregate.types import ProfileSpec, ValueType
 from agent.errors import BpfAttachError
-from agent.preflight import hardware_cycles_available
-from agent.probes.bpf_probe import BpfProbe
+from agent.features import (
+    PERF_COUNT_HW_CPU_CYCLES,
+    PERF_COUNT_SW_CPU_CLOCK,
+    PERF_TYPE_HARDWARE,
+    PERF_TYPE_SOFTWARE,
+    KernelFeatures,
+    kernel_features,
+)
+from agent.probes.bpf_probe import FRAME_POINTERS, BpfProbe, Emit, StackCopyPlan
 from agent.probes.events import StackEventDecoder
+from agent.probes.settings import ProfilingConfig
 
-# Perf-event ids as in linux/perf_event.h (bcc.PerfType / PerfHWConfig / PerfSWConfig).
-PERF_TYPE_HARDWARE, PERF_COUNT_HW_CPU_CYCLES = 0, 0
-PERF_TYPE_SOFTWARE, PERF_COUNT_SW_CPU_CLOCK = 1, 0
 EVENT_SOURCES = (
     (PERF_TYPE_HARDWARE, PERF_COUNT_HW_CPU_CYCLES, "hardware cpu-cycles"),
     (PERF_TYPE_SOFTWARE, PERF_COUNT_SW_CPU_CLOCK, "software cpu-clock"),
@@ -38,9 +44,18 @@ def cpu_profile_spec(frequency_hz: int) -> ProfileSpec:
 
 class CpuProbe(BpfProbe):
     name = "cpu"
-    program = "cpu"
 
     _attached: tuple[int, int] | None = None
+
+    def __init__(
+        self,
+        config: ProfilingConfig,
+        emit: Emit,
+        stacks: StackCopyPlan = FRAME_POINTERS,
+        features: KernelFeatures | None = None,
+    ) -> None:
+        super().__init__(config, emit, stacks)
+        self._features = features
 
     @property
     def spec(self) -> ProfileSpec:
@@ -53,12 +68,13 @@ class CpuProbe(BpfProbe):
         values = (1, self.spec.period)  # every sample stands for one period of CPU time
         decode = StackEventDecoder(self.name, self.stacks, values, unwind=self.unwind_copy).decode
         wakeup = max(1, self._config.frequency_hz // WAKEUPS_PER_SECOND)
-        self.open_buffer("samples", decode, self._config.perf_buffer_pages, wakeup, stack_records=True)
+        self.open_buffer(self.samples_buffer, decode, self._config.perf_buffer_pages, wakeup, stack_records=True)
 
     def attach_events(self) -> None:
         errors = []
         # Ask the kernel first: a failed BCC attach prints a bare perf_event_open error to stderr.
-        sources = EVENT_SOURCES if hardware_cycles_available() else EVENT_SOURCES[1:]
+        features = self._features or kernel_features()
+        sources = EVENT_SOURCES if features.hardware_cycles else EVENT_SOURCES[1:]
         for ev_type, ev_config, label in sources:
             try:
                 self._bpf.attach_perf_event(

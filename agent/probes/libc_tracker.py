@@ -140,6 +140,8 @@ class LibcTracker:
         """Every target the profiled processes need now, each with a place to open its file from."""
         with self._noted_lock:
             noted, self._noted = self._noted, set()
+        if self._only:  # exec events come from every process: with --pid only those are profiled
+            noted &= self._only
         full = self.scans % self._full_scan_every == 0
         listing = full or self.scans % self._list_every == 0
         self.scans += 1

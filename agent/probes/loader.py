@@ -1,8 +1,9 @@
-"""Probes stage: compiles and loads the C programs in `bpf/` through BCC.
+"""Probes stage: compiles and loads the C program in `bpf/` through BCC.
 
 Owns locating the sources (relative to this package, never bcc's argv[0]-relative lookup), the
-cflags that parameterise them, wrapping bcc's bare `Exception`s into `BpfLoadError`, and the
-`--dump-bpf` output. Nothing is templated with string replacement: parameters are -D flags.
+cflags that parameterise them (which profilers are compiled in, and their sizes), wrapping bcc's bare
+`Exception`s into `BpfLoadError`, and the `--dump-bpf` output. Nothing is templated with string
+replacement: parameters are -D flags.
 """
 
 from __future__ import annotations
@@ -34,10 +35,14 @@ def cflags(defines: Mapping[str, int | str]) -> list[str]:
     return [f"-I{BPF_DIR}", *(f"-D{key}={value}" for key, value in sorted(defines.items()))]
 
 
+# The headers the programs include (from bpf/), printed by --dump-bpf before the program itself.
+HEADERS = ("common.h", "alloc_math.h")
+
+
 def dump_program(name: str, defines: Mapping[str, int | str]) -> str:
     """The exact source files and flags BCC is given, for `--dump-bpf`."""
     parts = [f"// program: {name}", f"// cflags: {' '.join(cflags(defines))}"]
-    for path in (BPF_DIR / "common.h", bpf_source(name)):
+    for path in (*(BPF_DIR / header for header in HEADERS), bpf_source(name)):
         parts += [f"// ---- {path} ----", path.read_text(encoding="utf-8")]
     return "\n".join(parts)
 

@@ -1,26 +1,24 @@
-"""Probes stage: the off-CPU profiler (`bpf/offcpu.bpf.c`): where threads wait, and for how long.
+"""Probes stage: the off-CPU profiler (`bpf/agent.bpf.c`, section PROFILE_OFFCPU): where threads wait.
 
 Hooks the scheduler with a kprobe on `finish_task_switch` where the kernel has kprobes, else with the
 `sched:sched_switch` tracepoint (`offcpu.attach` can force either; the choice is a pure function of the
-setting and the kernel's features, logged once and reported as `attach_method`). Each record is one
-block of at least `offcpu.min_block_us`, kept with probability 1/N in the kernel; it stands for N
+setting and the kernel's features from `agent.features`, logged once and reported as `attach_method`).
+Each record is one block of at least `offcpu.min_block_us`, kept with probability 1/N in the kernel; it stands for N
 blocks and N times its blocked nanoseconds, so totals stay unbiased whatever N the adaptive sampler
 sets through `set_sample_every`. Blocks the kernel could not follow (its per-thread maps full) are read
-from the program's `lost_counts` at every drain and reported with the perf-buffer losses.
+from the program's `offcpu_lost_counts` at every drain and reported with the perf-buffer losses.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-import re
-from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 from agent.aggregate.types import ProfileSpec, ValueType
 from agent.errors import BpfAttachError
-from agent.probes.bpf_probe import BpfProbe, Emit
+from agent.features import KernelFeatures, kernel_features
+from agent.probes.bpf_probe import FRAME_POINTERS, BpfProbe, Emit, StackCopyPlan
 from agent.probes.events import RecordHeader, StackEventDecoder
 from agent.probes.records import PARAM_MIN_BLOCK_NS, PARAM_SAMPLING, USER_STACK_OFFSET
 from agent.probes.settings import OffCpuConfig, ProfilingConfig
@@ -28,7 +26,7 @@ from agent.probes.settings import OffCpuConfig, ProfilingConfig
 logger = logging.getLogger(__name__)
 
 DEFAULT_OFFCPU = OffCpuConfig()
-# Blocked threads the kernel follows at once (`start`: ~90 bytes each, preallocated: 1.4 MiB); more are
+# Blocked threads the kernel follows at once (`offcpu_start`: ~90 bytes each, preallocated: 1.4 MiB); more are
 # counted as lost. On the tracepoint path their stacks wait in an LRU map of records (~2.1 KiB each,
 # plus the user stack copy when unwinding with DWARF; preallocated): it gets STACK_MAP_BYTES, so 4096
 # entries with frame pointers only and ~830 with an 8 KiB stack copy. Beyond it the longest-idle
@@ -46,18 +44,6 @@ LOST_COUNTERS = ("blocked_map_full", "stacks_evicted")  # LOST_START_FULL, LOST_
 
 ATTACH_MODES = ("auto", "kprobe", "tracepoint")
 TRACEPOINT = "sched:sched_switch"
-SWITCH_SYMBOL = re.compile(r"finish_task_switch(?:\.isra\.\d+)?")
-KPROBE_MARKERS = (  # any of them means kprobe events can be created (the perf PMU, else tracefs)
-    "sys/bus/event_source/devices/kprobe/type",
-    "sys/kernel/tracing/kprobe_events",
-    "sys/kernel/debug/tracing/kprobe_events",
-)
-
-
-@dataclass(frozen=True, slots=True)
-class KernelFeatures:
-    kprobes: bool  # the kernel can create kprobe events
-    switch_symbol: str | None  # finish_task_switch as /proc/kallsyms names it, if it is there
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,39 +57,14 @@ class AttachPlan:
         return f"kprobe {self.kprobe_symbol}"
 
 
-def find_switch_symbol(kallsyms_lines: Iterable[str]) -> str | None:
-    """`finish_task_switch` (or its `.isra.N` clone, which GCC may emit instead) among the text symbols."""
-    found: str | None = None
-    for line in kallsyms_lines:
-        fields = line.split()
-        if len(fields) < 3 or fields[1] not in ("t", "T") or not SWITCH_SYMBOL.fullmatch(fields[2]):
-            continue
-        if fields[2] == "finish_task_switch":
-            return fields[2]
-        found = found or fields[2]
-    return found
-
-
-def read_kernel_features(root: Path = Path("/")) -> KernelFeatures:
-    kprobes = any((root / marker).exists() for marker in KPROBE_MARKERS)
-    symbol = None
-    if kprobes:
-        try:
-            with open(root / "proc/kallsyms", encoding="utf-8", errors="replace") as kallsyms:
-                symbol = find_switch_symbol(kallsyms)
-        except OSError as e:
-            logger.warning("cannot read kallsyms to find finish_task_switch: %s", e)
-    return KernelFeatures(kprobes, symbol)
-
-
 def plan_attach(mode: str, kernel: KernelFeatures) -> AttachPlan:
     """`offcpu.attach` (auto | kprobe | tracepoint) against what the kernel offers."""
     if mode not in ATTACH_MODES:
         raise ValueError(f"offcpu.attach must be one of {', '.join(ATTACH_MODES)}, not {mode!r}")
     if mode == "tracepoint":
         return AttachPlan(None)
-    if kernel.kprobes and kernel.switch_symbol:
-        return AttachPlan(kernel.switch_symbol)
+    if kernel.switch_kprobe:
+        return AttachPlan(kernel.switch_kprobe)
     if mode == "auto":
         return AttachPlan(None)
     why = (
@@ -133,10 +94,17 @@ def offcpu_values(record: RecordHeader) -> tuple[float, float]:
 
 class OffCpuProbe(BpfProbe):
     name = "offcpu"
-    program = "offcpu"
 
-    def __init__(self, config: ProfilingConfig, emit: Emit, offcpu: OffCpuConfig | None = None) -> None:
-        super().__init__(config, emit)
+    def __init__(
+        self,
+        config: ProfilingConfig,
+        emit: Emit,
+        offcpu: OffCpuConfig | None = None,
+        stacks: StackCopyPlan = FRAME_POINTERS,
+        features: KernelFeatures | None = None,
+    ) -> None:
+        super().__init__(config, emit, stacks)
+        self._features = features
         self._offcpu = offcpu or DEFAULT_OFFCPU
         self._sample_every = 1
         self._plan: AttachPlan | None = None
@@ -150,7 +118,7 @@ class OffCpuProbe(BpfProbe):
     def plan(self) -> AttachPlan:
         """The hook to use, decided once (BpfAttachError when `kprobe` is forced and impossible)."""
         if self._plan is None:
-            self._plan = plan_attach(self._offcpu.attach, read_kernel_features())
+            self._plan = plan_attach(self._offcpu.attach, self._features or kernel_features())
         return self._plan
 
     def parameters(self) -> dict[str, float]:
@@ -181,14 +149,14 @@ class OffCpuProbe(BpfProbe):
             "STACK_ENTRIES": self.stack_entries,
         }
 
-    def load(self) -> None:
-        super().load()
+    def loaded(self, bpf: object) -> None:
+        super().loaded(bpf)
         self.write_param(PARAM_SAMPLING, self._sample_every)
         self.write_param(PARAM_MIN_BLOCK_NS, self._offcpu.min_block_us * 1000)
 
     def open_event_buffers(self) -> None:
         decode = StackEventDecoder(self.name, self.stacks, offcpu_values, unwind=self.unwind_copy).decode
-        self.open_buffer("samples", decode, self._config.perf_buffer_pages, WAKEUP_EVENTS, stack_records=True)
+        self.open_buffer(self.samples_buffer, decode, self._config.perf_buffer_pages, WAKEUP_EVENTS, stack_records=True)
 
     def attach_events(self) -> None:
         plan = self.plan
@@ -212,10 +180,9 @@ class OffCpuProbe(BpfProbe):
             self._bpf.detach_kprobe(event=plan.kprobe_symbol.encode())
 
     def drain(self) -> None:
-        super().drain()
         if self._bpf is None:
             return
-        counts = self._bpf[b"lost_counts"]
+        counts = self._bpf[b"offcpu_lost_counts"]
         for index, label in enumerate(LOST_COUNTERS):
             lost = counts[ctypes.c_int(index)].value
             if lost:

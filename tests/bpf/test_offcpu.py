@@ -19,10 +19,12 @@ from pathlib import Path
 import pytest
 
 from agent.errors import BpfAttachError
+from agent.features import kernel_features
 from agent.probes import offcpu
 from agent.probes.events import StackEvent
 from agent.probes.loader import load_program
-from agent.probes.offcpu import BLOCKED_ENTRIES, OffCpuProbe, plan_attach, read_kernel_features
+from agent.probes.offcpu import BLOCKED_ENTRIES, OffCpuProbe, plan_attach
+from agent.probes.program import ProbeProgram
 from agent.probes.reader import PerfReader
 from agent.probes.records import USER_STACK_OFFSET
 from agent.probes.settings import OffCpuConfig
@@ -116,7 +118,7 @@ def test_offcpu_split_is_attributed_and_complete(tmp_path: Path) -> None:
         agent.wait(timeout=30)
     text = log.read_text()
     assert agent.returncode == 0, text
-    method = plan_attach("auto", read_kernel_features()).description
+    method = plan_attach("auto", kernel_features()).description
     assert f"offcpu profiler attached with {method}" in text, text
 
     # The CPU profile (19 Hz per CPU, the default) has the burner's samples: as many as the CPU time it
@@ -185,12 +187,14 @@ def profile_in_process(
         env={**os.environ, **(env or {})},
     )
     events: list[object] = []
-    probe = OffCpuProbe(dataclasses.replace(PROFILING, pids=(workload.pid,)), events.append, offcpu)
+    profiling = dataclasses.replace(PROFILING, pids=(workload.pid,))
+    probe = OffCpuProbe(profiling, events.append, offcpu)
+    program = ProbeProgram(profiling, [probe], events.append)
     try:
-        probe.load()
+        program.load()
         probe.set_sample_every(sample_every)
-        probe.attach()
-        reader = PerfReader([probe])
+        program.attach()
+        reader = PerfReader(program)
         assert workload.stdin is not None
         workload.stdin.write("g")
         workload.stdin.flush()
@@ -200,7 +204,7 @@ def profile_in_process(
         output = workload.communicate(timeout=10)[0]
     finally:
         workload.kill()
-        probe.close()
+        program.close()
     assert workload.returncode == 0
     stack_events = [e for e in events if isinstance(e, StackEvent)]
     assert {e.pid for e in stack_events} == {workload.pid}  # the pid filter, in the kernel
@@ -326,11 +330,12 @@ def test_kprobe_program_passes_the_verifier(filter_pids: int, stack_bytes: int) 
         "BLOCKED_ENTRIES": BLOCKED_ENTRIES,
         "STACK_ENTRIES": 256,
         "AGENT_PID": 1,
-        "USER_STACK_BYTES": stack_bytes,
+        "PROFILE_OFFCPU": 1,
+        "OFFCPU_STACK_BYTES": stack_bytes,
     }
     from bcc import BPF
 
-    bpf = load_program("offcpu", defines)
+    bpf = load_program("agent", defines)
     try:
         assert bpf.load_func(b"on_finish_task_switch", BPF.KPROBE).fd >= 0
     finally:
@@ -338,15 +343,16 @@ def test_kprobe_program_passes_the_verifier(filter_pids: int, stack_bytes: int) 
 
 
 def test_forced_kprobe_attach_follows_the_kernel() -> None:
-    kernel = read_kernel_features()
+    kernel = kernel_features()
     probe = OffCpuProbe(PROFILING, lambda _: None, OffCpuConfig(min_block_us=1000, attach="kprobe"))
+    program = ProbeProgram(PROFILING, [probe], lambda _: None)
     try:
         if not kernel.kprobes:
             with pytest.raises(BpfAttachError, match="no kprobes"):
-                probe.load()
+                program.load()
             return
-        probe.load()
-        probe.attach()
+        program.load()
+        program.attach()
         assert probe.attach_method == f"kprobe {kernel.switch_symbol}"
     finally:
-        probe.close()
+        program.close()

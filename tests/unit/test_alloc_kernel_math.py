@@ -1,4 +1,4 @@
-"""The arithmetic of `bpf/alloc.bpf.c`, compiled with gcc from the program's own source and checked here.
+"""The arithmetic of the allocation profiler (`bpf/alloc_math.h`), compiled with gcc from its own source and checked.
 
 The program marks its pure helpers (no BPF helpers, no maps): the exponential threshold drawn without
 floats, the caller splice and the nested-call test. This module cuts that part out of the very file
@@ -23,7 +23,7 @@ import pytest
 from agent.probes.alloc import MAX_SAMPLE_BYTES, alloc_weight
 from agent.probes.records import MAX_STACK_DEPTH
 
-ALLOC_BPF = Path(__file__).resolve().parents[2] / "bpf" / "alloc.bpf.c"
+ALLOC_BPF = Path(__file__).resolve().parents[2] / "bpf" / "alloc_math.h"
 PURE = re.compile(r"/\* ---- begin: pure helpers.*?\*/(.*?)/\* ---- end: pure helpers ---- \*/", re.S)
 HARNESS = r"""
 #include <math.h>
@@ -63,9 +63,9 @@ Draw = Callable[[int, int], int]
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     if shutil.which("gcc") is None:
-        pytest.skip("gcc is needed to compile bpf/alloc.bpf.c's helpers")
+        pytest.skip("gcc is needed to compile bpf/alloc_math.h")
     match = PURE.search(ALLOC_BPF.read_text())
-    assert match, "bpf/alloc.bpf.c lost its pure-helpers markers"
+    assert match, "bpf/alloc_math.h lost its pure-helpers markers"
     out = tmp_path_factory.mktemp("alloc_kernel")
     (out / "pure.c").write_text(HARNESS % {"depth": MAX_STACK_DEPTH, "pure": match[1]})
     flags = ["-std=gnu11", "-O2", "-Wall", "-Werror", "-shared", "-fPIC"]
@@ -170,7 +170,7 @@ def test_nested_calls(kernel: ctypes.CDLL, case: str) -> None:
 
 
 def simulate(draw: Draw, sizes: list[int], mean: int, seed: int) -> list[bool]:
-    """The kernel's per-thread countdown (on_alloc in bpf/alloc.bpf.c): which allocations are sent."""
+    """The kernel's per-thread countdown (on_alloc in bpf/agent.bpf.c): which allocations are sent."""
     rng = random.Random(seed)
     countdown = draw(rng.getrandbits(32), mean)
     sent = []

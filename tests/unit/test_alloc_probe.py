@@ -1,6 +1,6 @@
 """The allocation profiler's user-space side without BPF: record values, profile shape, parameters.
 
-Records are built as `bpf/alloc.bpf.c` sends them (no kernel frames, the user stack with the caller
+Records are built as `bpf/agent.bpf.c` (PROFILE_ALLOC) sends them (no kernel frames, the user stack with the caller
 spliced in, truncated after the last frame) and decoded through the probe's own decoder.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -16,12 +17,14 @@ import pytest
 from agent.aggregate.types import EMPTY_STACK, ValueType
 from agent.probes.alloc import DEFAULT_SAMPLE_BYTES, AllocProbe, alloc_values, alloc_weight
 from agent.probes.events import MalformedRecord, ProcessEvent, ProcessEventKind, StackEvent, decode_stack_event
+from agent.probes.program import ProbeProgram
 from agent.probes.records import STACK_EVENT_HEADER_SIZE, StackEventRecord
 from agent.probes.settings import AllocConfig
 from agent.probes.stacks import StackDecoder
 from tests.support.config import profiling
 
 PROFILING = profiling("alloc", queue_size=1024)
+BPF_SOURCE = Path(__file__).resolve().parents[2] / "bpf" / "agent.bpf.c"
 USER = (0x7F0000098930, 0x55000000117C, 0x5500000011A8)  # malloc, its caller, the caller's caller
 
 
@@ -82,11 +85,16 @@ def test_profile_shape_and_parameters(tmp_path: Path) -> None:
 
 def test_the_program_is_built_for_its_pid_filter(tmp_path: Path) -> None:
     restricted = dataclasses.replace(PROFILING, pids=(7, 8))
-    # The uprobes themselves are attached to the listed processes only: no lookup in the program.
-    assert AllocProbe(restricted, lambda _: None, proc_root=tmp_path).defines["FILTER_PIDS"] == 0
+    # The uprobes themselves are attached to the listed processes only: no lookup in the program, whose
+    # section never reads the pid filter (which the other profilers use with --pid).
+    probe = AllocProbe(restricted, lambda _: None, proc_root=tmp_path)
+    assert "FILTER_PIDS" not in probe.defines
+    section = re.search(r"#if PROFILE_ALLOC\n(.*?)#endif /\* PROFILE_ALLOC \*/", BPF_SOURCE.read_text(), re.S)
+    assert section is not None and "pid_filter" not in section[1] and "pid_wanted" not in section[1]
     defines = AllocProbe(PROFILING, lambda _: None, proc_root=tmp_path).defines
-    assert defines["FILTER_PIDS"] == 0 and int(defines["THREAD_ENTRIES"]) > 0
-    assert "alloc.bpf.c" in AllocProbe(PROFILING, lambda _: None, proc_root=tmp_path).dump()
+    assert defines["PROFILE_ALLOC"] == 1 and int(defines["THREAD_ENTRIES"]) > 0
+    dump = ProbeProgram(PROFILING, [AllocProbe(PROFILING, lambda _: None, proc_root=tmp_path)], print).dump()
+    assert "agent.bpf.c" in dump and "-DPROFILE_ALLOC=1" in dump
 
 
 def test_exec_events_make_the_process_be_read_again(tmp_path: Path) -> None:
@@ -103,7 +111,7 @@ def test_exec_events_make_the_process_be_read_again(tmp_path: Path) -> None:
     probe.tracker.scan()
     assert probe.tracker.process_reads == reads + 2  # two young scans, then it rests
     exec_event = ProcessEvent(timestamp_ns=1, pid=42, kind=ProcessEventKind.EXEC)
-    probe._emit(exec_event)  # what the perf-buffer callback does with a decoded event
+    ProbeProgram(PROFILING, [probe], emitted.append)._on_process_event(exec_event)  # the buffer's callback
     assert emitted == [exec_event]
     probe.tracker.scan()
     assert probe.tracker.process_reads == reads + 3

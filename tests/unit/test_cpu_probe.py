@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from agent.aggregate.types import EMPTY_STACK, Stack, StackStatus
+from agent.probes.bpf_probe import StackCopyPlan
 from agent.probes.cpu import CpuProbe
 from agent.probes.events import StackEvent
 from agent.probes.records import STACK_EVENT_HEADER_SIZE, StackEventRecord
@@ -53,7 +54,7 @@ def test_samples_are_decoded_worth_one_period_and_emitted() -> None:
     probe = CpuProbe(PROFILING, emitted.append)
     probe._bpf = CapturingBpf()
     probe.open_event_buffers()
-    on_record = probe._bpf.callbacks["samples"]
+    on_record = probe._bpf.callbacks["cpu_samples"]
     for timestamp, comm in ((10, b"worker"), (20, b"worker"), (30, b"renamed")):
         buffer = record(timestamp, comm)
         on_record(1, ctypes.addressof(buffer), len(buffer))
@@ -75,7 +76,7 @@ def test_malformed_records_are_counted_and_not_emitted() -> None:
     probe = CpuProbe(PROFILING, emitted.append)
     probe._bpf = CapturingBpf()
     probe.open_event_buffers()
-    on_record = probe._bpf.callbacks["samples"]
+    on_record = probe._bpf.callbacks["cpu_samples"]
     bad = record(10, user_len=200)  # more frames than bpf_get_stack can give
     for _ in range(2):
         on_record(0, ctypes.addressof(bad), len(bad))
@@ -92,16 +93,15 @@ def test_a_failing_unwind_stage_is_counted_and_never_escapes_the_callback(caplog
         raise RuntimeError("a bug in the unwinder")
 
     emitted: list[object] = []
-    probe = CpuProbe(PROFILING, emitted.append)
+    probe = CpuProbe(PROFILING, emitted.append, StackCopyPlan(512, unwind))
     probe._bpf = CapturingBpf()
-    probe.unwind_copy = unwind
     probe.open_event_buffers()
     r = StackEventRecord(timestamp_ns=1, pid=50, tid=51, cpu=1, kernel_stack_len=0, user_stack_len=0)
     r.user_sp, r.user_stack_base, r.user_stack_bytes = 0x1010, 0x1000, 512
     sent = bytes(r) + b"\0" * 512
     buffer = ctypes.create_string_buffer(sent, len(sent))
     for _ in range(3):
-        probe._bpf.callbacks["samples"](0, ctypes.addressof(buffer), len(buffer))
+        probe._bpf.callbacks["cpu_samples"](0, ctypes.addressof(buffer), len(buffer))
     assert emitted == [] and (probe.stats.malformed, probe.stats.received) == (3, 0)
     failures = [r for r in caplog.records if "decoding a record failed" in r.getMessage()]
     assert len(failures) == 2 and failures[0].exc_info is not None  # the 1st and 2nd, then the 4th, ...
@@ -114,11 +114,10 @@ def test_records_with_a_stack_copy_get_a_buffer_sized_for_them(monkeypatch: Any)
     plain = CpuProbe(PROFILING, lambda _: None)
     plain._bpf = CapturingBpf()
     plain.open_event_buffers()
-    options = plain._bpf.options["samples"]
+    options = plain._bpf.options["cpu_samples"]
     assert (options["page_cnt"], options["wakeup_events"]) == (64, 19)
-    copying = CpuProbe(PROFILING, lambda _: None)
-    copying.user_stack_bytes = 8192
+    copying = CpuProbe(PROFILING, lambda _: None, StackCopyPlan(8192))
     copying._bpf = CapturingBpf()
     copying.open_event_buffers()
-    options = copying._bpf.options["samples"]
+    options = copying._bpf.options["cpu_samples"]
     assert (options["page_cnt"], options["wakeup_events"]) == (512, 19)

@@ -39,8 +39,12 @@ def fake_source(spool_dir: str = "/tmp/profiling-agent-test-spool") -> Any:
     otlp.counters.observe_latency(0.02)
     reporter = SimpleNamespace(intervals=3, empty_intervals=1, exported=Counter(files=2), failed=Counter(otlp=1))
     pipeline = SimpleNamespace(filtered=7, unknown_items=0, last_rates={"cpu": 38.0})
+    program = SimpleNamespace(
+        stats=ReaderStats(received=3, malformed=0, lost={"proc_events": 1}), process_events=Counter(new=2, exec=1)
+    )
     return SimpleNamespace(
         probes=[probe],
+        program=program,
         symbolizer=Symbolizer(),
         unwinder=Unwinder(),
         jvm=JvmPerfMapRequester(60.0),
@@ -72,6 +76,8 @@ def test_series_carry_the_stage_counters(tmp_path: Path) -> None:
     assert 'profiling_agent_probe_events_received_total{profiler="cpu"} 42.0' in text
     assert 'profiling_agent_probe_events_lost_total{buffer="samples",profiler="cpu"} 3.0' in text
     assert 'profiling_agent_probe_stacks_total{profiler="cpu",status="missing"} 1.0' in text
+    assert 'profiling_agent_probe_events_lost_total{buffer="proc_events",profiler="process"} 1.0' in text
+    assert 'profiling_agent_probe_process_events_total{kind="new"} 2.0' in text
     assert 'profiling_agent_pipeline_events_dropped_total{reason="filtered"} 7.0' in text
     assert 'profiling_agent_pipeline_events_dropped_total{reason="events_queue_full"} 2.0' in text
     assert 'profiling_agent_export_otlp_requests_total{outcome="success"} 4.0' in text

@@ -7,6 +7,7 @@ A fake `bcc.BPF` stands in for the loaded program; the kernel's features come fr
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import re
 from collections import defaultdict
 from collections.abc import Callable
@@ -19,7 +20,9 @@ import pytest
 from agent.aggregate.types import StackStatus, ValueType
 from agent.errors import BpfAttachError
 from agent.export.otlp.shapes import value_mapping
-from agent.probes import bpf_probe, offcpu
+from agent.features import KernelFeatures, find_switch_symbol, kprobes_available, read_switch_symbol
+from agent.probes import program
+from agent.probes.bpf_probe import StackCopyPlan
 from agent.probes.events import RecordHeader, StackEvent
 from agent.probes.offcpu import (
     BLOCKED_ENTRIES,
@@ -28,23 +31,29 @@ from agent.probes.offcpu import (
     STACK_MAP_BYTES,
     WAKEUP_EVENTS,
     AttachPlan,
-    KernelFeatures,
     OffCpuProbe,
-    find_switch_symbol,
     offcpu_profile_spec,
     offcpu_values,
     plan_attach,
-    read_kernel_features,
 )
+from agent.probes.program import ProbeProgram
 from agent.probes.records import PARAM_MIN_BLOCK_NS, PARAM_SAMPLING, USER_STACK_OFFSET, StackEventRecord
 from agent.probes.registry import PROBES
 from agent.probes.settings import OffCpuConfig
 from tests.support.config import profiling
 
 PROFILING = profiling("offcpu")
-NO_KPROBES = KernelFeatures(kprobes=False, switch_symbol=None)
-KPROBES = KernelFeatures(kprobes=True, switch_symbol="finish_task_switch.isra.0")
-BPF_SOURCE = Path(__file__).resolve().parents[2] / "bpf" / "offcpu.bpf.c"
+NO_KPROBES = KernelFeatures(hardware_cycles=False, kprobes=False, switch_symbol=None, task_regs_unavailable="")
+KPROBES = KernelFeatures(
+    hardware_cycles=False, kprobes=True, switch_symbol="finish_task_switch.isra.0", task_regs_unavailable=""
+)
+BPF_SOURCE = Path(__file__).resolve().parents[2] / "bpf" / "agent.bpf.c"
+
+
+def read_kernel_features(root: Path) -> tuple[bool, str | None]:
+    """What the off-CPU hook depends on, read from a fake root as agent.features reads the real one."""
+    kprobes = kprobes_available(root)
+    return kprobes, read_switch_symbol(root) if kprobes else None
 
 
 class FakeTable:
@@ -125,15 +134,14 @@ def loaded(monkeypatch: pytest.MonkeyPatch) -> Load:
         defines: dict[str, int | str] = {}
 
         def load_program(name: str, given: dict[str, int | str]) -> FakeBpf:
-            assert name == "offcpu"
+            assert name == "agent"
             defines.update(given)
             return fake
 
-        monkeypatch.setattr(bpf_probe, "load_program", load_program)
-        monkeypatch.setattr(offcpu, "read_kernel_features", lambda: kernel)
+        monkeypatch.setattr(program, "load_program", load_program)
         emitted: list[object] = []
-        probe = OffCpuProbe(PROFILING, emitted.append, offcpu_config)
-        probe.load()
+        probe = OffCpuProbe(PROFILING, emitted.append, offcpu_config, features=kernel)
+        ProbeProgram(PROFILING, [probe], emitted.append).load()
         return Loaded(probe, fake, defines, emitted)
 
     return load
@@ -177,7 +185,7 @@ def test_spec_names_events_and_off_cpu_time_without_a_period() -> None:
 def test_records_from_the_buffer_are_decoded_with_their_weights(loaded: Load) -> None:
     it = loaded()
     it.probe.open_event_buffers()
-    perf = it.bpf.tables["samples"].perf
+    perf = it.bpf.tables["offcpu_samples"].perf
     assert perf is not None
     callback, pages, _, wakeup = perf
     assert (pages, wakeup) == (PROFILING.perf_buffer_pages, WAKEUP_EVENTS)
@@ -202,7 +210,7 @@ def test_parameters_start_at_one_in_one_and_the_configured_minimum() -> None:
 def test_load_writes_sampling_and_minimum_in_nanoseconds(loaded: Load) -> None:
     it = loaded(offcpu_config=OffCpuConfig(min_block_us=250, attach="auto"))
     fake, defines = it.bpf, it.defines
-    assert fake.tables["params"].values == {PARAM_SAMPLING: 1, PARAM_MIN_BLOCK_NS: 250_000}
+    assert fake.tables["offcpu_params"].values == {PARAM_SAMPLING: 1, PARAM_MIN_BLOCK_NS: 250_000}
     assert defines["USE_KPROBE"] == 0
     assert (defines["BLOCKED_ENTRIES"], defines["STACK_ENTRIES"]) == (BLOCKED_ENTRIES, 4096)
     assert defines["FILTER_PIDS"] == 0
@@ -210,20 +218,19 @@ def test_load_writes_sampling_and_minimum_in_nanoseconds(loaded: Load) -> None:
 
 def test_set_sample_every_before_load_is_written_at_load(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = FakeBpf()
-    monkeypatch.setattr(bpf_probe, "load_program", lambda name, defines: fake)
-    monkeypatch.setattr(offcpu, "read_kernel_features", lambda: NO_KPROBES)
-    probe = OffCpuProbe(PROFILING, lambda _: None)
+    monkeypatch.setattr(program, "load_program", lambda name, defines: fake)
+    probe = OffCpuProbe(PROFILING, lambda _: None, features=NO_KPROBES)
     probe.set_sample_every(7)
     assert probe.parameters()["sample_every"] == 7
-    probe.load()
-    assert fake.tables["params"].values[PARAM_SAMPLING] == 7
+    ProbeProgram(PROFILING, [probe], lambda _: None).load()
+    assert fake.tables["offcpu_params"].values[PARAM_SAMPLING] == 7
 
 
 def test_set_sample_every_on_a_loaded_probe_takes_effect_at_once(loaded: Load) -> None:
     it = loaded()
     probe, fake = it.probe, it.bpf
     probe.set_sample_every(32)
-    assert fake.tables["params"].values[PARAM_SAMPLING] == 32
+    assert fake.tables["offcpu_params"].values[PARAM_SAMPLING] == 32
     assert probe.parameters() == {"sample_every": 32, "min_block_us": 1000}
 
 
@@ -233,19 +240,21 @@ def test_set_sample_every_rejects_values_out_of_range(loaded: Load, bad: int) ->
     probe, fake = it.probe, it.bpf
     with pytest.raises(ValueError, match="sample_every"):
         probe.set_sample_every(bad)
-    assert fake.tables["params"].values[PARAM_SAMPLING] == 1 and probe.parameters()["sample_every"] == 1
+    assert fake.tables["offcpu_params"].values[PARAM_SAMPLING] == 1 and probe.parameters()["sample_every"] == 1
 
 
 def test_drain_reports_blocks_the_kernel_could_not_follow(loaded: Load) -> None:
     it = loaded()
     probe, fake = it.probe, it.bpf
-    probe.drain()
+    drained = ProbeProgram(PROFILING, [probe], lambda _: None)
+    drained.load()
+    drained.drain()
     assert probe.stats.lost == {}
-    fake.tables["lost_counts"].values[1] = 3
-    probe.drain()
+    fake.tables["offcpu_lost_counts"].values[1] = 3
+    drained.drain()
     assert probe.stats.lost == {"stacks_evicted": 3}
-    fake.tables["lost_counts"].values.update({0: 2, 1: 5})  # the kernel's counters only grow
-    probe.drain()
+    fake.tables["offcpu_lost_counts"].values.update({0: 2, 1: 5})  # the kernel's counters only grow
+    drained.drain()
     assert probe.stats.lost == {"blocked_map_full": 2, "stacks_evicted": 5}
     assert fake.calls.count(("consume",)) == 3
 
@@ -258,7 +267,7 @@ def test_drain_reports_blocks_the_kernel_could_not_follow(loaded: Load) -> None:
     [
         ("auto", KPROBES, AttachPlan("finish_task_switch.isra.0")),
         ("auto", NO_KPROBES, AttachPlan(None)),
-        ("auto", KernelFeatures(kprobes=True, switch_symbol=None), AttachPlan(None)),
+        ("auto", dataclasses.replace(KPROBES, switch_symbol=None), AttachPlan(None)),
         ("kprobe", KPROBES, AttachPlan("finish_task_switch.isra.0")),
         ("tracepoint", KPROBES, AttachPlan(None)),
         ("tracepoint", NO_KPROBES, AttachPlan(None)),
@@ -272,7 +281,7 @@ def test_forcing_a_kprobe_without_kprobes_is_an_attach_error() -> None:
     with pytest.raises(BpfAttachError, match=r"'kprobe' but this kernel has no kprobes.*auto or tracepoint"):
         plan_attach("kprobe", NO_KPROBES)
     with pytest.raises(BpfAttachError, match="finish_task_switch is not in /proc/kallsyms"):
-        plan_attach("kprobe", KernelFeatures(kprobes=True, switch_symbol=None))
+        plan_attach("kprobe", dataclasses.replace(KPROBES, switch_symbol=None))
 
 
 def test_an_unknown_mode_is_a_value_error() -> None:
@@ -312,21 +321,21 @@ def test_find_switch_symbol_ignores_other_symbols() -> None:
 
 
 def test_read_kernel_features_from_a_fake_root(tmp_path: Path) -> None:
-    assert read_kernel_features(tmp_path) == NO_KPROBES
+    assert read_kernel_features(tmp_path) == (False, None)
     (tmp_path / "proc").mkdir()
     (tmp_path / "proc/kallsyms").write_text("ffffffff813a2280 t finish_task_switch.isra.0\n")
-    assert read_kernel_features(tmp_path) == NO_KPROBES  # the symbol alone is not enough
+    assert read_kernel_features(tmp_path) == (False, None)  # the symbol alone is not enough
     tracefs = tmp_path / "sys/kernel/tracing"
     tracefs.mkdir(parents=True)
     (tracefs / "kprobe_events").write_text("")
-    assert read_kernel_features(tmp_path) == KPROBES
+    assert read_kernel_features(tmp_path) == (True, "finish_task_switch.isra.0")
 
 
 def test_the_kprobe_pmu_alone_means_kprobes(tmp_path: Path) -> None:
     pmu = tmp_path / "sys/bus/event_source/devices/kprobe"
     pmu.mkdir(parents=True)
     (pmu / "type").write_text("6\n")
-    assert read_kernel_features(tmp_path) == KernelFeatures(kprobes=True, switch_symbol=None)  # no kallsyms
+    assert read_kernel_features(tmp_path) == (True, None)  # no kallsyms
 
 
 # --- attaching --------------------------------------------------------------------------------------
@@ -350,7 +359,8 @@ def test_kprobe_attach_and_detach(loaded: Load) -> None:
     probe.attach()
     assert ("attach_kprobe", b"finish_task_switch.isra.0", b"on_finish_task_switch") in fake.calls
     assert probe.attach_method == "kprobe finish_task_switch.isra.0"
-    probe.close()
+    probe.stop_sampling()
+    fake.cleanup()
     assert ("detach_kprobe", b"finish_task_switch.isra.0") in fake.calls and fake.calls[-1] == ("cleanup",)
 
 
@@ -366,7 +376,7 @@ def test_the_program_defines_what_the_probe_uses() -> None:
     indices = dict(re.findall(r"#define (LOST_\w+) (\d+)", source))
     assert (indices["LOST_START_FULL"], indices["LOST_STACKS_EVICTED"], indices["LOST_COUNT"]) == ("0", "1", "2")
     assert LOST_COUNTERS == ("blocked_map_full", "stacks_evicted")
-    for name in ("int on_sched_switch(", "int on_finish_task_switch(", "lost_counts", "BPF_ARRAY(params"):
+    for name in ("int on_sched_switch(", "int on_finish_task_switch(", "offcpu_lost_counts", "BPF_ARRAY(offcpu_params"):
         assert name in source
 
 
@@ -374,16 +384,16 @@ def test_the_registry_builds_the_profiler_with_its_config() -> None:
     from agent.config import load_config
 
     config = load_config(environ={"PROFILING_AGENT_OFFCPU_MIN_BLOCK_US": "250"})
-    probe = PROBES["offcpu"](config, lambda event: None)
+    probe = PROBES["offcpu"](config, lambda event: None, StackCopyPlan(), NO_KPROBES)
     assert isinstance(probe, OffCpuProbe)
     assert probe.parameters()["min_block_us"] == 250
 
 
 def test_stack_map_keeps_its_memory_when_records_carry_a_stack_copy() -> None:
-    probe = OffCpuProbe(PROFILING, lambda _: None)
-    assert probe.defines["USER_STACK_BYTES"] == 0
-    probe.user_stack_bytes = 8192
+    probe = OffCpuProbe(PROFILING, lambda _: None, features=NO_KPROBES)
+    assert probe.defines["OFFCPU_STACK_BYTES"] == 0
+    probe = OffCpuProbe(PROFILING, lambda _: None, stacks=StackCopyPlan(8192), features=NO_KPROBES)
     entries = probe.defines["STACK_ENTRIES"]
-    assert probe.defines["USER_STACK_BYTES"] == 8192
+    assert probe.defines["OFFCPU_STACK_BYTES"] == 8192
     assert isinstance(entries, int) and 800 <= entries < 1000
     assert entries * (USER_STACK_OFFSET + 8192) <= STACK_MAP_BYTES

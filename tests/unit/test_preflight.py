@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from agent import preflight
-from agent.preflight import Check, Report, check_kernel_headers, check_privileges, task_regs_unavailable
+from agent.features import task_regs_unavailable
+from agent.preflight import Check, Report, check_kernel_headers, check_privileges
 
 RELEASE = "6.12.9-test-amd64"
 KHEADERS = Path("/sys/kernel/kheaders.tar.xz")

@@ -4,16 +4,31 @@ from __future__ import annotations
 
 import pytest
 
+from agent.aggregate.types import Stack
 from agent.config import load_config
 from agent.errors import ConfigError
+from agent.features import KernelFeatures
 from agent.probes import registry
+from agent.probes.events import UserStackCopy
 
 
 def probes_with(monkeypatch: pytest.MonkeyPatch, unavailable: str, **unwind: str) -> dict[str, int]:
-    monkeypatch.setattr(registry, "task_regs_unavailable", lambda: unavailable)
+    features = KernelFeatures(
+        hardware_cycles=False, kprobes=False, switch_symbol=None, task_regs_unavailable=unavailable
+    )
     environ = {f"PROFILING_AGENT_UNWIND_{name.upper()}": mode for name, mode in unwind.items()}
     config = load_config(environ={"PROFILING_AGENT_PROFILING_PROFILERS": "cpu,offcpu,alloc", **environ})
-    return {probe.name: probe.user_stack_bytes for probe in registry.make_probes(config, lambda _: None)}
+    sizes = registry.stack_copy_bytes(config, features)
+    probes = registry.make_probes(config, lambda _: None, sizes, unwind_copy, features)
+    # Built with their plan: the unwind stage only where there is a copy and it is unwound in the reader.
+    for probe in probes:
+        expected = unwind_copy if probe.user_stack_bytes and probe.unwinds_in_reader else None
+        assert probe.unwind_copy is expected, probe.name
+    return {probe.name: probe.user_stack_bytes for probe in probes}
+
+
+def unwind_copy(pid: int, copy: UserStackCopy, frame_pointer_stack: Stack) -> Stack:
+    return frame_pointer_stack
 
 
 def test_cpu_and_offcpu_copy_the_user_stack_by_default(monkeypatch: pytest.MonkeyPatch) -> None:

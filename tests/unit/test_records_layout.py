@@ -30,6 +30,12 @@ BPF_STUBS = r"""
 #define __always_inline inline __attribute__((always_inline))
 #endif
 #define BPF_F_USER_STACK (1ULL << 8) /* include/uapi/linux/bpf.h */
+struct pt_regs { u64 ip, sp, bp; };
+struct task_struct;
+static struct task_struct *bpf_get_current_task_btf(void) { return 0; }
+static long bpf_task_pt_regs(struct task_struct *t) { (void)t; return 0; }
+static long bpf_probe_read_kernel(void *dst, u32 size, const void *src) { (void)dst; (void)size; (void)src; return 0; }
+static long bpf_probe_read_user(void *dst, u32 size, const void *src) { (void)dst; (void)size; (void)src; return -14; }
 static long script[2];
 static int calls;
 static unsigned long long call_flags[2];
@@ -58,7 +64,7 @@ static void collect(const char *name, u32 flags, long kernel, long user)
     calls = 0;
     script[0] = kernel;
     script[1] = user;
-    u32 size = collect_stacks(NULL, &e);
+    u32 size = collect_stacks(NULL, &e, NULL, 0); /* a profiler that copies no user stack */
     printf("%s.size %u\n%s.kernel_stack_len %d\n%s.user_stack_len %d\n%s.calls %d\n",
            name, size, name, e.kernel_stack_len, name, e.user_stack_len, name, calls);
     for (int i = 0; i < calls; i++)
@@ -93,8 +99,9 @@ SCENARIOS = {
     "full": (0, 127 * 8, 127 * 8),
 }
 
-# Set per program with -D (their defaults in common.h only keep plain compilers happy): not mirrored.
-CFLAG_PARAMETERS = {"USER_STACK_BYTES", "AGENT_PID"}
+# Set per program with -D (their defaults in common.h only keep plain compilers happy), or bounds of
+# cflags (the unwind.stack_bytes setting has its own): not mirrored.
+CFLAG_PARAMETERS = {"AGENT_PID", "MAX_USER_STACK_BYTES"}
 
 CField = tuple[str, str, str]  # (C type, name, array length expression or "")
 
@@ -108,7 +115,8 @@ def parse_structs(source: str) -> dict[str, list[CField]]:
     """struct name -> fields in declaration order, from the C source (comments stripped). Fields inside
     `#if ... #endif` are left out: they exist only under some cflags, and are tested on their own."""
     structs: dict[str, list[CField]] = {}
-    for name, body in re.findall(r"\bstruct\s+(\w+)\s*\{(.*?)\}\s*;", strip_comments(source), flags=re.S):
+    source = re.sub(r"^\s*#\s*define\b(?:[^\n]*\\\n)*[^\n]*", "", strip_comments(source), flags=re.M)  # macros
+    for name, body in re.findall(r"\bstruct\s+(\w+)\s*\{(.*?)\}\s*;", source, flags=re.S):
         body = re.sub(r"^\s*#\s*if\b.*?^\s*#\s*endif\b[^\n]*", "", body, flags=re.S | re.M)
         declarations = [d.strip() for d in body.split(";") if d.strip()]
         fields = []
@@ -188,6 +196,7 @@ def c_layout(
             "-std=c11",
             "-Wall",
             "-Werror",
+            "-Wno-unknown-pragmas",
             f"-I{COMMON_H.parent}",
             "-o",
             str(out / "layout"),
@@ -327,26 +336,31 @@ static long bpf_probe_read_user(void *dst, u32 size, const void *src)
 static long bpf_get_stack(void *ctx, void *buf, u32 size, u64 flags)
 { (void)ctx; (void)buf; (void)size; (void)flags; return 16; }
 #include "common.h"
+STACK_RECORD(record, STACK_BYTES);
 int main(void) {
-    static struct stack_event e;
-    u64 size = collect_stacks(NULL, &e);
+    static struct record r;
+    struct stack_event *e = &r.event;
+    u64 size = collect_stacks(NULL, e, r.stack, STACK_BYTES);
     printf("offset %zu\nsize %llu\nbase %llu\nbytes %u\nip %llu\nsp %llu\nbp %llu\nfirst %u\nlast %u\n",
-           offsetof(struct stack_event, stack), size, e.user_stack_base, e.user_stack_bytes, e.user_ip,
-           e.user_sp, e.user_bp, e.stack[0], e.stack[e.user_stack_bytes - 1]);
-    e.flags = SAMPLE_FLAG_KERNEL_THREAD;
-    printf("kthread_size %llu\n", (u64)collect_stacks(NULL, &e));
+           offsetof(struct record, stack), size, e->user_stack_base, e->user_stack_bytes, e->user_ip,
+           e->user_sp, e->user_bp, r.stack[0], r.stack[e->user_stack_bytes - 1]);
+    printf("record_size %llu\nrecord %zu\n", record_size(e, STACK_BYTES), sizeof(r));
+    e->flags = SAMPLE_FLAG_KERNEL_THREAD;
+    printf("kthread_size %llu\n", (u64)collect_stacks(NULL, e, r.stack, STACK_BYTES));
     return 0;
 }
 """
 
 
-def test_user_stack_copy_takes_whole_chunks_up_to_the_stack_top(tmp_path: Path) -> None:
+# Every record layout the profilers compile: 1 chunk, the unwind.stack_bytes default, and the bound.
+@pytest.mark.parametrize("stack_bytes", [records.USER_STACK_CHUNK * 2, 8192, 32768])
+def test_user_stack_copy_takes_whole_chunks_up_to_the_stack_top(tmp_path: Path, stack_bytes: int) -> None:
     if shutil.which("gcc") is None:
         pytest.skip("gcc is needed to compile bpf/common.h")
     (tmp_path / "copy.c").write_text(STACK_COPY_PROGRAM)
     build = subprocess.run(
         [
-            *("gcc", "-std=gnu11", "-Wall", "-Werror", "-Wno-unknown-pragmas", "-DUSER_STACK_BYTES=4096"),
+            *("gcc", "-std=gnu11", "-Wall", "-Werror", "-Wno-unknown-pragmas", f"-DSTACK_BYTES={stack_bytes}"),
             *(f"-I{COMMON_H.parent}", "-o", str(tmp_path / "copy"), str(tmp_path / "copy.c")),
         ],
         capture_output=True,
@@ -357,9 +371,13 @@ def test_user_stack_copy_takes_whole_chunks_up_to_the_stack_top(tmp_path: Path) 
     printed = subprocess.run([str(tmp_path / "copy")], capture_output=True, text=True, check=True).stdout
     got = {name: int(value) for name, value in (line.split() for line in printed.splitlines())}
     assert got["offset"] == records.USER_STACK_OFFSET  # the copy follows every slot of ips
-    # sp 0x6a38 rounds down to 0x6a00; chunks at 0x6a00, 0x6c00 and 0x6e00 fit below 0x7000, the next does not.
-    assert (got["base"], got["bytes"]) == (0x6A00, 3 * records.USER_STACK_CHUNK)
-    assert got["size"] == records.USER_STACK_OFFSET + 3 * records.USER_STACK_CHUNK
+    assert got["record"] == records.USER_STACK_OFFSET + stack_bytes  # the scratch record holds the whole copy
+    # sp 0x6a38 rounds down to 0x6a00; chunks at 0x6a00, 0x6c00 and 0x6e00 fit below 0x7000, the next does not
+    # (and no more than the profiler's own size is copied).
+    chunks = min(3, stack_bytes // records.USER_STACK_CHUNK)
+    assert (got["base"], got["bytes"]) == (0x6A00, chunks * records.USER_STACK_CHUNK)
+    assert got["size"] == got["record_size"] == records.USER_STACK_OFFSET + chunks * records.USER_STACK_CHUNK
     assert (got["ip"], got["sp"], got["bp"]) == (0x401000, 0x6A38, 0x6F00)
-    assert (got["first"], got["last"]) == ((0x6A00 >> 3) & 0xFF, ((0x7000 - 1) >> 3) & 0xFF)
+    last = 0x6A00 + chunks * records.USER_STACK_CHUNK - 1
+    assert (got["first"], got["last"]) == ((0x6A00 >> 3) & 0xFF, (last >> 3) & 0xFF)
     assert got["kthread_size"] == records.STACK_EVENT_HEADER_SIZE + 2 * 8  # no copy: frames only

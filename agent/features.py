@@ -1,0 +1,134 @@
+"""Kernel features: what this host's kernel offers the BPF programs, probed once and shared.
+
+Stage-neutral (it imports no stage): `agent.preflight` reports these findings in `check`, and the probes
+and their registry choose their fallbacks from them (hardware cycles or the software cpu-clock, a
+kprobe on the scheduler or the sched_switch tracepoint, a user stack copy for DWARF unwinding or frame
+pointers only). Owns every such probe: the perf-event PMU, kprobes (and the scheduler symbol they would
+hook), BTF, and the task user registers (`bpf_task_pt_regs`) that a stack copy needs. `kernel_features()`
+probes once per process and caches the result; the functions below take their roots as parameters so
+unit tests can give fake ones.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import functools
+import logging
+import os
+import platform
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SYS_PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241}
+PERF_TYPE_HARDWARE, PERF_COUNT_HW_CPU_CYCLES = 0, 0
+PERF_TYPE_SOFTWARE, PERF_COUNT_SW_CPU_CLOCK = 1, 0
+SWITCH_SYMBOL = re.compile(r"finish_task_switch(?:\.isra\.\d+)?")
+KPROBE_MARKERS = (  # any of them means kprobe events can be created (the perf PMU, else tracefs)
+    "sys/bus/event_source/devices/kprobe/type",
+    "sys/kernel/tracing/kprobe_events",
+    "sys/kernel/debug/tracing/kprobe_events",
+)
+BTF_VMLINUX = Path("/sys/kernel/btf/vmlinux")
+TASK_REGS_MIN_KERNEL = (5, 15)  # bpf_task_pt_regs
+
+
+@dataclass(frozen=True, slots=True)
+class KernelFeatures:
+    hardware_cycles: bool  # a cpu-cycles sampling event can be opened (no PMU in most VMs)
+    kprobes: bool  # the kernel can create kprobe events
+    switch_symbol: str | None  # finish_task_switch as /proc/kallsyms names it, if kprobes can see it
+    # Why perf-event and tracepoint programs cannot read a task's user registers (so cannot copy its
+    # user stack for DWARF unwinding), or "" when they can. Uprobe programs get them as their context.
+    task_regs_unavailable: str
+
+    @property
+    def switch_kprobe(self) -> str | None:
+        """The scheduler symbol the off-CPU profiler can hook with a kprobe here, or None."""
+        return self.switch_symbol if self.kprobes else None
+
+
+def perf_event_open(type_: int, config: int) -> int:
+    """Open (and close) a disabled sampling event on CPU 0 for any pid: 0, or -errno."""
+    number = SYS_PERF_EVENT_OPEN.get(platform.machine())
+    if number is None:
+        return -errno.ENOSYS
+    attr = (ctypes.c_uint8 * 128)()
+    fields = ctypes.cast(attr, ctypes.POINTER(ctypes.c_uint32))
+    fields[0], fields[1] = type_, 128  # type, size
+    ctypes.cast(ctypes.byref(attr, 8), ctypes.POINTER(ctypes.c_uint64))[0] = config
+    ctypes.cast(ctypes.byref(attr, 16), ctypes.POINTER(ctypes.c_uint64))[0] = 19  # sample_freq
+    ctypes.cast(ctypes.byref(attr, 40), ctypes.POINTER(ctypes.c_uint64))[0] = (1 << 0) | (1 << 10)  # disabled, freq
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    fd = libc.syscall(number, ctypes.byref(attr), -1, 0, -1, 0)
+    if fd >= 0:
+        os.close(fd)
+        return 0
+    return -ctypes.get_errno()
+
+
+def hardware_cycles_available() -> bool:
+    return perf_event_open(PERF_TYPE_HARDWARE, PERF_COUNT_HW_CPU_CYCLES) == 0
+
+
+def kprobes_available(root: Path = Path("/")) -> bool:
+    # os.path.exists, not Path.exists: an unprivileged `run` or `check` must get an answer (no), never a
+    # PermissionError from tracefs; preflight then reports the missing privileges.
+    return any(os.path.exists(root / marker) for marker in KPROBE_MARKERS)
+
+
+def find_switch_symbol(kallsyms_lines: Iterable[str]) -> str | None:
+    """`finish_task_switch` (or its `.isra.N` clone, which GCC may emit instead) among the text symbols."""
+    found: str | None = None
+    for line in kallsyms_lines:
+        fields = line.split()
+        if len(fields) < 3 or fields[1] not in ("t", "T") or not SWITCH_SYMBOL.fullmatch(fields[2]):
+            continue
+        if fields[2] == "finish_task_switch":
+            return fields[2]
+        found = found or fields[2]
+    return found
+
+
+def read_switch_symbol(root: Path = Path("/")) -> str | None:
+    try:
+        with open(root / "proc/kallsyms", encoding="utf-8", errors="replace") as kallsyms:
+            return find_switch_symbol(kallsyms)
+    except OSError as e:
+        logger.warning("cannot read kallsyms to find finish_task_switch: %s", e)
+        return None
+
+
+def task_regs_unavailable(release: str | None = None, btf: Path = BTF_VMLINUX) -> str:
+    """Why perf-event and tracepoint programs cannot read a task's user registers here, or "" if they can.
+
+    The stack copy for DWARF unwinding needs them (bpf_get_current_task_btf and bpf_task_pt_regs):
+    kernel >= 5.15 with BTF. Uprobe programs (allocations) get the user registers as their context."""
+    release = release or platform.release()
+    match = re.match(r"(\d+)\.(\d+)", release)
+    if match is None or (int(match[1]), int(match[2])) < TASK_REGS_MIN_KERNEL:
+        return f"kernel {release} is older than 5.15 (bpf_task_pt_regs)"
+    if not os.path.exists(btf):
+        return f"{btf} is absent (the kernel was built without CONFIG_DEBUG_INFO_BTF)"
+    return ""
+
+
+def read_kernel_features(root: Path = Path("/"), release: str | None = None) -> KernelFeatures:
+    kprobes = kprobes_available(root)
+    return KernelFeatures(
+        hardware_cycles=hardware_cycles_available(),
+        kprobes=kprobes,
+        switch_symbol=read_switch_symbol(root) if kprobes else None,
+        task_regs_unavailable=task_regs_unavailable(release, root / BTF_VMLINUX.relative_to("/")),
+    )
+
+
+@functools.cache
+def kernel_features() -> KernelFeatures:
+    """This host's features, probed at the first call and cached for the life of the process."""
+    return read_kernel_features()

@@ -1,0 +1,120 @@
+"""Probes stage: the one BPF object every enabled profiler runs in, and the process events they share.
+
+`bpf/agent.bpf.c` is compiled once with the union of the enabled profilers' cflags (`PROFILE_CPU=1`,
+...): one `known_pids` map, so each process is announced once however many profilers sample it; one
+exec/exit tracepoint pair; one `proc_events` buffer, opened here, whose events go to the probes'
+`note_process_event` hooks and then downstream. Each probe attaches its own events and opens its own
+buffer on the shared object; `readers()` and `drain()` cover every buffer, for one `PerfReader`.
+Counts process events by kind (`process_events`) and logs each announcement at debug level.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from agent.errors import BpfLoadError
+from agent.probes.bpf_probe import BpfProbe, Emit, ReaderStats, log_malformed, open_counted_buffer
+from agent.probes.events import ProcessEvent, ProcessEventKind, decode_proc_event
+from agent.probes.loader import dump_program, load_program
+from agent.probes.settings import ProfilingConfig
+
+logger = logging.getLogger(__name__)
+
+PROGRAM = "agent"  # bpf/agent.bpf.c
+KNOWN_PIDS_ENTRIES = 65536
+PROC_EVENT_PAGES = 8
+PROCESS_EVENTS = "proc_events"
+
+
+class ProbeProgram:
+    def __init__(self, config: ProfilingConfig, probes: Sequence[BpfProbe], emit: Emit) -> None:
+        self._config = config
+        self.probes = tuple(probes)
+        self._emit = emit
+        self._bpf: Any = None
+        self.stats = ReaderStats()  # of the process-event buffer
+        self.process_events: Counter[str] = Counter({kind.name.lower(): 0 for kind in ProcessEventKind})
+
+    @property
+    def defines(self) -> dict[str, int | str]:
+        defines: dict[str, int | str] = {
+            "KNOWN_PIDS_ENTRIES": KNOWN_PIDS_ENTRIES,
+            # With --pid the CPU and off-CPU programs read pid_filter (the allocation uprobes are
+            # attached to those processes only, so the kernel filters them).
+            "FILTER_PIDS": 1 if self._config.pids else 0,
+            # The agent's own threads are never sampled: its perf-buffer reads, its sleeps and its
+            # allocations would otherwise be a large part of what it reports (and of what it costs).
+            "AGENT_PID": os.getpid(),
+        }
+        for probe in self.probes:
+            for key, value in probe.defines.items():
+                if defines.setdefault(key, value) != value:
+                    raise BpfLoadError(f"{probe.name} sets -D{key}={value}, another part -D{key}={defines[key]}")
+        return defines
+
+    def dump(self) -> str:
+        return dump_program(PROGRAM, self.defines)
+
+    def load(self) -> None:
+        self._bpf = load_program(PROGRAM, self.defines)
+        if self._config.pids:
+            pid_filter = self._bpf[b"pid_filter"]
+            for pid in self._config.pids:
+                pid_filter[ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
+        for probe in self.probes:
+            probe.loaded(self._bpf)
+
+    def attach(self) -> None:
+        """The process-event buffer first (a process's first record announces it), then each profiler."""
+        # Process announcements are rare and urgent (the process may exit soon): wake on each.
+        open_counted_buffer(
+            self._bpf,
+            PROCESS_EVENTS,
+            decode_proc_event,
+            self._on_process_event,
+            self.stats,
+            lambda error: log_malformed("process events", self.stats, error),
+            PROC_EVENT_PAGES,
+            1,
+        )
+        for probe in self.probes:
+            probe.attach()
+
+    def _on_process_event(self, event: object) -> None:
+        assert isinstance(event, ProcessEvent)
+        kind = event.kind.name.lower()
+        self.process_events[kind] += 1
+        logger.debug("process %d announced (%s)", event.pid, kind)
+        for probe in self.probes:
+            probe.note_process_event(event)
+        self._emit(event)
+
+    def readers(self) -> list[int]:
+        """The perf readers of every open buffer, for one poll across all of them."""
+        return list(self._bpf.perf_buffers.values()) if self._bpf is not None else []
+
+    def drain(self) -> None:
+        """Read whatever sits in the buffers below their wakeup thresholds, and the in-kernel counts."""
+        if self._bpf is None:
+            return
+        self._bpf.perf_buffer_consume()
+        for probe in self.probes:
+            probe.drain()
+
+    def stop_sampling(self) -> None:
+        for probe in self.probes:
+            probe.stop_sampling()
+
+    def close(self) -> None:
+        if self._bpf is None:
+            return
+        self.stop_sampling()
+        self._bpf.cleanup()
+        self._bpf = None
+        for probe in self.probes:
+            probe.unloaded()

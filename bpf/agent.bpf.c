@@ -1,0 +1,478 @@
+/* The agent's one BPF program object: every enabled profiler's programs and the process events they
+ * share, compiled once by BCC (agent/probes/program.py) with the enabled profilers chosen by cflags.
+ *
+ * Why one object: each process is announced once (one `known_pids`, one `proc_events` buffer), however
+ * many profilers sample it, so its mappings are captured once; one exec/exit tracepoint pair serves all;
+ * one reader polls every buffer. Why one file: BCC rewrites map calls (`m.lookup(...)`) only in the file
+ * it compiles, not in files that file #includes, so every program that touches a map lives here, each
+ * profiler in its own `#if PROFILE_<NAME>` section. Each profiler's maps carry its name; a profiler's
+ * scratch record is its own (a perf_event program can interrupt another program on the same CPU).
+ *
+ * Shared (always compiled): `known_pids` (processes already announced), `pid_filter` (FILTER_PIDS: the
+ *   CPU and off-CPU profilers sample only those pids), perf buffer `proc_events` (struct proc_event: a
+ *   process's first sample, so user space captures its mappings while it is alive, and exec), and the
+ *   tracepoints sched:sched_process_exec and sched:sched_process_exit.
+ * Profilers (each section's comment gives its attach points and minimum kernel):
+ *   PROFILE_CPU: a perf_event per CPU (on_cpu_sample) -> perf buffer `cpu_samples`.
+ *   PROFILE_OFFCPU: the sched:sched_switch tracepoint (on_sched_switch) or, with USE_KPROBE=1, a kprobe
+ *     on finish_task_switch (on_finish_task_switch) -> perf buffer `offcpu_samples`.
+ *   PROFILE_ALLOC: uprobes on the C library's allocators (on_malloc, ...) -> perf buffer `alloc_samples`.
+ * Minimum kernel: 4.18 (bpf_get_stack) for CPU and off-CPU, 5.5 (bpf_probe_read_user) with allocations;
+ *   5.15 with BTF for a CPU or off-CPU user stack copy (bpf_task_pt_regs).
+ *
+ * Compile-time parameters (cflags): PROFILE_CPU, PROFILE_OFFCPU, PROFILE_ALLOC (0/1), KNOWN_PIDS_ENTRIES,
+ *   FILTER_PIDS (0/1), AGENT_PID (never sampled); CPU_STACK_BYTES, OFFCPU_STACK_BYTES, ALLOC_STACK_BYTES
+ *   (user stack copied per record for DWARF unwinding; 0: none); off-CPU: USE_KPROBE (0/1),
+ *   BLOCKED_ENTRIES, STACK_ENTRIES; allocations: THREAD_ENTRIES.
+ */
+#include <uapi/linux/ptrace.h>
+#include <uapi/linux/bpf_perf_event.h>
+#include <linux/sched.h>
+#include <linux/version.h>
+#include "common.h"
+
+#ifndef PROFILE_CPU
+#define PROFILE_CPU 0
+#endif
+#ifndef PROFILE_OFFCPU
+#define PROFILE_OFFCPU 0
+#endif
+#ifndef PROFILE_ALLOC
+#define PROFILE_ALLOC 0
+#endif
+
+/* ---- the process events every profiler shares ---- */
+
+BPF_TABLE("lru_hash", u32, u8, known_pids, KNOWN_PIDS_ENTRIES); /* processes already announced */
+BPF_HASH(pid_filter, u32, u8, 4096);                            /* used only when FILTER_PIDS */
+BPF_PERF_OUTPUT(proc_events);
+
+/* The first record of a process (from any profiler) announces it, once until it execs or exits. */
+static __always_inline void announce_process(void *ctx, u32 pid, u64 now)
+{
+    u8 one = 1;
+    if (known_pids.lookup(&pid))
+        return;
+    known_pids.update(&pid, &one);
+    struct proc_event event = {.timestamp_ns = now, .pid = pid, .kind = PROC_EVENT_NEW};
+    proc_events.perf_submit(ctx, &event, sizeof(event));
+}
+
+static __always_inline bool pid_wanted(u32 pid)
+{
+#if FILTER_PIDS
+    return pid_filter.lookup(&pid) != 0;
+#else
+    return true;
+#endif
+}
+
+/* Who the current task is: the fields every profiler's record starts with. */
+static __always_inline void fill_task(struct stack_event *e, u64 id, u64 now)
+{
+    e->timestamp_ns = now;
+    e->value = 0;
+    e->sampling = 0;
+    e->pid = id >> 32;
+    e->tid = (u32)id;
+    e->cpu = bpf_get_smp_processor_id();
+    struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+    e->flags = (task->flags & PF_KTHREAD) ? SAMPLE_FLAG_KERNEL_THREAD : 0;
+    bpf_get_current_comm(&e->comm, sizeof(e->comm));
+}
+
+#if PROFILE_CPU
+/* ---- CPU profiler: samples every online CPU at a fixed frequency, one record per sample ----
+ *
+ * Attach points: a perf_event per CPU (PERF_COUNT_HW_CPU_CYCLES where the PMU exists, else the software
+ *   cpu-clock) running on_cpu_sample.
+ * Output: perf buffer `cpu_samples` (struct stack_event with both stacks inline, then the stack copy).
+ * Minimum kernel: 4.18 (bpf_get_stack from perf_event programs). */
+#ifndef CPU_STACK_BYTES
+#define CPU_STACK_BYTES 0
+#endif
+STACK_RECORD(cpu_record, CPU_STACK_BYTES);
+BPF_PERCPU_ARRAY(cpu_scratch, struct cpu_record, 1);
+BPF_PERF_OUTPUT(cpu_samples);
+
+int on_cpu_sample(struct bpf_perf_event_data *ctx)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 pid = id >> 32;
+    if ((u32)id == 0 || pid == AGENT_PID || !pid_wanted(pid)) /* the idle task, or the agent itself */
+        return 0;
+    int zero = 0;
+    struct cpu_record *r = cpu_scratch.lookup(&zero);
+    if (!r)
+        return 0;
+    struct stack_event *e = &r->event;
+    fill_task(e, id, bpf_ktime_get_ns());
+    u32 size = collect_stacks(ctx, e, r->stack, CPU_STACK_BYTES);
+    cpu_samples.perf_submit(ctx, r, size);
+    if (!(e->flags & SAMPLE_FLAG_KERNEL_THREAD))
+        announce_process(ctx, pid, e->timestamp_ns);
+    return 0;
+}
+#endif
+
+#if PROFILE_OFFCPU
+/* ---- Off-CPU profiler: how long threads stay blocked (scheduled out while asleep), and in which stacks ----
+ *
+ * A block starts when a task switches out in a sleeping state (prev_state S or D) and ends when it
+ * switches in again, so it includes the run-queue wait after the wake-up, as bcc's offcputime. Not
+ * blocks: preemption and sched_yield (the task stays runnable: that is CPU contention, which the CPU
+ * profiler sees), stopped and traced tasks, exiting tasks, and TASK_IDLE waits (kernel workers with
+ * nothing to do). The idle task (pid 0) is skipped; kernel threads are kept, with no user stack.
+ * Every followed block has an entry in `offcpu_start` (tid -> {switch-out time, N}) until it ends.
+ *
+ * Attach points (USE_KPROBE selects which one is compiled, so only one program is ever loaded):
+ *   USE_KPROBE=0: the sched:sched_switch tracepoint (on_sched_switch). bpf_get_stack walks only the
+ *     current task, which at sched_switch is the one leaving: the stacks must be taken at switch-out.
+ *     They wait in `offcpu_stacks` (tid -> record) until the thread switches in; if the block was
+ *     long enough the record is completed in place and sent from the map value. Only qualifying blocks
+ *     reach the perf buffer: sending every switch-out with its stacks and completing it later would push
+ *     each sub-millisecond sleep through the perf buffer and the Python decoder, which costs far more
+ *     than the 2 KiB copy into the map. `offcpu_stacks` is an LRU map smaller than `offcpu_start` (an entry is 2 KiB,
+ *     preallocated): when more threads are blocked than it holds, the longest-idle ones lose their
+ *     stacks rather than the busy ones, and a block whose stacks were evicted is counted as lost.
+ *   USE_KPROBE=1: a kprobe on finish_task_switch (on_finish_task_switch; the symbol may carry an .isra.N
+ *     suffix). It runs as the incoming task, whose stacks are still those it blocked in (it is returning
+ *     from schedule()), so nothing but `offcpu_start` is kept and the stacks are walked only for blocks that
+ *     qualify. Preemption cannot be told from a sleep there: the task's state is read instead (__state
+ *     from 5.14, state before).
+ * * Bounding the event rate (user space writes `offcpu_params`, see PARAM_* in common.h):
+ *   PARAM_SAMPLING = N (>= 1): each block is followed with probability 1/N, decided with
+ *     bpf_get_prandom_u32() at switch-out so a skipped block costs no stack walk and no map entry; each
+ *     record carries the N it was kept under and user space weights it by N: totals stay unbiased.
+ *   PARAM_MIN_BLOCK_NS: shorter blocks are dropped at switch-in.
+ * Lost data, in offcpu_lost_counts (read by user space): LOST_START_FULL, a block not followed because `offcpu_start`
+ *   was full (or busy); LOST_STACKS_EVICTED, a qualifying block whose stacks were evicted from `offcpu_stacks`.
+ *   Perf-buffer losses are counted by user space's lost_cb.
+ * Output: perf buffer `offcpu_samples` (struct stack_event: value = blocked ns, timestamp_ns and cpu = when
+ *   and where the block ended, sampling = N).
+ * Minimum kernel: 4.18 (bpf_get_stack from tracepoint and kprobe programs; prev_state as reported
+ *   since 4.14: S = 1, D = 2, preempted = TASK_REPORT_MAX).
+ */
+#define LOST_START_FULL 0     /* a block could not be followed: `start` full or busy */
+#define LOST_STACKS_EVICTED 1 /* a qualifying block's stacks were evicted from `stacks` */
+#define LOST_COUNT 2
+
+struct block_start {
+    u64 start_ns;
+    u64 sampling; /* N */
+};
+
+/* Sleeping states, in sched_switch's prev_state (one bit per reported state: TASK_IDLE is reported as
+ * its own bit, 0x80) and in the task's __state (where TASK_IDLE also sets TASK_NOLOAD). */
+#define SLEEPING_STATES (TASK_INTERRUPTIBLE | TASK_UNINTERRUPTIBLE)
+
+#ifndef OFFCPU_STACK_BYTES
+#define OFFCPU_STACK_BYTES 0
+#endif
+STACK_RECORD(offcpu_record, OFFCPU_STACK_BYTES);
+BPF_PERCPU_ARRAY(offcpu_scratch, struct offcpu_record, 1);
+BPF_ARRAY(offcpu_params, u64, PARAM_COUNT);
+BPF_ARRAY(offcpu_lost_counts, u64, LOST_COUNT);
+BPF_HASH(offcpu_start, u32, struct block_start, BLOCKED_ENTRIES); /* by tid: the blocks being followed */
+BPF_PERF_OUTPUT(offcpu_samples);
+
+static __always_inline u64 offcpu_param(u32 index)
+{
+    u64 *value = offcpu_params.lookup(&index);
+    return value ? *value : 0;
+}
+
+/* Follow a block of `tid` that starts now, with probability 1/N; true when it is followed. */
+static __always_inline bool block_starts(u32 pid, u32 tid, u64 now)
+{
+    if (pid == AGENT_PID || !pid_wanted(pid))
+        return false;
+    struct block_start block = {.start_ns = now, .sampling = offcpu_param(PARAM_SAMPLING)};
+    if (block.sampling <= 1)
+        block.sampling = 1;
+    else if (bpf_get_prandom_u32() % block.sampling != 0)
+        return false;
+    if (offcpu_start.update(&tid, &block) != 0) {
+        offcpu_lost_counts.atomic_increment(LOST_START_FULL);
+        return false;
+    }
+    return true;
+}
+
+/* The block of `tid` ends now: false when it was not followed. Else its start time, and its N when it
+ * lasted at least the minimum (0 when it is too short to report). */
+static __always_inline bool block_ends(u32 tid, u64 now, u64 *start_ns, u64 *sampling)
+{
+    struct block_start *block = offcpu_start.lookup(&tid);
+    if (!block)
+        return false;
+    *start_ns = block->start_ns;
+    *sampling = now - block->start_ns >= offcpu_param(PARAM_MIN_BLOCK_NS) ? block->sampling : 0;
+    offcpu_start.delete(&tid);
+    return true;
+}
+
+/* Who the current task is and both its stacks; returns the record's size. */
+static __always_inline u32 offcpu_fill(void *ctx, struct offcpu_record *r, u64 id, u64 now)
+{
+    fill_task(&r->event, id, now);
+    return collect_stacks(ctx, &r->event, r->stack, OFFCPU_STACK_BYTES);
+}
+
+static __always_inline void offcpu_submit(void *ctx, struct offcpu_record *r, u32 size, u64 now)
+{
+    offcpu_samples.perf_submit(ctx, r, size);
+    if (!(r->event.flags & SAMPLE_FLAG_KERNEL_THREAD))
+        announce_process(ctx, r->event.pid, now);
+}
+
+#if !USE_KPROBE
+BPF_TABLE("lru_hash", u32, struct offcpu_record, offcpu_stacks, STACK_ENTRIES); /* by tid: where it blocked */
+
+int on_sched_switch(struct tracepoint__sched__sched_switch *args)
+{
+    u64 now = bpf_ktime_get_ns();
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tid = (u32)id;
+    int zero = 0;
+    if (tid != 0 && (args->prev_state & SLEEPING_STATES) && block_starts(id >> 32, tid, now)) {
+        struct offcpu_record *r = offcpu_scratch.lookup(&zero);
+        if (r) {
+            offcpu_fill(args, r, id, now);
+            offcpu_stacks.update(&tid, r); /* evicts the least recently used entry when full */
+        }
+    }
+    u32 next = args->next_pid;
+    u64 start_ns = 0, sampling = 0;
+    if (next == 0 || !block_ends(next, now, &start_ns, &sampling))
+        return 0;
+    struct offcpu_record *r = offcpu_stacks.lookup(&next);
+    if (!r || r->event.timestamp_ns != start_ns) { /* evicted (an older entry is from an earlier block) */
+        if (sampling)
+            offcpu_lost_counts.atomic_increment(LOST_STACKS_EVICTED);
+    } else if (sampling) {
+        struct stack_event *e = &r->event;
+        e->value = now - start_ns;
+        e->sampling = sampling;
+        e->timestamp_ns = now;
+        e->cpu = bpf_get_smp_processor_id();
+        offcpu_submit(args, r, record_size(e, OFFCPU_STACK_BYTES), now);
+    }
+    if (r)
+        offcpu_stacks.delete(&next);
+    return 0;
+}
+
+#else
+int on_finish_task_switch(struct pt_regs *ctx, struct task_struct *prev)
+{
+    u64 now = bpf_ktime_get_ns();
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(5, 14, 0)
+    long state = prev->__state;
+#else
+    long state = prev->state;
+#endif
+    u32 prev_tid = prev->pid;
+    u32 prev_pid = prev->tgid;
+    if (prev_tid != 0 && (state & SLEEPING_STATES) && !(state & TASK_NOLOAD))
+        block_starts(prev_pid, prev_tid, now);
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tid = (u32)id;
+    u64 start_ns = 0, sampling = 0;
+    if (tid == 0 || !block_ends(tid, now, &start_ns, &sampling) || !sampling)
+        return 0;
+    int zero = 0;
+    struct offcpu_record *r = offcpu_scratch.lookup(&zero);
+    if (!r)
+        return 0;
+    u32 size = offcpu_fill(ctx, r, id, now);
+    r->event.value = now - start_ns;
+    r->event.sampling = sampling;
+    offcpu_submit(ctx, r, size, now);
+    return 0;
+}
+#endif
+#endif /* PROFILE_OFFCPU */
+
+#if PROFILE_ALLOC
+/* ---- Allocation profiler: samples the bytes allocated through the C library, by bytes, in the kernel ----
+ *
+ * Attach points: uprobes on the entry of malloc, calloc, realloc, posix_memalign and aligned_alloc in
+ *   each C library file that profiled processes map (user space attaches them once per file
+ *   identity, system-wide, or once per process with --pid: the kernel then filters the uprobe events
+ *   by address space, so this profiler never reads the pid filter).
+ * Sampling: each thread counts down a random threshold drawn from an exponential distribution of
+ *   mean R = alloc_params[PARAM_SAMPLING] bytes; every allocation subtracts its size, and the allocation
+ *   that takes the count below zero is sent (value = its size, sampling = R) and a new threshold is
+ *   drawn. The exponential is memoryless, so each allocation of s bytes is sent with probability
+ *   1 - exp(-s/R) whatever came before it, and user space weights it by the inverse (the Go/tcmalloc
+ *   estimator). Everything else costs a hash lookup and a subtraction: no perf-buffer record.
+ * Call sites: at a function's entry the frame pointer still belongs to the caller, so a frame-pointer
+ *   walk skips the immediate caller. Its return address sits at the stack pointer; it is spliced in
+ *   after the leaf (unless the kernel already did so: 6.13+ does for entries it recognises).
+ * Nested calls: realloc(NULL, n) and the memalign family of glibc (and musl's posix_memalign ->
+ *   aligned_alloc -> malloc) call or tail-call malloc. Such an inner call is recognised by its outer
+ *   call still being on the stack, and not counted twice.
+ * Output: perf buffer `alloc_samples` (struct stack_event, user stack only: the kernel stack at a uprobe
+ *   is the trap handler). The exit tracepoint forgets each exiting thread's countdown.
+ * Minimum kernel: 5.5 (bpf_probe_read_user; uprobes, bpf_get_stack and LRU hashes are older).
+ */
+
+#include "alloc_math.h" /* the sampling arithmetic and the call-site splicing: no maps, no helpers */
+
+struct alloc_thread {
+    s64 countdown;  /* bytes still to allocate before the next sample; below zero: sample */
+    u64 mean;       /* the R the countdown was drawn with */
+    u64 outer_sp;   /* entry stack pointer of the realloc/calloc/memalign call in progress, or 0 */
+    u64 outer_ret;  /* its return address */
+};
+
+#ifndef ALLOC_STACK_BYTES
+#define ALLOC_STACK_BYTES 0
+#endif
+STACK_RECORD(alloc_record, ALLOC_STACK_BYTES);
+BPF_PERCPU_ARRAY(alloc_scratch, struct alloc_record, 1);
+BPF_TABLE("lru_hash", u32, struct alloc_thread, alloc_threads, THREAD_ENTRIES); /* by tid */
+BPF_ARRAY(alloc_params, u64, PARAM_COUNT);
+BPF_PERF_OUTPUT(alloc_samples);
+
+static __always_inline void send_sample(struct pt_regs *ctx, u32 pid, u32 tid, u64 size, u64 mean, u64 ret)
+{
+    int zero = 0;
+    struct alloc_record *r = alloc_scratch.lookup(&zero);
+    if (!r)
+        return;
+    struct stack_event *e = &r->event;
+    e->timestamp_ns = bpf_ktime_get_ns();
+    e->value = size;
+    e->sampling = mean;
+    e->pid = pid;
+    e->tid = tid;
+    e->cpu = bpf_get_smp_processor_id();
+    e->flags = 0;
+    bpf_get_current_comm(&e->comm, sizeof(e->comm));
+    e->kernel_stack_len = 0;
+    /* One frame less than the limit leaves room for the caller. */
+    long user = bpf_get_stack(ctx, &e->ips[1], (MAX_STACK_DEPTH - 1) * sizeof(u64), BPF_F_USER_STACK);
+    u32 n = user > 0 ? ((u32)user / sizeof(u64)) & 0x7f : 0;
+    if (user < 0) {
+        e->user_stack_len = (s32)user;
+    } else {
+        n = splice_caller(e->ips, n, ret) & 0x7f;
+        e->user_stack_len = (s32)n;
+    }
+    /* At a uprobe the probed registers are the user registers: unwinding starts at the entry of the
+     * allocation function, whose CFI row names the caller without any splicing. */
+    copy_user_stack(e, r->stack, ALLOC_STACK_BYTES, PT_REGS_IP(ctx), PT_REGS_SP(ctx), PT_REGS_FP(ctx));
+    alloc_samples.perf_submit(ctx, r, record_size(e, ALLOC_STACK_BYTES));
+    announce_process(ctx, pid, e->timestamp_ns);
+}
+
+/* Every probe: `outer` for the functions that may call malloc themselves. */
+static __always_inline int on_alloc(struct pt_regs *ctx, u64 size, int outer)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 pid = id >> 32;
+    u32 tid = (u32)id;
+    if (pid == AGENT_PID)
+        return 0;
+    int index = PARAM_SAMPLING;
+    u64 *configured = alloc_params.lookup(&index);
+    u64 mean = configured && *configured ? *configured : 1;
+    if (mean > MAX_MEAN)
+        mean = MAX_MEAN;
+    struct alloc_thread *t = alloc_threads.lookup(&tid);
+    if (!t) {
+        struct alloc_thread fresh = {.countdown = next_threshold(bpf_get_prandom_u32(), mean), .mean = mean};
+        alloc_threads.update(&tid, &fresh);
+        t = alloc_threads.lookup(&tid);
+        if (!t)
+            return 0;
+    }
+    u64 sp = PT_REGS_SP(ctx);
+    u64 ret = 0; /* the return address, read only when needed: most calls are plain mallocs */
+    if (outer || t->outer_sp)
+        bpf_probe_read_user(&ret, sizeof(ret), (void *)sp);
+    if (t->outer_sp) {
+        u64 slot = 0;
+        bpf_probe_read_user(&slot, sizeof(slot), (void *)t->outer_sp);
+        if (is_nested_call(sp, PT_REGS_IP(ctx), ret, t->outer_sp, t->outer_ret, slot))
+            return 0; /* counted at the outer call */
+    }
+    t->outer_sp = outer ? sp : 0;
+    t->outer_ret = outer ? ret : 0;
+    if (size == 0)
+        return 0;
+    if (size > (1ULL << 48)) /* no such allocation succeeds; keeps the arithmetic signed-safe */
+        size = 1ULL << 48;
+    if (t->mean != mean) { /* R changed: a threshold drawn with the new mean keeps samples exact */
+        t->mean = mean;
+        t->countdown = next_threshold(bpf_get_prandom_u32(), mean);
+    }
+    t->countdown -= (s64)size;
+    if (t->countdown >= 0)
+        return 0;
+    t->countdown = next_threshold(bpf_get_prandom_u32(), mean);
+    if (!ret)
+        bpf_probe_read_user(&ret, sizeof(ret), (void *)sp);
+    send_sample(ctx, pid, tid, size, mean, ret);
+    return 0;
+}
+
+int on_malloc(struct pt_regs *ctx)
+{
+    return on_alloc(ctx, PT_REGS_PARM1(ctx), 0);
+}
+
+int on_calloc(struct pt_regs *ctx)
+{
+    u64 count = PT_REGS_PARM1(ctx), each = PT_REGS_PARM2(ctx);
+    if (!count || !each)
+        return on_alloc(ctx, 0, 1);
+    u64 limit = ~0ULL / each;
+    __asm__ volatile("" : "+r"(limit)); /* else clang turns the test into a 128-bit multiply BPF lacks */
+    return on_alloc(ctx, count > limit ? 0 : count * each, 1); /* an overflowing calloc allocates nothing */
+}
+
+int on_realloc(struct pt_regs *ctx)
+{
+    return on_alloc(ctx, PT_REGS_PARM2(ctx), 1);
+}
+
+int on_posix_memalign(struct pt_regs *ctx)
+{
+    return on_alloc(ctx, PT_REGS_PARM3(ctx), 1);
+}
+
+int on_aligned_alloc(struct pt_regs *ctx)
+{
+    return on_alloc(ctx, PT_REGS_PARM2(ctx), 1);
+}
+#endif /* PROFILE_ALLOC */
+
+/* ---- process lifetimes, for every profiler ---- */
+
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+    u32 pid = bpf_get_current_pid_tgid() >> 32;
+    known_pids.delete(&pid);
+    struct proc_event event = {.timestamp_ns = bpf_ktime_get_ns(), .pid = pid, .kind = PROC_EVENT_EXEC};
+    proc_events.perf_submit(args, &event, sizeof(event));
+    return 0;
+}
+
+/* Fires for every exiting thread: forget its allocation countdown; and, for a whole process, its
+ * announcement (a pid reused by a forked child that never execs must be announced again, so the new
+ * process's own mappings are captured). */
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 pid = id >> 32;
+    u32 tid = (u32)id;
+#if PROFILE_ALLOC
+    alloc_threads.delete(&tid);
+#endif
+    if (tid == pid)
+        known_pids.delete(&pid);
+    return 0;
+}
