@@ -150,6 +150,8 @@ class Daemon:
             self.notifier.stopping()
             self._shutdown()
         finally:
+            if self._reader is not None:
+                self._reader.close()
             self.program.close()
             for sink in self.sinks:
                 sink.shutdown(0.0)  # after a clean shutdown this does nothing; after a failure it spools

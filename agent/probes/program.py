@@ -98,11 +98,10 @@ class ProbeProgram:
         """The perf readers of every open buffer, for one poll across all of them."""
         return list(self._bpf.perf_buffers.values()) if self._bpf is not None else []
 
-    def drain(self) -> None:
-        """Read whatever sits in the buffers below their wakeup thresholds, and the in-kernel counts."""
+    def read_kernel_counts(self) -> None:
+        """After the buffers were drained (`agent.probes.reader`): the probes' in-kernel loss counters."""
         if self._bpf is None:
             return
-        self._bpf.perf_buffer_consume()
         for probe in self.probes:
             probe.drain()
 
