@@ -22,8 +22,9 @@ from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from agent.aggregate.interval import IntervalAggregator
-from agent.aggregate.types import IntervalProfile, ProfileSpec, Stack
+from agent.aggregate.types import IntervalProfile
 from agent.probes.events import IntervalMark, ProcessEvent, ProcessEventKind, StackEvent
+from agent.types import ProfileSpec, Stack
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from agent.aggregate.types import IntervalProfile, Stack
+from agent.aggregate.types import IntervalProfile
 from agent.config import load_config
 from agent.metadata.process import ProcessMetadata
 from agent.metadata.selector import ProcessSelector
@@ -35,6 +35,7 @@ from agent.probes.queue import DropOldestQueue
 from agent.probes.records import STACK_EVENT_HEADER_SIZE, StackEventRecord
 from agent.sampling.keep import KeepSampler
 from agent.symbolize.symbolizer import Symbolizer
+from agent.types import Stack
 from bench.context import Context
 from bench.results import Check, ScenarioResult, Spread, Table
 from bench.synthetic import FakeProc, StackFactory, capture_templates

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.aggregate.types import Stack, StackStatus
 from agent.config import ProfilingConfig
 from agent.probes.cpu import CpuProbe
 from agent.probes.events import StackEvent
@@ -36,6 +35,7 @@ from agent.probes.reader import PerfReader
 from agent.probes.records import STACK_EVENT_HEADER_SIZE, USER_STACK_OFFSET
 from agent.symbolize.elf_symbols import read_elf
 from agent.symbolize.proc_maps import load_bias, read_process_maps
+from agent.types import Stack, StackStatus
 from agent.unwind.unwinder import Unwinder
 from bench.build import REPO
 from bench.context import Context

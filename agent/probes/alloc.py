@@ -26,7 +26,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.aggregate.types import ProfileSpec, ValueType
 from agent.config import AllocConfig, ProfilingConfig
 from agent.errors import BpfAttachError
 from agent.probes.bpf_probe import BpfProbe, Emit
@@ -34,6 +33,7 @@ from agent.probes.events import MalformedRecord, ProcessEvent, ProcessEventKind,
 from agent.probes.libc_tracker import ALL_PROCESSES, LibcTracker, Source, Target
 from agent.probes.records import PARAM_SAMPLING
 from agent.settings import SETTINGS_BY_KEY
+from agent.types import ProfileSpec, ValueType
 
 logger = logging.getLogger(__name__)
 

@@ -17,13 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.aggregate.types import ProfileSpec
 from agent.config import ProfilingConfig
 from agent.probes.events import MalformedRecord, UnwindCopy, decode_proc_event
 from agent.probes.geometry import page_count, sized_for_records
 from agent.probes.loader import dump_program, load_program
 from agent.probes.records import PARAM_SAMPLING, USER_STACK_OFFSET
 from agent.probes.stacks import StackDecoder
+from agent.types import ProfileSpec
 
 logger = logging.getLogger(__name__)
 

@@ -7,11 +7,11 @@ software cpu-clock: the choice is logged once and reported as `attach_method`) a
 
 from __future__ import annotations
 
-from agent.aggregate.types import ProfileSpec, ValueType
 from agent.errors import BpfAttachError
 from agent.preflight import hardware_cycles_available
 from agent.probes.bpf_probe import BpfProbe
 from agent.probes.events import StackEventDecoder
+from agent.types import ProfileSpec, ValueType
 
 # Perf-event ids as in linux/perf_event.h (bcc.PerfType / PerfHWConfig / PerfSWConfig).
 PERF_TYPE_HARDWARE, PERF_COUNT_HW_CPU_CYCLES = 0, 0

@@ -18,12 +18,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.aggregate.types import ProfileSpec, ValueType
 from agent.config import OffCpuConfig, ProfilingConfig
 from agent.errors import BpfAttachError
 from agent.probes.bpf_probe import BpfProbe, Emit
 from agent.probes.events import RecordHeader, StackEventDecoder
 from agent.probes.records import PARAM_MIN_BLOCK_NS, PARAM_SAMPLING, USER_STACK_OFFSET
+from agent.types import ProfileSpec, ValueType
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,6 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.aggregate.types import Stack
 from agent.symbolize.cache import ElfEntry, ElfTableCache
 from agent.symbolize.debuginfo import DEFAULT_DEBUG_ROOTS, DebugInfoFinder
 from agent.symbolize.elf_symbols import (
@@ -55,6 +54,7 @@ from agent.symbolize.proc_maps import (
 from agent.symbolize.stats import ErrorReason, SymbolizerStats
 from agent.symbolize.types import Frame, FrameKind, MappingInfo
 from agent.symbolize.vdso import VDSO_PATH, VdsoUnavailable, read_own_vdso
+from agent.types import Stack
 
 logger = logging.getLogger(__name__)
 

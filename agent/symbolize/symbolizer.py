@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from agent.aggregate.types import AggregatedSample, IntervalProfile, Stack, StackStatus
+from agent.aggregate.types import AggregatedSample, IntervalProfile
 from agent.metadata.process import ProcessMetadata
 from agent.symbolize.debuginfo import DEFAULT_DEBUG_ROOTS
 from agent.symbolize.kallsyms import KallsymsCache, KernelSymbols
@@ -34,6 +34,7 @@ from agent.symbolize.proc_maps import ProcessMaps
 from agent.symbolize.processes import ProcessRegistry
 from agent.symbolize.stats import SymbolizerStats
 from agent.symbolize.types import Frame, FrameKind, ProcessInfo, Profile, Sample
+from agent.types import Stack, StackStatus
 
 _FRAMES_BY_STATUS = (StackStatus.OK, StackStatus.TRUNCATED)
 

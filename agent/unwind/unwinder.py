@@ -37,10 +37,10 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.aggregate.types import Stack, StackStatus
 from agent.probes.events import StackEvent, UserStackCopy
 from agent.probes.records import MAX_STACK_DEPTH
 from agent.symbolize.proc_maps import ProcessMaps
+from agent.types import Stack, StackStatus
 from agent.unwind.cfi import LOST
 from agent.unwind.spaces import (
     CFA_RBP,

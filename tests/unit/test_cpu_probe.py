@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from agent.aggregate.types import EMPTY_STACK, Stack, StackStatus
 from agent.probes.cpu import CpuProbe
 from agent.probes.events import StackEvent
 from agent.probes.records import STACK_EVENT_HEADER_SIZE, StackEventRecord
+from agent.types import EMPTY_STACK, Stack, StackStatus
 from tests.support.config import profiling
 
 PROFILING = profiling("cpu")

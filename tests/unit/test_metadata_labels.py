@@ -13,15 +13,7 @@ from pathlib import Path
 import pytest
 
 from agent._proto import profile_pb2
-from agent.aggregate.types import (
-    AggregatedSample,
-    IntervalProfile,
-    ProfileSpec,
-    SampleKey,
-    Stack,
-    StackStatus,
-    ValueType,
-)
+from agent.aggregate.types import AggregatedSample, IntervalProfile, SampleKey
 from agent.export.otlp import resource as resource_module
 from agent.export.otlp.encode import encode_request
 from agent.export.otlp.resource import ResourceOptions, process_resource
@@ -30,6 +22,7 @@ from agent.metadata.process import ProcessLabels, ProcessMetadata
 from agent.pprof.builder import build_pprof
 from agent.symbolize.symbolizer import Symbolizer
 from agent.symbolize.types import ProcessInfo, Profile
+from agent.types import ProfileSpec, Stack, StackStatus, ValueType
 
 FIXTURES = Path(__file__).parent / "fixtures" / "cgroup"
 DOCKER_ID = "62c0387159d0bf7a69edf5d270c68e53693b0c55f17871f74b015dbf7f4ccbaf"

@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 
-from agent.aggregate.types import StackStatus, ValueType
 from agent.config import OffCpuConfig
 from agent.errors import BpfAttachError
 from agent.export.otlp.shapes import value_mapping
@@ -39,6 +38,7 @@ from agent.probes.offcpu import (
 )
 from agent.probes.records import PARAM_MIN_BLOCK_NS, PARAM_SAMPLING, USER_STACK_OFFSET, StackEventRecord
 from agent.probes.registry import PROBES
+from agent.types import StackStatus, ValueType
 from tests.support.config import profiling
 
 PROFILING = profiling("offcpu")

@@ -18,19 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.aggregate.types import (
-    AggregatedSample,
-    IntervalProfile,
-    ProfileSpec,
-    SampleKey,
-    Stack,
-    StackStatus,
-    ValueType,
-)
+from agent.aggregate.types import AggregatedSample, IntervalProfile, SampleKey
 from agent.symbolize.debuginfo import SymbolSource
 from agent.symbolize.elf_symbols import ElfSymbols, merge_symbols, read_elf, read_elf_with_hints
 from agent.symbolize.stats import ErrorReason
 from agent.symbolize.symbolizer import Symbolizer
+from agent.types import ProfileSpec, Stack, StackStatus, ValueType
 from tests.support.fixture_types import AddFakeProcess, MapsFor, NmFunctions
 
 BASE = 0x555555554000

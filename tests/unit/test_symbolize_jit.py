@@ -13,19 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.aggregate.types import (
-    AggregatedSample,
-    IntervalProfile,
-    ProfileSpec,
-    SampleKey,
-    Stack,
-    StackStatus,
-    ValueType,
-)
+from agent.aggregate.types import AggregatedSample, IntervalProfile, SampleKey
 from agent.symbolize.perf_map import PerfMapStore, parse_perf_map, read_nspid
 from agent.symbolize.stats import ErrorReason, SymbolizerStats
 from agent.symbolize.symbolizer import Symbolizer
 from agent.symbolize.types import Frame, FrameKind
+from agent.types import ProfileSpec, Stack, StackStatus, ValueType
 from tests.support.fixture_types import AddFakeProcess
 
 SPEC = ProfileSpec("cpu", (ValueType("samples", "count"),), ValueType("cpu", "nanoseconds"), 10_000_000)

@@ -7,21 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.aggregate.types import (
-    EMPTY_STACK,
-    AggregatedSample,
-    IntervalProfile,
-    ProfileSpec,
-    SampleKey,
-    Stack,
-    StackStatus,
-    ValueType,
-)
+from agent.aggregate.types import AggregatedSample, IntervalProfile, SampleKey
 from agent.symbolize import processes
 from agent.symbolize.markers import status_marker
 from agent.symbolize.proc_maps import ProcessMaps
 from agent.symbolize.symbolizer import Symbolizer
 from agent.symbolize.types import FrameKind, ProcessInfo
+from agent.types import EMPTY_STACK, ProfileSpec, Stack, StackStatus, ValueType
 from tests.support.fixture_types import AddFakeProcess, MapsFor, NmFunctions
 
 BASE = 0x555555554000

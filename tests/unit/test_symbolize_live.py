@@ -9,18 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.aggregate.types import (
-    AggregatedSample,
-    IntervalProfile,
-    ProfileSpec,
-    SampleKey,
-    Stack,
-    StackStatus,
-    ValueType,
-)
+from agent.aggregate.types import AggregatedSample, IntervalProfile, SampleKey
 from agent.symbolize.proc_maps import parse_maps_line
 from agent.symbolize.symbolizer import Symbolizer
 from agent.symbolize.types import FrameKind
+from agent.types import ProfileSpec, Stack, StackStatus, ValueType
 from tests.support.fixture_types import NmFunctions
 
 SPEC = ProfileSpec("cpu", (ValueType("samples", "count"),), ValueType("cpu", "nanoseconds"), 10_000_000)

@@ -13,16 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.aggregate.types import (
-    EMPTY_STACK,
-    AggregatedSample,
-    IntervalProfile,
-    ProfileSpec,
-    SampleKey,
-    Stack,
-    StackStatus,
-    ValueType,
-)
+from agent.aggregate.types import AggregatedSample, IntervalProfile, SampleKey
 from agent.symbolize import native
 from agent.symbolize.elf_symbols import DebugHints, ElfSymbols
 from agent.symbolize.native import NativeResolver
@@ -30,6 +21,7 @@ from agent.symbolize.proc_maps import read_process_maps
 from agent.symbolize.stats import SymbolizerStats
 from agent.symbolize.symbolizer import Symbolizer
 from agent.symbolize.types import Frame
+from agent.types import EMPTY_STACK, ProfileSpec, Stack, StackStatus, ValueType
 from tests.support.fixture_types import AddFakeProcess, MapsFor, NmFunctions
 
 PIE_BASE = 0x555555554000

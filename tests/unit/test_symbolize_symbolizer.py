@@ -14,22 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from agent.aggregate.types import (
-    EMPTY_STACK,
-    AggregatedSample,
-    IntervalProfile,
-    ProfileSpec,
-    SampleKey,
-    Stack,
-    StackStatus,
-    ValueType,
-)
+from agent.aggregate.types import AggregatedSample, IntervalProfile, SampleKey
 from agent.symbolize import native
 from agent.symbolize.elf_symbols import read_elf_bytes
 from agent.symbolize.stats import ErrorReason
 from agent.symbolize.symbolizer import Symbolizer
 from agent.symbolize.types import KERNEL_MAPPING_NAME, FrameKind, Profile
 from agent.symbolize.vdso import VdsoUnavailable, read_own_vdso
+from agent.types import EMPTY_STACK, ProfileSpec, Stack, StackStatus, ValueType
 from tests.support.fixture_types import AddFakeProcess, MapsFor, NmFunctions
 
 PIE_BASE = 0x555555554000

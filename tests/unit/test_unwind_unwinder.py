@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.aggregate.types import EMPTY_STACK, Stack, StackStatus
 from agent.probes.events import StackEvent, UserStackCopy
+from agent.types import EMPTY_STACK, Stack, StackStatus
 from agent.unwind import spaces
 from agent.unwind.unwinder import Unwinder
 from tests.support.fixture_types import AddFakeProcess, MapsFor
