@@ -33,6 +33,7 @@ from agent.probes.cpu import CpuProbe
 from agent.probes.events import IntervalMark
 from agent.probes.queue import DropOldestQueue
 from agent.probes.records import STACK_EVENT_HEADER_SIZE, StackEventRecord
+from agent.process.registry import ProcessRegistry
 from agent.sampling.keep import KeepSampler
 from agent.symbolize.symbolizer import Symbolizer
 from agent.types import Stack
@@ -120,10 +121,11 @@ class Harness:
 
         self.callback = RAW_CB(raw_cb_)
         metadata = ProcessMetadata(proc.root)
-        self.symbolizer = Symbolizer(proc_root=proc.root, metadata=metadata)
+        self.symbolizer = Symbolizer(ProcessRegistry(proc.root, metadata=metadata))
         self.delivered: list[IntervalProfile] = []
         selector = ProcessSelector(config.filters, metadata)
-        self.pipeline = Pipeline({"cpu": probe.spec}, self.symbolizer, self.delivered.append, selector, KeepSampler())
+        processes = self.symbolizer.processes
+        self.pipeline = Pipeline({"cpu": probe.spec}, processes, self.delivered.append, selector, KeepSampler())
         self.driver = ctypes.CDLL(str(ctx.binaries["ingest_driver"]))
         self.driver.drive.restype = None
         # The cookie is a py_object, as libbcc's bpf_open_perf_buffer_opts is declared: None arrives as Py_None.

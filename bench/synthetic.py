@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.aggregate.types import AggregatedSample, IntervalProfile, SampleKey
-from agent.symbolize.proc_maps import MapKind, parse_maps_line
+from agent.process.maps import MapKind, parse_maps_line
 from agent.types import ProfileSpec, Stack, StackStatus
 
 FIRST_PID = 100_000

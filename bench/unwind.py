@@ -33,8 +33,8 @@ from agent.probes.cpu import CpuProbe
 from agent.probes.events import StackEvent
 from agent.probes.reader import PerfReader
 from agent.probes.records import STACK_EVENT_HEADER_SIZE, USER_STACK_OFFSET
-from agent.symbolize.elf_symbols import read_elf
-from agent.symbolize.proc_maps import load_bias, read_process_maps
+from agent.process.elf import read_elf
+from agent.process.maps import load_bias, read_process_maps
 from agent.types import Stack, StackStatus
 from agent.unwind.unwinder import Unwinder
 from bench.build import REPO

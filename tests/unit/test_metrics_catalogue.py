@@ -17,6 +17,7 @@ from agent.export.otlp.stats import REQUESTS
 from agent.metrics import AgentCollector, make_registry
 from agent.probes.bpf_probe import ReaderStats
 from agent.probes.stacks import StackDecoder
+from agent.process.registry import ProcessRegistry
 from agent.symbolize.jvm import JvmPerfMapRequester
 from agent.symbolize.symbolizer import Symbolizer
 from agent.unwind.unwinder import Unwinder
@@ -39,9 +40,11 @@ def fake_source(spool_dir: str = "/tmp/profiling-agent-test-spool") -> Any:
     otlp.counters.observe_latency(0.02)
     reporter = SimpleNamespace(intervals=3, empty_intervals=1, exported=Counter(files=2), failed=Counter(otlp=1))
     pipeline = SimpleNamespace(filtered=7, unknown_items=0, last_rates={"cpu": 38.0})
+    processes = ProcessRegistry()
     return SimpleNamespace(
         probes=[probe],
-        symbolizer=Symbolizer(),
+        processes=processes,
+        symbolizer=Symbolizer(processes),
         unwinder=Unwinder(),
         jvm=JvmPerfMapRequester(60.0),
         reporter=reporter,

@@ -220,7 +220,7 @@ def test_a_snapshot_stands_in_for_the_maps_of_a_process_gone(
     process: Path, at: Callable[[str], int], fake_proc: Path, tmp_path: Path
 ) -> None:
     """The symbolize stage's captured mappings are used when /proc/PID/maps is gone."""
-    from agent.symbolize.proc_maps import read_process_maps
+    from agent.process.maps import read_process_maps
 
     snapshot = read_process_maps(fake_proc, PID)
     unwinder = Unwinder(proc_root=tmp_path / "empty-proc", snapshots={PID: snapshot}.get)
