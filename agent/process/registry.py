@@ -2,7 +2,7 @@
 
 This module owns `ProcessRegistry` and its counters, `ProcessStats`: which pids have a `ProcessMaps`
 snapshot, capturing one the first time a pid is seen (so a process that exits before the interval ends
-can still be symbolized or unwound), forgetting it on exec, and expiring snapshots of pids absent from
+can still be symbolized or unwound), retiring it on exec, and expiring snapshots of pids absent from
 `ttl_intervals` consecutive intervals so memory stays bounded on a busy host. Each snapshot also keeps
 the process's labels (container, pod, systemd unit) read through `agent.metadata.process.ProcessMetadata`
 at the same moment, while the process is alive. The daemon makes one registry: the pipeline tells it
@@ -14,7 +14,7 @@ and for at most two ended intervals, it stands in for the process. A process who
 has gone) or finds it exiting (no mappings and no exe: its memory is already torn down) gets its
 retired, or current, snapshot back, so the samples it left in the interval are still symbolized. This
 matters because a multi-threaded process is announced again when its main thread exits before the
-others, and that announcement forgets the snapshot like an exec does.
+others, and that announcement retires the snapshot like an exec does.
 
 `observe_process` and `on_exec` run on the event thread, the symbolizer's `observe`, `refresh` and
 `end_interval` on the report thread, `get` on the reader's too (the unwind stage). The lock only guards
