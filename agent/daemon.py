@@ -41,6 +41,7 @@ from agent.probes.program import ProbeProgram
 from agent.probes.queue import DropOldestQueue
 from agent.probes.reader import PerfReader
 from agent.probes.registry import make_probes, stack_copy_bytes
+from agent.process.registry import ProcessRegistry
 from agent.reload import changed_keys, is_live, merge_live
 from agent.report import Reporter
 from agent.sampling.adaptive import AdaptiveSampler
@@ -79,11 +80,9 @@ class Daemon:
         self._events: DropOldestQueue[object] = DropOldestQueue(config.profiling.queue_size)
         self._intervals: DropOldestQueue[IntervalProfile | None] = DropOldestQueue(REPORT_QUEUE_SIZE)
         self.metadata = ProcessMetadata()
-        self.symbolizer = Symbolizer(
-            elf_cache_size=config.symbolize.elf_cache_size,
-            process_ttl_intervals=config.symbolize.process_ttl_intervals,
-            metadata=self.metadata,
-        )
+        # One registry of process snapshots, read by the pipeline, the unwind and the symbolize stages.
+        self.processes = ProcessRegistry(ttl_intervals=config.symbolize.process_ttl_intervals, metadata=self.metadata)
+        self.symbolizer = Symbolizer(self.processes, elf_cache_size=config.symbolize.elf_cache_size)
         symbolize = config.symbolize
         self.jvm = JvmPerfMapRequester(symbolize.jvm_perf_map_interval_s) if symbolize.jvm_perf_map else None
         self.selector = ProcessSelector(config.filters, self.metadata)
@@ -93,7 +92,7 @@ class Daemon:
         copy_bytes = stack_copy_bytes(config)
         self.unwinder: Unwinder | None = None
         if any(copy_bytes.values()):
-            self.unwinder = Unwinder(snapshots=self.symbolizer.process_maps, skip=self.selector.known_rejected)
+            self.unwinder = Unwinder(snapshots=self.processes.get, skip=self.selector.known_rejected)
         unwind = self.unwinder.unwind_copy if self.unwinder is not None else None
         self.probes = make_probes(config, self._events.put, copy_bytes, unwind)
         self.program = ProbeProgram(config.profiling, self.probes, self._events.put)
@@ -210,7 +209,7 @@ class Daemon:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self.pipeline = Pipeline(
             {probe.name: probe.spec for probe in self.probes},
-            self.symbolizer,
+            self.processes,
             self._intervals.put,
             self.selector,
             self.keep,

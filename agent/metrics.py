@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from agent.pipeline import Pipeline
     from agent.probes.bpf_probe import BpfProbe
     from agent.probes.program import ProbeProgram
+    from agent.process.registry import ProcessRegistry
     from agent.report import Reporter
     from agent.symbolize.jvm import JvmPerfMapRequester
     from agent.symbolize.symbolizer import Symbolizer
@@ -50,6 +51,9 @@ class MetricsSource(Protocol):
 
     @property
     def program(self) -> ProbeProgram: ...
+
+    @property
+    def processes(self) -> ProcessRegistry: ...
 
     @property
     def symbolizer(self) -> Symbolizer: ...
@@ -198,14 +202,18 @@ class AgentCollector(Collector):
         misses = _counter("symbolize_cache_misses", "ELF symbol-table cache misses.")
         misses.add_metric([], stats.elf_cache_misses)
         errors = _counter("symbolize_errors", "Files, processes or tables that could not be used.", ("reason",))
-        for reason, count in sorted(stats.errors.items()):
+        process_stats = self._source.processes.stats
+        reasons = Counter(stats.errors)
+        if process_stats.unreadable:  # the registry counts its own; the series stays in this family
+            reasons["proc_unreadable"] = process_stats.unreadable
+        for reason, count in sorted(reasons.items()):
             errors.add_metric([reason], count)
         frames = _counter("symbolize_frames", "Frames, by whether they got a name.", ("result",))
         frames.add_metric(["named"], stats.frames_symbolized)
         frames.add_metric(["unnamed"], stats.frames_unsymbolized)
         processes = _counter("symbolize_processes", "Process snapshots, by event.", ("event",))
         for event in ("captured", "vanished", "refreshed", "expired"):
-            processes.add_metric([event], getattr(stats, f"processes_{event}"))
+            processes.add_metric([event], getattr(process_stats, event))
         jit = _counter("symbolize_jit_addresses", "JIT addresses looked up in perf maps, by result.", ("result",))
         jit.add_metric(["named"], stats.perf_map_hits)
         jit.add_metric(["unnamed"], stats.perf_map_misses)
@@ -213,7 +221,8 @@ class AgentCollector(Collector):
         for source, count in sorted(stats.symbol_sources.items()):
             sources.add_metric([source], count)
         sizes = _gauge("symbolize_cache_entries", "Entries in the symbolizer's caches.", ("cache",))
-        for cache, size in sorted(self._source.symbolizer.cache_sizes().items()):
+        caches = {**self._source.symbolizer.cache_sizes(), **self._source.processes.sizes()}
+        for cache, size in sorted(caches.items()):
             sizes.add_metric([cache], size)
         yield from (hits, misses, errors, frames, processes, jit, sources, sizes)
         if self._source.jvm is not None:

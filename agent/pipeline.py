@@ -4,13 +4,14 @@ Stack events pass the sampling stage's keep decision and are summed into their p
 (aggregate); those whose program copies the user stack arrive unwound already (the reader's decoder
 runs the unwind stage inside the perf-buffer callback, see `agent.unwind.unwinder`), except a bursty
 profiler's (allocations), which are unwound here, after the keep decision;
-process events tell the symbolizer to capture a process's mappings while it is alive; an
+process events tell the process registry (`agent.process.registry`) to capture a process's mappings
+while it is alive; an
 `IntervalMark` hands each profiler's finished interval to `deliver`. This module starts no threads:
 `agent.daemon` runs `Pipeline.handle` on the thread it owns.
 
 Process filters: with a selector (`agent.metadata.selector.ProcessSelector`), stack events of
 rejected processes are dropped before they are aggregated and counted in `filtered`, and rejected
-processes are never captured by the symbolizer. Every process event makes the selector forget its
+processes are never captured by the process registry. Every process event makes the selector forget its
 decision about the pid, since a new process or an exec changes what the filters look at. Kernel
 threads are decided by their name alone: with any include pattern they are dropped (see the selector).
 """
@@ -22,8 +23,9 @@ from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from agent.aggregate.interval import IntervalAggregator
-from agent.aggregate.types import IntervalProfile, ProfileSpec, Stack
+from agent.aggregate.types import IntervalProfile
 from agent.probes.events import IntervalMark, ProcessEvent, ProcessEventKind, StackEvent
+from agent.types import ProfileSpec, Stack
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +51,8 @@ class UnwinderLike(Protocol):
 
 
 class ProcessObserver(Protocol):
-    """What the pipeline needs from the symbolize stage: capture a live process's mappings."""
+    """What the pipeline needs from the process registry (`agent.process.registry.ProcessRegistry`):
+    capture a live process's mappings, and retire them when its image changes."""
 
     def observe_process(self, pid: int) -> None: ...
 

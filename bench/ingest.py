@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from agent.aggregate.types import IntervalProfile, Stack
+from agent.aggregate.types import IntervalProfile
 from agent.config import load_config
 from agent.metadata.process import ProcessMetadata
 from agent.metadata.selector import ProcessSelector
@@ -33,8 +33,10 @@ from agent.probes.cpu import CpuProbe
 from agent.probes.events import IntervalMark
 from agent.probes.queue import DropOldestQueue
 from agent.probes.records import STACK_EVENT_HEADER_SIZE, StackEventRecord
+from agent.process.registry import ProcessRegistry
 from agent.sampling.keep import KeepSampler
 from agent.symbolize.symbolizer import Symbolizer
+from agent.types import Stack
 from bench.context import Context
 from bench.results import Check, ScenarioResult, Spread, Table
 from bench.synthetic import FakeProc, StackFactory, capture_templates
@@ -119,10 +121,11 @@ class Harness:
 
         self.callback = RAW_CB(raw_cb_)
         metadata = ProcessMetadata(proc.root)
-        self.symbolizer = Symbolizer(proc_root=proc.root, metadata=metadata)
+        self.symbolizer = Symbolizer(ProcessRegistry(proc.root, metadata=metadata))
         self.delivered: list[IntervalProfile] = []
         selector = ProcessSelector(config.filters, metadata)
-        self.pipeline = Pipeline({"cpu": probe.spec}, self.symbolizer, self.delivered.append, selector, KeepSampler())
+        processes = self.symbolizer.processes
+        self.pipeline = Pipeline({"cpu": probe.spec}, processes, self.delivered.append, selector, KeepSampler())
         self.driver = ctypes.CDLL(str(ctx.binaries["ingest_driver"]))
         self.driver.drive.restype = None
         # The cookie is a py_object, as libbcc's bpf_open_perf_buffer_opts is declared: None arrives as Py_None.

@@ -18,6 +18,7 @@ import psutil
 from agent.aggregate.types import IntervalProfile
 from agent.pprof.builder import build_pprof
 from agent.probes.cpu import cpu_profile_spec
+from agent.process.registry import ProcessRegistry
 from agent.symbolize.symbolizer import Symbolizer
 from bench.context import Context
 from bench.results import ScenarioResult, Spread, Table
@@ -45,7 +46,7 @@ def one_point(ctx: Context, templates: list[Any], processes: int, stacks: int, r
     cold_interval = factory.interval(spec, stacks, 1_000_000_000)
     warm_interval = factory.interval(spec, stacks, 11_000_000_000)
     rss_before = psutil.Process().memory_info().rss
-    symbolizer = Symbolizer(proc_root=proc.root)
+    symbolizer = Symbolizer(ProcessRegistry(proc.root))
     cold = time_interval(symbolizer, cold_interval)
     warm = time_interval(symbolizer, warm_interval)
     return {

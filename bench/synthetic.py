@@ -20,8 +20,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.aggregate.types import AggregatedSample, IntervalProfile, ProfileSpec, SampleKey, Stack, StackStatus
-from agent.symbolize.proc_maps import MapKind, parse_maps_line
+from agent.aggregate.types import AggregatedSample, IntervalProfile, SampleKey
+from agent.process.maps import MapKind, parse_maps_line
+from agent.types import ProfileSpec, Stack, StackStatus
 
 FIRST_PID = 100_000
 CGROUP = "0::/system.slice/bench-{n}.service\n"

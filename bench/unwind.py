@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.aggregate.types import Stack, StackStatus
 from agent.probes.bpf_probe import StackCopyPlan
 from agent.probes.cpu import CpuProbe
 from agent.probes.events import StackEvent
@@ -36,8 +35,9 @@ from agent.probes.program import ProbeProgram
 from agent.probes.reader import PerfReader
 from agent.probes.records import STACK_EVENT_HEADER_SIZE, USER_STACK_OFFSET
 from agent.probes.settings import ProfilingConfig
-from agent.symbolize.elf_symbols import read_elf
-from agent.symbolize.proc_maps import load_bias, read_process_maps
+from agent.process.elf import read_elf
+from agent.process.maps import load_bias, read_process_maps
+from agent.types import Stack, StackStatus
 from agent.unwind.unwinder import Unwinder
 from bench.build import REPO
 from bench.context import Context

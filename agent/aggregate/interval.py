@@ -19,7 +19,8 @@ from functools import reduce
 from operator import add, itemgetter
 from typing import NamedTuple, Protocol
 
-from agent.aggregate.types import AggregatedSample, IntervalProfile, ProfileSpec, SampleKey, Stack
+from agent.aggregate.types import AggregatedSample, IntervalProfile, SampleKey
+from agent.types import ProfileSpec, Stack
 
 
 class EventLike(Protocol):

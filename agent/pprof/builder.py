@@ -18,9 +18,9 @@ from itertools import compress
 from operator import not_
 from typing import Any, cast
 
-from agent.aggregate.types import ProfileSpec
 from agent.pprof.strings import StringTable
 from agent.symbolize.types import KERNEL_MAPPING_NAME, Frame, FrameKind, MappingInfo, ProcessInfo, Profile, Sample
+from agent.types import ProfileSpec
 
 try:
     from agent._proto import profile_pb2

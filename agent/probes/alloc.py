@@ -26,13 +26,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.aggregate.types import ProfileSpec, ValueType
 from agent.errors import BpfAttachError
 from agent.probes.bpf_probe import FRAME_POINTERS, BpfProbe, Emit, StackCopyPlan
 from agent.probes.events import MalformedRecord, ProcessEvent, ProcessEventKind, RecordHeader, StackEventDecoder
 from agent.probes.libc_tracker import ALL_PROCESSES, LibcTracker, Source, Target
 from agent.probes.records import PARAM_SAMPLING
 from agent.probes.settings import AllocConfig, ProfilingConfig
+from agent.types import ProfileSpec, ValueType
 
 logger = logging.getLogger(__name__)
 

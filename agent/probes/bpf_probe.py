@@ -19,12 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.aggregate.types import ProfileSpec
 from agent.probes.events import MalformedRecord, ProcessEvent, UnwindCopy
 from agent.probes.geometry import page_count, sized_for_records
 from agent.probes.records import PARAM_SAMPLING, USER_STACK_OFFSET
 from agent.probes.settings import ProfilingConfig
 from agent.probes.stacks import StackDecoder
+from agent.types import ProfileSpec
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,6 @@ for one period of CPU time.
 
 from __future__ import annotations
 
-from agent.aggregate.types import ProfileSpec, ValueType
 from agent.errors import BpfAttachError
 from agent.features import (
     PERF_COUNT_HW_CPU_CYCLES,
@@ -21,6 +20,7 @@ from agent.features import (
 from agent.probes.bpf_probe import FRAME_POINTERS, BpfProbe, Emit, StackCopyPlan
 from agent.probes.events import StackEventDecoder
 from agent.probes.settings import ProfilingConfig
+from agent.types import ProfileSpec, ValueType
 
 EVENT_SOURCES = (
     (PERF_TYPE_HARDWARE, PERF_COUNT_HW_CPU_CYCLES, "hardware cpu-cycles"),

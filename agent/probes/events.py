@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple, TypeVar
 
-from agent.aggregate.types import Stack
 from agent.probes.records import (
     MAX_STACK_DEPTH,
     PROC_EVENT_EXEC,
@@ -29,6 +28,7 @@ from agent.probes.records import (
     StackEventRecord,
 )
 from agent.probes.stacks import StackDecoder
+from agent.types import Stack
 
 R = TypeVar("R", bound=ctypes.Structure)
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from agent.symbolize.proc_maps import MapKind, parse_maps_line, root_path
+from agent.process.maps import MapKind, parse_maps_line, root_path
 
 ALL_PROCESSES = -1  # Target.pid of a system-wide uprobe
 

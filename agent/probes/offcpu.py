@@ -15,13 +15,13 @@ import ctypes
 import logging
 from dataclasses import dataclass
 
-from agent.aggregate.types import ProfileSpec, ValueType
 from agent.errors import BpfAttachError
 from agent.features import KernelFeatures, kernel_features
 from agent.probes.bpf_probe import FRAME_POINTERS, BpfProbe, Emit, StackCopyPlan
 from agent.probes.events import RecordHeader, StackEventDecoder
 from agent.probes.records import PARAM_MIN_BLOCK_NS, PARAM_SAMPLING, USER_STACK_OFFSET
 from agent.probes.settings import OffCpuConfig, ProfilingConfig
+from agent.types import ProfileSpec, ValueType
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ import struct
 import threading
 from collections import Counter
 
-from agent.aggregate.types import EMPTY_STACK, Stack, StackStatus
 from agent.probes.records import MAX_STACK_DEPTH
+from agent.types import EMPTY_STACK, Stack, StackStatus
 
 CACHE_LIMIT = 65536
 

@@ -30,7 +30,7 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from agent.symbolize.elf_symbols import (
+from agent.process.elf import (
     DebugHints,
     ElfReadError,
     ElfSymbols,
@@ -39,7 +39,7 @@ from agent.symbolize.elf_symbols import (
     read_elf,
     read_elf_bytes,
 )
-from agent.symbolize.proc_maps import root_path
+from agent.process.maps import root_path
 from agent.symbolize.stats import ErrorReason, SymbolizerStats
 
 logger = logging.getLogger(__name__)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from agent.aggregate.types import StackStatus
 from agent.symbolize.types import Frame, FrameKind
+from agent.types import StackStatus
 
 _TEMPLATES = {
     StackStatus.MISSING: "[missing {side} stack]",

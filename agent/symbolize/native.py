@@ -3,7 +3,7 @@
 This module owns `NativeResolver`: given a process snapshot and runtime addresses it finds each
 address's mapping, loads (or takes from the cache) the mapped file's symbol table, applies the load
 bias and names the function. A binary without `.symtab` is completed from its debug files
-(`agent.symbolize.debuginfo`), the vDSO is named from the agent's own copy (`agent.symbolize.vdso`),
+(`agent.symbolize.debuginfo`), the vDSO is named from the agent's own copy (`agent.process.vdso`),
 and an address in JIT code (an executable mapping with no file, or no mapping at all) is named from
 the process's perf map (`agent.symbolize.perf_map`).
 
@@ -31,10 +31,8 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.aggregate.types import Stack
-from agent.symbolize.cache import ElfEntry, ElfTableCache
-from agent.symbolize.debuginfo import DEFAULT_DEBUG_ROOTS, DebugInfoFinder
-from agent.symbolize.elf_symbols import (
+from agent.process.cache import ElfEntry, ElfTableCache
+from agent.process.elf import (
     ElfErrorReason,
     ElfReadError,
     ElfSymbols,
@@ -42,8 +40,7 @@ from agent.symbolize.elf_symbols import (
     read_elf_bytes,
     read_elf_with_hints,
 )
-from agent.symbolize.perf_map import JIT_KINDS, PerfMapStore
-from agent.symbolize.proc_maps import (
+from agent.process.maps import (
     FileIdentity,
     MapEntry,
     MapKind,
@@ -52,9 +49,12 @@ from agent.symbolize.proc_maps import (
     printable,
     resolve_file,
 )
+from agent.process.vdso import VDSO_PATH, VdsoUnavailable, read_own_vdso
+from agent.symbolize.debuginfo import DEFAULT_DEBUG_ROOTS, DebugInfoFinder
+from agent.symbolize.perf_map import JIT_KINDS, PerfMapStore
 from agent.symbolize.stats import ErrorReason, SymbolizerStats
 from agent.symbolize.types import Frame, FrameKind, MappingInfo
-from agent.symbolize.vdso import VDSO_PATH, VdsoUnavailable, read_own_vdso
+from agent.types import Stack
 
 logger = logging.getLogger(__name__)
 

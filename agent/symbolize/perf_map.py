@@ -40,7 +40,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.symbolize.proc_maps import MapKind, root_path
+from agent.process.maps import MapKind, root_path
 from agent.symbolize.stats import ErrorReason, SymbolizerStats
 
 logger = logging.getLogger(__name__)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from agent.process.registry import DEFAULT_TTL_INTERVALS
 from agent.settings import parse_bool, ranged_float, ranged_int, setting
 
 
@@ -16,8 +17,9 @@ class SymbolizeConfig:
     SECTION: ClassVar[str] = "symbolize"
 
     elf_cache_size: int = setting(128, ranged_int(1, 100_000), "ELF symbol tables kept in memory.")
+    # The registry (agent.process) is built from this section and owns the default.
     process_ttl_intervals: int = setting(
-        6,
+        DEFAULT_TTL_INTERVALS,
         ranged_int(1, 10_000),
         "Forget a process's captured mappings after this many intervals without samples.",
     )

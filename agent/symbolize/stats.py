@@ -1,9 +1,9 @@
 """Symbolize stage: the counters the symbolizer keeps for the metrics stage to read.
 
 This module owns `SymbolizerStats` and the `ErrorReason` labels. Counters only ever grow; the
-metrics collector reads them at scrape time. Counters touched by `observe_process` (the event thread)
-are updated under the lock of the part that owns them (the process registry's, the perf-map store's);
-the rest are only written by the thread calling `symbolize`.
+metrics collector reads them at scrape time. Counters touched from the event thread (a perf map caught
+up with when a process is first seen) are updated under the perf-map store's lock; the rest are only
+written by the thread calling `symbolize`. The process registry keeps its own (`ProcessStats`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 
 class ErrorReason(enum.StrEnum):
-    """Why a file, process or the kernel symbol table could not be used (the `reason` label)."""
+    """Why a file, a perf map or the kernel symbol table could not be used (the `reason` label)."""
 
     ELF_UNREADABLE = "elf_unreadable"
     ELF_NOT_ELF = "elf_not_elf"
@@ -25,7 +25,6 @@ class ErrorReason(enum.StrEnum):
     ELF_NO_IDENTITY = "elf_no_identity"
     # The mapping's file offset lies in no PT_LOAD segment, so no load bias can be derived.
     ELF_NO_SEGMENT = "elf_no_segment"
-    PROC_UNREADABLE = "proc_unreadable"  # /proc/PID/maps exists but could not be read (permissions, I/O)
     # A file at a debug-file location whose build id or CRC32 is not the binary's: another build's file.
     DEBUG_FILE_MISMATCH = "debug_file_mismatch"
     DEBUG_FILE_UNUSABLE = "debug_file_unusable"  # a matching location, but unreadable or malformed
@@ -44,10 +43,6 @@ class SymbolizerStats:
     elf_tables_loaded: int = 0
     frames_symbolized: int = 0  # frames given a function name (kernel and native), counted per sample
     frames_unsymbolized: int = 0  # kernel and native frames left with only mapping and address
-    processes_captured: int = 0  # /proc/PID snapshots taken, including refreshes
-    processes_vanished: int = 0  # pids gone before they could be captured
-    processes_refreshed: int = 0  # snapshots retaken because an address fell outside every mapping
-    processes_expired: int = 0  # snapshots dropped after `process_ttl_intervals` intervals unseen
     kallsyms_loads: int = 0
     perf_map_hits: int = 0  # JIT addresses (per distinct address and call) named from a perf map
     perf_map_misses: int = 0  # JIT addresses no perf map entry covers (or the process has none)

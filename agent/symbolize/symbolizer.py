@@ -1,19 +1,21 @@
 """Symbolize stage entry point: `IntervalProfile` (raw addresses) in, `Profile` (named frames) out.
 
 This module owns `Symbolizer`, the object the daemon keeps for the agent's lifetime. It ties together
-the process registry (snapshots and process labels taken as soon as a pid is seen), the kernel symbol
-table, the native resolver with its ELF cache and debug-file lookup, the perf maps of JIT runtimes, and
-the marker frames, and converts monotonic timestamps
-to Unix time. Each `Profile.processes` entry carries the labels (container, pod, systemd unit) the
-metadata stage read when the process was captured.
+the kernel symbol table, the native resolver with its ELF cache and debug-file lookup, the perf maps of
+JIT runtimes, and the marker frames, and converts monotonic timestamps to Unix time. It reads the
+processes' snapshots from the daemon's one `agent.process.registry.ProcessRegistry` (taken as soon as a
+pid is seen), recapturing a process whose code was mapped since, and ends the registry's interval. Each
+`Profile.processes` entry carries the labels (container, pod, systemd unit) the metadata stage read when
+the process was captured.
 
 Most of the work outlives one `symbolize` call: kernel stacks and frames are remembered while the
 kallsyms table stays the same, and user stacks and frames per process snapshot as long as the native
 resolver says they hold (see `agent.symbolize.native`), so a steady workload costs about one dictionary
 lookup per stack and interval.
 
-Threads: `observe_process` and `on_exec` are called from the event thread, `symbolize` from the report
-thread; only the process registry and the perf-map store are shared, and each carries its own lock.
+Threads: `symbolize` is called from the report thread; the registry calls the perf-map store's
+`observe` from the event thread (see `ProcessRegistry.add_observer`). Only the process registry and the
+perf-map store are shared, and each carries its own lock.
 """
 
 from __future__ import annotations
@@ -23,18 +25,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from agent.aggregate.types import AggregatedSample, IntervalProfile, Stack, StackStatus
-from agent.metadata.process import ProcessMetadata
+from agent.aggregate.types import AggregatedSample, IntervalProfile
+from agent.process.maps import ProcessMaps
+from agent.process.registry import ProcessRegistry
 from agent.symbolize.debuginfo import DEFAULT_DEBUG_ROOTS
 from agent.symbolize.kallsyms import KallsymsCache, KernelSymbols
 from agent.symbolize.markers import NO_STACK, pprof_addresses, status_marker
 from agent.symbolize.native import NativeResolver, StackFrames
 from agent.symbolize.perf_map import DEFAULT_MAX_ENTRIES, PerfMapStore
-from agent.symbolize.proc_maps import ProcessMaps
-from agent.symbolize.processes import ProcessRegistry
 from agent.symbolize.settings import SymbolizeConfig
 from agent.symbolize.stats import SymbolizerStats
 from agent.symbolize.types import Frame, FrameKind, ProcessInfo, Profile, Sample
+from agent.types import Stack, StackStatus
 
 _FRAMES_BY_STATUS = (StackStatus.OK, StackStatus.TRUNCATED)
 
@@ -63,46 +65,29 @@ class Symbolizer:
 
     def __init__(
         self,
-        proc_root: Path = Path("/proc"),
+        processes: ProcessRegistry,
         elf_cache_size: int = _DEFAULTS.elf_cache_size,
-        process_ttl_intervals: int = _DEFAULTS.process_ttl_intervals,
-        metadata: ProcessMetadata | None = None,
         debug_roots: Sequence[Path] = DEFAULT_DEBUG_ROOTS,
         perf_map_max_entries: int = DEFAULT_MAX_ENTRIES,
     ) -> None:
-        """`metadata` reads the process labels (default: a private `ProcessMetadata(proc_root)`); pass the
-        daemon's shared one so the process filters and the labels read each /proc/PID/cgroup once.
+        """`processes` is the daemon's registry; files and kallsyms are read under its `proc_root`.
 
         `debug_roots` are where separate debug files live (`.build-id/` and debug-link trees), each looked
         up through the process's root first; `perf_map_max_entries` bounds all perf maps together.
         """
+        proc_root = processes.proc_root
         self.stats = SymbolizerStats()
-        self._metadata = metadata if metadata is not None else ProcessMetadata(proc_root)
-        self._processes = ProcessRegistry(proc_root, process_ttl_intervals, self.stats, self._metadata)
+        self.processes = processes
         self._kallsyms = KallsymsCache(proc_root / "kallsyms", self.stats)
         self._perf_maps = PerfMapStore(proc_root, self.stats, perf_map_max_entries)
         self._native = NativeResolver(proc_root, elf_cache_size, self.stats, debug_roots, self._perf_maps)
         self._kernel_table: KernelSymbols | None = None
         self._kernel_stacks: dict[Stack, StackFrames] = {}
         self._kernel_frames_memo: dict[int, Frame] = {}  # by adjusted address
-
-    def observe_process(self, pid: int) -> None:
-        """Capture `pid`'s mappings, comm, exe and labels now unless already captured, and catch up with its
-        perf map if it has one (see `agent.symbolize.perf_map`); failures are counted."""
-        if self._processes.observe(pid) is not None:
-            self._perf_maps.observe(pid)
-
-    def on_exec(self, pid: int) -> None:
-        """Forget `pid`'s snapshot: exec replaced its image, the next observation recaptures it.
-
-        The perf map stays: a new image that writes one truncates or replaces the file, which is then
-        read afresh, and the old image's samples may still need it (see `ProcessRegistry.forget`).
-        """
-        self._processes.forget(pid)
-
-    def process_maps(self, pid: int) -> ProcessMaps | None:
-        """The mappings captured for `pid`, if it is tracked (the unwind stage's fallback once it exits)."""
-        return self._processes.get(pid)
+        # A live process's perf map is caught up with when the pipeline first sees it (see
+        # `agent.symbolize.perf_map`). On exec the map stays: a new image that writes one truncates or
+        # replaces the file, which is then read afresh, and the old image's samples may still need it.
+        processes.add_observer(self._perf_maps.observe)
 
     def take_unnamed_jit_pids(self) -> set[int]:
         """Processes whose JIT code went unnamed since the last call (safe from another thread)."""
@@ -113,8 +98,6 @@ class Symbolizer:
         return {
             **self._native.cache.sizes(),
             **self._perf_maps.sizes(),
-            "processes": len(self._processes),
-            "process_labels": len(self._metadata),
             "kernel_symbols": self._kallsyms.size(),
             "symbol_memo": self._native.memo_entries() + self._kernel_memo_entries(),
         }
@@ -131,8 +114,8 @@ class Symbolizer:
         samples = tuple(self._sample(agg, offset, state) for agg in interval.samples)
         pids = sorted({s.pid for s in samples})
         processes = self._process_infos(pids, interval.samples)
-        self._processes.end_interval(pids)
-        tracked = self._processes.pids()
+        self.processes.end_interval(pids)
+        tracked = self.processes.pids()
         self._perf_maps.retain(tracked)
         self._native.retain(tracked)
         return Profile(
@@ -218,7 +201,7 @@ class Symbolizer:
         """The pid's snapshot, captured now if missing (the process may still be alive)."""
         if pid in state.maps:
             return state.maps[pid]
-        maps = state.maps[pid] = self._processes.get(pid) or self._processes.observe(pid)
+        maps = state.maps[pid] = self.processes.get(pid) or self.processes.observe(pid)
         return maps
 
     def _covering(self, pid: int, maps: ProcessMaps, addresses: Iterable[int], state: _CallState) -> ProcessMaps:
@@ -231,9 +214,8 @@ class Symbolizer:
             return maps
         if any(maps.index_of(address) < 0 for address in addresses):
             state.refreshed.add(pid)
-            refreshed = self._processes.capture(pid)
+            refreshed = self.processes.refresh(pid)
             if refreshed is not None:
-                self.stats.processes_refreshed += 1
                 maps = state.maps[pid] = refreshed
         return maps
 
@@ -242,8 +224,14 @@ class Symbolizer:
         main_thread_names = {s.key.pid: s.thread_name for s in samples if s.key.tid == s.key.pid}
         infos: dict[int, ProcessInfo] = {}
         for pid in pids:
-            info = self._processes.process_info(pid)
-            infos[pid] = info if info is not None else ProcessInfo(pid, main_thread_names.get(pid, ""), "")
+            snapshot = self.processes.snapshot(pid)
+            if snapshot is None:
+                infos[pid] = ProcessInfo(pid, main_thread_names.get(pid, ""), "")
+                continue
+            maps, labels = snapshot
+            infos[pid] = ProcessInfo(
+                pid, maps.comm, maps.exe_path, labels.container_id, labels.pod_uid, labels.systemd_unit
+            )
         return infos
 
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from agent.aggregate.types import ProfileSpec
+from agent.types import ProfileSpec
 
 KERNEL_MAPPING_NAME = "[kernel.kallsyms]"
 

@@ -3,7 +3,8 @@
 `.eh_frame` (or `.debug_frame` where a binary has no `.eh_frame`) describes, for every instruction of
 every function, how to find the caller's frame: the canonical frame address (CFA, the caller's stack
 pointer) as a register plus an offset, and where the return address and the saved registers sit
-relative to it. pyelftools parses the entries; this module interprets their instructions itself
+relative to it. `agent.process.elf` reads the sections out of the file; pyelftools parses the entries;
+this module interprets their instructions itself
 (pyelftools' own decoder stops at DW_CFA_GNU_args_size, which glibc uses, and builds a dict per row)
 and keeps only what an x86-64 unwinder needs: per function, its rows' addresses and rules.
 
@@ -52,10 +53,8 @@ from elftools.dwarf.constants import (
     DW_CFA_val_offset_sf,
 )
 from elftools.dwarf.structs import DWARFStructs
-from elftools.elf.constants import P_FLAGS
-from elftools.elf.elffile import ELFFile
 
-from agent.symbolize.elf_symbols import LoadSegment
+from agent.process.elf import CfiSections, ElfReadError, LoadSegment, read_cfi_sections, read_cfi_sections_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -167,45 +166,45 @@ class UnwindTable:
         return len(self._fde_starts)
 
 
+# What pyelftools raises for corrupt call frame information (the sections are in memory by then).
+_CFI_PARSE_ERRORS = (ELFError, ValueError, KeyError, IndexError, AssertionError)
+
+
 def read_unwind_table(path: Path) -> UnwindTable:
     """The unwind table of the ELF file at `path`; raises `CfiError` when it has none or is unreadable."""
     try:
-        with open(path, "rb") as f:
-            return unwind_table_of(ELFFile(f))
-    except (OSError, ELFError, ValueError, KeyError, IndexError, AssertionError) as e:
-        # pyelftools reports corrupt input with any of these; OSError covers a file that went away.
+        return unwind_table_of(read_cfi_sections(path))
+    except (ElfReadError, *_CFI_PARSE_ERRORS) as e:
         raise CfiError(f"{path}: {e}") from e
 
 
 def read_unwind_table_bytes(image: bytes, name: str) -> UnwindTable:
     """The unwind table of an ELF image in memory (the vDSO)."""
     try:
-        return unwind_table_of(ELFFile(io.BytesIO(image)))
-    except (ELFError, ValueError, KeyError, IndexError, AssertionError) as e:
+        return unwind_table_of(read_cfi_sections_bytes(image, name))
+    except (ElfReadError, *_CFI_PARSE_ERRORS) as e:
         raise CfiError(f"{name}: {e}") from e
 
 
-def unwind_table_of(elf: Any) -> UnwindTable:
-    """Reads the sections it needs into memory: the file may be closed afterwards."""
-    segments = tuple(_segments(elf))
-    eh_frame = elf.get_section_by_name(".eh_frame")
-    # GNU ld leaves an empty .eh_frame beside .debug_frame when code was built with -fno-asynchronous-unwind-tables.
-    if eh_frame is not None and eh_frame["sh_size"] > 0 and eh_frame["sh_type"] != "SHT_NOBITS":
+def unwind_table_of(sections: CfiSections) -> UnwindTable:
+    """The unwind table of one file's CFI sections; raises `CfiError` when they hold no FDE."""
+    eh_frame, header = sections.eh_frame, sections.eh_frame_hdr
+    if eh_frame is not None:
         cfi = CallFrameInfo(
-            stream=io.BytesIO(eh_frame.data()),
-            size=eh_frame["sh_size"],
-            address=eh_frame["sh_addr"],
-            base_structs=DWARFStructs(little_endian=elf.little_endian, dwarf_format=32, address_size=elf.elfclass // 8),
+            stream=io.BytesIO(eh_frame.data),
+            size=len(eh_frame.data),
+            address=eh_frame.address,
+            base_structs=DWARFStructs(
+                little_endian=sections.little_endian, dwarf_format=32, address_size=sections.address_size
+            ),
             for_eh_frame=True,
         )
-        header = elf.get_section_by_name(".eh_frame_hdr")
-        index = _search_table(header.data(), header["sh_addr"], eh_frame["sh_addr"]) if header is not None else None
+        index = _search_table(header.data, header.address, eh_frame.address) if header is not None else None
         if index is not None:
-            return UnwindTable(*index, cfi._parse_entry_at, segments)
+            return UnwindTable(*index, cfi._parse_entry_at, sections.segments)
         entries = cfi.get_entries()
-    elif elf.get_section_by_name(".debug_frame") is not None:
-        dwarf = elf.get_dwarf_info(relocate_dwarf_sections=False)
-        entries, cfi = dwarf.CFI_entries(), None
+    elif sections.debug_frame is not None:
+        entries = list(sections.debug_frame)
     else:
         raise CfiError("no .eh_frame or .debug_frame section")
     fdes = sorted(((e["initial_location"], e.offset, e) for e in entries if isinstance(e, FDE)), key=lambda f: f[:2])
@@ -213,7 +212,7 @@ def unwind_table_of(elf: Any) -> UnwindTable:
         raise CfiError("no call frame information (no FDE in .eh_frame or .debug_frame)")
     by_offset = {offset: fde for _, offset, fde in fdes}
     starts, offsets = array("Q", (f[0] for f in fdes)), array("Q", (f[1] for f in fdes))
-    return UnwindTable(starts, offsets, by_offset.__getitem__, segments)
+    return UnwindTable(starts, offsets, by_offset.__getitem__, sections.segments)
 
 
 # DW_EH_PE encodings of the .eh_frame_hdr search table: 4-byte signed offsets from the header's own
@@ -239,13 +238,6 @@ def _search_table(data: bytes, header_address: int, eh_frame_address: int) -> tu
     starts = array("Q", (header_address + table[k] for k in range(0, len(table), 2)))
     offsets = array("Q", (header_address + table[k] - eh_frame_address for k in range(1, len(table), 2)))
     return starts, offsets
-
-
-def _segments(elf: Any) -> Iterator[LoadSegment]:
-    for seg in elf.iter_segments():
-        if seg["p_type"] == "PT_LOAD":
-            executable = bool(seg["p_flags"] & P_FLAGS.PF_X)
-            yield LoadSegment(seg["p_offset"], seg["p_vaddr"], seg["p_filesz"], seg["p_memsz"], executable)
 
 
 class _State:

@@ -5,7 +5,7 @@ falls outside them, at most once a second, for libraries loaded later) with a me
 address to rule. `UnwindTables` holds the tables of the binaries themselves, shared between
 processes and keyed by file identity (device, inode, mtime), bounded by an LRU, and built once: a
 binary whose CFI cannot be read is remembered as such. The vDSO has no file: its table is built
-from the agent's own copy (`agent.symbolize.vdso`).
+from the agent's own copy (`agent.process.vdso`).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.symbolize.cache import LruCache
-from agent.symbolize.elf_symbols import segment_for_offset
-from agent.symbolize.proc_maps import (
+from agent.process.cache import LruCache
+from agent.process.elf import segment_for_offset
+from agent.process.maps import (
     FileIdentity,
     MapEntry,
     MapKind,
@@ -27,7 +27,7 @@ from agent.symbolize.proc_maps import (
     read_process_maps,
     resolve_file,
 )
-from agent.symbolize.vdso import VDSO_PATH, VdsoUnavailable, read_own_vdso
+from agent.process.vdso import VDSO_PATH, VdsoUnavailable, read_own_vdso
 from agent.unwind.cfi import (
     CFA_UNSUPPORTED,
     LOST,

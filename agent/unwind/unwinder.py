@@ -37,10 +37,10 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.aggregate.types import Stack, StackStatus
 from agent.probes.events import StackEvent, UserStackCopy
 from agent.probes.records import MAX_STACK_DEPTH
-from agent.symbolize.proc_maps import ProcessMaps
+from agent.process.maps import ProcessMaps
+from agent.types import Stack, StackStatus
 from agent.unwind.cfi import LOST
 from agent.unwind.spaces import (
     CFA_RBP,
@@ -66,7 +66,7 @@ class Unwinder:
         snapshots: Snapshots | None = None,
         skip: Callable[[int], bool] | None = None,
     ) -> None:
-        """`snapshots`: the mappings the symbolize stage captured for a pid (used first; /proc otherwise).
+        """`snapshots`: the mappings the process registry captured for a pid (used first; /proc otherwise).
         `skip`: pids whose events will be dropped anyway (the process filters rejected them): not unwound."""
         self._proc_root = proc_root
         self._snapshots = snapshots
@@ -116,7 +116,7 @@ class Unwinder:
     def _space(self, pid: int) -> AddressSpace:
         space = self._spaces.get(pid)
         if space is None:
-            # The pipeline has the symbolize stage capture a process before its first event is unwound:
+            # The pipeline has the process registry capture a process before its first event is unwound:
             # use that snapshot rather than reading /proc/PID/maps (and stat'ing every file) again. An
             # address outside it makes the space re-read /proc at once (read_at 0).
             maps = self._snapshots(pid) if self._snapshots is not None else None

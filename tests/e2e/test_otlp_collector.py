@@ -14,10 +14,10 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.aggregate.types import ProfileSpec, ValueType
 from agent.export.otlp import OtlpConfig, OtlpSink, ResourceOptions
 from agent.export.otlp.stats import DROPPED, REQUESTS
 from agent.symbolize.types import KERNEL_MAPPING_NAME, Frame, FrameKind, MappingInfo, ProcessInfo, Profile, Sample
+from agent.types import ProfileSpec, ValueType
 
 if TYPE_CHECKING:  # the fixture type only; pytest itself loads conftest
     from tests.e2e.conftest import Collector

@@ -8,16 +8,8 @@ import time
 import pytest
 
 from agent.aggregate.interval import IntervalAggregator, mono_to_unix_offset_ns
-from agent.aggregate.types import (
-    EMPTY_STACK,
-    AggregatedSample,
-    IntervalProfile,
-    ProfileSpec,
-    SampleKey,
-    Stack,
-    StackStatus,
-    ValueType,
-)
+from agent.aggregate.types import AggregatedSample, IntervalProfile, SampleKey
+from agent.types import EMPTY_STACK, ProfileSpec, Stack, StackStatus, ValueType
 
 SPEC = ProfileSpec(
     "cpu", (ValueType("samples", "count"), ValueType("cpu", "nanoseconds")), ValueType("cpu", "nanoseconds"), 10

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.aggregate.types import EMPTY_STACK, ValueType
 from agent.probes.alloc import DEFAULT_SAMPLE_BYTES, AllocProbe, alloc_values, alloc_weight
 from agent.probes.events import MalformedRecord, ProcessEvent, ProcessEventKind, StackEvent, decode_stack_event
 from agent.probes.program import ProbeProgram
 from agent.probes.records import STACK_EVENT_HEADER_SIZE, StackEventRecord
 from agent.probes.settings import AllocConfig
 from agent.probes.stacks import StackDecoder
+from agent.types import EMPTY_STACK, ValueType
 from tests.support.config import profiling
 
 PROFILING = profiling("alloc", queue_size=1024)

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from agent.aggregate.types import EMPTY_STACK, Stack, StackStatus
 from agent.probes.bpf_probe import StackCopyPlan
 from agent.probes.cpu import CpuProbe
 from agent.probes.events import StackEvent
 from agent.probes.records import STACK_EVENT_HEADER_SIZE, StackEventRecord
+from agent.types import EMPTY_STACK, Stack, StackStatus
 from tests.support.config import profiling
 
 PROFILING = profiling("cpu")

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.aggregate.types import ProfileSpec, ValueType
 from agent.errors import ExportError
 from agent.export import files
 from agent.export.files import FileSink
 from agent.export.sink import Sink
 from agent.symbolize.types import Profile
+from agent.types import ProfileSpec, ValueType
 
 START_NS = 1_795_363_512_987_654_321  # 2026-11-22T16:05:12.987654321Z
 STAMP = "20261122T160512Z"

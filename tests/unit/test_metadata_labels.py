@@ -13,23 +13,17 @@ from pathlib import Path
 import pytest
 
 from agent._proto import profile_pb2
-from agent.aggregate.types import (
-    AggregatedSample,
-    IntervalProfile,
-    ProfileSpec,
-    SampleKey,
-    Stack,
-    StackStatus,
-    ValueType,
-)
+from agent.aggregate.types import AggregatedSample, IntervalProfile, SampleKey
 from agent.export.otlp import resource as resource_module
 from agent.export.otlp.encode import encode_request
 from agent.export.otlp.resource import ResourceOptions, process_resource
 from agent.metadata.host import HostAttributes
 from agent.metadata.process import ProcessLabels, ProcessMetadata
 from agent.pprof.builder import build_pprof
+from agent.process.registry import ProcessRegistry
 from agent.symbolize.symbolizer import Symbolizer
 from agent.symbolize.types import ProcessInfo, Profile
+from agent.types import ProfileSpec, Stack, StackStatus, ValueType
 
 FIXTURES = Path(__file__).parent / "fixtures" / "cgroup"
 DOCKER_ID = "62c0387159d0bf7a69edf5d270c68e53693b0c55f17871f74b015dbf7f4ccbaf"
@@ -82,9 +76,9 @@ def interval(*pids: int) -> IntervalProfile:
 
 
 def symbolize(proc: Path, *pids: int, metadata: ProcessMetadata | None = None) -> Profile:
-    symbolizer = Symbolizer(proc_root=proc, metadata=metadata)
+    symbolizer = Symbolizer(ProcessRegistry(proc, metadata=metadata))
     for pid in pids:
-        symbolizer.observe_process(pid)
+        symbolizer.processes.observe_process(pid)
     return symbolizer.symbolize(interval(*pids))
 
 
@@ -130,8 +124,8 @@ def test_symbolizer_captures_the_labels_of_live_processes(labelled_proc: Path) -
 
 def test_default_metadata_reads_from_the_symbolizers_proc_root(labelled_proc: Path) -> None:
     # No `metadata` argument: the symbolizer makes its own reader on the same proc root.
-    symbolizer = Symbolizer(proc_root=labelled_proc, elf_cache_size=4, process_ttl_intervals=2)
-    symbolizer.observe_process(DOCKER_PID)
+    symbolizer = Symbolizer(ProcessRegistry(labelled_proc, ttl_intervals=2), elf_cache_size=4)
+    symbolizer.processes.observe_process(DOCKER_PID)
     assert symbolizer.symbolize(interval(DOCKER_PID)).processes[DOCKER_PID].container_id == DOCKER_ID
 
 
@@ -155,9 +149,9 @@ def test_labels_are_read_outside_the_registry_lock(labelled_proc: Path) -> None:
             return super().read(pid)
 
     metadata = WatchingMetadata(labelled_proc)
-    symbolizer = Symbolizer(proc_root=labelled_proc, metadata=metadata)
-    metadata.registry_lock = symbolizer._processes._lock  # the lock that guards the snapshots
-    symbolizer.observe_process(DOCKER_PID)
+    symbolizer = Symbolizer(ProcessRegistry(labelled_proc, metadata=metadata))
+    metadata.registry_lock = symbolizer.processes._lock  # the lock that guards the snapshots
+    symbolizer.processes.observe_process(DOCKER_PID)
     assert lock_held == [False]
 
 

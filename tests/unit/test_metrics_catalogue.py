@@ -17,6 +17,7 @@ from agent.export.otlp.stats import REQUESTS
 from agent.metrics import AgentCollector, make_registry
 from agent.probes.bpf_probe import ReaderStats
 from agent.probes.stacks import StackDecoder
+from agent.process.registry import ProcessRegistry
 from agent.symbolize.jvm import JvmPerfMapRequester
 from agent.symbolize.symbolizer import Symbolizer
 from agent.unwind.unwinder import Unwinder
@@ -42,10 +43,12 @@ def fake_source(spool_dir: str = "/tmp/profiling-agent-test-spool") -> Any:
     program = SimpleNamespace(
         stats=ReaderStats(received=3, malformed=0, lost={"proc_events": 1}), process_events=Counter(new=2, exec=1)
     )
+    processes = ProcessRegistry()
     return SimpleNamespace(
         probes=[probe],
         program=program,
-        symbolizer=Symbolizer(),
+        processes=processes,
+        symbolizer=Symbolizer(processes),
         unwinder=Unwinder(),
         jvm=JvmPerfMapRequester(60.0),
         reporter=reporter,

@@ -14,13 +14,13 @@ from opentelemetry.proto.profiles.v1development.profiles_pb2 import Link
 from opentelemetry.proto.profiles.v1development.profiles_pb2 import Profile as OtlpProfile
 from opentelemetry.proto.profiles.v1development.profiles_pb2 import Sample as OtlpSample
 
-from agent.aggregate.types import ProfileSpec, ValueType
 from agent.export.otlp import fileid
 from agent.export.otlp.encode import encode_request
 from agent.export.otlp.fileid import FileIdCache
 from agent.export.otlp.resource import ResourceOptions
 from agent.export.otlp.stats import HTLHASH_UNREADABLE, Counters
 from agent.symbolize.types import KERNEL_MAPPING_NAME, Frame, FrameKind, MappingInfo, ProcessInfo, Profile, Sample
+from agent.types import ProfileSpec, ValueType
 
 CPU = ProfileSpec(
     "cpu", (ValueType("samples", "count"), ValueType("cpu", "nanoseconds")), ValueType("cpu", "nanoseconds"), 10_101_010

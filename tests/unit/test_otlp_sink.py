@@ -18,13 +18,13 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
     ExportProfilesServiceResponse,
 )
 
-from agent.aggregate.types import ProfileSpec, ValueType
 from agent.errors import ExportError
 from agent.export.otlp import OtlpConfig, OtlpSink, ResourceOptions
 from agent.export.otlp.retry import RetryPolicy
 from agent.export.otlp.stats import DROPPED, ENCODE_ERRORS, REQUESTS, RETRIES
 from agent.export.sink import Sink
 from agent.symbolize.types import Frame, FrameKind, MappingInfo, ProcessInfo, Profile, Sample
+from agent.types import ProfileSpec, ValueType
 
 CPU = ProfileSpec(
     "cpu", (ValueType("samples", "count"), ValueType("cpu", "nanoseconds")), ValueType("cpu", "nanoseconds"), 1_000_000

@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 
 from agent._proto import profile_pb2
-from agent.aggregate.types import ProfileSpec, ValueType
 from agent.export.files import FileSink
 from agent.pprof.builder import ProfileBuilder, build_pprof
 from agent.pprof.strings import StringTable
 from agent.symbolize.types import KERNEL_MAPPING_NAME, Frame, FrameKind, MappingInfo, ProcessInfo, Profile, Sample
+from agent.types import ProfileSpec, ValueType
 
 PERIOD = round(1e9 / 19)
 CPU_SPEC = ProfileSpec(

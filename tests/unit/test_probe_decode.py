@@ -13,7 +13,6 @@ import errno
 
 import pytest
 
-from agent.aggregate.types import EMPTY_STACK, Stack, StackStatus
 from agent.probes.events import (
     MalformedRecord,
     ProcessEvent,
@@ -38,6 +37,7 @@ from agent.probes.records import (
     StackEventRecord,
 )
 from agent.probes.stacks import StackDecoder
+from agent.types import EMPTY_STACK, Stack, StackStatus
 
 KERNEL = (0xFFFFFFFF81000110, 0xFFFFFFFF81000010)
 USER = (0x401234, 0x402345, 0x403456)

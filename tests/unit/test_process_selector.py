@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.aggregate.types import EMPTY_STACK, IntervalProfile, ProfileSpec, Stack, StackStatus, ValueType
+from agent.aggregate.types import IntervalProfile
 from agent.metadata.filters import ProcessFilter
 from agent.metadata.process import ProcessMetadata
 from agent.metadata.selector import ProcessSelector
 from agent.pipeline import Pipeline
 from agent.probes.events import IntervalMark, ProcessEvent, ProcessEventKind, StackEvent
+from agent.types import EMPTY_STACK, ProfileSpec, Stack, StackStatus, ValueType
 
 FIXTURES = Path(__file__).parent / "fixtures" / "cgroup"
 SPEC = ProfileSpec("cpu", (ValueType("samples", "count"),), ValueType("cpu", "nanoseconds"), 10_000_000)

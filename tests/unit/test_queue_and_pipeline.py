@@ -8,11 +8,12 @@ import time
 
 import pytest
 
-from agent.aggregate.types import EMPTY_STACK, IntervalProfile, ProfileSpec, SampleKey, Stack, StackStatus, ValueType
+from agent.aggregate.types import IntervalProfile, SampleKey
 from agent.pipeline import Pipeline
 from agent.probes.events import IntervalMark, ProcessEvent, ProcessEventKind, StackEvent, UserStackCopy
 from agent.probes.queue import DropOldestQueue
 from agent.sampling.keep import KeepSampler
+from agent.types import EMPTY_STACK, ProfileSpec, Stack, StackStatus, ValueType
 
 # DropOldestQueue
 

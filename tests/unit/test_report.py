@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from agent import report
-from agent.aggregate.types import IntervalProfile, ProfileSpec, ValueType
+from agent.aggregate.types import IntervalProfile
 from agent.symbolize.types import Profile
+from agent.types import ProfileSpec, ValueType
 
 SPEC = ProfileSpec("cpu", (ValueType("samples", "count"),), ValueType("cpu", "nanoseconds"), 1)
 

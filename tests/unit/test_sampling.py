@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from agent.aggregate.types import EMPTY_STACK
 from agent.probes.events import StackEvent
 from agent.sampling.adaptive import AdaptiveSampler
 from agent.sampling.controller import MAX_STEP, CpuGovernor, RateController
 from agent.sampling.keep import KeepSampler
 from agent.sampling.settings import SamplingConfig
+from agent.types import EMPTY_STACK
 
 
 def simulate(controller: RateController, raw_rate: float, windows: int) -> list[float]:

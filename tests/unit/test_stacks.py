@@ -7,9 +7,9 @@ import struct
 
 import pytest
 
-from agent.aggregate.types import EMPTY_STACK, Stack, StackStatus
 from agent.probes.records import MAX_STACK_DEPTH
 from agent.probes.stacks import CACHE_LIMIT, StackDecoder
+from agent.types import EMPTY_STACK, Stack, StackStatus
 
 USER = (0x401000, 0x402000, 0x403000)
 KERNEL = (0xFFFFFFFF81000000, 0xFFFFFFFF81000100)

@@ -18,19 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.aggregate.types import (
-    AggregatedSample,
-    IntervalProfile,
-    ProfileSpec,
-    SampleKey,
-    Stack,
-    StackStatus,
-    ValueType,
-)
+from agent.aggregate.types import AggregatedSample, IntervalProfile, SampleKey
+from agent.process.elf import ElfSymbols, merge_symbols, read_elf, read_elf_with_hints
+from agent.process.registry import ProcessRegistry
 from agent.symbolize.debuginfo import SymbolSource
-from agent.symbolize.elf_symbols import ElfSymbols, merge_symbols, read_elf, read_elf_with_hints
 from agent.symbolize.stats import ErrorReason
 from agent.symbolize.symbolizer import Symbolizer
+from agent.types import ProfileSpec, Stack, StackStatus, ValueType
 from tests.support.fixture_types import AddFakeProcess, MapsFor, NmFunctions
 
 BASE = 0x555555554000
@@ -136,7 +130,7 @@ def test_stripped_binary_has_no_local_names_without_debug_files(
     fake_proc: Path, debug_root: Path,
 ) -> None:  # fmt: skip
     add_fake_process(800, maps_for(built["stripped"], BASE))
-    symbolizer = Symbolizer(proc_root=fake_proc, debug_roots=(debug_root,))
+    symbolizer = Symbolizer(ProcessRegistry(fake_proc), debug_roots=(debug_root,))
     assert resolve(symbolizer, 800, nm_functions(built["full"]), LOCAL_FUNCTIONS) == [""] * 8
     assert symbolizer.stats.symbol_sources == {SymbolSource.DYNSYM: 1}
 
@@ -147,7 +141,7 @@ def test_build_id_debug_file_names_every_function(
 ) -> None:  # fmt: skip
     install_by_build_id(debug_root, built["debug"], build_id_of(built["stripped"]))
     add_fake_process(801, maps_for(built["stripped"], BASE))
-    symbolizer = Symbolizer(proc_root=fake_proc, debug_roots=(debug_root,))
+    symbolizer = Symbolizer(ProcessRegistry(fake_proc), debug_roots=(debug_root,))
     nm = nm_functions(built["full"])
     assert resolve(symbolizer, 801, nm, LOCAL_FUNCTIONS) == expected(LOCAL_FUNCTIONS)
     # Every function nm knows, not only ours (crt's _start and friends), names the same.
@@ -163,7 +157,7 @@ def test_build_id_file_of_another_build_is_rejected(
 ) -> None:  # fmt: skip
     install_by_build_id(debug_root, symbolize_binaries["pie"], build_id_of(built["stripped"]))
     add_fake_process(802, maps_for(built["stripped"], BASE))
-    symbolizer = Symbolizer(proc_root=fake_proc, debug_roots=(debug_root,))
+    symbolizer = Symbolizer(ProcessRegistry(fake_proc), debug_roots=(debug_root,))
     assert resolve(symbolizer, 802, nm_functions(built["full"]), ("local_leaf",)) == ["", ""]
     assert symbolizer.stats.errors[ErrorReason.DEBUG_FILE_MISMATCH] == 1
 
@@ -185,7 +179,7 @@ def test_debuglink_is_found_in_each_place_gdb_looks(
     directory.mkdir(parents=True, exist_ok=True)
     shutil.copy(built["debug"], directory / "prog.debug")
     add_fake_process(803, maps_for(binary, BASE))
-    symbolizer = Symbolizer(proc_root=fake_proc, debug_roots=(debug_root,))
+    symbolizer = Symbolizer(ProcessRegistry(fake_proc), debug_roots=(debug_root,))
     nm = nm_functions(built["full"])
     assert resolve(symbolizer, 803, nm, LOCAL_FUNCTIONS) == expected(LOCAL_FUNCTIONS)
     assert symbolizer.stats.symbol_sources == {SymbolSource.DEBUGLINK: 1}
@@ -199,7 +193,7 @@ def test_debuglink_with_a_wrong_crc_is_rejected(
     shutil.copy(built["linked"], binary)
     (tmp_path / "prog.debug").write_bytes(built["debug"].read_bytes() + b"\0")  # another file under that name
     add_fake_process(804, maps_for(binary, BASE))
-    symbolizer = Symbolizer(proc_root=fake_proc, debug_roots=(debug_root,))
+    symbolizer = Symbolizer(ProcessRegistry(fake_proc), debug_roots=(debug_root,))
     assert resolve(symbolizer, 804, nm_functions(built["full"]), ("local_middle",)) == ["", ""]
     assert symbolizer.stats.errors[ErrorReason.DEBUG_FILE_MISMATCH] == 1
     assert symbolizer.stats.symbol_sources == {SymbolSource.DYNSYM: 1}
@@ -219,7 +213,7 @@ def test_minidebuginfo_names_local_functions(
     sections = run("readelf", "-SW", built["mini"])
     assert ".gnu_debugdata" in sections and ".symtab" not in sections
     add_fake_process(805, maps_for(built["mini"], BASE))
-    symbolizer = Symbolizer(proc_root=fake_proc, debug_roots=(debug_root,))
+    symbolizer = Symbolizer(ProcessRegistry(fake_proc), debug_roots=(debug_root,))
     nm = nm_functions(built["full"])
     assert resolve(symbolizer, 805, nm, LOCAL_FUNCTIONS) == expected(LOCAL_FUNCTIONS)
     assert symbolizer.stats.symbol_sources == {SymbolSource.MINIDEBUGINFO: 1}
@@ -233,7 +227,7 @@ def test_corrupt_minidebuginfo_is_counted_and_never_raises(
     (tmp_path / "junk.xz").write_bytes(lzma.compress(b"\x7fELF" + b"\xff" * 200))  # xz, but no valid ELF in it
     run("objcopy", f"--add-section=.gnu_debugdata={tmp_path / 'junk.xz'}", built["stripped"], binary)
     add_fake_process(806, maps_for(binary, BASE))
-    symbolizer = Symbolizer(proc_root=fake_proc, debug_roots=(debug_root,))
+    symbolizer = Symbolizer(ProcessRegistry(fake_proc), debug_roots=(debug_root,))
     assert resolve(symbolizer, 806, nm_functions(built["full"]), ("main",)) == ["", ""]
     assert symbolizer.stats.errors[ErrorReason.MINIDEBUGINFO_UNUSABLE] == 1
 
@@ -250,7 +244,9 @@ def test_debug_file_in_the_containers_image_is_found_through_its_root(
     pid_dir = add_fake_process(807, lines)
     (pid_dir / "root").unlink()
     (pid_dir / "root").symlink_to(image)
-    symbolizer = Symbolizer(proc_root=fake_proc)  # the default debug root, /usr/lib/debug, as the process sees it
+    symbolizer = Symbolizer(
+        ProcessRegistry(fake_proc)
+    )  # the default debug root, /usr/lib/debug, as the process sees it
     nm = nm_functions(built["full"])
     assert resolve(symbolizer, 807, nm, LOCAL_FUNCTIONS) == expected(LOCAL_FUNCTIONS)
     assert symbolizer.stats.symbol_sources == {SymbolSource.BUILD_ID: 1}
@@ -261,7 +257,7 @@ def test_binary_with_symtab_is_not_looked_up(
     nm_functions: NmFunctions,
 ) -> None:  # fmt: skip
     add_fake_process(808, maps_for(built["full"], BASE))
-    symbolizer = Symbolizer(proc_root=fake_proc, debug_roots=(debug_root,))
+    symbolizer = Symbolizer(ProcessRegistry(fake_proc), debug_roots=(debug_root,))
     assert resolve(symbolizer, 808, nm_functions(built["full"]), ("main",)) == ["main", "main"]
     assert symbolizer.stats.symbol_sources == {SymbolSource.SYMTAB: 1}
 
@@ -286,7 +282,7 @@ def test_a_stripped_copy_seen_first_does_not_hide_the_names_of_a_richer_copy(
     add_fake_process(809, maps_for(built["stripped"], BASE))
     add_fake_process(810, maps_for(built["mini"], BASE))
     add_fake_process(811, maps_for(built["stripped"], BASE))
-    symbolizer = Symbolizer(proc_root=fake_proc, debug_roots=(debug_root,))
+    symbolizer = Symbolizer(ProcessRegistry(fake_proc), debug_roots=(debug_root,))
     nm = nm_functions(built["full"])
     assert resolve(symbolizer, 809, nm, ("local_leaf",)) == ["", ""]
     assert resolve(symbolizer, 810, nm, ("local_leaf",)) == ["local_leaf", "local_leaf"]

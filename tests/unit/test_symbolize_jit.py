@@ -13,19 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.aggregate.types import (
-    AggregatedSample,
-    IntervalProfile,
-    ProfileSpec,
-    SampleKey,
-    Stack,
-    StackStatus,
-    ValueType,
-)
+from agent.aggregate.types import AggregatedSample, IntervalProfile, SampleKey
+from agent.process.registry import ProcessRegistry
 from agent.symbolize.perf_map import PerfMapStore, parse_perf_map, read_nspid
 from agent.symbolize.stats import ErrorReason, SymbolizerStats
 from agent.symbolize.symbolizer import Symbolizer
 from agent.symbolize.types import Frame, FrameKind
+from agent.types import ProfileSpec, Stack, StackStatus, ValueType
 from tests.support.fixture_types import AddFakeProcess
 
 SPEC = ProfileSpec("cpu", (ValueType("samples", "count"),), ValueType("cpu", "nanoseconds"), 10_000_000)
@@ -71,8 +65,8 @@ def test_jit_addresses_are_named_from_the_perf_map_and_keep_the_anon_mapping(
         perf_line(0x100, 0x40, "LazyCompile:*hot /app/server.js:12")
         + perf_line(0x200, 0x10, "Builtin:ArgumentsAdaptor")
     )
-    symbolizer = Symbolizer(proc_root=fake_proc)
-    symbolizer.observe_process(700)
+    symbolizer = Symbolizer(ProcessRegistry(fake_proc))
+    symbolizer.processes.observe_process(700)
     got = frames(symbolizer, 700, JIT + 0x13F, JIT + 0x205)
     assert [f.function for f in got] == ["LazyCompile:*hot /app/server.js:12", "Builtin:ArgumentsAdaptor"]
     assert all(f.kind is FrameKind.NATIVE for f in got)
@@ -89,7 +83,7 @@ def test_growth_is_read_from_where_the_last_read_stopped(fake_proc: Path, add_fa
     tmp = jit_process(add_fake_process, 701)
     path = tmp / "perf-701.map"
     path.write_text(perf_line(0x100, 0x10, "first") + "7f0000000300 10 unfini")  # a line still being written
-    symbolizer = Symbolizer(proc_root=fake_proc)
+    symbolizer = Symbolizer(ProcessRegistry(fake_proc))
     assert names(symbolizer, 701, JIT + 0x100, JIT + 0x300) == ["first", ""]
     # Rewrite the parsed bytes in place (same size and inode): an incremental reader does not see it.
     data = path.read_bytes()
@@ -105,7 +99,7 @@ def test_a_replaced_or_shrunk_file_is_read_again_from_the_start(
     tmp = jit_process(add_fake_process, 702)
     path = tmp / "perf-702.map"
     path.write_text(perf_line(0x100, 0x10, "old_a") + perf_line(0x200, 0x10, "old_b"))
-    symbolizer = Symbolizer(proc_root=fake_proc)
+    symbolizer = Symbolizer(ProcessRegistry(fake_proc))
     assert names(symbolizer, 702, JIT + 0x100, JIT + 0x200) == ["old_a", "old_b"]
     replacement = tmp / "new.map"
     replacement.write_text(perf_line(0x200, 0x10, "new_b"))
@@ -118,7 +112,7 @@ def test_same_start_later_line_wins(fake_proc: Path, add_fake_process: AddFakePr
     tmp = jit_process(add_fake_process, 703)
     path = tmp / "perf-703.map"
     path.write_text(perf_line(0x100, 0x10, "freed") + perf_line(0x300, 0x10, "other"))
-    symbolizer = Symbolizer(proc_root=fake_proc)
+    symbolizer = Symbolizer(ProcessRegistry(fake_proc))
     assert names(symbolizer, 703, JIT + 0x100) == ["freed"]
     with open(path, "a") as f:
         f.write(perf_line(0x100, 0x20, "reused"))
@@ -136,7 +130,7 @@ def test_malformed_lines_are_counted_and_skipped(fake_proc: Path, add_fake_proce
         + "\n"
         + perf_line(0x400, 0x10, "good one")
     )
-    symbolizer = Symbolizer(proc_root=fake_proc)
+    symbolizer = Symbolizer(ProcessRegistry(fake_proc))
     assert names(symbolizer, 704, JIT + 0x100, JIT + 0x400) == ["", "good one"]
     assert symbolizer.stats.errors[ErrorReason.PERF_MAP_MALFORMED] == 5
 
@@ -152,7 +146,7 @@ def test_container_process_uses_its_namespace_pid(fake_proc: Path, add_fake_proc
     (tmp / "perf-705.map").write_text(perf_line(0x100, 0x10, "wrong_file"))  # the host pid's name: not this one
     (tmp / "perf-7.map").write_text(perf_line(0x100, 0x10, "in_container"))
     assert read_nspid(fake_proc, 705) == 7
-    assert names(Symbolizer(proc_root=fake_proc), 705, JIT + 0x100) == ["in_container"]
+    assert names(Symbolizer(ProcessRegistry(fake_proc)), 705, JIT + 0x100) == ["in_container"]
 
 
 def test_address_outside_every_mapping_is_named_from_the_perf_map(
@@ -160,14 +154,14 @@ def test_address_outside_every_mapping_is_named_from_the_perf_map(
 ) -> None:
     tmp = jit_process(add_fake_process, 706, maps=[])
     (tmp / "perf-706.map").write_text(perf_line(0x100, 0x10, "unmapped_since"))
-    frame = frames(Symbolizer(proc_root=fake_proc), 706, JIT + 0x108)[0]
+    frame = frames(Symbolizer(ProcessRegistry(fake_proc)), 706, JIT + 0x108)[0]
     assert (frame.function, frame.mapping) == ("unmapped_since", None)
 
 
 def test_process_without_perf_map_keeps_mapping_and_address(fake_proc: Path, add_fake_process: AddFakeProcess) -> None:
     jit_process(add_fake_process, 707)
-    symbolizer = Symbolizer(proc_root=fake_proc)
-    symbolizer.observe_process(707)
+    symbolizer = Symbolizer(ProcessRegistry(fake_proc))
+    symbolizer.processes.observe_process(707)
     frame = frames(symbolizer, 707, JIT + 0x100)[0]
     assert (frame.function, frame.address) == ("", JIT + 0x100)
     assert frame.mapping is not None and frame.mapping.start == JIT
@@ -183,8 +177,8 @@ def test_map_is_read_at_observe_even_before_any_code_is_mapped(
     # A runtime's first sample comes before it maps its code space: the snapshot shows only files.
     tmp = jit_process(add_fake_process, 708, maps=maps_for(symbolize_binaries["pie"], 0x555555554000))
     (tmp / "perf-708.map").write_text(perf_line(0x100, 0x10, "compiled_later"))
-    symbolizer = Symbolizer(proc_root=fake_proc)
-    symbolizer.observe_process(708)
+    symbolizer = Symbolizer(ProcessRegistry(fake_proc))
+    symbolizer.processes.observe_process(708)
     assert symbolizer.cache_sizes()["perf_maps"] == 1
     shutil.rmtree(fake_proc / "708")  # exits before the interval ends
     frame = frames(symbolizer, 708, JIT + 0x104)[0]
@@ -193,17 +187,17 @@ def test_map_is_read_at_observe_even_before_any_code_is_mapped(
 
 def test_processes_without_a_perf_map_are_not_counted(fake_proc: Path, add_fake_process: AddFakeProcess) -> None:
     jit_process(add_fake_process, 715)
-    symbolizer = Symbolizer(proc_root=fake_proc)
+    symbolizer = Symbolizer(ProcessRegistry(fake_proc))
     for _ in range(2):
-        symbolizer.observe_process(715)
+        symbolizer.processes.observe_process(715)
     assert symbolizer.cache_sizes()["perf_maps"] == 0 and symbolizer.stats.errors.total() == 0
 
 
 def test_map_read_at_observe_survives_the_process(fake_proc: Path, add_fake_process: AddFakeProcess) -> None:
     tmp = jit_process(add_fake_process, 709)
     (tmp / "perf-709.map").write_text(perf_line(0x100, 0x10, "seen_alive"))
-    symbolizer = Symbolizer(proc_root=fake_proc)
-    symbolizer.observe_process(709)
+    symbolizer = Symbolizer(ProcessRegistry(fake_proc))
+    symbolizer.processes.observe_process(709)
     shutil.rmtree(fake_proc / "709")
     assert names(symbolizer, 709, JIT + 0x100) == ["seen_alive"]
 
@@ -237,7 +231,7 @@ def test_entries_past_the_budget_are_dropped_and_counted(fake_proc: Path, add_fa
     tmp_a, tmp_b = jit_process(add_fake_process, 711), jit_process(add_fake_process, 712)
     (tmp_a / "perf-711.map").write_text("".join(perf_line(0x10 * i, 0x10, f"a{i}") for i in range(3)))
     (tmp_b / "perf-712.map").write_text("".join(perf_line(0x10 * i, 0x10, f"b{i}") for i in range(3)))
-    symbolizer = Symbolizer(proc_root=fake_proc, perf_map_max_entries=4)
+    symbolizer = Symbolizer(ProcessRegistry(fake_proc), perf_map_max_entries=4)
     assert names(symbolizer, 711, JIT, JIT + 0x10, JIT + 0x20) == ["a0", "a1", "a2"]
     assert names(symbolizer, 712, JIT, JIT + 0x10, JIT + 0x20) == ["b0", "", ""]
     assert symbolizer.cache_sizes()["perf_map_entries"] == 4
@@ -248,11 +242,11 @@ def test_entries_past_the_budget_are_dropped_and_counted(fake_proc: Path, add_fa
 def test_the_map_lives_as_long_as_the_processs_snapshot(fake_proc: Path, add_fake_process: AddFakeProcess) -> None:
     tmp = jit_process(add_fake_process, 713)
     (tmp / "perf-713.map").write_text(perf_line(0x100, 0x10, "f"))
-    symbolizer = Symbolizer(proc_root=fake_proc, process_ttl_intervals=1)
-    symbolizer.observe_process(713)
+    symbolizer = Symbolizer(ProcessRegistry(fake_proc, ttl_intervals=1))
+    symbolizer.processes.observe_process(713)
     assert symbolizer.cache_sizes()["perf_map_entries"] == 1
-    symbolizer.on_exec(713)  # a new image rewrites the file if it has one: the map stays until then
-    symbolizer.observe_process(713)
+    symbolizer.processes.on_exec(713)  # a new image rewrites the file if it has one: the map stays until then
+    symbolizer.processes.observe_process(713)
     assert symbolizer.cache_sizes()["perf_maps"] == 1
     frames(symbolizer, 999, 0x10)  # an interval without pid 713: its snapshot expires, and its map with it
     assert symbolizer.cache_sizes()["perf_maps"] == 0 and symbolizer.cache_sizes()["perf_map_entries"] == 0
@@ -266,25 +260,25 @@ def test_a_process_announced_again_as_it_exits_keeps_its_snapshot_and_map(
     # the pipeline passes on as on_exec + observe, by then of a process with no memory (or no /proc).
     tmp = jit_process(add_fake_process, 716)
     (tmp / "perf-716.map").write_text(perf_line(0x100, 0x10, "js_function"))
-    symbolizer = Symbolizer(proc_root=fake_proc)
-    symbolizer.observe_process(716)
+    symbolizer = Symbolizer(ProcessRegistry(fake_proc))
+    symbolizer.processes.observe_process(716)
     if exit_state == "gone":
         shutil.rmtree(fake_proc / "716")
     else:
         (fake_proc / "716" / "maps").write_text("")
-    symbolizer.on_exec(716)
-    symbolizer.observe_process(716)
+    symbolizer.processes.on_exec(716)
+    symbolizer.processes.observe_process(716)
     frame = frames(symbolizer, 716, JIT + 0x100)[0]
     assert frame.function == "js_function"
     assert frame.mapping is not None and frame.mapping.start == JIT
-    assert symbolizer.stats.processes_vanished >= 1
+    assert symbolizer.processes.stats.vanished >= 1
 
 
 def test_a_retired_snapshot_is_dropped_after_two_intervals(fake_proc: Path, add_fake_process: AddFakeProcess) -> None:
     jit_process(add_fake_process, 717)
-    symbolizer = Symbolizer(proc_root=fake_proc)
-    symbolizer.observe_process(717)
-    symbolizer.on_exec(717)
+    symbolizer = Symbolizer(ProcessRegistry(fake_proc))
+    symbolizer.processes.observe_process(717)
+    symbolizer.processes.on_exec(717)
     frames(symbolizer, 999, 0x10)
     frames(symbolizer, 999, 0x10)
     shutil.rmtree(fake_proc / "717")
@@ -295,7 +289,7 @@ def test_a_retired_snapshot_is_dropped_after_two_intervals(fake_proc: Path, add_
 def test_binary_garbage_never_raises(fake_proc: Path, add_fake_process: AddFakeProcess, content: bytes) -> None:
     tmp = jit_process(add_fake_process, 714)
     (tmp / "perf-714.map").write_bytes(content)
-    symbolizer = Symbolizer(proc_root=fake_proc)
+    symbolizer = Symbolizer(ProcessRegistry(fake_proc))
     name = names(symbolizer, 714, JIT + 0x100)[0]
     assert name in ("", "caf\u00e9 \ufffd")
     name.encode("utf-8")

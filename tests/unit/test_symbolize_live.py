@@ -9,18 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.aggregate.types import (
-    AggregatedSample,
-    IntervalProfile,
-    ProfileSpec,
-    SampleKey,
-    Stack,
-    StackStatus,
-    ValueType,
-)
-from agent.symbolize.proc_maps import parse_maps_line
+from agent.aggregate.types import AggregatedSample, IntervalProfile, SampleKey
+from agent.process.maps import parse_maps_line
+from agent.process.registry import ProcessRegistry
 from agent.symbolize.symbolizer import Symbolizer
 from agent.symbolize.types import FrameKind
+from agent.types import ProfileSpec, Stack, StackStatus, ValueType
 from tests.support.fixture_types import NmFunctions
 
 SPEC = ProfileSpec("cpu", (ValueType("samples", "count"),), ValueType("cpu", "nanoseconds"), 10_000_000)
@@ -69,8 +63,8 @@ def test_live_process_functions_resolve_from_real_proc(
         base + nm["outer_c"][0] + 9,
         base + nm["main"][0] + 20,
     )
-    symbolizer = Symbolizer()  # the real /proc
-    symbolizer.observe_process(pid)
+    symbolizer = Symbolizer(ProcessRegistry())  # the real /proc
+    symbolizer.processes.observe_process(pid)
     key = SampleKey(
         pid=pid, tid=pid, cpu=0, kernel=Stack(StackStatus.NOT_COLLECTED), user=Stack(StackStatus.OK, addresses)
     )

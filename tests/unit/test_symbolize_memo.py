@@ -13,23 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from agent.aggregate.types import (
-    EMPTY_STACK,
-    AggregatedSample,
-    IntervalProfile,
-    ProfileSpec,
-    SampleKey,
-    Stack,
-    StackStatus,
-    ValueType,
-)
+from agent.aggregate.types import AggregatedSample, IntervalProfile, SampleKey
+from agent.process.elf import DebugHints, ElfSymbols
+from agent.process.maps import read_process_maps
+from agent.process.registry import ProcessRegistry
 from agent.symbolize import native
-from agent.symbolize.elf_symbols import DebugHints, ElfSymbols
 from agent.symbolize.native import NativeResolver
-from agent.symbolize.proc_maps import read_process_maps
 from agent.symbolize.stats import SymbolizerStats
 from agent.symbolize.symbolizer import Symbolizer
 from agent.symbolize.types import Frame
+from agent.types import EMPTY_STACK, ProfileSpec, Stack, StackStatus, ValueType
 from tests.support.fixture_types import AddFakeProcess, MapsFor, NmFunctions
 
 PIE_BASE = 0x555555554000
@@ -62,7 +55,7 @@ def test_frames_and_stacks_survive_across_intervals(
     nm = nm_functions(pie)
     kernel = Stack(StackStatus.OK, (0xFFFFFFFF81000110,))
     sample = agg(100, PIE_BASE + nm["leaf_a"][0], PIE_BASE + nm["main"][0] + 1, kernel=kernel)
-    symbolizer = Symbolizer(proc_root=fake_proc)
+    symbolizer = Symbolizer(ProcessRegistry(fake_proc))
     first = frames_of(symbolizer, sample)[0]
     lookups = 0
     real_lookup = ElfSymbols.lookup
@@ -95,14 +88,14 @@ def test_exec_gives_the_pid_a_new_snapshot_and_fresh_names(
     pie, lib = symbolize_binaries["pie"], symbolize_binaries["stripped_lib"]
     pid_dir = add_fake_process(200, maps_for(pie, PIE_BASE))
     address = PIE_BASE + nm_functions(pie)["leaf_a"][0]
-    symbolizer = Symbolizer(proc_root=fake_proc)
-    symbolizer.observe_process(200)
+    symbolizer = Symbolizer(ProcessRegistry(fake_proc))
+    symbolizer.processes.observe_process(200)
     before = frames_of(symbolizer, agg(200, address))[0][0]
     assert before.function == "leaf_a" and before.mapping is not None and before.mapping.path == str(pie)
     # exec(): the same pid now maps another image at the same address.
     (pid_dir / "maps").write_text("".join(line + "\n" for line in maps_for(lib, PIE_BASE)))
-    symbolizer.on_exec(200)
-    symbolizer.observe_process(200)
+    symbolizer.processes.on_exec(200)
+    symbolizer.processes.observe_process(200)
     lib_functions = nm_functions(lib)
     expected = next(name for name, (start, size) in lib_functions.items() if start <= address - PIE_BASE < start + size)
     after = frames_of(symbolizer, agg(200, address))[0][0]
@@ -120,11 +113,11 @@ def test_a_reused_pid_gets_fresh_names_and_expired_memos_are_dropped(
     pie, nopie = symbolize_binaries["pie"], symbolize_binaries["nopie"]
     add_fake_process(300, maps_for(pie, PIE_BASE))
     address = PIE_BASE + nm_functions(pie)["outer_c"][0]
-    symbolizer = Symbolizer(proc_root=fake_proc, process_ttl_intervals=1)
+    symbolizer = Symbolizer(ProcessRegistry(fake_proc, ttl_intervals=1))
     assert frames_of(symbolizer, agg(300, address))[0][0].function == "outer_c"
     assert symbolizer.cache_sizes()["symbol_memo"] > 0
     frames_of(symbolizer, agg(1, 0x10))  # pid 300 unseen for an interval: its snapshot and memo expire
-    assert symbolizer.cache_sizes()["processes"] == 0 and symbolizer.cache_sizes()["symbol_memo"] == 0
+    assert symbolizer.processes.sizes()["processes"] == 0 and symbolizer.cache_sizes()["symbol_memo"] == 0
     # A new process under the same pid, with another image where the old one was.
     shutil.rmtree(fake_proc / "300")
     nopie_main = nm_functions(nopie)["main"][0]
@@ -144,7 +137,7 @@ def test_an_evicted_elf_table_is_noticed_and_loaded_again(
     add_fake_process(400, maps_for(pie, PIE_BASE))
     add_fake_process(401, maps_for(nopie, 0))
     samples = (agg(400, PIE_BASE + nm_functions(pie)["leaf_a"][0]), agg(401, nm_functions(nopie)["middle_b"][0]))
-    symbolizer = Symbolizer(proc_root=fake_proc, elf_cache_size=1)  # the two tables evict each other
+    symbolizer = Symbolizer(ProcessRegistry(fake_proc), elf_cache_size=1)  # the two tables evict each other
     assert [frames[0].function for frames in frames_of(symbolizer, *samples)] == ["leaf_a", "middle_b"]
     real_read = native.read_elf_with_hints
 
@@ -187,7 +180,7 @@ def test_jit_frames_are_not_remembered_across_calls(fake_proc: Path, add_fake_pr
     tmp = pid_dir / "root" / "tmp"
     tmp.mkdir(parents=True)
     (pid_dir / "status").write_text("Name:\tnode\nNSpid:\t600\n")
-    symbolizer = Symbolizer(proc_root=fake_proc)
+    symbolizer = Symbolizer(ProcessRegistry(fake_proc))
     sample = agg(600, jit + 0x100)
     assert frames_of(symbolizer, sample)[0][0].function == ""  # the runtime has not written its map yet
     (tmp / "perf-600.map").write_text(f"{jit + 0x100:x} 10 LazyCompile:*hot\n")

@@ -14,22 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from agent.aggregate.types import (
-    EMPTY_STACK,
-    AggregatedSample,
-    IntervalProfile,
-    ProfileSpec,
-    SampleKey,
-    Stack,
-    StackStatus,
-    ValueType,
-)
+from agent.aggregate.types import AggregatedSample, IntervalProfile, SampleKey
+from agent.process.elf import read_elf_bytes
+from agent.process.registry import ProcessRegistry
+from agent.process.vdso import VdsoUnavailable, read_own_vdso
 from agent.symbolize import native
-from agent.symbolize.elf_symbols import read_elf_bytes
 from agent.symbolize.stats import ErrorReason
 from agent.symbolize.symbolizer import Symbolizer
 from agent.symbolize.types import KERNEL_MAPPING_NAME, FrameKind, Profile
-from agent.symbolize.vdso import VdsoUnavailable, read_own_vdso
+from agent.types import EMPTY_STACK, ProfileSpec, Stack, StackStatus, ValueType
 from tests.support.fixture_types import AddFakeProcess, MapsFor, NmFunctions
 
 PIE_BASE = 0x555555554000
@@ -79,8 +72,8 @@ def test_pie_addresses_resolve_through_the_load_bias(
     stack = user_stack(
         PIE_BASE + nm["leaf_a"][0] + 4, PIE_BASE + nm["middle_b"][0] + 9, PIE_BASE + nm["outer_c"][0] + 9
     )
-    symbolizer = Symbolizer(proc_root=fake_proc)
-    symbolizer.observe_process(100)
+    symbolizer = Symbolizer(ProcessRegistry(fake_proc))
+    symbolizer.processes.observe_process(100)
     profile = symbolizer.symbolize(interval(agg(100, user=stack)))
     frames = profile.samples[0].frames
     assert [f.function for f in frames] == ["leaf_a", "middle_b", "outer_c"]
@@ -107,7 +100,7 @@ def test_non_pie_addresses_resolve_without_bias(
     nm = nm_functions(binary)
     add_fake_process(200, maps_for(binary, 0), exe=binary)
     stack = user_stack(nm["middle_b"][0] + 3, nm["outer_c"][0] + 9, nm["main"][0] + 20)
-    profile = Symbolizer(proc_root=fake_proc).symbolize(interval(agg(200, user=stack)))
+    profile = Symbolizer(ProcessRegistry(fake_proc)).symbolize(interval(agg(200, user=stack)))
     assert functions(profile) == ["middle_b", "outer_c", "main"]
 
 
@@ -119,7 +112,7 @@ def test_caller_return_address_at_next_function_start_names_the_caller(
     boundary = nm["middle_b"][0]
     assert leaf_start + leaf_size == boundary, "leaf_a must end exactly where middle_b starts"
     stack = user_stack(PIE_BASE + boundary, PIE_BASE + boundary)
-    profile = Symbolizer(proc_root=fake_proc).symbolize(interval(agg(100, user=stack)))
+    profile = Symbolizer(ProcessRegistry(fake_proc)).symbolize(interval(agg(100, user=stack)))
     frames = profile.samples[0].frames
     assert [f.function for f in frames] == ["middle_b", "leaf_a"]
     assert [f.address for f in frames] == [PIE_BASE + boundary, PIE_BASE + boundary - 1]
@@ -131,7 +124,7 @@ def test_kernel_frames_come_first_and_use_the_kernel_mapping(
     # The caller's return address is do_syscall_64's first byte: minus one, it names the caller (_stext).
     kernel = Stack(StackStatus.OK, (0xFFFFFFFF81000210, 0xFFFFFFFF81000100))
     user = user_stack(PIE_BASE + nm_functions(pie_process)["main"][0] + 1)
-    profile = Symbolizer(proc_root=fake_proc).symbolize(interval(agg(100, user=user, kernel=kernel)))
+    profile = Symbolizer(ProcessRegistry(fake_proc)).symbolize(interval(agg(100, user=user, kernel=kernel)))
     frames = profile.samples[0].frames
     assert [f.function for f in frames] == ["vfs_read", "_stext", "main"]
     assert [f.kind for f in frames] == [FrameKind.KERNEL, FrameKind.KERNEL, FrameKind.NATIVE]
@@ -143,7 +136,7 @@ def test_kernel_frames_come_first_and_use_the_kernel_mapping(
 
 def test_hidden_kallsyms_keeps_kernel_addresses_unnamed(fake_proc: Path) -> None:
     (fake_proc / "kallsyms").write_text(re.sub(r"^ffffffff[0-9a-f]+", "0" * 16, KALLSYMS, flags=re.MULTILINE))
-    symbolizer = Symbolizer(proc_root=fake_proc)
+    symbolizer = Symbolizer(ProcessRegistry(fake_proc))
     kernel = Stack(StackStatus.OK, (0xFFFFFFFF81000210, 0xFFFFFFFF81000110))
     profile = symbolizer.symbolize(interval(agg(0, kernel=kernel)))
     frames = profile.samples[0].frames
@@ -159,8 +152,8 @@ def test_hidden_kallsyms_keeps_kernel_addresses_unnamed(fake_proc: Path) -> None
 def test_vanished_process_is_symbolized_from_its_snapshot(
     pie_process: Path, fake_proc: Path, nm_functions: NmFunctions
 ) -> None:
-    symbolizer = Symbolizer(proc_root=fake_proc)
-    symbolizer.observe_process(100)
+    symbolizer = Symbolizer(ProcessRegistry(fake_proc))
+    symbolizer.processes.observe_process(100)
     shutil.rmtree(fake_proc / "100")
     stack = user_stack(PIE_BASE + nm_functions(pie_process)["outer_c"][0] + 2)
     profile = symbolizer.symbolize(interval(agg(100, user=stack)))
@@ -179,8 +172,8 @@ def test_vanished_process_whose_binary_changed_keeps_module_and_address(
     binary = tmp_path / "copy_of_pie"
     shutil.copy(symbolize_binaries["pie"], binary)
     add_fake_process(300, maps_for(binary, PIE_BASE), exe=binary)
-    symbolizer = Symbolizer(proc_root=fake_proc)
-    symbolizer.observe_process(300)
+    symbolizer = Symbolizer(ProcessRegistry(fake_proc))
+    symbolizer.processes.observe_process(300)
     shutil.rmtree(fake_proc / "300")
     os.utime(binary, ns=(0, 1))  # the host path now names a file with another identity
     address = PIE_BASE + nm_functions(binary)["leaf_a"][0]
@@ -197,7 +190,7 @@ def test_garbage_executable_is_counted_once_and_keeps_module_and_address(
     garbage.write_bytes(os.urandom(8192))
     inode = os.stat(garbage).st_ino
     add_fake_process(400, [f"7f0000000000-7f0000002000 r-xp 00000000 fd:01 {inode} {garbage}"])
-    symbolizer = Symbolizer(proc_root=fake_proc)
+    symbolizer = Symbolizer(ProcessRegistry(fake_proc))
     sample = agg(400, user=user_stack(0x7F0000000123, 0x7F0000001000))
     for _ in range(3):
         frames = symbolizer.symbolize(interval(sample)).samples[0].frames
@@ -216,7 +209,7 @@ def test_special_mappings_keep_mapping_and_address(fake_proc: Path, add_fake_pro
     ]
     add_fake_process(500, lines)
     addresses = (0x7FFFF7FC1010, 0x7F0000000011, 0x7F1000000011, 0x7F2000000011)
-    profile = Symbolizer(proc_root=fake_proc).symbolize(interval(agg(500, user=user_stack(*addresses))))
+    profile = Symbolizer(ProcessRegistry(fake_proc)).symbolize(interval(agg(500, user=user_stack(*addresses))))
     frames = profile.samples[0].frames
     assert [f.function for f in frames] == ["", "", "", ""]
     assert [f.mapping.path if f.mapping else None for f in frames] == [
@@ -241,7 +234,7 @@ def test_vdso_frames_are_named_from_the_agents_own_copy(fake_proc: Path, add_fak
     address = VDSO_AT + image.starts[image.names.index("__vdso_clock_gettime")] + 4
     add_fake_process(510, [vdso_line(len(own))])
     add_fake_process(512, [vdso_line(len(own) + 0x1000)])  # another image: a 32-bit process's
-    symbolizer = Symbolizer(proc_root=fake_proc)
+    symbolizer = Symbolizer(ProcessRegistry(fake_proc))
     profile = symbolizer.symbolize(interval(agg(510, user=user_stack(address)), agg(512, user=user_stack(address))))
     named, other = (sample.frames[0] for sample in profile.samples)
     assert named.function == "__vdso_clock_gettime"
@@ -257,7 +250,7 @@ def test_an_unreadable_vdso_is_counted_once_and_leaves_frames_unnamed(
 
     monkeypatch.setattr(native, "read_own_vdso", unreadable)
     add_fake_process(511, [vdso_line(0x2000)])
-    symbolizer = Symbolizer(proc_root=fake_proc)
+    symbolizer = Symbolizer(ProcessRegistry(fake_proc))
     for offset in (0x10, 0x20):
         (frame,) = symbolizer.symbolize(interval(agg(511, user=user_stack(VDSO_AT + offset)))).samples[0].frames
         assert frame.function == "" and frame.mapping is not None and frame.mapping.path == "[vdso]"
@@ -265,7 +258,7 @@ def test_an_unreadable_vdso_is_counted_once_and_leaves_frames_unnamed(
 
 
 def test_address_outside_every_mapping_has_no_mapping(pie_process: Path, fake_proc: Path) -> None:
-    symbolizer = Symbolizer(proc_root=fake_proc)
+    symbolizer = Symbolizer(ProcessRegistry(fake_proc))
     frame = symbolizer.symbolize(interval(agg(100, user=user_stack(0x10)))).samples[0].frames[0]
     assert (frame.kind, frame.function, frame.address, frame.mapping) == (FrameKind.NATIVE, "", 0x10, None)
 
@@ -277,7 +270,7 @@ def test_one_binary_is_parsed_once_for_many_samples_processes_and_intervals(
     nm = nm_functions(pie_process)
     samples = [agg(100, user=user_stack(PIE_BASE + nm["leaf_a"][0] + i), tid=1000 + i) for i in range(50)]
     samples.append(agg(101, user=user_stack(PIE_BASE + 0x10000000 + nm["main"][0])))
-    symbolizer = Symbolizer(proc_root=fake_proc)
+    symbolizer = Symbolizer(ProcessRegistry(fake_proc))
     for _ in range(2):
         profile = symbolizer.symbolize(interval(*samples))
         assert [functions(profile, i) for i in range(len(samples))] == [["leaf_a"]] * 50 + [["main"]]
@@ -299,7 +292,7 @@ def test_non_utf8_path_still_opens_and_is_reported_as_valid_utf8(
     pid_dir = add_fake_process(600, [], exe=odd)
     (pid_dir / "maps").write_bytes(b"".join(os.fsencode(line) + b"\n" for line in maps_for(odd, PIE_BASE)))
     address = PIE_BASE + nm_functions(odd)["middle_b"][0]
-    profile = Symbolizer(proc_root=fake_proc).symbolize(interval(agg(600, user=user_stack(address))))
+    profile = Symbolizer(ProcessRegistry(fake_proc)).symbolize(interval(agg(600, user=user_stack(address))))
     frame = profile.samples[0].frames[0]
     assert frame.function == "middle_b"
     assert frame.mapping is not None and frame.mapping.path.endswith("/bin\ufffd")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.aggregate.types import EMPTY_STACK, Stack, StackStatus
 from agent.probes.events import StackEvent, UserStackCopy
+from agent.types import EMPTY_STACK, Stack, StackStatus
 from agent.unwind import spaces
 from agent.unwind.unwinder import Unwinder
 from tests.support.fixture_types import AddFakeProcess, MapsFor
@@ -220,7 +220,7 @@ def test_a_snapshot_stands_in_for_the_maps_of_a_process_gone(
     process: Path, at: Callable[[str], int], fake_proc: Path, tmp_path: Path
 ) -> None:
     """The symbolize stage's captured mappings are used when /proc/PID/maps is gone."""
-    from agent.symbolize.proc_maps import read_process_maps
+    from agent.process.maps import read_process_maps
 
     snapshot = read_process_maps(fake_proc, PID)
     unwinder = Unwinder(proc_root=tmp_path / "empty-proc", snapshots={PID: snapshot}.get)

@@ -38,13 +38,13 @@ from opentelemetry.proto.profiles.v1development.profiles_pb2 import ScopeProfile
 from opentelemetry.proto.profiles.v1development.profiles_pb2 import ValueType as OtlpValueType
 
 from agent import __version__
-from agent.aggregate.types import ValueType
 from agent.export.otlp.dictionary import AttrValue, DictionaryBuilder
 from agent.export.otlp.fileid import FileIdCache
 from agent.export.otlp.resource import ResourceOptions, process_resource
 from agent.export.otlp.shapes import Shape, ValueMapping, choose_shape, profile_window, value_mapping
 from agent.export.otlp.stats import Counters
 from agent.symbolize.types import KERNEL_MAPPING_NAME, Frame, FrameKind, MappingInfo, ProcessInfo, Profile, Sample
+from agent.types import ValueType
 
 logger = logging.getLogger(__name__)
 

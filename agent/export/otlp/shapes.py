@@ -31,7 +31,7 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from agent.aggregate.types import ProfileSpec, ValueType
+from agent.types import ProfileSpec, ValueType
 
 NO_VALUE_TYPE = ValueType("", "")
 

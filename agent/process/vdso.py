@@ -1,4 +1,4 @@
-"""The vDSO: the one ELF image the kernel maps into every process, with no file behind it.
+"""Process stage (stage-neutral): the vDSO, the ELF image the kernel maps into every process, with no file.
 
 Every 64-bit process on a kernel maps the same image, so the agent reads its own copy, once, and
 both the symbolize stage (names such as `__vdso_clock_gettime`) and the unwind stage (its CFI) use
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.symbolize.proc_maps import MapKind, parse_maps_line
+from agent.process.maps import MapKind, parse_maps_line
 
 VDSO_PATH = "[vdso]"
 _SELF = Path("/proc/self")

@@ -1,38 +1,58 @@
-"""Symbolize stage: the thread-safe registry of process snapshots.
+"""Process stage (stage-neutral): the thread-safe registry of process snapshots.
 
-This module owns `ProcessRegistry`: which pids have a `ProcessMaps` snapshot, capturing one the first
-time a pid is seen (so a process that exits before the interval ends can still be symbolized),
-forgetting it on exec, and expiring snapshots of pids absent from `ttl_intervals` consecutive
-intervals so memory stays bounded on a busy host. Each snapshot also keeps the process's labels
-(container, pod, systemd unit) read through `agent.metadata.process.ProcessMetadata` at the same
-moment, while the process is alive.
+This module owns `ProcessRegistry` and its counters, `ProcessStats`: which pids have a `ProcessMaps`
+snapshot, capturing one the first time a pid is seen (so a process that exits before the interval ends
+can still be symbolized or unwound), retiring it on exec, and expiring snapshots of pids absent from
+`ttl_intervals` consecutive intervals so memory stays bounded on a busy host. Each snapshot also keeps
+the process's labels (container, pod, systemd unit) read through `agent.metadata.process.ProcessMetadata`
+at the same moment, while the process is alive. The daemon makes one registry: the pipeline tells it
+about new processes and execs, the unwind stage reads its snapshots once a process has gone, and the
+symbolize stage names frames from them.
 
-`forget` (exec) retires a snapshot rather than dropping it: until the next capture of the pid succeeds,
+`on_exec` retires a snapshot rather than dropping it: until the next capture of the pid succeeds,
 and for at most two ended intervals, it stands in for the process. A process whose capture fails (it
 has gone) or finds it exiting (no mappings and no exe: its memory is already torn down) gets its
 retired, or current, snapshot back, so the samples it left in the interval are still symbolized. This
 matters because a multi-threaded process is announced again when its main thread exits before the
-others, and that announcement forgets the snapshot like an exec does.
+others, and that announcement retires the snapshot like an exec does.
 
-`observe` runs on the event thread and `symbolize` on the report thread. The lock only guards the
-dictionary and the counters; /proc (maps and cgroup alike) is read outside it, so neither thread waits
-on the other's I/O.
+`observe_process` and `on_exec` run on the event thread, the symbolizer's `observe`, `refresh` and
+`end_interval` on the report thread, `get` on the reader's too (the unwind stage). The lock only guards
+the dictionaries and the counters; /proc (maps and cgroup alike) is read outside it, so no thread waits
+on another's I/O.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from agent.metadata.process import ProcessLabels, ProcessMetadata
-from agent.symbolize.proc_maps import ProcessMaps, read_process_maps
-from agent.symbolize.stats import ErrorReason, SymbolizerStats
-from agent.symbolize.types import ProcessInfo
+from agent.process.maps import ProcessMaps, read_process_maps
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ProcessStats:
+    """The registry's counters (only ever growing), read by the metrics collector at scrape time."""
+
+    captured: int = 0  # /proc/PID snapshots taken, including refreshes
+    vanished: int = 0  # pids gone before they could be captured
+    refreshed: int = 0  # snapshots retaken because an address fell outside every mapping
+    expired: int = 0  # snapshots dropped after `ttl_intervals` intervals unseen
+    unreadable: int = 0  # /proc/PID/maps exists but could not be read (permissions, I/O)
+
+
+class Snapshot(NamedTuple):
+    """What the registry holds about one process: its mappings and names, and its labels."""
+
+    maps: ProcessMaps
+    labels: ProcessLabels
 
 
 @dataclass(slots=True)
@@ -52,24 +72,52 @@ def _exiting(maps: ProcessMaps) -> bool:
     return not maps.mappings and not maps.exe_path
 
 
+# Intervals a snapshot outlives its last sample (the `symbolize.process_ttl_intervals` default).
+DEFAULT_TTL_INTERVALS = 6
+
+
 class ProcessRegistry:
+    """Process snapshots by pid; see the module docstring for their lifecycle and the threading rules."""
+
     def __init__(
         self,
-        proc_root: Path,
-        ttl_intervals: int,
-        stats: SymbolizerStats,
+        proc_root: Path = Path("/proc"),
+        ttl_intervals: int = DEFAULT_TTL_INTERVALS,
         metadata: ProcessMetadata | None = None,
     ) -> None:
+        """`metadata` reads the process labels (default: a private `ProcessMetadata(proc_root)`); pass the
+        daemon's shared one so the process filters and the labels read each /proc/PID/cgroup once."""
         if ttl_intervals < 1:
             raise ValueError(f"process_ttl_intervals must be at least 1, got {ttl_intervals}")
-        self._proc_root = proc_root
+        self.proc_root = proc_root
+        self.stats = ProcessStats()
         self._metadata = metadata if metadata is not None else ProcessMetadata(proc_root)
         self._ttl = ttl_intervals
-        self._stats = stats
         self._lock = threading.Lock()
         self._tracked: dict[int, _Tracked] = {}
-        self._retired: dict[int, tuple[_Tracked, int]] = {}  # forgotten snapshots, with the generation then
+        self._retired: dict[int, tuple[_Tracked, int]] = {}  # retired snapshots, with the generation then
         self._generation = 0
+        self._observers: list[Callable[[int], None]] = []
+
+    def add_observer(self, observer: Callable[[int], None]) -> None:
+        """Call `observer(pid)` after each `observe_process` that finds or takes a snapshot, on that thread
+        (the symbolizer's perf-map store catches up with a live JIT process's map then)."""
+        self._observers.append(observer)
+
+    def observe_process(self, pid: int) -> None:
+        """A live process was seen (announced, or its first sample): capture it now unless already
+        captured, then tell the observers; failures are counted."""
+        if self.observe(pid) is not None:
+            for observer in self._observers:
+                observer(pid)
+
+    def on_exec(self, pid: int) -> None:
+        """Retire the pid's snapshot: exec replaced its image, the next observation recaptures it (see
+        the module docstring for why it is retired rather than dropped)."""
+        with self._lock:
+            tracked = self._tracked.pop(pid, None)
+            if tracked is not None:
+                self._retired[pid] = (tracked, self._generation)
 
     def observe(self, pid: int) -> ProcessMaps | None:
         """The pid's snapshot, captured now if there is none (a retired one if it cannot); None if neither."""
@@ -87,13 +135,13 @@ class ProcessRegistry:
         if pid <= 0:
             return None  # pid 0 is the idle task: no /proc entry, no user space
         try:
-            maps = read_process_maps(self._proc_root, pid)
+            maps = read_process_maps(self.proc_root, pid)
         except (FileNotFoundError, ProcessLookupError):
             self._vanished(pid)
             return None
         except OSError as e:
             with self._lock:
-                self._stats.errors[ErrorReason.PROC_UNREADABLE] += 1
+                self.stats.unreadable += 1
                 self._restore(pid)
             logger.debug("cannot read mappings of pid %d: %s", pid, e)
             return None
@@ -105,12 +153,21 @@ class ProcessRegistry:
         with self._lock:
             self._tracked[pid] = _Tracked(maps, labels, self._generation)
             self._retired.pop(pid, None)
-            self._stats.processes_captured += 1
+            self.stats.captured += 1
+        return maps
+
+    def refresh(self, pid: int) -> ProcessMaps | None:
+        """`capture` again because an address fell outside every mapping (code mapped since: dlopen, JIT);
+        None, with the older snapshot kept, when the process has gone."""
+        maps = self.capture(pid)
+        if maps is not None:
+            with self._lock:
+                self.stats.refreshed += 1
         return maps
 
     def _vanished(self, pid: int) -> None:
         with self._lock:
-            self._stats.processes_vanished += 1
+            self.stats.vanished += 1
             self._restore(pid)
         logger.debug("pid %d vanished before its mappings could be read", pid)
 
@@ -130,26 +187,16 @@ class ProcessRegistry:
             tracked = self._tracked.get(pid)
             return tracked.maps if tracked is not None else None
 
-    def process_info(self, pid: int) -> ProcessInfo | None:
-        """What the profiles say about `pid` (names from the snapshot, labels read with it); None if untracked."""
+    def snapshot(self, pid: int) -> Snapshot | None:
+        """The pid's current snapshot with the labels read when it was taken; None if untracked."""
         with self._lock:
             tracked = self._tracked.get(pid)
-        if tracked is None:
-            return None
-        maps, labels = tracked.maps, tracked.labels
-        return ProcessInfo(pid, maps.comm, maps.exe_path, labels.container_id, labels.pod_uid, labels.systemd_unit)
+        return Snapshot(tracked.maps, tracked.labels) if tracked is not None else None
 
     def pids(self) -> frozenset[int]:
         """The pids that have a snapshot, current or retired."""
         with self._lock:
             return frozenset(self._tracked) | frozenset(self._retired)
-
-    def forget(self, pid: int) -> None:
-        """Retire the pid's snapshot: the next `observe` captures afresh (see the module docstring)."""
-        with self._lock:
-            tracked = self._tracked.pop(pid, None)
-            if tracked is not None:
-                self._retired[pid] = (tracked, self._generation)
 
     def end_interval(self, seen_pids: Iterable[int]) -> None:
         """Mark `seen_pids` as seen in the interval that just ended, then expire the long-unseen ones."""
@@ -162,9 +209,13 @@ class ProcessRegistry:
             expired = [pid for pid, t in self._tracked.items() if self._generation - t.last_seen >= self._ttl]
             for pid in expired:
                 del self._tracked[pid]
-            self._stats.processes_expired += len(expired)
+            self.stats.expired += len(expired)
             for pid in [pid for pid, (_, gen) in self._retired.items() if self._generation - gen >= _RETIRED_INTERVALS]:
                 del self._retired[pid]
+
+    def sizes(self) -> dict[str, int]:
+        """Current entry counts (snapshots, and the label cache they read through), for the metrics stage."""
+        return {"processes": len(self), "process_labels": len(self._metadata)}
 
     def __len__(self) -> int:
         with self._lock:

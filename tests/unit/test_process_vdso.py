@@ -1,4 +1,4 @@
-"""`agent.symbolize.vdso`: the agent's own vDSO image, and clear errors when it cannot be had."""
+"""`agent.process.vdso`: the agent's own vDSO image, and clear errors when it cannot be had."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.symbolize.vdso import VdsoUnavailable, read_own_vdso
+from agent.process.vdso import VdsoUnavailable, read_own_vdso
 
 
 def test_reads_this_processes_vdso_image() -> None:

@@ -1,4 +1,4 @@
-"""Tests for the symbolize stage's caches (`agent.symbolize.cache`)."""
+"""Tests of the process stage's bounded caches (`agent.process.cache`)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from array import array
 
 import pytest
 
-from agent.symbolize.cache import ElfTableCache, LruCache
-from agent.symbolize.elf_symbols import ElfErrorReason, ElfReadError, ElfSymbols
-from agent.symbolize.proc_maps import FileIdentity
+from agent.process.cache import ElfTableCache, LruCache
+from agent.process.elf import ElfErrorReason, ElfReadError, ElfSymbols
+from agent.process.maps import FileIdentity
 
 
 def _table(build_id: str) -> ElfSymbols:

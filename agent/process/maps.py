@@ -1,4 +1,7 @@
-"""Symbolize stage: snapshots of one process's executable mappings, comm and exe from `<proc_root>/PID`.
+"""Process stage (stage-neutral): snapshots of a process's executable mappings, comm and exe.
+
+They are read from `<proc_root>/PID`, and the probes (libc tracking), the unwind and the symbolize
+stages all use them.
 
 This module owns `ProcessMaps` (the immutable snapshot), `MapEntry`, `FileIdentity` and the rule for
 opening a mapped file later: through `<proc_root>/PID/root/<path>` so a container's files resolve in
@@ -19,7 +22,7 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
-from agent.symbolize.elf_symbols import LoadSegment
+from agent.process.elf import LoadSegment
 
 _DELETED_SUFFIX = " (deleted)"
 

@@ -1,4 +1,4 @@
-"""Tests for the symbolize stage's /proc/PID snapshots (`agent.symbolize.proc_maps`)."""
+"""Tests of the process stage's /proc/PID snapshots (`agent.process.maps`)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.symbolize.elf_symbols import LoadSegment
-from agent.symbolize.proc_maps import (
+from agent.process.elf import LoadSegment
+from agent.process.maps import (
     FileIdentity,
     MapEntry,
     MapKind,

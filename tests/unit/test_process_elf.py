@@ -1,4 +1,4 @@
-"""Tests for the symbolize stage's ELF reader (`agent.symbolize.elf_symbols`) against binutils' view."""
+"""Tests of the process stage's ELF reader (`agent.process.elf`) against binutils' view."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from agent.symbolize.elf_symbols import ElfErrorReason, ElfReadError, read_build_id, read_elf
+from agent.process.elf import (
+    ElfErrorReason,
+    ElfReadError,
+    read_build_id,
+    read_cfi_sections,
+    read_cfi_sections_bytes,
+    read_elf,
+)
 from tests.support.fixture_types import LoadRow, NmFunctions
 
 WORKLOAD_FUNCTIONS = ("leaf_a", "middle_b", "outer_c", "main", "zero_size_fn")
@@ -136,4 +143,37 @@ def test_elf_with_garbage_section_table_raises_malformed(tmp_path: Path, symboli
 def test_missing_file_raises_unreadable(tmp_path: Path) -> None:
     with pytest.raises(ElfReadError) as info:
         read_elf(tmp_path / "does-not-exist")
+    assert info.value.reason is ElfErrorReason.UNREADABLE
+
+
+def _readelf_section(path: Path, name: str) -> tuple[int, int] | None:
+    """(address, size) of the section `name`, as readelf reports it."""
+    out = subprocess.run(["readelf", "-SW", str(path)], check=True, capture_output=True, text=True).stdout
+    match = re.search(rf"\]\s+{re.escape(name)}\s+\S+\s+([0-9a-f]+)\s+[0-9a-f]+\s+([0-9a-f]+)", out)
+    return (int(match.group(1), 16), int(match.group(2), 16)) if match else None
+
+
+@pytest.mark.parametrize("kind", ["pie", "nopie", "stripped_lib"])
+def test_cfi_sections_are_the_files_eh_frame_and_its_header(kind: str, symbolize_binaries: dict[str, Path]) -> None:
+    path = symbolize_binaries[kind]
+    sections = read_cfi_sections(path)
+    eh_frame, header = _readelf_section(path, ".eh_frame"), _readelf_section(path, ".eh_frame_hdr")
+    assert eh_frame is not None and header is not None
+    assert sections.eh_frame is not None and sections.eh_frame_hdr is not None
+    assert (sections.eh_frame.address, len(sections.eh_frame.data)) == eh_frame
+    assert (sections.eh_frame_hdr.address, len(sections.eh_frame_hdr.data)) == header
+    assert sections.debug_frame is None  # only read when there is no usable .eh_frame
+    assert sections.segments == read_elf(path).segments
+    assert (sections.little_endian, sections.address_size) == (True, 8)
+    assert read_cfi_sections_bytes(path.read_bytes(), "in memory") == sections
+
+
+def test_cfi_sections_of_a_bad_file_are_an_elf_read_error(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(b"not an ELF file at all" * 4)
+    with pytest.raises(ElfReadError) as info:
+        read_cfi_sections(garbage)
+    assert info.value.reason is ElfErrorReason.NOT_ELF
+    with pytest.raises(ElfReadError) as info:
+        read_cfi_sections(tmp_path / "gone")
     assert info.value.reason is ElfErrorReason.UNREADABLE

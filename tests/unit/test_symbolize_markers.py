@@ -1,28 +1,17 @@
-"""Tests of `Symbolizer` marker frames, timestamps, process info and snapshot lifecycle (TTL, exec, refresh)."""
+"""Tests of `Symbolizer` marker frames, timestamps and process info (snapshot lifecycle: test_process_registry)."""
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
 
-from agent.aggregate.types import (
-    EMPTY_STACK,
-    AggregatedSample,
-    IntervalProfile,
-    ProfileSpec,
-    SampleKey,
-    Stack,
-    StackStatus,
-    ValueType,
-)
-from agent.symbolize import processes
+from agent.aggregate.types import AggregatedSample, IntervalProfile, SampleKey
+from agent.process.registry import ProcessRegistry
 from agent.symbolize.markers import status_marker
-from agent.symbolize.proc_maps import ProcessMaps
 from agent.symbolize.symbolizer import Symbolizer
 from agent.symbolize.types import FrameKind, ProcessInfo
-from tests.support.fixture_types import AddFakeProcess, MapsFor, NmFunctions
+from agent.types import EMPTY_STACK, ProfileSpec, Stack, StackStatus, ValueType
 
 BASE = 0x555555554000
 SPEC = ProfileSpec("cpu", (ValueType("samples", "count"),), ValueType("cpu", "nanoseconds"), 10_000_000)
@@ -44,7 +33,7 @@ def interval(*samples: AggregatedSample) -> IntervalProfile:
 @pytest.fixture
 def symbolizer(fake_proc: Path) -> Symbolizer:
     (fake_proc / "kallsyms").write_text(KALLSYMS)
-    return Symbolizer(proc_root=fake_proc, process_ttl_intervals=2)
+    return Symbolizer(ProcessRegistry(fake_proc, ttl_intervals=2))
 
 
 def names(symbolizer: Symbolizer, sample: AggregatedSample) -> list[tuple[FrameKind, str]]:
@@ -133,106 +122,8 @@ def test_unknown_pid_is_counted_and_described_from_its_main_thread(symbolizer: S
     frame = profile.samples[0].frames[0]
     assert (frame.kind, frame.function, frame.address, frame.mapping) == (FrameKind.NATIVE, "", 0x1234, None)
     assert profile.processes[777] == ProcessInfo(777, "main-thread", "")
-    assert symbolizer.stats.processes_vanished == 1
+    assert symbolizer.processes.stats.vanished == 1
     assert symbolizer.stats.frames_unsymbolized == 1
-
-
-def test_observe_is_idempotent_and_unseen_snapshots_expire(
-    symbolizer: Symbolizer, add_fake_process: AddFakeProcess
-) -> None:
-    pid_dir = add_fake_process(10, [])
-    add_fake_process(11, [])
-    symbolizer.observe_process(10)
-    (pid_dir / "maps").unlink()  # a second observation must not read /proc again
-    symbolizer.observe_process(10)
-    symbolizer.observe_process(11)
-    assert symbolizer.stats.processes_captured == 2
-    assert symbolizer.cache_sizes()["processes"] == 2
-    symbolizer.symbolize(interval(agg(10)))
-    symbolizer.symbolize(interval(agg(10)))  # pid 11 unseen for 2 intervals: expired
-    assert symbolizer.cache_sizes()["processes"] == 1
-    symbolizer.symbolize(interval())
-    symbolizer.symbolize(interval())
-    assert symbolizer.cache_sizes()["processes"] == 0
-    assert symbolizer.stats.processes_expired == 2
-
-
-def test_on_exec_makes_the_next_observation_recapture(
-    symbolizer: Symbolizer, add_fake_process: AddFakeProcess, fake_proc: Path
-) -> None:
-    add_fake_process(20, [], comm="sh")
-    symbolizer.observe_process(20)
-    (fake_proc / "20" / "comm").write_text("python3\n")
-    symbolizer.observe_process(20)
-    assert symbolizer.symbolize(interval(agg(20))).processes[20].comm == "sh"
-    symbolizer.on_exec(20)
-    symbolizer.observe_process(20)
-    assert symbolizer.symbolize(interval(agg(20))).processes[20].comm == "python3"
-
-
-def test_vanished_and_unreadable_pids_do_not_raise(symbolizer: Symbolizer, add_fake_process: AddFakeProcess) -> None:
-    symbolizer.observe_process(4242)
-    symbolizer.observe_process(0)
-    pid_dir = add_fake_process(30, [])
-    (pid_dir / "maps").unlink()
-    (pid_dir / "maps").mkdir()  # reading a directory fails with an OSError other than "not found"
-    symbolizer.observe_process(30)
-    assert symbolizer.stats.processes_vanished == 1
-    assert symbolizer.stats.errors["proc_unreadable"] == 1
-    assert symbolizer.cache_sizes()["processes"] == 0
-
-
-def test_code_mapped_after_the_snapshot_triggers_one_refresh(
-    symbolizer: Symbolizer,
-    add_fake_process: AddFakeProcess,
-    symbolize_binaries: dict[str, Path],
-    maps_for: MapsFor,
-    nm_functions: NmFunctions,
-    fake_proc: Path,
-) -> None:
-    lib = symbolize_binaries["stripped_lib"]
-    add_fake_process(40, [])
-    symbolizer.observe_process(40)
-    (fake_proc / "40" / "maps").write_text("".join(line + "\n" for line in maps_for(lib, BASE)))  # dlopen()
-    address = BASE + nm_functions(lib)["outer_c"][0]
-    stacks = [agg(40, user=Stack(StackStatus.OK, (address,))), agg(40, user=Stack(StackStatus.OK, (0x10,)), tid=41)]
-    profile = symbolizer.symbolize(interval(*stacks))
-    assert profile.samples[0].frames[0].function == "outer_c"
-    assert profile.samples[1].frames[0].mapping is None
-    assert symbolizer.stats.processes_refreshed == 1
-
-
-def test_symbolize_does_not_wait_for_a_capture_in_progress(
-    symbolizer: Symbolizer, add_fake_process: AddFakeProcess, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    add_fake_process(50, [], comm="slow")
-    entered, release, reported = threading.Event(), threading.Event(), threading.Event()
-    real_read = processes.read_process_maps
-
-    def slow_read(proc_root: Path, pid: int) -> ProcessMaps:
-        entered.set()
-        release.wait(10)
-        return real_read(proc_root, pid)
-
-    monkeypatch.setattr(processes, "read_process_maps", slow_read)
-    observer = threading.Thread(target=symbolizer.observe_process, args=(50,))
-    observer.start()
-
-    def report() -> None:
-        symbolizer.symbolize(interval(agg(60)))
-        reported.set()
-
-    reporter = threading.Thread(target=report)
-    try:
-        assert entered.wait(10)
-        reporter.start()
-        # The event thread is inside its /proc read; the report thread must not queue behind it.
-        assert reported.wait(5), "symbolize waited for another thread's /proc read"
-    finally:
-        release.set()
-        observer.join(10)
-        reporter.join(10)
-    assert symbolizer.symbolize(interval(agg(50))).processes[50].comm == "slow"
 
 
 def test_pprof_addresses_keep_a_zero_return_address_at_zero() -> None:

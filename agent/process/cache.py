@@ -1,6 +1,7 @@
-"""Symbolize stage: bounded caches of parsed ELF symbol tables.
+"""Process stage (stage-neutral): bounded caches, and the one of parsed ELF symbol tables.
 
-This module owns `LruCache`, a small least-recently-used map on an `OrderedDict`, and `ElfTableCache`,
+This module owns `LruCache`, a small least-recently-used map on an `OrderedDict` (the unwind stage
+bounds its unwind tables with it), and `ElfTableCache` (the symbolize stage's),
 which keys symbol tables by ELF identity: the GNU build id when the file has one, else
 (st_dev, st_ino, st_mtime_ns). A file that could not be parsed is cached as its `ElfReadError`
 (a negative entry) under its (dev, ino, mtime) key, so a bad file is not parsed again every interval.
@@ -17,8 +18,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Generic, TypeVar
 
-from agent.symbolize.elf_symbols import ElfReadError, ElfSymbols
-from agent.symbolize.proc_maps import FileIdentity
+from agent.process.elf import ElfReadError, ElfSymbols
+from agent.process.maps import FileIdentity
 
 K = TypeVar("K")
 V = TypeVar("V")
