@@ -29,25 +29,25 @@ from agent.errors import ConfigError, PreflightError
 from agent.export.otlp.resource import ResourceOptions
 from agent.export.otlp.sink import OtlpSink
 from agent.export.sink import Sink
+from agent.flow.pipeline import Pipeline
+from agent.flow.queue import DropOldestQueue
+from agent.flow.report import Reporter
+from agent.flow.sinks import make_file_sink
 from agent.health import HealthState, make_server
 from agent.metadata.process import ProcessMetadata
 from agent.metadata.selector import ProcessSelector
 from agent.metrics import QueueStats, make_registry
-from agent.pipeline import Pipeline
 from agent.preflight import run_checks
 from agent.probes.events import IntervalMark
 from agent.probes.loader import release_compiler_memory
 from agent.probes.program import ProbeProgram
-from agent.probes.queue import DropOldestQueue
 from agent.probes.reader import PerfReader
 from agent.probes.registry import make_probes, stack_copy_bytes
 from agent.process.registry import ProcessRegistry
 from agent.reload import changed_keys, is_live, merge_live
-from agent.report import Reporter
 from agent.sampling.adaptive import AdaptiveSampler
 from agent.sampling.keep import KeepSampler
 from agent.sdnotify import Notifier
-from agent.sinks import make_file_sink
 from agent.symbolize.jvm import JvmPerfMapRequester
 from agent.symbolize.symbolizer import Symbolizer
 from agent.unwind.unwinder import Unwinder
@@ -176,7 +176,7 @@ class Daemon:
 
     def _make_sinks(self) -> None:
         otlp = self.config.export.otlp
-        file_sink = make_file_sink(self.config)
+        file_sink = make_file_sink(self.config.export.files, self.config.files_enabled)
         self.sinks = [file_sink] if file_sink is not None else []
         if otlp.enabled:
             resource = ResourceOptions.detect(otlp.service_name, node_name=self.config.metadata.node_name)
@@ -294,7 +294,7 @@ class Daemon:
     def _swap_file_sink(self) -> None:
         assert self.reporter is not None
         old_files = [sink for sink in self.sinks if sink is not self.otlp]
-        new_file = make_file_sink(self.config)
+        new_file = make_file_sink(self.config.export.files, self.config.files_enabled)
         self.sinks = ([new_file] if new_file is not None else []) + ([self.otlp] if self.otlp else [])
         self.reporter.set_sinks(self.sinks)
         for sink in old_files:

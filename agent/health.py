@@ -65,7 +65,7 @@ class Backlog(Protocol):
 
 
 class SinkFailures(Protocol):
-    """When each sink started failing (absent while it succeeds): `agent.report.Reporter`."""
+    """When each sink started failing (absent while it succeeds): `agent.flow.report.Reporter`."""
 
     failing_since: dict[str, float]
 

@@ -24,11 +24,11 @@ from agent.export.otlp.sink import OtlpSink
 from agent.export.otlp.stats import DROPPED, REJECTED_PROFILES, REQUESTS, RETRIES, SPOOL_ERRORS
 
 if TYPE_CHECKING:
-    from agent.pipeline import Pipeline
+    from agent.flow.pipeline import Pipeline
+    from agent.flow.report import Reporter
     from agent.probes.bpf_probe import BpfProbe
     from agent.probes.program import ProbeProgram
     from agent.process.registry import ProcessRegistry
-    from agent.report import Reporter
     from agent.symbolize.jvm import JvmPerfMapRequester
     from agent.symbolize.symbolizer import Symbolizer
     from agent.unwind.unwinder import Unwinder

@@ -25,13 +25,13 @@ from typing import Any
 
 from agent.aggregate.types import IntervalProfile
 from agent.config import load_config
+from agent.flow.pipeline import Pipeline
+from agent.flow.queue import DropOldestQueue
 from agent.metadata.process import ProcessMetadata
 from agent.metadata.selector import ProcessSelector
-from agent.pipeline import Pipeline
 from agent.pprof.builder import build_pprof
 from agent.probes.cpu import CpuProbe
 from agent.probes.events import IntervalMark
-from agent.probes.queue import DropOldestQueue
 from agent.probes.records import STACK_EVENT_HEADER_SIZE, StackEventRecord
 from agent.process.registry import ProcessRegistry
 from agent.sampling.keep import KeepSampler

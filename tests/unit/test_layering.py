@@ -33,7 +33,7 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("pprof", ("agent.pprof",)),
     ("export", ("agent.export",)),
     # The middle of the house: routes events through the stages and hands profiles to the sinks.
-    ("pipeline", ("agent.pipeline", "agent.report", "agent.sinks")),
+    ("flow", ("agent.flow",)),
 )
 # Wiring: constructs and runs the stages, so it may import any of them; no stage imports it.
 WIRING: tuple[str, ...] = (

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from agent.aggregate.types import IntervalProfile
+from agent.flow.pipeline import Pipeline
 from agent.metadata.filters import ProcessFilter
 from agent.metadata.process import ProcessMetadata
 from agent.metadata.selector import ProcessSelector
-from agent.pipeline import Pipeline
 from agent.probes.events import IntervalMark, ProcessEvent, ProcessEventKind, StackEvent
 from agent.types import EMPTY_STACK, ProfileSpec, Stack, StackStatus, ValueType
 

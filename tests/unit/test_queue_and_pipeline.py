@@ -1,4 +1,4 @@
-"""Tests for the reader->pipeline queue (`agent.probes.queue`) and event routing (`agent.pipeline`)."""
+"""Tests for the reader->pipeline queue (`agent.flow.queue`) and event routing (`agent.flow.pipeline`)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import time
 import pytest
 
 from agent.aggregate.types import IntervalProfile, SampleKey
-from agent.pipeline import Pipeline
+from agent.flow.pipeline import Pipeline
+from agent.flow.queue import DropOldestQueue
 from agent.probes.events import IntervalMark, ProcessEvent, ProcessEventKind, StackEvent, UserStackCopy
-from agent.probes.queue import DropOldestQueue
 from agent.sampling.keep import KeepSampler
 from agent.types import EMPTY_STACK, ProfileSpec, Stack, StackStatus, ValueType
 

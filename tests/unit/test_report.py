@@ -1,11 +1,11 @@
-"""The report stage (agent.report.Reporter): symbolize, build pprof only when a sink needs it, export."""
+"""The report stage (agent.flow.report.Reporter): symbolize, build pprof only when a sink needs it, export."""
 
 from __future__ import annotations
 
 import pytest
 
-from agent import report
 from agent.aggregate.types import IntervalProfile
+from agent.flow import report
 from agent.symbolize.types import Profile
 from agent.types import ProfileSpec, ValueType
 

@@ -1,4 +1,4 @@
-"""Probes stage: the bounded hand-off between the perf-buffer reader thread and the pipeline thread.
+"""Flow: the bounded hand-off between the perf-buffer reader thread and the pipeline thread.
 
 `put` never blocks (the reader must keep draining the kernel's buffers): when the queue is full the
 oldest item is dropped and counted. `get_batch` hands the consumer everything queued so far.

@@ -1,4 +1,4 @@
-"""Decode-to-aggregate routing: what the pipeline thread does with each event from the reader.
+"""Flow: decode-to-aggregate routing, what the pipeline thread does with each event from the reader.
 
 Stack events pass the sampling stage's keep decision and are summed into their profiler's interval
 (aggregate); those whose program copies the user stack arrive unwound already (the reader's decoder

@@ -1,4 +1,4 @@
-"""Symbolize -> build -> export: what the report thread does with each finished interval.
+"""Flow: symbolize -> build -> export, what the report thread does with each finished interval.
 
 Owns the hand-off of one `IntervalProfile` through the symbolizer, the pprof builder and every
 enabled sink. A failing sink is counted and logged and never stops the others. This module starts
