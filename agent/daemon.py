@@ -65,6 +65,7 @@ SHUTDOWN_DEADLINE_S = 10.0
 REPORT_QUEUE_SIZE = 4
 
 ConfigLoader = Callable[[], AgentConfig]
+RELOAD_OUTCOMES = ("applied", "invalid", "ignored")  # of a SIGHUP
 
 
 class Daemon:
@@ -86,7 +87,7 @@ class Daemon:
         symbolize = config.symbolize
         self.jvm = JvmPerfMapRequester(symbolize.jvm_perf_map_interval_s) if symbolize.jvm_perf_map else None
         self.selector = ProcessSelector(config.filters, self.metadata)
-        self.keep = KeepSampler()
+        self.keep = KeepSampler(profilers=config.profiling.profilers)
         # Only profilers whose programs copy the user stack need the unwind stage; their decoders run it,
         # but for bursty profilers, whose copies the pipeline unwinds.
         copy_bytes = stack_copy_bytes(config)
@@ -103,7 +104,7 @@ class Daemon:
         self.pipeline: Pipeline | None = None
         self.health = HealthState(config.metrics.ready_export_failure_s)
         self.notifier = Notifier(config.notify_socket or None)
-        self.reloads: Counter[str] = Counter()
+        self.reloads: Counter[str] = Counter(dict.fromkeys(RELOAD_OUTCOMES, 0))
         self._reader: PerfReader | None = None
         self._server: ThreadingHTTPServer | None = None
         self._threads: list[threading.Thread] = []

@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 import platform
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
@@ -22,6 +22,12 @@ from agent import __version__
 from agent.export.files import FileSink
 from agent.export.otlp.sink import OtlpSink
 from agent.export.otlp.stats import DROPPED, REJECTED_PROFILES, REQUESTS, RETRIES, SPOOL_ERRORS
+from agent.probes.program import PROCESS_EVENTS
+from agent.symbolize.debuginfo import SymbolSource
+from agent.symbolize.jvm import Outcome
+from agent.symbolize.stats import ErrorReason
+from agent.types import StackStatus
+from agent.unwind.unwinder import UNWIND_OUTCOMES
 
 if TYPE_CHECKING:
     from agent.flow.pipeline import Pipeline
@@ -29,6 +35,7 @@ if TYPE_CHECKING:
     from agent.probes.bpf_probe import BpfProbe
     from agent.probes.program import ProbeProgram
     from agent.process.registry import ProcessRegistry
+    from agent.sampling.keep import KeepSampler
     from agent.symbolize.jvm import JvmPerfMapRequester
     from agent.symbolize.symbolizer import Symbolizer
     from agent.unwind.unwinder import Unwinder
@@ -51,6 +58,9 @@ class MetricsSource(Protocol):
 
     @property
     def program(self) -> ProbeProgram: ...
+
+    @property
+    def keep(self) -> KeepSampler: ...
 
     @property
     def processes(self) -> ProcessRegistry: ...
@@ -103,6 +113,11 @@ class _LatencyHistogram:
         return out
 
 
+def _known(counts: Mapping[str, int], labels: Iterable[str]) -> list[tuple[str, int]]:
+    """`counts` with every label known at start-up present (0 until counted), sorted by label."""
+    return sorted({**dict.fromkeys(map(str, labels), 0), **{str(k): v for k, v in counts.items()}}.items())
+
+
 def _counter(name: str, doc: str, labels: Sequence[str] = ()) -> CounterMetricFamily:
     return CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=list(labels))
 
@@ -112,9 +127,15 @@ def _gauge(name: str, doc: str, labels: Sequence[str] = ()) -> GaugeMetricFamily
 
 
 class AgentCollector(Collector):
-    def __init__(self, source: MetricsSource) -> None:
+    """Reads the stages' counters at scrape time. Every labelled counter whose labels are known at start-up
+    (losses, drops by reason, errors by kind, outcomes) is exported at 0 before anything happens: each
+    stage creates its counters with those labels, so an alert on them can be written from the start."""
+
+    def __init__(self, source: MetricsSource, registry: CollectorRegistry | None = None) -> None:
         self._source = source
         self._latency = _LatencyHistogram()
+        if registry is not None:  # prometheus_client's way: a collector registers itself where it is told
+            registry.register(self)
 
     def collect(self) -> Iterator[Metric]:
         yield from self._build_info()
@@ -143,15 +164,15 @@ class AgentCollector(Collector):
             attached.add_metric([probe.name, probe.attach_method or "none"], 1 if probe.attach_method else 0)
             received.add_metric([probe.name], probe.stats.received)
             malformed.add_metric([probe.name], probe.stats.malformed)
-            for buffer, count in sorted(probe.stats.lost.items()):
+            for buffer, count in _known(probe.stats.lost, probe.loss_labels()):
                 lost.add_metric([probe.name, buffer], count)
-            for status, count in sorted(probe.stacks.status_counts.items()):
+            for status, count in _known(probe.stacks.status_counts, (status.name for status in StackStatus)):
                 stacks.add_metric([probe.name, status.lower()], count)
         # The process-event buffer is shared by every profiler: its losses and malformed records are
         # reported under profiler="process".
         program = self._source.program
         malformed.add_metric(["process"], program.stats.malformed)
-        for buffer, count in sorted(program.stats.lost.items()):
+        for buffer, count in _known(program.stats.lost, (PROCESS_EVENTS,)):
             lost.add_metric(["process", buffer], count)
         processes = _counter(
             "probe_process_events", "Process events from the kernel: new (first record), exec.", ("kind",)
@@ -176,14 +197,21 @@ class AgentCollector(Collector):
         rate = _gauge("pipeline_event_rate", "Events per second over the last interval.", ("profiler",))
         for profiler, value in sorted((pipeline.last_rates if pipeline else {}).items()):
             rate.add_metric([profiler], value)
-        yield from (depth, dropped, rate)
+        kept_out = _counter(
+            "sampling_events_dropped",
+            "Events the sampler's keep probability dropped (the kept ones stand for them: totals stay unbiased).",
+            ("profiler",),
+        )
+        for profiler, count in sorted(self._source.keep.dropped.items()):
+            kept_out.add_metric([profiler], count)
+        yield from (depth, dropped, rate, kept_out)
 
     def _unwinder(self) -> Iterator[Metric]:
         unwinder = self._source.unwinder
         if unwinder is None:
             return  # every profiler walks frame pointers in the kernel: no unwind stage
         stacks = _counter("unwind_stacks", "User stacks through the unwind stage, by outcome.", ("outcome",))
-        for outcome, count in sorted(unwinder.outcomes.items()):
+        for outcome, count in _known(unwinder.outcomes, UNWIND_OUTCOMES):
             stacks.add_metric([outcome], count)
         frames = _counter("unwind_frames", "Frames unwound from stack copies, by how.", ("method",))
         frames.add_metric(["cfi"], unwinder.frames - unwinder.frame_pointer_steps)
@@ -191,8 +219,8 @@ class AgentCollector(Collector):
         seconds = _counter("unwind_seconds", "Time the reader thread spent unwinding, table loading included.")
         seconds.add_metric([], unwinder.seconds)
         tables = _counter("unwind_tables", "Unwind tables read from binaries, by result.", ("result",))
-        tables.add_metric(["loaded"], unwinder.tables.stats.loaded)
-        tables.add_metric(["failed"], unwinder.tables.stats.failed)
+        tables.add_metric(["loaded"], unwinder.tables_loaded)
+        tables.add_metric(["failed"], unwinder.tables_failed)
         yield from (stacks, frames, seconds, tables)
 
     def _symbolizer(self) -> Iterator[Metric]:
@@ -204,9 +232,8 @@ class AgentCollector(Collector):
         errors = _counter("symbolize_errors", "Files, processes or tables that could not be used.", ("reason",))
         process_stats = self._source.processes.stats
         reasons = Counter(stats.errors)
-        if process_stats.unreadable:  # the registry counts its own; the series stays in this family
-            reasons["proc_unreadable"] = process_stats.unreadable
-        for reason, count in sorted(reasons.items()):
+        reasons["proc_unreadable"] = process_stats.unreadable  # the registry counts its own; same family
+        for reason, count in _known(reasons, ErrorReason):
             errors.add_metric([reason], count)
         frames = _counter("symbolize_frames", "Frames, by whether they got a name.", ("result",))
         frames.add_metric(["named"], stats.frames_symbolized)
@@ -218,7 +245,7 @@ class AgentCollector(Collector):
         jit.add_metric(["named"], stats.perf_map_hits)
         jit.add_metric(["unnamed"], stats.perf_map_misses)
         sources = _counter("symbolize_symbol_tables", "ELF symbol tables loaded, by source.", ("source",))
-        for source, count in sorted(stats.symbol_sources.items()):
+        for source, count in _known(stats.symbol_sources, SymbolSource):
             sources.add_metric([source], count)
         sizes = _gauge("symbolize_cache_entries", "Entries in the symbolizer's caches.", ("cache",))
         caches = {**self._source.symbolizer.cache_sizes(), **self._source.processes.sizes()}
@@ -229,7 +256,7 @@ class AgentCollector(Collector):
             requests = _counter(
                 "symbolize_jvm_perf_map_requests", "Perf map requests to JVMs, by outcome.", ("outcome",)
             )
-            for outcome, count in sorted(self._source.jvm.outcomes.items()):
+            for outcome, count in _known(self._source.jvm.outcomes, Outcome):
                 requests.add_metric([outcome], count)
             yield requests
 
@@ -298,5 +325,5 @@ def make_registry(source: MetricsSource) -> CollectorRegistry:
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
-    registry.register(AgentCollector(source))
+    AgentCollector(source, registry=registry)
     return registry

@@ -34,11 +34,13 @@ class Reporter:
         self.empty_intervals = 0
         self.exported: Counter[str] = Counter()
         self.failed: Counter[str] = Counter()
+        self._known(sinks)
         self.failing_since: dict[str, float] = {}  # sink -> monotonic time of its first failure in a row
 
     def set_sinks(self, sinks: Sequence[Sink]) -> None:
         """Swap the sinks (a config reload); takes effect from the next interval."""
         self._sinks = sinks
+        self._known(sinks)
 
     def report(self, interval: IntervalProfile) -> None:
         self.intervals += 1
@@ -61,6 +63,12 @@ class Reporter:
             else:
                 self.exported[sink.name] += 1
                 self.failing_since.pop(sink.name, None)
+
+    def _known(self, sinks: Sequence[Sink]) -> None:
+        """Each sink's outcomes are exported at 0 from the moment it is configured."""
+        for sink in sinks:
+            self.exported.setdefault(sink.name, 0)
+            self.failed.setdefault(sink.name, 0)
 
     def _failed(self, sink: str) -> None:
         self.failed[sink] += 1

@@ -64,9 +64,9 @@ class BpfProbe(ABC):
         self._emit = emit
         self._bpf: Any = None  # the shared bcc.BPF object, once loaded
         self.attach_method = ""  # what the events were attached with, for check/metrics/logs
+        self._stack_copy = stacks
         self.stats = ReaderStats()
         self.stacks = StackDecoder()  # used only by the reader thread, inside the callbacks
-        self._stack_copy = stacks
 
     @property
     def user_stack_bytes(self) -> int:
@@ -80,6 +80,11 @@ class BpfProbe(ABC):
     @property
     def samples_buffer(self) -> str:
         return f"{self.name}_samples"
+
+    def loss_labels(self) -> tuple[str, ...]:
+        """The `buffer` labels of every loss this probe can report (its perf buffer, and any in-kernel
+        loss counters a subclass adds), known before any happens: the metrics export them at 0."""
+        return (self.samples_buffer,)
 
     @property
     @abstractmethod

@@ -179,6 +179,9 @@ class OffCpuProbe(BpfProbe):
         else:
             self._bpf.detach_kprobe(event=plan.kprobe_symbol.encode())
 
+    def loss_labels(self) -> tuple[str, ...]:
+        return (*super().loss_labels(), *LOST_COUNTERS)
+
     def drain(self) -> None:
         if self._bpf is None:
             return

@@ -37,7 +37,7 @@ class ProbeProgram:
         self.probes = tuple(probes)
         self._emit = emit
         self._bpf: Any = None
-        self.stats = ReaderStats()  # of the process-event buffer
+        self.stats = ReaderStats()  # of the process-event buffer (PROCESS_EVENTS)
         self.process_events: Counter[str] = Counter({kind.name.lower(): 0 for kind in ProcessEventKind})
 
     @property

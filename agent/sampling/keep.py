@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Iterable
 
 from agent.probes.events import StackEvent
 
 
 class KeepSampler:
-    def __init__(self, rng: random.Random | None = None) -> None:
+    def __init__(self, rng: random.Random | None = None, profilers: Iterable[str] = ()) -> None:
+        """`profilers`: the streams, whose drop counts are then exported at 0 from the start."""
         self._rng = rng or random.Random()
         self._keep: dict[str, float] = {}
-        self.dropped: Counter[str] = Counter()
+        self.dropped: Counter[str] = Counter(dict.fromkeys(profilers, 0))  # by profiler
         # Every probability is 1, so `admit` would return every event as it is: the pipeline reads
         # this flag instead of asking about each event.
         self.keeps_all = True

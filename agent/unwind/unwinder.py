@@ -59,6 +59,11 @@ Snapshots = Callable[[int], ProcessMaps | None]
 INTERNED_STACKS = 1 << 16
 
 
+# What became of each stack copy: unwound to the outermost frame, cut short (copy or rules ran out), or
+# the kernel's frame-pointer stack kept (no mappings to unwind with, or a pid the filters reject).
+UNWIND_OUTCOMES = ("complete", "truncated", "no_mappings", "skipped")
+
+
 class Unwinder:
     def __init__(
         self,
@@ -76,10 +81,19 @@ class Unwinder:
         self._spaces: OrderedDict[int, AddressSpace] = OrderedDict()  # least recently used first
         self._interned: dict[tuple[StackStatus, tuple[int, ...]], Stack] = {}
         # outcome -> events: complete, truncated; no_mappings and skipped: the frame-pointer stack was kept
-        self.outcomes: Counter[str] = Counter()
+        self.outcomes: Counter[str] = Counter()  # by UNWIND_OUTCOMES
         self.frames = 0  # frames unwound from stack copies
         self.frame_pointer_steps = 0  # of which found by the frame pointer, for lack of CFI
         self.seconds = 0.0  # time spent here (table loading included), for the metrics
+
+    @property
+    def tables_loaded(self) -> int:
+        """Unwind tables read from binaries so far (for the metrics stage)."""
+        return self.tables.stats.loaded
+
+    @property
+    def tables_failed(self) -> int:
+        return self.tables.stats.failed
 
     def unwind(self, event: StackEvent) -> Stack:
         """The user stack of `event`: unwound from its stack copy, or its own when it carries none."""

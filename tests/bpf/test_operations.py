@@ -60,8 +60,17 @@ def test_metrics_and_health_while_profiling(tmp_path: Path, busy: subprocess.Pop
         assert get(f"{base}/readyz") == (200, "ok\n")
         status, first = get(f"{base}/metrics")
         assert status == 200
-        time.sleep(3)
-        _, second = get(f"{base}/metrics")
+        # Poll until an interval (1 s) has been written, rather than assume it takes under a fixed time:
+        # on a busy host the first interval's symbolization can take seconds.
+        deadline = time.monotonic() + 120
+        while True:
+            _, second = get(f"{base}/metrics")
+            written = series(second, "profiling_agent_export_files_written_total")
+            received = "profiling_agent_probe_events_received_total"
+            more = series(second, received, profiler="cpu") > series(first, received, profiler="cpu")
+            if (written >= 1 and more) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         assert get(f"{base}/nope")[0] == 404
     finally:
         agent.terminate()
@@ -80,6 +89,18 @@ def test_metrics_and_health_while_profiling(tmp_path: Path, busy: subprocess.Pop
         assert re.search(rf"^# TYPE {name.removesuffix('_total')}(_total)? {kind}$", second, re.M), name
     assert series(second, "profiling_agent_probe_attached", profiler="cpu") == 1
     assert 'method="software cpu-clock at 19 Hz per CPU"' in second or "hardware cpu-cycles" in second
+    # Counters whose labels are known at start-up exist at 0 from the first scrape, right after READY,
+    # so alerts on them can be written before anything happens.
+    for line in (
+        'profiling_agent_probe_events_lost_total{buffer="cpu_samples",profiler="cpu"} 0.0',
+        'profiling_agent_probe_events_lost_total{buffer="proc_events",profiler="process"} 0.0',
+        'profiling_agent_pipeline_events_dropped_total{reason="events_queue_full"} 0.0',
+        'profiling_agent_sampling_events_dropped_total{profiler="cpu"} 0.0',
+        'profiling_agent_symbolize_errors_total{reason="elf_unreadable"} 0.0',
+        'profiling_agent_export_profiles_total{outcome="failed",sink="files"} 0.0',
+        'profiling_agent_config_reloads_total{outcome="invalid"} 0.0',
+    ):
+        assert line in first.splitlines(), line
     # Counters increase while profiling.
     received = "profiling_agent_probe_events_received_total"
     # Wakeups are batched, so the very first scrape may come before any record was read.

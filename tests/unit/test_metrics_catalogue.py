@@ -10,17 +10,23 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 
+from agent.daemon import RELOAD_OUTCOMES
 from agent.export.files import FileSink
 from agent.export.otlp.config import OtlpConfig
 from agent.export.otlp.sink import OtlpSink
 from agent.export.otlp.stats import REQUESTS
+from agent.flow.report import Reporter
 from agent.metrics import AgentCollector, make_registry
 from agent.probes.bpf_probe import ReaderStats
+from agent.probes.offcpu import OffCpuProbe
+from agent.probes.program import ProbeProgram
 from agent.probes.stacks import StackDecoder
 from agent.process.registry import ProcessRegistry
+from agent.sampling.keep import KeepSampler
 from agent.symbolize.jvm import JvmPerfMapRequester
 from agent.symbolize.symbolizer import Symbolizer
 from agent.unwind.unwinder import Unwinder
+from tests.support.config import profiling
 
 CATALOGUE = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
 
@@ -33,6 +39,7 @@ def fake_source(spool_dir: str = "/tmp/profiling-agent-test-spool") -> Any:
         attach_method="software cpu-clock at 19 Hz per CPU",
         stats=ReaderStats(received=42, malformed=1, lost={"samples": 3}),
         stacks=stacks,
+        loss_labels=lambda: ("samples",),
     )
     otlp = OtlpSink(OtlpConfig(enabled=True, insecure=True, spool_dir=spool_dir))
     files = FileSink(Path(spool_dir).parent / "profiles", max_files=10, max_bytes=0)
@@ -55,6 +62,7 @@ def fake_source(spool_dir: str = "/tmp/profiling-agent-test-spool") -> Any:
         pipeline=pipeline,
         sinks=[files, otlp],
         reloads=Counter(applied=1),
+        keep=KeepSampler(profilers=("cpu",)),
         queues={"events": _Queue(2), "intervals": _Queue(0)},
         sampling_parameters={("cpu", "frequency_hz"): 19.0},
     )
@@ -102,3 +110,53 @@ def test_docs_metrics_lists_every_series_and_no_other(tmp_path: Path) -> None:
     emitted = {family.name + ("_total" if family.type == "counter" else "") for family in registry.collect()}
     documented = set(re.findall(r"^\| `(profiling_agent_[a-z_]+)`", CATALOGUE.read_text(), re.M))
     assert documented == emitted, f"missing from docs: {emitted - documented}; stale in docs: {documented - emitted}"
+
+
+def test_counters_with_known_labels_are_exported_at_zero_before_anything_happens(tmp_path: Path) -> None:
+    """What an alert needs: every labelled counter whose labels are known at start-up exists at 0."""
+    probe = OffCpuProbe(profiling("offcpu"), lambda _: None)
+    otlp = OtlpSink(OtlpConfig(enabled=True, insecure=True, spool_dir=str(tmp_path / "spool")))
+    files = FileSink(tmp_path / "profiles", max_files=10, max_bytes=0)
+    processes = ProcessRegistry()
+    source = SimpleNamespace(
+        probes=[probe],
+        program=ProbeProgram(profiling("offcpu"), [probe], lambda _: None),
+        processes=processes,
+        symbolizer=Symbolizer(processes),
+        unwinder=Unwinder(),
+        jvm=JvmPerfMapRequester(60.0),
+        reporter=Reporter(Symbolizer(processes), [files, otlp]),
+        pipeline=SimpleNamespace(filtered=0, unknown_items=0, last_rates={}),
+        sinks=[files, otlp],
+        reloads=Counter(dict.fromkeys(RELOAD_OUTCOMES, 0)),
+        keep=KeepSampler(profilers=("offcpu",)),
+        queues={"events": _Queue(0), "intervals": _Queue(0)},
+        sampling_parameters={},
+    )
+    registry = CollectorRegistry()
+    AgentCollector(source, registry=registry)
+    text = generate_latest(registry).decode()
+    expected = [
+        'probe_events_lost_total{buffer="offcpu_samples",profiler="offcpu"} 0.0',
+        'probe_events_lost_total{buffer="stacks_evicted",profiler="offcpu"} 0.0',
+        'probe_events_lost_total{buffer="blocked_map_full",profiler="offcpu"} 0.0',
+        'probe_events_lost_total{buffer="proc_events",profiler="process"} 0.0',
+        'probe_stacks_total{profiler="offcpu",status="truncated"} 0.0',
+        'probe_process_events_total{kind="new"} 0.0',
+        'pipeline_events_dropped_total{reason="events_queue_full"} 0.0',
+        'sampling_events_dropped_total{profiler="offcpu"} 0.0',
+        'unwind_stacks_total{outcome="truncated"} 0.0',
+        'symbolize_errors_total{reason="elf_unreadable"} 0.0',
+        'symbolize_errors_total{reason="proc_unreadable"} 0.0',
+        'symbolize_symbol_tables_total{source="minidebuginfo"} 0.0',
+        'symbolize_jvm_perf_map_requests_total{outcome="refused"} 0.0',
+        'export_profiles_total{outcome="failed",sink="otlp"} 0.0',
+        'export_profiles_total{outcome="failed",sink="files"} 0.0',
+        'export_otlp_requests_total{outcome="rejected"} 0.0',
+        'export_otlp_dropped_batches_total{reason="spool_full"} 0.0',
+        'export_otlp_retries_total{code="UNAVAILABLE"} 0.0',
+        'export_otlp_spool_errors_total{operation="write"} 0.0',
+        'config_reloads_total{outcome="invalid"} 0.0',
+    ]
+    missing = [line for line in expected if f"profiling_agent_{line}" not in text]
+    assert not missing, missing

@@ -66,6 +66,11 @@ def retry_info_delay(error: grpc.RpcError) -> float | None:
     return None
 
 
+def retried_code_names() -> tuple[str, ...]:
+    """The gRPC codes a call can be retried after (the `code` label of the retry counter)."""
+    return tuple(sorted(code.name for code in (*RETRYABLE_CODES, grpc.StatusCode.RESOURCE_EXHAUSTED)))
+
+
 def retry_delay(code: grpc.StatusCode, server_delay: float | None, attempt: int, policy: RetryPolicy) -> float | None:
     """Seconds to wait before retrying a call that ended with `code`, or None when it is final."""
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:

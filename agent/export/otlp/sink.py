@@ -21,9 +21,9 @@ from agent.export.otlp.encode import encode_request
 from agent.export.otlp.exporter import OtlpExporter
 from agent.export.otlp.fileid import FileIdCache
 from agent.export.otlp.resource import ResourceOptions
-from agent.export.otlp.retry import RetryPolicy
+from agent.export.otlp.retry import RetryPolicy, retried_code_names
 from agent.export.otlp.spool import Spool, SpoolEntry
-from agent.export.otlp.stats import DROPPED, ENCODE_ERRORS, REQUESTS, Counters
+from agent.export.otlp.stats import DROPPED, ENCODE_ERRORS, KNOWN_LABELS, REQUESTS, RETRIES, Counters
 from agent.symbolize.types import Profile
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ class OtlpSink:
         self._config = config
         self.needs_pprof = config.include_pprof  # otherwise requests are encoded from the profile alone
         self.counters = counters or Counters()
+        self.counters.declare({**KNOWN_LABELS, RETRIES: retried_code_names()})
         self._resource = resource or ResourceOptions.detect(config.service_name)
         self._resource_hook = resource_hook
         self._policy = retry_policy or RetryPolicy()

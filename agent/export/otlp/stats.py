@@ -19,6 +19,14 @@ SPOOL_ERRORS = "spool_errors"  # label: write | read | delete
 HTLHASH_UNREADABLE = "htlhash_unreadable"  # mapping files whose htlhash could not be computed
 ENCODE_ERRORS = "encode_errors"
 
+# The labels each labelled counter can take, exported at 0 from the start so alerts can be written on
+# them. Retries add their gRPC codes (`agent.export.otlp.retry`).
+KNOWN_LABELS: dict[str, tuple[str, ...]] = {
+    REQUESTS: ("success", "partial", "rejected", "expired", "interrupted"),
+    DROPPED: ("rejected", "spool_full", "memory_full", "corrupt"),
+    SPOOL_ERRORS: ("write", "read", "delete"),
+}
+
 
 class Counters:
     """Monotonic counters keyed by (name, label), plus a bounded buffer of export latencies."""
@@ -32,6 +40,13 @@ class Counters:
     def inc(self, name: str, label: str = "", n: int = 1) -> None:
         with self._lock:
             self._values[(name, label)] += n
+
+    def declare(self, known: dict[str, tuple[str, ...]]) -> None:
+        """Make each (name, label) exist at 0, so a snapshot has it before the first increment."""
+        with self._lock:
+            for name, labels in known.items():
+                for label in labels:
+                    self._values.setdefault((name, label), 0)
 
     def get(self, name: str, label: str = "") -> int:
         with self._lock:
