@@ -203,10 +203,10 @@ class Daemon:
 
     def _start_threads(self) -> None:
         assert self.reporter is not None
-        # Each perf-buffer record is a ctypes callback that must take the GIL. While another thread holds
-        # it (the report thread symbolizing, loading an ELF file), a waiting callback gets it only after
-        # the switch interval (5 ms by default), which caps the reader at a few hundred records a second
-        # in a burst and overflows the buffers: hand the GIL over sooner.
+        # The reader needs the GIL after each epoll wakeup (it then keeps it across a batch of records,
+        # see agent.probes.reader). While another thread holds it (the report thread symbolizing, loading
+        # an ELF file), the reader gets it only after the switch interval (5 ms by default), and a burst
+        # overflows the buffers in the meantime: hand the GIL over sooner.
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self.pipeline = Pipeline(
             {probe.name: probe.spec for probe in self.probes},

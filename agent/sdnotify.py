@@ -2,7 +2,7 @@
 
 This module owns `notify` and `Notifier`. The daemon sends READY=1 once the probes are attached, STATUS=
 lines as things change, STOPPING=1 when shutdown begins and, with WatchdogSec=, WATCHDOG=1 keep-alives.
-The socket path is handed in by the config stage, which reads NOTIFY_SOCKET: without it (not run by
+The socket path is handed in by the config loader (`agent.config`), which reads NOTIFY_SOCKET: without it (not run by
 systemd, or Type= other than notify) every call is a no-op returning False. A leading `@` names a
 Linux abstract socket, spelled with a leading NUL on the wire. A failure to notify is logged at debug
 level and never raised: systemd's bookkeeping must not stop the profiler.

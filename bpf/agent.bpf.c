@@ -140,7 +140,7 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
  *     from schedule()), so nothing but `offcpu_start` is kept and the stacks are walked only for blocks that
  *     qualify. Preemption cannot be told from a sleep there: the task's state is read instead (__state
  *     from 5.14, state before).
- * * Bounding the event rate (user space writes `offcpu_params`, see PARAM_* in common.h):
+ * Bounding the event rate (user space writes `offcpu_params`, see PARAM_* in common.h):
  *   PARAM_SAMPLING = N (>= 1): each block is followed with probability 1/N, decided with
  *     bpf_get_prandom_u32() at switch-out so a skipped block costs no stack walk and no map entry; each
  *     record carries the N it was kept under and user space weights it by N: totals stay unbiased.

@@ -3,10 +3,11 @@
  * checks that sizeof and every field offset agree. Keep fields naturally aligned, padding explicit.
  *
  * Stacks travel inside each record (bpf_get_stack, kernel >= 4.18) rather than as ids into a
- * BPF_STACK_TRACE map: a stack map answers -EEXIST for every later stack that hashes to an occupied
+ * BPF_STACK_TRACE map: such a map answers -EEXIST for every later stack that hashes to an occupied
  * bucket, so one early collision can cost a hot stack all its samples for the rest of an interval,
- * and an id read after its bucket was reused names the wrong stack. Only the filled part of `ips` is
- * sent, so a typical record is a few hundred bytes. */
+ * and an id read after its bucket was reused names the wrong stack. Without a user stack copy only the
+ * filled part of `ips` is sent, so a typical record is a few hundred bytes; with one (unwind.<profiler>
+ * auto or dwarf) every slot of `ips` is sent, then the copy: about 10 KiB with the default 8 KiB. */
 #ifndef PROFILING_AGENT_COMMON_H
 #define PROFILING_AGENT_COMMON_H
 

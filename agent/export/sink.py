@@ -1,7 +1,8 @@
 """Export stage: the `Sink` protocol every exporter (local files, OTLP) implements.
 
-The daemon hands each finished profile, together with its serialized pprof bytes (built only when a
-sink needs them), to every configured sink and shuts them down with the remaining deadline at exit.
+The report hand-off (`agent.flow.report.Reporter`, on the report thread) gives each finished profile,
+together with its serialized pprof bytes (built only when a sink needs them), to every configured
+sink; the daemon shuts them down with the remaining deadline at exit.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """Flow: decode-to-aggregate routing, what the pipeline thread does with each event from the reader.
 
 Stack events pass the sampling stage's keep decision and are summed into their profiler's interval
-(aggregate); those whose program copies the user stack arrive unwound already (the reader's decoder
-runs the unwind stage inside the perf-buffer callback, see `agent.unwind.unwinder`), except a bursty
-profiler's (allocations), which are unwound here, after the keep decision;
-process events tell the process registry (`agent.process.registry`) to capture a process's mappings
-while it is alive; an
-`IntervalMark` hands each profiler's finished interval to `deliver`. This module starts no threads:
+(aggregate). CPU and off-CPU events whose program copies the user stack arrive unwound already (the
+reader's decoder runs the unwind stage inside the perf-buffer callback, see `agent.unwind.unwinder`);
+allocation events that carry a copy are unwound here, after the keep decision; with `fp` the kernel's
+frame-pointer stack is the user stack. Process events tell the process registry
+(`agent.process.registry`) to capture a process's mappings while it is alive; an `IntervalMark` hands
+each profiler's finished interval to `deliver`. This module starts no threads:
 `agent.daemon` runs `Pipeline.handle` on the thread it owns.
 
 Process filters: with a selector (`agent.metadata.selector.ProcessSelector`), stack events of

@@ -1,8 +1,9 @@
 """Metadata stage: which processes the operator wants profiled, by executable, comm, systemd unit or cgroup.
 
 This module owns `ProcessFilter`, which is also the `filters` configuration section (each pattern field is
-declared as a setting here, see `agent.settings`): the config stage loads it, and the report stage asks
-it about each process. Patterns are shell globs (`fnmatch`, case-sensitive). Rules:
+declared as a setting here, see `agent.settings`): `agent.config` loads it, and the pipeline's process
+selector (`agent.metadata.selector`) asks it about each process. Patterns are shell globs (`fnmatch`,
+case-sensitive). Rules:
 
 - an exclude pattern that matches wins over everything;
 - with no include pattern at all every process is included; otherwise a process must match at least

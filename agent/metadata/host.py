@@ -2,7 +2,7 @@
 
 This module owns `HostAttributes`: `host.name`, `host.arch` and `os.type` (OpenTelemetry semantic
 conventions), and `k8s.node.name` when the agent runs in Kubernetes. The node name is handed in by the
-caller: the config stage reads it from the environment (the DaemonSet sets it from the downward API),
+caller: the config loader (`agent.config`) reads it from the environment (the DaemonSet sets it from the downward API),
 since nothing outside `agent/config.py` reads `os.environ`. The `metadata` configuration section
 (`MetadataConfig`) is declared here.
 """

@@ -2,9 +2,10 @@
 
 The builder is pure: no I/O, no clocks, no globals, and the same input gives the same bytes. It owns
 the dedup tables (strings, functions, mappings, locations) whose ids start at 1 because 0 means
-"none" in pprof. Addresses follow pprof's runtime convention (formats.md section 7, convention A):
-locations carry the runtime address and mappings the /proc/PID/maps range, exactly as the symbolize
-stage recorded them. The output is uncompressed; sinks compress it.
+"none" in pprof. Addresses follow pprof's runtime convention: locations carry the runtime address (a
+caller's return address minus one, so it lands in the call instruction) and mappings the
+/proc/PID/maps range and offset, exactly as the symbolize stage recorded them (`go tool pprof` derives
+each symbol address from those three together). The output is uncompressed; sinks compress it.
 
 Sample labels: numeric `pid`, `tid`, `cpu`; string `comm`, `thread_name`, and the process metadata
 `container_id`, `pod_uid`, `systemd_unit` (from `Profile.processes`), each only when it is not empty.

@@ -11,6 +11,11 @@ bytes kept with probability 1 - exp(-value/R), R being the mean sampling distanc
 (`sampling`). Weighting it by the inverse makes the totals unbiased (the Go/tcmalloc estimator): the
 values are (weight, weight * size) for `alloc_objects/count` and `alloc_space/bytes`.
 
+Stacks: with `unwind.alloc = fp` (the default) the kernel walks frame pointers and splices in the
+immediate caller; with `auto|dwarf` the records carry a user stack copy, which the reader only copies
+out (`unwinds_in_reader` is False: allocations come in bursts) and the pipeline thread unwinds after
+the keep decision.
+
 A library's file is opened once and the uprobes are attached through `/proc/self/fd/N`: the file the
 uprobes land on is the one identified, even if the process that showed it has exited, and the
 descriptor (closed at detach) keeps BCC's event names unique per file.

@@ -3,7 +3,8 @@
 Attaches a sampling perf event to every online CPU (hardware cycles where a PMU exists, else the
 software cpu-clock, as `agent.features` found: the choice is logged once and reported as
 `attach_method`) and reads the `cpu_samples` perf buffer with batched wakeups. Every sample stands
-for one period of CPU time.
+for one period of CPU time. With `unwind.cpu = auto|dwarf` each record's user stack copy is unwound
+by the decoder, inside the perf-buffer callback on the reader thread.
 """
 
 from __future__ import annotations

@@ -6,6 +6,11 @@ stacks into `Stack`s, and reject records that are too short or carry impossible 
 `MalformedRecord`, which the reader counts. `decode_stack_event` decodes one record in full;
 `StackEventDecoder` does the same through a cache of the records it has seen, which is what makes
 the reader cheap enough per event (see `bench/ingest.py`).
+
+Records with a user stack copy: a decoder given the unwind stage (the CPU and off-CPU profilers' with
+`unwind.* = auto|dwarf`) unwinds the copy where it lies in the ring, inside the callback, and the event
+carries the unwound stack and no copy; without one (allocations) the whole record is copied out and
+the event carries the copy to the pipeline thread, which unwinds it after the keep decision.
 """
 
 from __future__ import annotations

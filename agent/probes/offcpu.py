@@ -6,7 +6,9 @@ setting and the kernel's features from `agent.features`, logged once and reporte
 Each record is one block of at least `offcpu.min_block_us`, kept with probability 1/N in the kernel; it stands for N
 blocks and N times its blocked nanoseconds, so totals stay unbiased whatever N the adaptive sampler
 sets through `set_sample_every`. Blocks the kernel could not follow (its per-thread maps full) are read
-from the program's `offcpu_lost_counts` at every drain and reported with the perf-buffer losses.
+from the program's `offcpu_lost_counts` at every drain and reported with the perf-buffer losses. With
+`unwind.offcpu = auto|dwarf` each record's user stack copy is unwound by the decoder, inside the
+perf-buffer callback on the reader thread.
 """
 
 from __future__ import annotations

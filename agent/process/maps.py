@@ -1,7 +1,7 @@
 """Process stage (stage-neutral): snapshots of a process's executable mappings, comm and exe.
 
-They are read from `<proc_root>/PID`, and the probes (libc tracking), the unwind and the symbolize
-stages all use them.
+They are read from `<proc_root>/PID`; the unwind and the symbolize stages read them through the process
+registry, and the probes' C library tracking uses this module's maps-line parser.
 
 This module owns `ProcessMaps` (the immutable snapshot), `MapEntry`, `FileIdentity` and the rule for
 opening a mapped file later: through `<proc_root>/PID/root/<path>` so a container's files resolve in

@@ -16,8 +16,9 @@ retired, or current, snapshot back, so the samples it left in the interval are s
 matters because a multi-threaded process is announced again when its main thread exits before the
 others, and that announcement retires the snapshot like an exec does.
 
-`observe_process` and `on_exec` run on the event thread, the symbolizer's `observe`, `refresh` and
-`end_interval` on the report thread, `get` on the reader's too (the unwind stage). The lock only guards
+`observe_process` and `on_exec` run on the pipeline thread, the symbolizer's `observe`, `refresh` and
+`end_interval` on the report thread, and `get` also on the perf-reader thread (the unwind stage, for
+CPU and off-CPU stack copies) and on the pipeline thread (for allocation stack copies). The lock only guards
 the dictionaries and the counters; /proc (maps and cgroup alike) is read outside it, so no thread waits
 on another's I/O.
 """

@@ -9,7 +9,7 @@ from that file.
 - **Where.** The file is read through the process's root, `/proc/PID/root/tmp/perf-<nspid>.map`,
   where `nspid` is the pid inside the process's own pid namespace (the last `NSpid:` field of
   `/proc/PID/status`): a containerized runtime names the file after the pid it sees.
-- **When.** At `observe` (the event thread, once per pid and interval, while the process is alive;
+- **When.** At `observe` (the pipeline thread, once per pid and interval, while the process is alive;
   for a process without a perf map that costs one failed `open`; the snapshot's mappings are no
   guide, since it is usually taken before a runtime has mapped any code), and at most once per
   `symbolize` call per pid on a lookup. Runtimes do not delete the file when they exit, but

@@ -1,7 +1,7 @@
 """Symbolize stage: the counters the symbolizer keeps for the metrics stage to read.
 
 This module owns `SymbolizerStats` and the `ErrorReason` labels. Counters only ever grow; the
-metrics collector reads them at scrape time. Counters touched from the event thread (a perf map caught
+metrics collector reads them at scrape time. Counters touched from the pipeline thread (a perf map caught
 up with when a process is first seen) are updated under the perf-map store's lock; the rest are only
 written by the thread calling `symbolize`. The process registry keeps its own (`ProcessStats`).
 """

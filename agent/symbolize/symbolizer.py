@@ -14,7 +14,7 @@ resolver says they hold (see `agent.symbolize.native`), so a steady workload cos
 lookup per stack and interval.
 
 Threads: `symbolize` is called from the report thread; the registry calls the perf-map store's
-`observe` from the event thread (see `ProcessRegistry.add_observer`). Only the process registry and the
+`observe` from the pipeline thread (see `ProcessRegistry.add_observer`). Only the process registry and the
 perf-map store are shared, and each carries its own lock.
 """
 

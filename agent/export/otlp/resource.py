@@ -4,7 +4,7 @@ One `ResourceProfiles` is sent per process. Its resource holds, in this order of
 
 - the process attributes: `service.name`, `process.pid`, `process.executable.name` and
   `process.executable.path`;
-- the process metadata the symbolize stage captured with it (`ProcessInfo`): `container.id`,
+- the process metadata the process registry (`agent.process.registry`) captured with it (`ProcessInfo`): `container.id`,
   `k8s.pod.uid` (both semantic conventions) and `systemd.unit`. The semantic conventions have no
   systemd attribute; `systemd.unit` follows their naming rules (a lowercase namespace, a dot, the
   property) and systemd's own word for it (journald's `_SYSTEMD_UNIT` field), and is kept in the one

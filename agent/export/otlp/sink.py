@@ -1,6 +1,6 @@
 """Export stage, OTLP sink: `OtlpSink`, the Sink that ships profiles to an OTLP/gRPC receiver.
 
-`export()` runs on the pipeline thread: it encodes the profile, spools the requests and returns,
+`export()` runs on the report thread: it encodes the profile, spools the requests and returns,
 never touching the network. `run()` is the sender loop, run by the daemon on a thread it owns: it
 delivers the spooled requests one at a time, oldest first, so they arrive in order; a request stays
 spooled until it is delivered or refused for good. `shutdown()` stops the loop, flushes what it can

@@ -48,7 +48,7 @@ class _Slot:
 
 
 class Spool:
-    """Thread-safe: the pipeline thread appends, the sender thread peeks and removes."""
+    """Thread-safe: the report thread appends, the sender thread peeks and removes."""
 
     def __init__(self, directory: str, max_bytes: int, memory_items: int, counters: Counters) -> None:
         self._dir = directory

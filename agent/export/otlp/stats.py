@@ -1,6 +1,6 @@
 """Export stage, OTLP sink: thread-safe counters the metrics module reads at scrape time.
 
-The sink's pipeline-facing `export()`, its sender loop and the spool all write here from different
+The sink's `export()` (on the report thread), its sender loop and the spool all write here from different
 threads; `agent/metrics.py` later turns a `snapshot()` into `profiling_agent_export_otlp_*` series
 with the label kept here (outcome, reason or gRPC code).
 """
