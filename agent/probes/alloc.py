@@ -36,13 +36,12 @@ from agent.probes.bpf_probe import FRAME_POINTERS, BpfProbe, Emit, StackCopyPlan
 from agent.probes.events import MalformedRecord, ProcessEvent, ProcessEventKind, RecordHeader, StackEventDecoder
 from agent.probes.libc_tracker import ALL_PROCESSES, LibcTracker, Source, Target
 from agent.probes.records import PARAM_SAMPLING
-from agent.probes.settings import AllocConfig, ProfilingConfig
+from agent.probes.settings import MAX_SAMPLE_BYTES, AllocConfig, ProfilingConfig
 from agent.types import ProfileSpec, ValueType
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SAMPLE_BYTES: int = AllocConfig().sample_bytes
-MAX_SAMPLE_BYTES = 1 << 40  # MAX_MEAN in bpf/alloc_math.h: the threshold arithmetic stays within 64 bits
 THREAD_ENTRIES = 65536  # per-thread countdowns; an evicted thread just draws a new threshold
 # Records are a few per second per busy process at the default R: wake the reader every few.
 WAKEUP_EVENTS = 8

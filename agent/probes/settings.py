@@ -14,6 +14,8 @@ from typing import Any, ClassVar, Protocol
 from agent.settings import as_list, choice, ranged_float, ranged_int, setting
 
 KNOWN_PROFILERS = ("cpu", "offcpu", "alloc")
+# MAX_MEAN in bpf/alloc_math.h: the allocation threshold arithmetic stays within 64 bits.
+MAX_SAMPLE_BYTES = 1 << 40
 
 
 def parse_profilers(value: Any) -> tuple[str, ...]:
@@ -91,7 +93,7 @@ class AllocConfig:
 
     sample_bytes: int = setting(
         512 * 1024,
-        ranged_int(1, 1 << 40),
+        ranged_int(1, MAX_SAMPLE_BYTES),
         "Mean bytes between allocation samples (the starting point; the adaptive sampler adjusts it).",
     )
 
