@@ -43,6 +43,44 @@ class Stack:
 EMPTY_STACK = Stack(StackStatus.NOT_COLLECTED)
 
 
+class InterpreterStatus(enum.IntEnum):
+    """What the BPF walker said about one event's interpreter (Python) frames; see docs/python.md."""
+
+    NONE = 0  # the process is not walked as Python (not Python, not validated, or python.enabled off)
+    OK = 1
+    TRUNCATED = 2  # the walk stopped at python.max_frames: the outermost callers are gone
+    NO_THREAD_STATE = 3  # a thread of a Python process with no thread state (not running Python)
+    READ_FAILED = 4  # reading the interpreter's memory faulted mid-walk
+    NO_FSBASE = 5  # the thread's TLS base could not be read
+
+
+# InterpreterStack.frames flags, in the low bits of each frame's first word (bpf/common.h PYTHON_FRAME_*).
+PYTHON_FRAME_ENTRY = 1  # 3.11: the first frame of one _PyEval_EvalFrameDefault call
+PYTHON_FRAME_SHIM = 2  # 3.12+: a C-stack shim frame; the word is the shim frame's own address
+PYTHON_FRAME_FLAGS = 7
+
+
+@dataclass(frozen=True, slots=True)
+class InterpreterStack:
+    """One event's Python frames as the BPF walker sent them, leaf first: two words per frame,
+    (code object address | PYTHON_FRAME_* flags, raw instruction: f_lasti on 3.10, else the frame's
+    instruction pointer). Naming them is the symbolize stage's job, with the code objects the process
+    stage read while the process was alive."""
+
+    status: InterpreterStatus
+    frames: tuple[int, ...] = ()
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.status, self.frames)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+
+NO_INTERPRETER_STACK = InterpreterStack(InterpreterStatus.NONE)
+
+
 @dataclass(frozen=True, slots=True)
 class ValueType:
     """A pprof/OTLP (type, unit) pair such as ("cpu", "nanoseconds")."""

@@ -25,7 +25,28 @@
 #endif
 
 /* stack_event.flags */
-#define SAMPLE_FLAG_KERNEL_THREAD 1 /* the task has no user address space: no user stack to walk */
+#define SAMPLE_FLAG_KERNEL_THREAD 1   /* the task has no user address space: no user stack to walk */
+#define SAMPLE_FLAG_PYTHON_TRUNCATED 2 /* the Python walk stopped at PYTHON_FRAMES with callers left */
+
+/* Python frames (docs/python.md). A profiler walks the sampled thread's CPython frame chain when its
+ * process is in `python_procs`, and appends the frames to `ips` after the user frames, two slots each,
+ * leaf first: (code object address | PYTHON_FRAME_* flags, instruction) where the instruction is the
+ * frame's f_lasti (3.10, an index) or its instruction pointer as read (3.11+). For a C-stack shim frame
+ * the first slot holds the shim frame's own address instead of a code object's. */
+#define PYTHON_MAX_FRAMES 128         /* python.max_frames' bound; the walk's own limit is PYTHON_FRAMES */
+#define PYTHON_FRAME_ENTRY 1          /* 3.11: the first frame of one _PyEval_EvalFrameDefault call */
+#define PYTHON_FRAME_SHIM 2           /* 3.12+: a frame owned by the C stack (the shim an eval call pushes) */
+#define PYTHON_FRAME_FLAGS 7          /* code objects are 8-byte aligned: the low bits carry the flags */
+/* stack_event.python_frames when < 0: why a Python process's event has no Python frames */
+#define PYTHON_NO_THREAD_STATE (-1)   /* the thread has no thread state (not a Python thread, or idle) */
+#define PYTHON_READ_FAILED (-2)       /* reading the interpreter's memory faulted */
+#define PYTHON_NO_FSBASE (-3)         /* the thread's TLS base could not be read */
+/* python_proc.flags */
+#define PYTHON_USE_TSS 1              /* tstate from the thread's pthread-specific slot (3.10-3.13) */
+#define PYTHON_USE_THREAD_MAP 2       /* tstate from python_threads (3.14+, and the fallback of every version) */
+#define PYTHON_CODE_TAGGED 4          /* the frame's code field is a tagged _PyStackRef (3.14+): clear its low bits */
+#define PYTHON_INSTR_IS_INT 8         /* the frame's instruction field is an int index (3.10's f_lasti) */
+#define PYTHON_NO_FIELD 0xffff        /* an offset the version does not have */
 
 /* proc_event.kind */
 #define PROC_EVENT_NEW 1  /* first sample of a process (or first after exec): capture its mappings now */
@@ -57,8 +78,9 @@ struct stack_event {
     u64 user_bp;
     u64 user_stack_base;
     u32 user_stack_bytes;
-    u32 reserved;
-    u64 ips[2 * MAX_STACK_DEPTH]; /* kernel frames, then user frames, leaf first */
+    s32 python_frames;      /* Python frames after the user frames in ips (two slots each), or PYTHON_* < 0 */
+    /* kernel frames, then user frames, leaf first; then the Python frames (two slots each) */
+    u64 ips[2 * MAX_STACK_DEPTH + 2 * PYTHON_MAX_FRAMES];
 };
 
 /* A profiler's record as it fills it (in a per-CPU scratch map: records are too big for the 512-byte BPF
@@ -70,6 +92,30 @@ struct stack_event {
         struct stack_event event; \
         u8 stack[bytes];          \
     }
+
+/* python_procs' value, by pid: how to find and walk one Python process's frames, written by user space
+ * (agent/process/python) once the process is validated. Offsets are into the interpreter's structs. */
+struct python_proc {
+    u64 tls_offset;          /* PYTHON_USE_TSS: the slot holding tstate is at fsbase + tls_offset ... */
+    u64 tls_second_offset;   /* ... or, when nonzero, block = *(fsbase + tls_offset), slot = block + this */
+    u32 flags;               /* PYTHON_USE_* and the layout's PYTHON_* flags */
+    u16 tstate_frame;        /* PyThreadState: frame (3.10), cframe (3.11, 3.12), current_frame (3.13+) */
+    u16 cframe_current_frame; /* _PyCFrame.current_frame (3.11, 3.12), else PYTHON_NO_FIELD */
+    u16 frame_previous;      /* f_back (3.10), previous */
+    u16 frame_code;          /* f_code, f_executable (3.13+) */
+    u16 frame_instr;         /* f_lasti (3.10), prev_instr (3.11, 3.12), instr_ptr (3.13+) */
+    u16 frame_is_entry;      /* 3.11: is_entry (a u8), else PYTHON_NO_FIELD */
+    u16 frame_owner;         /* 3.12+: owner (a u8), else PYTHON_NO_FIELD */
+    u8 owner_cstack;         /* the owner value of C-stack shim frames (FRAME_OWNED_BY_CSTACK) */
+    u8 padding[5];
+};
+
+/* python_threads' key (PYTHON_USE_THREAD_MAP): a thread by its pthread id (its TLS base, fsbase). */
+struct python_thread_key {
+    u32 pid;
+    u32 padding;
+    u64 pthread;
+};
 
 struct proc_event {
     u64 timestamp_ns;

@@ -29,10 +29,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_OFFCPU = OffCpuConfig()
 # Blocked threads the kernel follows at once (`offcpu_start`: ~90 bytes each, preallocated: 1.4 MiB); more are
-# counted as lost. On the tracepoint path their stacks wait in an LRU map of records (~2.1 KiB each,
-# plus the user stack copy when unwinding with DWARF; preallocated): it gets STACK_MAP_BYTES, so 4096
-# entries with frame pointers only and ~830 with an 8 KiB stack copy. Beyond it the longest-idle
-# threads lose their stacks (counted when they wake).
+# counted as lost. On the tracepoint path their stacks wait in an LRU map of records (~4.1 KiB each with
+# room for the Python frames, plus the user stack copy when unwinding with DWARF; preallocated): it gets
+# STACK_MAP_BYTES, so 4096 entries with frame pointers only and ~1,380 with an 8 KiB stack copy. Beyond
+# it the longest-idle threads lose their stacks (counted when they wake).
 BLOCKED_ENTRIES = 16384
 STACK_MAP_BYTES = 4096 * USER_STACK_OFFSET
 MIN_STACK_ENTRIES = 256

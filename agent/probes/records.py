@@ -13,6 +13,20 @@ AGENT_COMM_LEN = 16
 MAX_STACK_DEPTH = 127
 
 SAMPLE_FLAG_KERNEL_THREAD = 1
+SAMPLE_FLAG_PYTHON_TRUNCATED = 2
+
+PYTHON_MAX_FRAMES = 128
+PYTHON_FRAME_ENTRY = 1
+PYTHON_FRAME_SHIM = 2
+PYTHON_FRAME_FLAGS = 7
+PYTHON_NO_THREAD_STATE = -1
+PYTHON_READ_FAILED = -2
+PYTHON_NO_FSBASE = -3
+PYTHON_USE_TSS = 1
+PYTHON_USE_THREAD_MAP = 2
+PYTHON_CODE_TAGGED = 4
+PYTHON_INSTR_IS_INT = 8
+PYTHON_NO_FIELD = 0xFFFF
 
 PARAM_SAMPLING = 0
 PARAM_MIN_BLOCK_NS = 1
@@ -39,8 +53,8 @@ class StackEventRecord(ctypes.Structure):
         ("user_bp", ctypes.c_uint64),
         ("user_stack_base", ctypes.c_uint64),
         ("user_stack_bytes", ctypes.c_uint32),
-        ("reserved", ctypes.c_uint32),
-        ("ips", ctypes.c_uint64 * (2 * MAX_STACK_DEPTH)),
+        ("python_frames", ctypes.c_int32),
+        ("ips", ctypes.c_uint64 * (2 * MAX_STACK_DEPTH + 2 * PYTHON_MAX_FRAMES)),
         # With USER_STACK_BYTES > 0 the C struct goes on with `u8 stack[USER_STACK_BYTES]`: its copy
         # starts at USER_STACK_OFFSET, and only the copied bytes are sent.
     )
@@ -61,8 +75,37 @@ class ProcEventRecord(ctypes.Structure):
     )
 
 
+class PythonProcRecord(ctypes.Structure):
+    """`python_procs`' value: how the BPF walker finds and walks one Python process (docs/python.md)."""
+
+    _fields_ = (
+        ("tls_offset", ctypes.c_uint64),
+        ("tls_second_offset", ctypes.c_uint64),
+        ("flags", ctypes.c_uint32),
+        ("tstate_frame", ctypes.c_uint16),
+        ("cframe_current_frame", ctypes.c_uint16),
+        ("frame_previous", ctypes.c_uint16),
+        ("frame_code", ctypes.c_uint16),
+        ("frame_instr", ctypes.c_uint16),
+        ("frame_is_entry", ctypes.c_uint16),
+        ("frame_owner", ctypes.c_uint16),
+        ("owner_cstack", ctypes.c_uint8),
+        ("padding", ctypes.c_uint8 * 5),
+    )
+
+
+class PythonThreadKey(ctypes.Structure):
+    _fields_ = (
+        ("pid", ctypes.c_uint32),
+        ("padding", ctypes.c_uint32),
+        ("pthread", ctypes.c_uint64),
+    )
+
+
 # C struct name in bpf/common.h -> mirror, for the layout test.
 MIRRORS: dict[str, type[ctypes.Structure]] = {
     "stack_event": StackEventRecord,
     "proc_event": ProcEventRecord,
+    "python_proc": PythonProcRecord,
+    "python_thread_key": PythonThreadKey,
 }

@@ -27,6 +27,7 @@ from agent.probes.offcpu import (
     BLOCKED_ENTRIES,
     LOST_COUNTERS,
     MAX_SAMPLE_EVERY,
+    MIN_STACK_ENTRIES,
     STACK_MAP_BYTES,
     WAKEUP_EVENTS,
     AttachPlan,
@@ -394,5 +395,7 @@ def test_stack_map_keeps_its_memory_when_records_carry_a_stack_copy() -> None:
     probe = OffCpuProbe(PROFILING, lambda _: None, stacks=StackCopyPlan(8192), features=NO_KPROBES)
     entries = probe.defines["STACK_ENTRIES"]
     assert probe.defines["OFFCPU_STACK_BYTES"] == 8192
-    assert isinstance(entries, int) and 800 <= entries < 1000
+    # Fewer entries than with frame pointers only (4096), as many as the budget holds.
+    assert isinstance(entries, int) and MIN_STACK_ENTRIES <= entries < STACK_MAP_BYTES // USER_STACK_OFFSET
+    assert (entries + 1) * (USER_STACK_OFFSET + 8192) > STACK_MAP_BYTES
     assert entries * (USER_STACK_OFFSET + 8192) <= STACK_MAP_BYTES

@@ -22,7 +22,10 @@ from agent.probes import records
 from agent.probes.records import MIRRORS
 
 COMMON_H = Path(__file__).resolve().parents[2] / "bpf" / "common.h"
-BCC_TYPEDEFS = "typedef unsigned long long u64; typedef unsigned int u32; typedef int s32; typedef unsigned char u8;"
+BCC_TYPEDEFS = (
+    "typedef unsigned long long u64; typedef unsigned int u32; typedef int s32; typedef unsigned short u16;"
+    " typedef unsigned char u8;"
+)
 # What BCC and the kernel headers give common.h's helper, so that plain gcc compiles the very same file.
 # The bpf_get_stack stand-in plays a script and records each call, so collect_stacks() can be run here.
 BPF_STUBS = r"""
@@ -77,6 +80,7 @@ C_TYPES: dict[str, type] = {
     "u64": ctypes.c_uint64,
     "u32": ctypes.c_uint32,
     "s32": ctypes.c_int32,
+    "u16": ctypes.c_uint16,
     "u8": ctypes.c_uint8,
     "char": ctypes.c_char,
 }
@@ -254,7 +258,8 @@ def test_field_types_match_including_signedness(
 
 
 def test_stack_event_carries_both_stacks_at_full_depth(c_layout: dict[str, int]) -> None:
-    assert c_layout["stack_event.ips#size"] == 2 * records.MAX_STACK_DEPTH * 8
+    # Both stacks at full depth, then the Python frames at full depth (two slots each).
+    assert c_layout["stack_event.ips#size"] == (2 * records.MAX_STACK_DEPTH + 2 * records.PYTHON_MAX_FRAMES) * 8
     assert c_layout["stack_event.comm#size"] == records.AGENT_COMM_LEN
     assert c_layout["stack_event.ips"] == records.STACK_EVENT_HEADER_SIZE  # frames start right after the header
 
@@ -314,7 +319,8 @@ def test_collect_stacks_walks_kernel_first_then_user_after_it(name: str, c_layou
 # whole chunks from the stack pointer rounded down, stop at the first unreadable chunk, and size the
 # record to end right after the copy.
 STACK_COPY_PROGRAM = r"""
-typedef unsigned long long u64; typedef unsigned int u32; typedef int s32; typedef unsigned char u8;
+typedef unsigned long long u64; typedef unsigned int u32; typedef int s32;
+typedef unsigned short u16; typedef unsigned char u8;
 #include <stddef.h>
 #include <stdio.h>
 #include <string.h>
