@@ -28,6 +28,7 @@ from agent.errors import AgentError
 
 MAX_READ = 4 << 20  # bytes in one read; code objects, strings and line tables are far smaller
 ADDRESS_LIMIT = 1 << 64
+_SCRATCH_SIZE = 4096  # reads up to this size go through one reused buffer
 
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
@@ -105,6 +106,10 @@ class ProcessMemory:
         self._use_syscall = prefer_syscall and _PROCESS_VM_READV is not None
         self._fd: int | None = None
         self._lock = threading.Lock()
+        self._scratch_lock = threading.Lock()
+        self._scratch = ctypes.create_string_buffer(_SCRATCH_SIZE)
+        self._local = _Iovec(ctypes.addressof(self._scratch), _SCRATCH_SIZE)
+        self._remote = _Iovec(0, 0)
         self.reads = 0
         self.bytes_read = 0
 
@@ -155,15 +160,16 @@ class ProcessMemory:
     def _read_syscall(self, address: int, size: int) -> bytes | None:
         """The bytes, or None when the system call itself is refused (then the file is tried)."""
         assert _PROCESS_VM_READV is not None
-        buffer = ctypes.create_string_buffer(size)
-        local = _Iovec(ctypes.cast(buffer, ctypes.c_void_p), size)
-        remote = _Iovec(address, size)
-        got = _PROCESS_VM_READV(self.pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+        if size > _SCRATCH_SIZE:
+            buffer = ctypes.create_string_buffer(size)
+            got, err, data = self._syscall(buffer, address, size)
+        else:
+            with self._scratch_lock:  # small reads (nearly all) reuse one buffer and its iovecs
+                got, err, data = self._syscall(self._scratch, address, size)
         if got == size:
-            return buffer.raw
+            return data
         if got >= 0:
             raise MemoryReadError(self.pid, address, size, MemoryErrorReason.SHORT, f"got {got}")
-        err = ctypes.get_errno()
         if err == errno.EFAULT:
             raise MemoryReadError(self.pid, address, size, MemoryErrorReason.FAULT)
         if err in _GONE_ERRNOS:
@@ -171,6 +177,19 @@ class ProcessMemory:
         if err in (errno.EPERM, errno.ENOSYS):
             return None  # refused (seccomp, no syscall): /proc/PID/mem may still be allowed
         raise MemoryReadError(self.pid, address, size, MemoryErrorReason.FAULT, os.strerror(err))
+
+    def _syscall(self, buffer: ctypes.Array[ctypes.c_char], address: int, size: int) -> tuple[int, int, bytes]:
+        """(bytes transferred, errno, the bytes when all came) of one process_vm_readv into `buffer`."""
+        assert _PROCESS_VM_READV is not None
+        if buffer is self._scratch:  # under _scratch_lock: the iovecs are reused too
+            local, remote = self._local, self._remote
+            local.iov_len, remote.iov_base, remote.iov_len = size, address, size
+        else:
+            local, remote = _Iovec(ctypes.addressof(buffer), size), _Iovec(address, size)
+        got = _PROCESS_VM_READV(self.pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+        if got == size:
+            return got, 0, ctypes.string_at(buffer, size)
+        return got, ctypes.get_errno() if got < 0 else 0, b""
 
     def _read_file(self, address: int, size: int) -> bytes:
         fd = self._open(address, size)

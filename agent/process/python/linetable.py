@@ -17,6 +17,7 @@ the code's length when it is known) and raise `LineTableError` otherwise.
 from __future__ import annotations
 
 import bisect
+import itertools
 from array import array
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from agent.errors import AgentError
 
 MAX_LINETABLE = 1 << 20  # bytes; the largest stdlib tables are a few tens of KiB
 _NO_LINE = -1
+_MAX_LINE = (1 << 31) - 1  # co_firstlineno and the lines CPython computes are C ints
 _CODE_UNIT = 2  # bytes per _Py_CODEUNIT
 _MAX_VARINT_BYTES = 6  # CPython writes 32-bit values: 6 bits a byte
 # 3.11+ location kinds (Include/cpython/code.h, _PyCodeLocationInfoKind)
@@ -31,7 +33,6 @@ _KIND_NO_COLUMNS = 13
 _KIND_LONG = 14
 _KIND_NONE = 15
 _KIND_ONE_LINE0 = 10
-_KIND_ONE_LINE2 = 12
 
 
 class LineTableError(AgentError):
@@ -69,27 +70,40 @@ class LineTable:
 
 
 class _Builder:
+    """Collects ranges, merging a range into the previous one when they touch and share a line."""
+
     def __init__(self, first_line: int, code_bytes: int | None) -> None:
         self.first_line = first_line
         self.code_bytes = code_bytes
-        self.starts: array[int] = array("q")
-        self.ends: array[int] = array("q")
-        self.lines: array[int] = array("q")
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        self.lines: list[int] = []
         self.end = 0
+        self.low = self.high = first_line
 
     def add(self, length: int, line: int) -> None:
-        start, self.end = self.end, self.end + length
-        if self.code_bytes is not None and self.end > self.code_bytes:
-            raise LineTableError(f"line table covers {self.end} bytes, the code has {self.code_bytes}")
-        if line < _NO_LINE:
-            raise LineTableError(f"line {line} at byte {start}")
-        if length:
+        start = self.end
+        self.end = start + length
+        if not length:
+            return
+        if line < self.low:
+            self.low = line
+        elif line > self.high:
+            self.high = line
+        if self.lines and self.lines[-1] == line and self.ends[-1] == start:
+            self.ends[-1] = self.end
+        else:
             self.starts.append(start)
             self.ends.append(self.end)
             self.lines.append(line)
 
     def table(self) -> LineTable:
-        return LineTable(self.first_line, self.starts, self.ends, self.lines)
+        if self.code_bytes is not None and self.end > self.code_bytes:
+            raise LineTableError(f"line table covers {self.end} bytes, the code has {self.code_bytes}")
+        if self.low < _NO_LINE or self.high > _MAX_LINE or self.end > _MAX_LINE:
+            raise LineTableError(f"lines {self.low}..{self.high} over {self.end} bytes")
+        # 32-bit entries: offsets are bounded by the code length, lines by _MAX_LINE.
+        return LineTable(self.first_line, array("i", self.starts), array("i", self.ends), array("i", self.lines))
 
 
 def _check_size(table: bytes) -> None:
@@ -136,52 +150,47 @@ def _svarint(table: bytes, pos: int, end: int) -> tuple[int, int]:
     return (-(value >> 1) if value & 1 else value >> 1), pos
 
 
-def _entry_end(table: bytes, pos: int) -> int:
-    """The position of the next entry's first byte (top bit set) after the one at `pos`."""
-    end = pos + 1
-    while end < len(table) and not table[end] & 0x80:
-        end += 1
-    return end
-
-
-def _line_delta(table: bytes, kind: int, pos: int, end: int) -> int | None:
-    """The entry's line delta (None: no location), checking its argument bytes are all there."""
-    if kind == _KIND_NONE:
-        return None
-    if kind in (_KIND_NO_COLUMNS, _KIND_LONG):
-        delta, after = _svarint(table, pos + 1, end)
-        if kind == _KIND_LONG:
-            for _ in range(3):  # end line delta, column, end column
-                _, after = _varint(table, after, end)
-        extra = end - after
-    elif kind >= _KIND_ONE_LINE0:
-        delta, extra = kind - _KIND_ONE_LINE0, end - pos - 3  # start and end column bytes
-    else:
-        delta, extra = 0, end - pos - 2  # short form: one column byte
-    if extra != 0:
-        raise LineTableError(f"location entry of kind {kind} has {extra:+d} bytes")
+def _long_delta(table: bytes, kind: int, pos: int, end: int) -> int:
+    """The line delta of a no-columns (13) or long (14) entry, whose arguments must fill [pos + 1, end)."""
+    delta, after = _svarint(table, pos + 1, end)
+    if kind == _KIND_LONG:
+        for _ in range(3):  # end line delta, column, end column
+            _, after = _varint(table, after, end)
+    if after != end:
+        raise LineTableError(f"location entry of kind {kind} has {end - after} extra bytes")
     return delta
+
+
+# Bytes each entry kind has after its first (kinds 13 and 14: varints, checked by _long_delta).
+_ARGUMENT_BYTES = (1,) * 10 + (2, 2, 2)
 
 
 def decode_locations(table: bytes, first_line: int, code_bytes: int | None = None) -> LineTable:
     """3.11+'s location table (Objects/locations.md): entries covering 1-8 code units each."""
     _check_size(table)
+    if table and not table[0] & 0x80:
+        raise LineTableError(f"location table starts without an entry's start bit: {table[0]:#04x}")
     out = _Builder(first_line, code_bytes)
     line = first_line
-    pos = 0
-    while pos < len(table):
+    heads = [i for i, byte in enumerate(table) if byte & 0x80]
+    heads.append(len(table))
+    for pos, end in itertools.pairwise(heads):
         head = table[pos]
-        if not head & 0x80:
-            raise LineTableError(f"location entry at {pos} lacks its start bit: {head:#04x}")
-        end = _entry_end(table, pos)
         kind = (head >> 3) & 15
-        delta = _line_delta(table, kind, pos, end)
-        if delta is None:
-            out.add(((head & 7) + 1) * _CODE_UNIT, _NO_LINE)
+        length = ((head & 7) + 1) * _CODE_UNIT
+        if kind < _KIND_NO_COLUMNS:
+            if end - pos - 1 != _ARGUMENT_BYTES[kind]:
+                raise LineTableError(f"location entry of kind {kind} at {pos} has {end - pos - 1} argument bytes")
+            if kind >= _KIND_ONE_LINE0:
+                line += kind - _KIND_ONE_LINE0
+            out.add(length, line)
+        elif kind == _KIND_NONE:
+            if end - pos != 1:
+                raise LineTableError(f"no-location entry at {pos} has {end - pos - 1} argument bytes")
+            out.add(length, _NO_LINE)
         else:
-            line += delta
-            out.add(((head & 7) + 1) * _CODE_UNIT, line)
-        pos = end
+            line += _long_delta(table, kind, pos, end)
+            out.add(length, line)
     return out.table()
 
 
