@@ -95,7 +95,7 @@ def test_the_truncation_flag() -> None:
     ],
 )
 def test_impossible_python_counts_are_malformed(fields: dict[str, int], message: str) -> None:
-    record = stack_record(**fields)
+    record = stack_record(python_frames=fields["python_frames"], flags=fields.get("flags", 0))
     with pytest.raises(MalformedRecord, match=message):
         decode(record, 104 + (len(KERNEL) + len(USER)) * 8)
 
