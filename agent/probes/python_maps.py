@@ -39,8 +39,9 @@ class PythonMaps:
         self._thread_keys: dict[int, set[int]] = {}  # pid -> the pthread ids written for it
         self.failures: Counter[str] = Counter({PYTHON_PROCS: 0, PYTHON_THREADS: 0})
 
-    def __len__(self) -> int:
-        """Processes enabled (as far as user space knows: the kernel deletes exited ones itself)."""
+    def processes(self) -> int:
+        """Processes enabled now, as the kernel's map holds them (the exit tracepoint deletes exited ones).
+        A method, not __len__: a writer with no process yet must not be falsy."""
         return len(self._procs)
 
     def enable(self, pid: int, record: PythonProcRecord) -> bool:
