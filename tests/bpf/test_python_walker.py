@@ -6,7 +6,8 @@ Each child (tests/workloads/python_recursion.py) says what it is as it sees itse
 that tstate, its code objects' addresses (`id(f.__code__)`), and _PyRuntime's first bytes. The walk's
 offsets come from the process stage's `PythonLayout` (a version's table, or 3.13+'s debug offsets):
 nothing here is a hard-coded offset. Then it runs spin -> recurse x 6 -> main on CPU and nap -> recurse
-x 6 -> main blocked in time.sleep, and the samples of each must carry exactly those code objects.
+x 6 -> main blocked in time.sleep, and the samples of each must carry exactly those code objects; a
+third child allocates in grow -> recurse x 6 -> main, for the allocation profiler's uprobes.
 
 Two ways to find the thread state, each on every interpreter: the TLS slot (PYTHON_USE_TSS), and the
 python_threads map alone (PYTHON_USE_THREAD_MAP), keyed by the TLS base the kernel reads at
@@ -28,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from agent.probes.alloc import AllocProbe
 from agent.probes.cpu import CpuProbe
 from agent.probes.events import StackEvent
 from agent.probes.offcpu import OffCpuProbe
@@ -45,7 +47,7 @@ from agent.probes.records import (
     PythonProcRecord,
     PythonThreadKey,
 )
-from agent.probes.settings import OffCpuConfig, PythonSettings
+from agent.probes.settings import AllocConfig, OffCpuConfig, PythonSettings
 from agent.process.python.layouts import (
     MAX_DEBUG_OFFSETS_SIZE,
     NO_FIELD,
@@ -124,9 +126,9 @@ def record_for(layout: PythonLayout, tls_offset: int, flags: int) -> PythonProcR
     )
 
 
-def start_child(interpreter: Path) -> tuple[subprocess.Popen[str], Facts]:
+def start_child(interpreter: Path, phases: str = "spin,nap") -> tuple[subprocess.Popen[str], Facts]:
     child = subprocess.Popen(
-        [str(interpreter), str(WORKLOADS / "python_recursion.py"), str(DEPTH), SECONDS],
+        [str(interpreter), str(WORKLOADS / "python_recursion.py"), str(DEPTH), SECONDS, phases],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -147,8 +149,10 @@ def layout_of(facts: Facts) -> PythonLayout:
     return layout_for_version((version[0], version[1]))
 
 
-def run_child(walker: Walker, interpreter: Path, mode: str) -> tuple[int, Facts, PythonLayout, list[StackEvent]]:
-    child, facts = start_child(interpreter)
+def run_child(
+    walker: Walker, interpreter: Path, mode: str, child_and_facts: tuple[subprocess.Popen[str], Facts] | None = None
+) -> tuple[int, Facts, PythonLayout, list[StackEvent]]:
+    child, facts = child_and_facts or start_child(interpreter)
     pid = child.pid
     try:
         assert facts["pthread"] == facts["fs"]  # glibc's pthread_t is the TLS base the kernel keeps
@@ -257,3 +261,27 @@ def test_a_thread_without_a_thread_state_says_so(walker: Walker) -> None:
     # NONE only for samples after the exit tracepoint deleted the process's entry (the rest of do_exit).
     assert set(statuses) <= {InterpreterStatus.NO_THREAD_STATE, InterpreterStatus.NONE}, statuses
     assert statuses[InterpreterStatus.NO_THREAD_STATE] >= 0.9 * len(cpu), statuses
+
+
+@pytest.mark.parametrize("name", sorted(INTERPRETERS))
+def test_allocation_samples_carry_the_allocating_function(name: str) -> None:
+    """The allocation uprobes walk too: 1 MiB bytearrays allocated in grow() are sampled under grow."""
+    interpreter = INTERPRETERS[name]
+    if not interpreter.exists():
+        pytest.skip(f"{interpreter} is not installed")
+    child_and_facts = start_child(interpreter, "grow")
+    config = profiling("alloc", pids=(child_and_facts[0].pid,))
+    events: list[object] = []
+    probe = AllocProbe(config, events.append, AllocConfig(sample_bytes=1 << 20))
+    program = ProbeProgram(config, [probe], events.append, PythonSettings(enabled=True, max_frames=MAX_FRAMES))
+    try:
+        program.load()
+        program.attach()
+        walker = Walker(program, PerfReader(program), events)
+        _, facts, layout, samples = run_child(walker, interpreter, "tss", child_and_facts)
+    finally:
+        program.close()
+    allocations = [e for e in samples if e.profiler == "alloc"]
+    # 1.5 s of 1 MiB allocations, each sampled with probability 1 - 1/e at R = 1 MiB.
+    assert len(allocations) >= 20, len(allocations)
+    check_frames(allocations, facts, layout, "grow")

@@ -1,9 +1,10 @@
 """A known Python stack for the BPF walker's tests, for any CPython 3.10+.
 
-Usage: python3 python_recursion.py DEPTH SECONDS
-Prints one JSON line describing itself, then waits for one byte on stdin and runs
-spin -> recurse x DEPTH -> main for SECONDS of CPU, then nap -> recurse x DEPTH -> main, blocking in
-time.sleep (10 ms at a time) for as long again. What it prints, as the thread itself sees it:
+Usage: python3 python_recursion.py DEPTH SECONDS [PHASES]
+Prints one JSON line describing itself, then waits for one byte on stdin and runs each phase (default
+spin,nap) for SECONDS under recurse x DEPTH -> main: spin burns CPU, nap blocks in time.sleep (10 ms at
+a time), grow allocates 1 MiB bytearrays (through malloc: large objects bypass pymalloc).
+What it prints, as the thread itself sees it:
 - pthread (pthread_self), fs (arch_prctl(ARCH_GET_FS)): the TLS base the walker reads from the kernel;
 - tstate (PyThreadState_Get) and tls_offsets: every 8-byte-aligned offset from the TLS base, within
   glibc's struct pthread, that holds the tstate (the autoTSSkey slot is one of them);
@@ -36,6 +37,13 @@ def nap(deadline: float) -> None:
         time.sleep(0.01)
 
 
+def grow(deadline: float) -> int:
+    total = 0
+    while time.monotonic() < deadline:
+        total += len(bytearray(1 << 20))
+    return total
+
+
 def recurse(depth: int, leaf: Callable[[float], object], deadline: float) -> object:
     if depth == 0:
         return leaf(deadline)
@@ -63,7 +71,7 @@ def describe() -> dict[str, object]:
         "tls_offsets": offsets,
         "runtime": runtime,
         "runtime_bytes": ctypes.string_at(runtime, RUNTIME_BYTES).hex(),
-        "codes": {f.__name__: id(f.__code__) for f in (spin, nap, recurse, main)},
+        "codes": {f.__name__: id(f.__code__) for f in (spin, nap, grow, recurse, main)},
         "version": list(sys.version_info[:2]),
     }
 
@@ -72,8 +80,10 @@ def main() -> None:
     depth, seconds = int(sys.argv[1]), float(sys.argv[2])
     print(json.dumps(describe()), flush=True)
     sys.stdin.read(1)
-    recurse(depth, spin, time.thread_time() + seconds)
-    recurse(depth, nap, time.monotonic() + seconds)
+    phases = sys.argv[3].split(",") if len(sys.argv) > 3 else ["spin", "nap"]
+    for phase in phases:
+        clock = time.thread_time if phase == "spin" else time.monotonic
+        recurse(depth, {"spin": spin, "nap": nap, "grow": grow}[phase], clock() + seconds)
 
 
 if __name__ == "__main__":
