@@ -89,6 +89,9 @@ static __always_inline void fill_task(struct stack_event *e, u64 id, u64 now)
 #if PYTHON_FRAMES > PYTHON_MAX_FRAMES
 #error "PYTHON_FRAMES exceeds PYTHON_MAX_FRAMES"
 #endif
+#if PYTHON_FRAMES > 0 && !defined(TASK_FSBASE_OFFSET)
+#error "PYTHON_FRAMES needs TASK_FSBASE_OFFSET (task_struct.thread.fsbase, from the kernel's BTF)"
+#endif
 #if PYTHON_FRAMES > 0
 /* ---- Python frames, for every profiler (docs/python.md) ----
  *
