@@ -5,7 +5,8 @@ allocate and sleep, so every profiler samples every child. The agent logs each p
 at debug level ("process PID announced (new)"): with one `known_pids` map and one `proc_events`
 buffer there is one announcement per child, where three objects announced it once per profiler.
 The object with every section compiled in, each with its own stack copy, also passes the verifier
-with the off-CPU kprobe hook (for hosts that have kprobes; this one has none to attach).
+with the off-CPU kprobe hook (for hosts that have kprobes; this one has none to attach), with and
+without the Python walker.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from agent.features import kernel_features
 from agent.probes.loader import load_program
+from agent.probes.records import PYTHON_MAX_FRAMES
 from tests.support.agent import start_agent, wait_for_log
 from tests.support.profiles import read_all, samples_of
 from tests.support.workloads import compile_workload
@@ -94,11 +97,17 @@ def test_each_new_process_is_announced_once_with_every_profiler_on(tmp_path: Pat
     assert {pid: announcements[pid] for pid in children} == dict.fromkeys(children, 1)
 
 
+@pytest.mark.parametrize("python_frames", [0, 1, 96, PYTHON_MAX_FRAMES])
 @pytest.mark.parametrize("use_kprobe", [0, 1])
-def test_every_profiler_passes_the_verifier_in_one_object(use_kprobe: int) -> None:
+def test_every_profiler_passes_the_verifier_in_one_object(use_kprobe: int, python_frames: int) -> None:
     """All three sections at once, each with a stack copy, with either off-CPU hook (the kprobe one can
-    be verified even where kprobes cannot be attached)."""
+    be verified even where kprobes cannot be attached), without and with the Python walker at up to its
+    largest limit (every Python slot write provably inside `ips`)."""
     from bcc import BPF
+
+    fsbase = kernel_features().task_fsbase_offset
+    if python_frames and fsbase is None:
+        pytest.skip(f"Python frames unavailable: {kernel_features().task_fsbase_unavailable}")
 
     defines: dict[str, int | str] = {
         "KNOWN_PIDS_ENTRIES": 1024,
@@ -114,6 +123,10 @@ def test_every_profiler_passes_the_verifier_in_one_object(use_kprobe: int) -> No
         "BLOCKED_ENTRIES": 1024,
         "STACK_ENTRIES": 256,
         "THREAD_ENTRIES": 1024,
+        "PYTHON_FRAMES": python_frames,
+        "TASK_FSBASE_OFFSET": fsbase or 0,
+        "PYTHON_PROCS_ENTRIES": 64,
+        "PYTHON_THREADS_ENTRIES": 64,
     }
     switch = ("on_finish_task_switch", BPF.KPROBE) if use_kprobe else ("on_sched_switch", BPF.TRACEPOINT)
     programs = [("on_cpu_sample", BPF.PERF_EVENT), switch, ("on_malloc", BPF.KPROBE), ("on_calloc", BPF.KPROBE)]
