@@ -1,8 +1,8 @@
 """Aggregate stage: the records it produces, which the symbolize stage consumes.
 
 An `IntervalProfile` is one profiler's data for one reporting interval: unique
-(pid, tid, cpu, kernel stack, user stack) keys with summed values and the monotonic timestamps of
-the events that made them. Stacks are still raw instruction pointers here; naming them is the
+(pid, tid, cpu, kernel stack, user stack, Python frames) keys with summed values and the monotonic
+timestamps of the events that made them. Stacks are still raw instruction pointers here; naming them is the
 symbolize stage's job. The stacks and profile specs these records hold are shared by every stage and
 live in `agent.types`.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent.types import ProfileSpec, Stack
+from agent.types import NO_INTERPRETER_STACK, InterpreterStack, ProfileSpec, Stack
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +21,8 @@ class SampleKey:
     cpu: int
     kernel: Stack
     user: Stack
+    # The Python frames the BPF walker sent with the event (docs/python.md); none for other processes.
+    python: InterpreterStack = NO_INTERPRETER_STACK
 
 
 @dataclass(frozen=True, slots=True)
