@@ -7,11 +7,12 @@ caller's return address minus one, so it lands in the call instruction) and mapp
 /proc/PID/maps range and offset, exactly as the symbolize stage recorded them (`go tool pprof` derives
 each symbol address from those three together). The output is uncompressed; sinks compress it.
 
-Python frames (`FrameKind.PYTHON`) get a Function each (name = qualname, system_name = co_name,
-filename = co_filename, start_line = co_firstlineno; one per distinct four) and a Location per
-(mapping, function, line) whose Line carries the line number. Their mapping is the interpreter's, the
-ELF holding the eval loop they ran in, and their address is 0: they have no instruction in it, and
-the Line already says everything `go tool pprof` prints (`qualname file.py:line` with `-lines`).
+Python frames (`FrameKind.PYTHON`) get a Function each (name = qualname, system_name = co_name when
+it differs from the qualname, filename = co_filename, start_line = co_firstlineno; one per distinct
+four) and a Location per (mapping, function, line) whose Line carries the line number. Their mapping
+is the interpreter's, the ELF holding the eval loop they ran in, and their address is 0: they have no
+instruction in it, and the Line already says everything `go tool pprof` prints (`qualname file.py:line`
+with `-lines`).
 
 Sample labels: numeric `pid`, `tid`, `cpu`; string `comm`, `thread_name`, and the process metadata
 `container_id`, `pod_uid`, `systemd_unit` and, for a Python process, `process.runtime.name` and
@@ -273,10 +274,12 @@ class ProfileBuilder:
             return found
         function_id = len(self._functions) + 1
         self._functions[key] = function_id
+        # A system_name equal to the name is left out: `go tool pprof` takes name == system_name for "not
+        # demangled yet", and its C++ heuristic then strips `<module>`, `<lambda>` or `<genexpr>` to "".
         self._message.function.add(
             id=function_id,
             name=self._s(name),
-            system_name=self._s(source.system_name),
+            system_name=self._s(source.system_name if source.system_name != name else ""),
             filename=self._s(source.filename),
             start_line=source.start_line,
         )
