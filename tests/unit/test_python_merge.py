@@ -215,10 +215,13 @@ def test_more_segments_than_eval_frames_go_in_order_to_the_outermost_one() -> No
     assert merger.stats.frames_resolved == 4
 
 
-def test_fewer_segments_than_eval_frames_leave_the_outer_ones_native() -> None:
-    native = (EVAL_1, VECTORCALL, EVAL_2, MAIN)
-    merged, merger = merge(native, walk(frame(WORK, 0x40)), "3.10.13")
-    assert merged == (merged[0], VECTORCALL, EVAL_2, MAIN) and merged[0].function == "Worker.work"
+def test_a_full_walk_short_of_segments_leaves_the_innermost_eval_frames_native() -> None:
+    # sum(gen()) on 3.10, sampled while gen's eval call has not linked its frame yet (or has unlinked it):
+    # the walk holds <module> only, which belongs to the outer eval frame, not to the generator's.
+    native = (EVAL_1, VECTORCALL, SORTED, CFUNCTION, EVAL_2, MAIN)
+    merged, merger = merge(native, walk(frame(MODULE, 0x10)), "3.10.13")
+    assert merged == (EVAL_1, VECTORCALL, SORTED, CFUNCTION, merged[4], MAIN)
+    assert merged[4].function == "<module>"
     assert outcome(merger) == MergeOutcome.EXTRA_EVAL
 
 
