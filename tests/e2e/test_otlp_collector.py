@@ -3,7 +3,9 @@
 Synthetic CPU profiles of two processes, with kernel and native frames and a known 3:1 split
 between two functions, go through `OtlpSink` (encode, spool, gRPC with gzip) to the collector. The
 collector must accept every request without partial success or logged errors, and its JSON file
-output must name both functions in the same 3:1 proportion.
+output must name both functions in the same 3:1 proportion. A Python process's profile (Python
+frames merged over the interpreter's, a C extension under one of them) must come out the same way,
+with its frame types, files, lines and `process.runtime.*`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,16 @@ from typing import TYPE_CHECKING, Any
 
 from agent.export.otlp import OtlpConfig, OtlpSink, ResourceOptions
 from agent.export.otlp.stats import DROPPED, REQUESTS
-from agent.symbolize.types import KERNEL_MAPPING_NAME, Frame, FrameKind, MappingInfo, ProcessInfo, Profile, Sample
+from agent.symbolize.types import (
+    KERNEL_MAPPING_NAME,
+    Frame,
+    FrameKind,
+    MappingInfo,
+    ProcessInfo,
+    Profile,
+    PythonSource,
+    Sample,
+)
 from agent.types import ProfileSpec, ValueType
 
 if TYPE_CHECKING:  # the fixture type only; pytest itself loads conftest
@@ -132,3 +143,101 @@ def test_collector_receives_every_profile_with_the_right_proportions(otelcol: Co
     assert pids == {"4242": INTERVALS * (HOT + COLD), "4343": INTERVALS * (HOT + COLD)}
     # The debug exporter printed the same data in detail.
     assert "hot_loop" in log and "cold_path" in log
+
+
+PYTHON_PID = 4444
+INTERPRETER = MappingInfo(sys.executable, 0x400000, 0x500000, 0, build_id="cd" * 20)
+
+
+def _python_frames(qualname: str, line: int, c_extension: bool) -> tuple[Frame, ...]:
+    name = qualname.rsplit(".", 1)[-1]
+    frames = [
+        Frame(FrameKind.PYTHON, 0, qualname, INTERPRETER, PythonSource(name, "/srv/app/jobs.py", 10, line)),
+        Frame(FrameKind.NATIVE, 0x401100, "_PyFunction_Vectorcall", INTERPRETER),
+        Frame(FrameKind.PYTHON, 0, "<module>", INTERPRETER, PythonSource("<module>", "/srv/app/main.py", 1, 30)),
+        Frame(FrameKind.NATIVE, 0x403000, "main", INTERPRETER),
+    ]
+    if c_extension:
+        frames.insert(0, Frame(FrameKind.NATIVE, 0x401200, "compress_block", INTERPRETER))
+    return tuple(frames)
+
+
+def _python_profile(interval: int) -> Profile:
+    start = 1_800_000_000_000_000_000 + interval * 10_000_000_000
+    samples = []
+    for qualname, line, count, c_extension in (("Job.run", 14, HOT, False), ("Job.pack", 22, COLD, True)):
+        timestamps = tuple(start + 1_000 + i * 100_000 for i in range(count))
+        frames = _python_frames(qualname, line, c_extension)
+        samples.append(Sample(PYTHON_PID, PYTHON_PID, 0, "python3", frames, (count, count * CPU.period), timestamps))
+    process = ProcessInfo(PYTHON_PID, "python3", sys.executable, runtime_name="cpython", runtime_version="3.12.1")
+    return Profile(CPU, start, 10_000_000_000, tuple(samples), {PYTHON_PID: process})
+
+
+def _python_details(documents: list[dict[str, Any]]) -> tuple[set[tuple[str, str, str, int, int]], dict[str, Any]]:
+    """(qualname, co_name, file, first line, line) of each cpython location, and the resource attributes."""
+    rows: set[tuple[str, str, str, int, int]] = set()
+    resource: dict[str, Any] = {}
+    for document in documents:
+        dictionary = document["dictionary"]
+        strings = _strings_of(document)
+        for resource_profiles in document["resourceProfiles"]:
+            resource.update(_attribute(document, a) for a in resource_profiles["resource"]["attributes"])
+        for location in dictionary["locationTable"]:
+            kinds = {
+                _attribute(document, dictionary["attributeTable"][i]) for i in location.get("attributeIndices", [])
+            }
+            if ("profile.frame.type", "cpython") not in kinds:
+                continue
+            for line in location.get("lines", []):
+                function = dictionary["functionTable"][line.get("functionIndex", 0)]
+                rows.add(
+                    (
+                        strings[function.get("nameStrindex", 0)],
+                        strings[function.get("systemNameStrindex", 0)],
+                        strings[function.get("filenameStrindex", 0)],
+                        int(function.get("startLine", 0)),
+                        int(line.get("line", 0)),
+                    )
+                )
+    return rows, resource
+
+
+def test_collector_receives_python_frames_with_their_files_lines_and_runtime(
+    otelcol: Collector, tmp_path: Path
+) -> None:
+    config = OtlpConfig(enabled=True, endpoint=otelcol.endpoint, insecure=True, spool_dir=str(tmp_path / "spool"))
+    sink = OtlpSink(config, resource=ResourceOptions(host_name="e2e-host", host_arch="amd64"))
+    stop = threading.Event()
+    sender = threading.Thread(target=sink.run, args=(stop,), daemon=True)
+    sender.start()
+    try:
+        for interval in range(INTERVALS):
+            assert sink.export(_python_profile(interval), b"") != ()
+        expected_samples = INTERVALS * (HOT + COLD)
+        documents = otelcol.wait_for(lambda docs: sum(_function_counts(docs)[2].values()) >= expected_samples)
+    finally:
+        stop.set()
+        sink.shutdown(5.0)
+        sender.join(10)
+
+    assert sink.counters.get(REQUESTS, "success") == INTERVALS
+    assert sink.counters.total(REQUESTS) == INTERVALS
+    log = otelcol.log_text()
+    assert "\terror\t" not in log.lower(), log
+    assert "rejected" not in log.lower(), log
+
+    functions, frame_types, pids = _function_counts(documents)
+    assert functions["Job.run"] == INTERVALS * HOT
+    assert functions["Job.pack"] == functions["compress_block"] == INTERVALS * COLD
+    assert functions["<module>"] == functions["main"] == INTERVALS * (HOT + COLD)
+    assert set(frame_types) == {"cpython", "native"}
+    assert frame_types["cpython"] == 2 * INTERVALS * (HOT + COLD)
+    assert pids == {str(PYTHON_PID): INTERVALS * (HOT + COLD)}
+    rows, resource = _python_details(documents)
+    assert rows == {
+        ("Job.run", "run", "/srv/app/jobs.py", 10, 14),
+        ("Job.pack", "pack", "/srv/app/jobs.py", 10, 22),
+        ("<module>", "<module>", "/srv/app/main.py", 1, 30),
+    }
+    assert resource["process.runtime.name"] == "cpython"
+    assert resource["process.runtime.version"] == "3.12.1"
