@@ -27,7 +27,7 @@ from agent.health import MetricsConfig
 from agent.logs import LoggingConfig
 from agent.metadata.filters import ProcessFilter
 from agent.metadata.host import MetadataConfig
-from agent.probes.settings import AllocConfig, OffCpuConfig, ProfilingConfig
+from agent.probes.settings import AllocConfig, OffCpuConfig, ProfilingConfig, PythonSettings
 from agent.sampling.settings import SamplingConfig
 from agent.settings import Setting, section_name, settings_of
 from agent.symbolize.settings import SymbolizeConfig
@@ -45,6 +45,7 @@ class AgentConfig:
     profiling: ProfilingConfig
     offcpu: OffCpuConfig
     alloc: AllocConfig
+    python: PythonSettings
     sampling: SamplingConfig
     unwind: UnwindConfig
     symbolize: SymbolizeConfig
@@ -70,6 +71,7 @@ SECTION_TYPES: dict[str, type] = {
         ProfilingConfig,
         OffCpuConfig,
         AllocConfig,
+        PythonSettings,
         SamplingConfig,
         UnwindConfig,
         SymbolizeConfig,
@@ -206,6 +208,7 @@ def _assemble(values: Mapping[str, Any]) -> AgentConfig:
         profiling=sections["profiling"],
         offcpu=sections["offcpu"],
         alloc=sections["alloc"],
+        python=sections["python"],
         sampling=sections["sampling"],
         unwind=sections["unwind"],
         symbolize=sections["symbolize"],

@@ -96,7 +96,7 @@ class Daemon:
             self.unwinder = Unwinder(snapshots=self.processes.get, skip=self.selector.known_rejected)
         unwind = self.unwinder.unwind_copy if self.unwinder is not None else None
         self.probes = make_probes(config, self._events.put, copy_bytes, unwind)
-        self.program = ProbeProgram(config.profiling, self.probes, self._events.put)
+        self.program = ProbeProgram(config.profiling, self.probes, self._events.put, config.python)
         self.sampler: AdaptiveSampler | None = None
         self.sinks: list[Sink] = []
         self.otlp: OtlpSink | None = None

@@ -4,7 +4,8 @@ Stage-neutral (it imports no stage): `agent.preflight` reports these findings in
 and their registry choose their fallbacks from them (hardware cycles or the software cpu-clock, a
 kprobe on the scheduler or the sched_switch tracepoint, a user stack copy for DWARF unwinding or frame
 pointers only). Owns every such probe: the perf-event PMU, kprobes (and the scheduler symbol they would
-hook), BTF, and the task user registers (`bpf_task_pt_regs`) that a stack copy needs. `kernel_features()`
+hook), BTF, the task user registers (`bpf_task_pt_regs`) that a stack copy needs, and the offset of
+a task's TLS base (`task_struct.thread.fsbase`, from BTF via `agent.btf`) that the Python walker needs. `kernel_features()`
 probes once per process and caches the result; the functions below take their roots as parameters so
 unit tests can give fake ones.
 """
@@ -23,6 +24,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.btf import BtfError, read_member_offset
+
 logger = logging.getLogger(__name__)
 
 SYS_PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241}
@@ -36,6 +39,8 @@ KPROBE_MARKERS = (  # any of them means kprobe events can be created (the perf P
 )
 BTF_VMLINUX = Path("/sys/kernel/btf/vmlinux")
 TASK_REGS_MIN_KERNEL = (5, 15)  # bpf_task_pt_regs
+# Where x86-64 keeps a task's FS base (its TLS base; glibc's and musl's pthread_t) while it is not running.
+TASK_FSBASE_MEMBERS = {"x86_64": ("thread", "fsbase")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +51,10 @@ class KernelFeatures:
     # Why perf-event and tracepoint programs cannot read a task's user registers (so cannot copy its
     # user stack for DWARF unwinding), or "" when they can. Uprobe programs get them as their context.
     task_regs_unavailable: str
+    # task_struct.thread.fsbase's byte offset in the running kernel (the Python walker reads each
+    # thread's TLS base there), or None, with the reason, when BTF cannot tell.
+    task_fsbase_offset: int | None = None
+    task_fsbase_unavailable: str = "not probed"
 
     @property
     def switch_kprobe(self) -> str | None:
@@ -118,13 +127,31 @@ def task_regs_unavailable(release: str | None = None, btf: Path = BTF_VMLINUX) -
     return ""
 
 
+def task_fsbase_offset(btf: Path = BTF_VMLINUX, machine: str | None = None) -> tuple[int | None, str]:
+    """(the offset of a task's FS base in task_struct, "") from the kernel's BTF, or (None, why not)."""
+    machine = machine or platform.machine()
+    members = TASK_FSBASE_MEMBERS.get(machine)
+    if members is None:
+        return None, f"no TLS base member known for {machine}"
+    try:
+        return read_member_offset(btf, "task_struct", members), ""
+    except BtfError as e:
+        return None, f"task_struct.{'.'.join(members)} not found in {btf}: {e}"
+
+
 def read_kernel_features(root: Path = Path("/"), release: str | None = None) -> KernelFeatures:
     kprobes = kprobes_available(root)
+    btf = root / BTF_VMLINUX.relative_to("/")
+    fsbase_offset, fsbase_unavailable = task_fsbase_offset(btf)
+    if fsbase_offset is None:
+        logger.warning("Python frames are off: %s", fsbase_unavailable)
     return KernelFeatures(
         hardware_cycles=hardware_cycles_available(),
         kprobes=kprobes,
         switch_symbol=read_switch_symbol(root) if kprobes else None,
-        task_regs_unavailable=task_regs_unavailable(release, root / BTF_VMLINUX.relative_to("/")),
+        task_regs_unavailable=task_regs_unavailable(release, btf),
+        task_fsbase_offset=fsbase_offset,
+        task_fsbase_unavailable=fsbase_unavailable,
     )
 
 

@@ -23,7 +23,9 @@
  * Compile-time parameters (cflags): PROFILE_CPU, PROFILE_OFFCPU, PROFILE_ALLOC (0/1), KNOWN_PIDS_ENTRIES,
  *   FILTER_PIDS (0/1), AGENT_PID (never sampled); CPU_STACK_BYTES, OFFCPU_STACK_BYTES, ALLOC_STACK_BYTES
  *   (user stack copied per record for DWARF unwinding; 0: none); off-CPU: USE_KPROBE (0/1),
- *   BLOCKED_ENTRIES, STACK_ENTRIES; allocations: THREAD_ENTRIES.
+ *   BLOCKED_ENTRIES, STACK_ENTRIES; allocations: THREAD_ENTRIES; Python frames: PYTHON_FRAMES (the walk's
+ *   limit, python.max_frames; 0 compiles the walker out), TASK_FSBASE_OFFSET, PYTHON_PROCS_ENTRIES,
+ *   PYTHON_THREADS_ENTRIES.
  */
 #include <uapi/linux/ptrace.h>
 #include <uapi/linux/bpf_perf_event.h>
@@ -81,6 +83,183 @@ static __always_inline void fill_task(struct stack_event *e, u64 id, u64 now)
     bpf_get_current_comm(&e->comm, sizeof(e->comm));
 }
 
+#ifndef PYTHON_FRAMES
+#define PYTHON_FRAMES 0
+#endif
+#if PYTHON_FRAMES > PYTHON_MAX_FRAMES
+#error "PYTHON_FRAMES exceeds PYTHON_MAX_FRAMES"
+#endif
+#if PYTHON_FRAMES > 0
+/* ---- Python frames, for every profiler (docs/python.md) ----
+ *
+ * python_procs (pid -> struct python_proc) says how to find and walk a validated Python process's
+ * frames; user space writes it (agent/probes/python_maps.py) and the exit tracepoint deletes it, as
+ * pids are reused. python_threads ((pid, pthread) -> PyThreadState *) is PYTHON_USE_THREAD_MAP's source.
+ * The walk reads the current task's TLS base (task_struct.thread.fsbase at TASK_FSBASE_OFFSET, which user
+ * space takes from the kernel's BTF: the headers BCC compiles against may not be this kernel's), then its
+ * thread state, then up to PYTHON_FRAMES frames of its chain: a few bpf_probe_read_user calls per frame.
+ * The loop is a bounded loop (kernel >= 5.3), not unrolled: the verifier walks each iteration either way
+ * (about 1,100 instructions verified per frame), and the program stays small; each slot index is checked
+ * so the verifier sees every write inside `ips`. Minimum kernel: 5.5 (bpf_probe_read_user/_kernel). */
+BPF_HASH(python_procs, u32, struct python_proc, PYTHON_PROCS_ENTRIES);
+BPF_HASH(python_threads, struct python_thread_key, u64, PYTHON_THREADS_ENTRIES);
+
+#define PYTHON_LAST_SLOT (2 * MAX_STACK_DEPTH + 2 * PYTHON_MAX_FRAMES - 2) /* a frame's first slot, at most */
+
+/* The current task's TLS base (its pthread_t on glibc and musl), or 0. */
+static __always_inline u64 current_fsbase(void)
+{
+    u64 fsbase = 0;
+    u8 *task = (u8 *)bpf_get_current_task();
+    if (bpf_probe_read_kernel(&fsbase, sizeof(fsbase), task + TASK_FSBASE_OFFSET) != 0)
+        return 0;
+    return fsbase;
+}
+
+static __always_inline int read_word(u64 *out, u64 address)
+{
+    return bpf_probe_read_user(out, sizeof(*out), (void *)address);
+}
+
+/* The thread's PyThreadState into *tstate (0: it has none); < 0 when its memory cannot be read. */
+static __always_inline s32 python_tstate(const struct python_proc *proc, u32 pid, u64 fsbase, u64 *tstate)
+{
+    *tstate = 0;
+    if (proc->flags & PYTHON_USE_TSS) {
+        u64 slot = fsbase + proc->tls_offset;
+        if (proc->tls_second_offset) {
+            u64 block = 0;
+            if (read_word(&block, slot) != 0)
+                return PYTHON_READ_FAILED;
+            slot = block ? block + proc->tls_second_offset : 0; /* no block: the key was never set here */
+        }
+        if (slot && read_word(tstate, slot) != 0)
+            return PYTHON_READ_FAILED;
+    }
+    if (!*tstate && (proc->flags & PYTHON_USE_THREAD_MAP)) {
+        struct python_thread_key key = {.pid = pid, .pthread = fsbase};
+        u64 *found = python_threads.lookup(&key);
+        if (found)
+            *tstate = *found;
+    }
+    return 0;
+}
+
+/* The thread's innermost frame into *frame (0: none); < 0 when its memory cannot be read. */
+static __always_inline s32 python_top_frame(const struct python_proc *proc, u64 tstate, u64 *frame)
+{
+    if (read_word(frame, tstate + proc->tstate_frame) != 0)
+        return PYTHON_READ_FAILED;
+    if (proc->cframe_current_frame != PYTHON_NO_FIELD && *frame && read_word(frame, *frame + proc->cframe_current_frame) != 0)
+        return PYTHON_READ_FAILED;
+    return 0;
+}
+
+/* One frame's two slots: (code | PYTHON_FRAME_* flags, instruction); its caller into *previous. */
+static __always_inline int python_frame(const struct python_proc *proc, u64 frame, u64 *word, u64 *instr, u64 *previous)
+{
+    u64 code = 0;
+    u8 byte = 0;
+    *instr = 0;
+    if (read_word(&code, frame + proc->frame_code) != 0 || read_word(previous, frame + proc->frame_previous) != 0)
+        return -1;
+    if (proc->flags & PYTHON_INSTR_IS_INT) {
+        u32 lasti = 0;
+        if (bpf_probe_read_user(&lasti, sizeof(lasti), (void *)(frame + proc->frame_instr)) != 0)
+            return -1;
+        *instr = lasti;
+    } else if (read_word(instr, frame + proc->frame_instr) != 0) {
+        return -1;
+    }
+    if (proc->flags & PYTHON_CODE_TAGGED)
+        code &= ~(u64)PYTHON_FRAME_FLAGS;
+    *word = code;
+    if (proc->frame_owner != PYTHON_NO_FIELD) {
+        if (bpf_probe_read_user(&byte, 1, (void *)(frame + proc->frame_owner)) != 0)
+            return -1;
+        if (byte == proc->owner_cstack)
+            *word = frame | PYTHON_FRAME_SHIM;
+    }
+    if (proc->frame_is_entry != PYTHON_NO_FIELD) {
+        if (bpf_probe_read_user(&byte, 1, (void *)(frame + proc->frame_is_entry)) != 0)
+            return -1;
+        if (byte)
+            *word |= PYTHON_FRAME_ENTRY;
+    }
+    return 0;
+}
+
+/* Append the current thread's Python frames to e->ips after its user frames (the stack lengths must be
+ * filled), and set e->python_frames: their count, or why there are none (PYTHON_* < 0); 0 when the
+ * process is not walked. */
+static __always_inline void walk_python(struct stack_event *e)
+{
+    e->python_frames = 0;
+    if (e->flags & SAMPLE_FLAG_KERNEL_THREAD)
+        return;
+    u32 pid = e->pid;
+    struct python_proc *proc = python_procs.lookup(&pid);
+    if (!proc)
+        return;
+    u64 fsbase = current_fsbase();
+    if (!fsbase) {
+        e->python_frames = PYTHON_NO_FSBASE;
+        return;
+    }
+    u64 tstate = 0, frame = 0;
+    s32 status = python_tstate(proc, pid, fsbase, &tstate);
+    if (status == 0 && !tstate)
+        status = PYTHON_NO_THREAD_STATE;
+    if (status == 0)
+        status = python_top_frame(proc, tstate, &frame);
+    if (status < 0) {
+        e->python_frames = status;
+        return;
+    }
+    s32 kernel = e->kernel_stack_len, user = e->user_stack_len;
+    u32 base = (kernel > 0 ? (u32)kernel & 0x7f : 0) + (user > 0 ? (u32)user & 0x7f : 0);
+    s32 n = 0;
+#pragma clang loop unroll(disable)
+    for (u32 i = 0; i < PYTHON_FRAMES; i++) {
+        if (!frame)
+            break;
+        u64 word = 0, instr = 0, previous = 0;
+        if (python_frame(proc, frame, &word, &instr, &previous) != 0) {
+            e->python_frames = PYTHON_READ_FAILED; /* a partial chain would put frames under wrong callers */
+            return;
+        }
+        u32 slot = base + 2 * i;
+        __asm__ __volatile__("" : "+r"(slot)); /* bound the register the store uses, not a copy */
+        if (slot > PYTHON_LAST_SLOT)
+            break;
+        e->ips[slot] = word;
+        e->ips[slot + 1] = instr;
+        n = i + 1;
+        frame = previous;
+    }
+    if (frame && n == PYTHON_FRAMES)
+        e->flags |= SAMPLE_FLAG_PYTHON_TRUNCATED;
+    e->python_frames = n;
+}
+
+/* A thread exits: its pthread id may be reused by the next thread, so its python_threads entry goes. */
+static __always_inline void python_thread_exit(u32 pid, u32 tid)
+{
+    if (tid == pid)
+        python_procs.delete(&pid);
+    u64 fsbase = current_fsbase();
+    if (fsbase) {
+        struct python_thread_key key = {.pid = pid, .pthread = fsbase};
+        python_threads.delete(&key);
+    }
+}
+#else
+static __always_inline void walk_python(struct stack_event *e)
+{
+    e->python_frames = 0;
+}
+#endif
+
 #if PROFILE_CPU
 /* ---- CPU profiler: samples every online CPU at a fixed frequency, one record per sample ----
  *
@@ -107,8 +286,9 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
         return 0;
     struct stack_event *e = &r->event;
     fill_task(e, id, bpf_ktime_get_ns());
-    u32 size = collect_stacks(ctx, e, r->stack, CPU_STACK_BYTES);
-    cpu_samples.perf_submit(ctx, r, size);
+    collect_stacks(ctx, e, r->stack, CPU_STACK_BYTES);
+    walk_python(e);
+    cpu_samples.perf_submit(ctx, r, record_size(e, CPU_STACK_BYTES));
     if (!(e->flags & SAMPLE_FLAG_KERNEL_THREAD))
         announce_process(ctx, pid, e->timestamp_ns);
     return 0;
@@ -212,11 +392,13 @@ static __always_inline bool block_ends(u32 tid, u64 now, u64 *start_ns, u64 *sam
     return true;
 }
 
-/* Who the current task is and both its stacks; returns the record's size. */
+/* Who the current task is, both its stacks and its Python frames; returns the record's size. */
 static __always_inline u32 offcpu_fill(void *ctx, struct offcpu_record *r, u64 id, u64 now)
 {
     fill_task(&r->event, id, now);
-    return collect_stacks(ctx, &r->event, r->stack, OFFCPU_STACK_BYTES);
+    collect_stacks(ctx, &r->event, r->stack, OFFCPU_STACK_BYTES);
+    walk_python(&r->event);
+    return record_size(&r->event, OFFCPU_STACK_BYTES);
 }
 
 static __always_inline void offcpu_submit(void *ctx, struct offcpu_record *r, u32 size, u64 now)
@@ -364,6 +546,7 @@ static __always_inline void send_sample(struct pt_regs *ctx, u32 pid, u32 tid, u
     /* At a uprobe the probed registers are the user registers: unwinding starts at the entry of the
      * allocation function, whose CFI row names the caller without any splicing. */
     copy_user_stack(e, r->stack, ALLOC_STACK_BYTES, PT_REGS_IP(ctx), PT_REGS_SP(ctx), PT_REGS_FP(ctx));
+    walk_python(e);
     alloc_samples.perf_submit(ctx, r, record_size(e, ALLOC_STACK_BYTES));
     announce_process(ctx, pid, e->timestamp_ns);
 }
@@ -461,8 +644,8 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     return 0;
 }
 
-/* Fires for every exiting thread: forget its allocation countdown; and, for a whole process, its
- * announcement (a pid reused by a forked child that never execs must be announced again, so the new
+/* Fires for every exiting thread: forget its allocation countdown and its python_threads entry; and,
+ * for a whole process, its Python walk (python_procs) and its announcement (a pid reused by a forked child that never execs must be announced again, so the new
  * process's own mappings are captured). */
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
@@ -471,6 +654,9 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     u32 tid = (u32)id;
 #if PROFILE_ALLOC
     alloc_threads.delete(&tid);
+#endif
+#if PYTHON_FRAMES > 0
+    python_thread_exit(pid, tid);
 #endif
     if (tid == pid)
         known_pids.delete(&pid);

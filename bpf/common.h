@@ -153,15 +153,18 @@ static __always_inline u32 copy_user_stack(struct stack_event *e, u8 *stack, u32
     return sizeof(struct stack_event) + chunks * USER_STACK_CHUNK;
 }
 
-/* The bytes to submit of a record filled earlier (by collect_stacks, or as the allocation profiler does)
- * whose profiler copies `stack_bytes` of user stack. */
+/* The bytes to submit of a record filled earlier (by collect_stacks, or as the allocation profiler does,
+ * and the Python walker) whose profiler copies `stack_bytes` of user stack: the filled slots of `ips`, or
+ * all of them and the copy. */
 static __always_inline u64 record_size(struct stack_event *e, u32 stack_bytes)
 {
     u64 size;
     s32 kernel = e->kernel_stack_len, user = e->user_stack_len;
     u32 nk = kernel > 0 ? (u32)kernel & 0x7f : 0;
     u32 nu = user > 0 ? (u32)user & 0x7f : 0;
-    size = offsetof(struct stack_event, ips) + (nk + nu) * sizeof(u64);
+    s32 python = e->python_frames;
+    u32 np = python > 0 ? (u32)python & 0xff : 0; /* two slots each, after the user frames */
+    size = offsetof(struct stack_event, ips) + (nk + nu + 2 * np) * sizeof(u64);
     if (stack_bytes && e->user_stack_bytes)
         size = sizeof(struct stack_event) + (u64)e->user_stack_bytes;
     /* Hide what the compiler knows, so the bound below reaches the verifier on the same register. */
@@ -183,8 +186,9 @@ static __always_inline void current_user_regs(u64 *ip, u64 *sp, u64 *bp)
 
 /* Walk both stacks of the current task into e->ips, and copy `stack_bytes` of the user stack into
  * `stack` (a constant of the calling profiler: 0 compiles the copy and the register reads out, so
- * kernels without bpf_task_pt_regs load it); returns the number of bytes of `e` to submit. The masks
- * keep every offset provably inside `ips`. */
+ * kernels without bpf_task_pt_regs load it); returns the number of bytes of `e` to submit, as
+ * record_size does (which also counts Python frames appended after the user frames). The masks keep
+ * every offset provably inside `ips`. */
 static __always_inline u32 collect_stacks(void *ctx, struct stack_event *e, u8 *stack, u32 stack_bytes)
 {
     long kernel = bpf_get_stack(ctx, e->ips, MAX_STACK_DEPTH * sizeof(u64), 0);

@@ -6,6 +6,11 @@ exec/exit tracepoint pair; one `proc_events` buffer, opened here, whose events g
 `note_process_event` hooks and then downstream. Each probe attaches its own events and opens its own
 buffer on the shared object; `readers()` and `drain()` cover every buffer, for one `PerfReader`.
 Counts process events by kind (`process_events`) and logs each announcement at debug level.
+
+Python frames (docs/python.md): with `python.enabled` and the kernel's TLS-base offset known (from BTF,
+`agent.features`), every profiler is compiled with the walker (PYTHON_FRAMES = python.max_frames) and
+the loaded program's `python_maps` (`PythonMaps`) is where the process stage enables Python processes.
+`python_unavailable` says why it is off, for `check` and the logs.
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from agent.errors import BpfLoadError
+from agent.features import KernelFeatures, kernel_features
 from agent.probes.bpf_probe import BpfProbe, Emit, ReaderStats, log_malformed, open_counted_buffer
 from agent.probes.events import ProcessEvent, ProcessEventKind, decode_proc_event
 from agent.probes.loader import dump_program, load_program
-from agent.probes.settings import ProfilingConfig
+from agent.probes.python_maps import PYTHON_PROCS_ENTRIES, PYTHON_THREADS_ENTRIES, PythonMaps
+from agent.probes.settings import ProfilingConfig, PythonSettings
 
 logger = logging.getLogger(__name__)
 
@@ -32,11 +39,22 @@ PROCESS_EVENTS = "proc_events"
 
 
 class ProbeProgram:
-    def __init__(self, config: ProfilingConfig, probes: Sequence[BpfProbe], emit: Emit) -> None:
+    def __init__(
+        self,
+        config: ProfilingConfig,
+        probes: Sequence[BpfProbe],
+        emit: Emit,
+        python: PythonSettings | None = None,
+        features: KernelFeatures | None = None,
+    ) -> None:
+        """`python`: the walker's settings (None: no Python frames); `features` default to this host's."""
         self._config = config
         self.probes = tuple(probes)
         self._emit = emit
+        self._python = python
+        self._features = features
         self._bpf: Any = None
+        self.python_maps: PythonMaps | None = None  # once loaded with the walker
         self.stats = ReaderStats()  # of the process-event buffer (PROCESS_EVENTS)
         self.process_events: Counter[str] = Counter({kind.name.lower(): 0 for kind in ProcessEventKind})
 
@@ -51,11 +69,34 @@ class ProbeProgram:
             # allocations would otherwise be a large part of what it reports (and of what it costs).
             "AGENT_PID": os.getpid(),
         }
+        defines.update(self._python_defines())
         for probe in self.probes:
             for key, value in probe.defines.items():
                 if defines.setdefault(key, value) != value:
                     raise BpfLoadError(f"{probe.name} sets -D{key}={value}, another part -D{key}={defines[key]}")
         return defines
+
+    @property
+    def python_unavailable(self) -> str:
+        """Why the walker is not compiled in, or "" when it is."""
+        if self._python is None or not self._python.enabled:
+            return "python.enabled is off"
+        if self._fsbase_offset() is None:
+            return (self._features or kernel_features()).task_fsbase_unavailable
+        return ""
+
+    def _fsbase_offset(self) -> int | None:
+        return (self._features or kernel_features()).task_fsbase_offset
+
+    def _python_defines(self) -> dict[str, int | str]:
+        if self._python is None or self.python_unavailable:
+            return {"PYTHON_FRAMES": 0}
+        return {
+            "PYTHON_FRAMES": self._python.max_frames,
+            "TASK_FSBASE_OFFSET": self._fsbase_offset() or 0,
+            "PYTHON_PROCS_ENTRIES": PYTHON_PROCS_ENTRIES,
+            "PYTHON_THREADS_ENTRIES": PYTHON_THREADS_ENTRIES,
+        }
 
     def dump(self) -> str:
         return dump_program(PROGRAM, self.defines)
@@ -66,6 +107,8 @@ class ProbeProgram:
             pid_filter = self._bpf[b"pid_filter"]
             for pid in self._config.pids:
                 pid_filter[ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
+        if self.defines["PYTHON_FRAMES"]:
+            self.python_maps = PythonMaps(self._bpf)
         for probe in self.probes:
             probe.loaded(self._bpf)
 
@@ -115,5 +158,6 @@ class ProbeProgram:
         self.stop_sampling()
         self._bpf.cleanup()
         self._bpf = None
+        self.python_maps = None
         for probe in self.probes:
             probe.unloaded()

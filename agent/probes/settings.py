@@ -1,7 +1,8 @@
-"""Probes stage: its configuration sections, `profiling`, `offcpu` and `alloc`.
+"""Probes stage: its configuration sections, `profiling`, `offcpu`, `alloc` and `python`.
 
 `profiling` says what the probes collect and how often the pipeline reports; `offcpu` and `alloc` tune
-their profilers. Each field is declared once, with its default, parser, help and flag (see
+their profilers; `python` says whether every profiler walks Python frames, and how many (the process
+stage reads it too, to decide whether to inspect Python processes at all). Each field is declared once, with its default, parser, help and flag (see
 `agent.settings`); `agent.config` gathers the sections and loads them.
 """
 
@@ -11,11 +12,13 @@ import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
-from agent.settings import as_list, choice, ranged_float, ranged_int, setting
+from agent.settings import as_list, choice, parse_bool, ranged_float, ranged_int, setting
 
 KNOWN_PROFILERS = ("cpu", "offcpu", "alloc")
 # MAX_MEAN in bpf/alloc_math.h: the allocation threshold arithmetic stays within 64 bits.
 MAX_SAMPLE_BYTES = 1 << 40
+# PYTHON_MAX_FRAMES in bpf/common.h: the room struct stack_event has for Python frames.
+PYTHON_MAX_FRAMES = 128
 
 
 def parse_profilers(value: Any) -> tuple[str, ...]:
@@ -98,6 +101,24 @@ class AllocConfig:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class PythonSettings:
+    """Python functions in every profiler's stacks: the BPF walker of CPython's frame chain (docs/python.md)."""
+
+    SECTION: ClassVar[str] = "python"
+
+    enabled: bool = setting(
+        True,
+        parse_bool,
+        "Walk the frames of CPython processes (3.10+) in every profiler, and name their Python functions.",
+    )
+    max_frames: int = setting(
+        96,
+        ranged_int(1, PYTHON_MAX_FRAMES),
+        "Python frames kept per sample, innermost first; deeper stacks lose their outermost callers.",
+    )
+
+
 class StackCopies(Protocol):
     """The `unwind` section as the probes see it (`agent.unwind.settings.UnwindConfig`): per profiler, its
     mode as an attribute and the user stack bytes its program copies. A protocol, so that the probes do
@@ -115,5 +136,7 @@ class ProbesConfig(Protocol):
     def offcpu(self) -> OffCpuConfig: ...
     @property
     def alloc(self) -> AllocConfig: ...
+    @property
+    def python(self) -> PythonSettings: ...
     @property
     def unwind(self) -> StackCopies: ...

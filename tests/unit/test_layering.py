@@ -22,7 +22,19 @@ ROOT = "agent"  # the package itself (its __init__: the version); as a prefix it
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     # Base modules: the version, errors, logging set-up, the records every stage shares, generated protobuf.
     # Kernel feature probing and the settings machinery (each stage's section imports it) are base too.
-    ("base", (ROOT, "agent.errors", "agent.logs", "agent.types", "agent._proto", "agent.features", "agent.settings")),
+    (
+        "base",
+        (
+            ROOT,
+            "agent.errors",
+            "agent.logs",
+            "agent.types",
+            "agent._proto",
+            "agent.features",
+            "agent.btf",
+            "agent.settings",
+        ),
+    ),
     ("metadata", ("agent.metadata",)),  # process labels and filters, read from /proc
     ("process", ("agent.process",)),  # mappings, ELF files, the vDSO, bounded caches, the process registry
     ("probes", ("agent.probes",)),
