@@ -113,20 +113,23 @@ class Btf:
             type_id = target
         raise BtfError(f"type {type_id}: qualifier chain too long")
 
-    def _member(self, type_id: int, name: str) -> tuple[int, int] | None:
+    def _member(self, type_id: int, name: str, depth: int = 0) -> tuple[int, int] | None:
         """(bit offset, member type id) of `name` in the struct or union, looking into anonymous members."""
+        if depth > 16:  # anonymous members nest a few levels; deeper is a cycle in a broken blob
+            raise BtfError(f"type {type_id}: anonymous members nest too deep")
         _, kind, vlen, _, kind_flag = self._type(self._resolved(type_id))
         if kind not in (KIND_STRUCT, KIND_UNION):
             raise BtfError(f"type {type_id} is not a struct or union")
         base = self._offsets[self._resolved(type_id)] + _TYPE.size
-        for index in range(vlen):
+        for index in range(vlen):  # _index checked that the members lie inside the type section
             name_off, member_type, offset = _MEMBER.unpack_from(self._data, base + index * _MEMBER.size)
             bits = offset & 0xFFFFFF if kind_flag else offset
             if name_off and self.name(name_off) == name:
                 return bits, member_type
             if not name_off:
                 _, inner_kind, _, _, _ = self._type(self._resolved(member_type))
-                inner = self._member(member_type, name) if inner_kind in (KIND_STRUCT, KIND_UNION) else None
+                anonymous = inner_kind in (KIND_STRUCT, KIND_UNION)
+                inner = self._member(member_type, name, depth + 1) if anonymous else None
                 if inner is not None:
                     return bits + inner[0], inner[1]
         return None

@@ -4,10 +4,10 @@ Stage-neutral (it imports no stage): `agent.preflight` reports these findings in
 and their registry choose their fallbacks from them (hardware cycles or the software cpu-clock, a
 kprobe on the scheduler or the sched_switch tracepoint, a user stack copy for DWARF unwinding or frame
 pointers only). Owns every such probe: the perf-event PMU, kprobes (and the scheduler symbol they would
-hook), BTF, the task user registers (`bpf_task_pt_regs`) that a stack copy needs, and the offset of
-a task's TLS base (`task_struct.thread.fsbase`, from BTF via `agent.btf`) that the Python walker needs. `kernel_features()`
-probes once per process and caches the result; the functions below take their roots as parameters so
-unit tests can give fake ones.
+hook), BTF, the task user registers (`bpf_task_pt_regs`) that a stack copy needs, and the offset of a
+task's TLS base (`task_struct.thread.fsbase`, from BTF via `agent.btf`) that the Python walker needs.
+`kernel_features()` probes once per process and caches the result; the functions below take their
+roots as parameters so unit tests can give fake ones.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Aggregate stage: sums one profiler's events per reporting interval.
 
-Owns the table of (pid, tid, cpu, kernel stack, user stack) -> values and timestamps for the interval
-in progress. `finish()` hands the finished interval out as an immutable `IntervalProfile` and starts
+Owns the table of (pid, tid, cpu, kernel stack, user stack, Python frames) -> values and timestamps for
+the interval in progress. `finish()` hands the finished interval out as an immutable `IntervalProfile` and starts
 the next one; the aggregator never symbolizes and never calls downstream.
 
 The table is keyed on each event's identity where the probe gave one (the record's bytes, whose hash
@@ -20,7 +20,7 @@ from operator import add, itemgetter
 from typing import NamedTuple, Protocol
 
 from agent.aggregate.types import AggregatedSample, IntervalProfile, SampleKey
-from agent.types import ProfileSpec, Stack
+from agent.types import NO_INTERPRETER_STACK, InterpreterStack, ProfileSpec, Stack
 
 
 class EventLike(Protocol):
@@ -40,6 +40,8 @@ class EventLike(Protocol):
     def values(self) -> tuple[float, ...]: ...
     @property
     def timestamp_ns(self) -> int: ...
+    @property
+    def python(self) -> InterpreterStack: ...
 
 
 class _Fields(NamedTuple):
@@ -50,6 +52,7 @@ class _Fields(NamedTuple):
     comm: str
     values: tuple[float, ...]
     timestamp_ns: int
+    python: InterpreterStack
 
 
 @dataclass(slots=True)
@@ -88,21 +91,22 @@ class IntervalAggregator:
         thread_name: str,
         values: tuple[float, ...],
         timestamp_ns: int,
+        python: InterpreterStack = NO_INTERPRETER_STACK,
     ) -> None:
-        self.add_event(_Fields(pid, tid, cpu, kernel, thread_name, values, timestamp_ns), user)
+        self.add_event(_Fields(pid, tid, cpu, kernel, thread_name, values, timestamp_ns, python), user)
 
     def add_event(self, event: EventLike, user: Stack, identity: Hashable | None = None) -> None:
         """Sum one event with user stack `user` into its sample.
 
-        `identity`, when given, must be equal for two events only if their pid, tid, cpu, stacks and
-        comm are (as `StackEvent.identity` is): it is then the table's key, which is far cheaper to
+        `identity`, when given, must be equal for two events only if their pid, tid, cpu, stacks (Python
+        frames included) and comm are (as `StackEvent.identity` is): it is then the table's key, which is far cheaper to
         look up than the stacks. Events of one sample may arrive under several identities (e.g. before
         and after the thread renamed itself): `finish` merges them."""
         self.events = seq = self.events + 1
-        key = (event.pid, event.tid, event.cpu, event.kernel, user) if identity is None else identity
+        key = (event.pid, event.tid, event.cpu, event.kernel, user, event.python) if identity is None else identity
         entry = self._entries.get(key)
         if entry is None:
-            sample_key = SampleKey(event.pid, event.tid, event.cpu, event.kernel, user)
+            sample_key = SampleKey(event.pid, event.tid, event.cpu, event.kernel, user, event.python)
             self._entries[key] = _Entry(sample_key, event.comm, [event.values], [event.timestamp_ns], seq)
             return
         entry.values.append(event.values)

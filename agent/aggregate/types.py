@@ -1,17 +1,17 @@
 """Aggregate stage: the records it produces, which the symbolize stage consumes.
 
 An `IntervalProfile` is one profiler's data for one reporting interval: unique
-(pid, tid, cpu, kernel stack, user stack) keys with summed values and the monotonic timestamps of
-the events that made them. Stacks are still raw instruction pointers here; naming them is the
-symbolize stage's job. The stacks and profile specs these records hold are shared by every stage and
-live in `agent.types`.
+(pid, tid, cpu, kernel stack, user stack, Python frames) keys with summed values and the monotonic
+timestamps of the events that made them. Stacks are still raw instruction pointers (and code object
+addresses) here; naming them is the symbolize stage's job. The stacks and profile specs these records
+hold are shared by every stage and live in `agent.types`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent.types import ProfileSpec, Stack
+from agent.types import NO_INTERPRETER_STACK, InterpreterStack, ProfileSpec, Stack
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +21,7 @@ class SampleKey:
     cpu: int
     kernel: Stack
     user: Stack
+    python: InterpreterStack = NO_INTERPRETER_STACK  # the BPF walker's Python frames (docs/python.md)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,11 +1,11 @@
 """Probes stage: typed, immutable events decoded from perf-buffer records, and their decoders.
 
-The decoders run inside the perf-buffer callbacks: they copy every field out of the ctypes view
-(the view points into the ring buffer and is reused as soon as the callback returns), turn the inline
-stacks into `Stack`s, and reject records that are too short or carry impossible values with
-`MalformedRecord`, which the reader counts. `decode_stack_event` decodes one record in full;
-`StackEventDecoder` does the same through a cache of the records it has seen, which is what makes
-the reader cheap enough per event (see `bench/ingest.py`).
+The decoders run inside the perf-buffer callbacks: they copy every field out of the ctypes view (the
+view points into the ring buffer and is reused as soon as the callback returns), turn the inline stacks
+into `Stack`s and the Python frames after them into an `InterpreterStack`, and reject records that are
+too short or carry impossible values with `MalformedRecord`, which the reader counts.
+`decode_stack_event` decodes one record in full; `StackEventDecoder` does the same through a cache of
+the records it has seen, which is what makes the reader cheap enough per event (see `bench/ingest.py`).
 
 Records with a user stack copy: a decoder given the unwind stage (the CPU and off-CPU profilers' with
 `unwind.* = auto|dwarf`) unwinds the copy where it lies in the ring, inside the callback, and the event
@@ -26,14 +26,19 @@ from agent.probes.records import (
     MAX_STACK_DEPTH,
     PROC_EVENT_EXEC,
     PROC_EVENT_NEW,
+    PYTHON_MAX_FRAMES,
+    PYTHON_NO_FSBASE,
+    PYTHON_NO_THREAD_STATE,
+    PYTHON_READ_FAILED,
     SAMPLE_FLAG_KERNEL_THREAD,
+    SAMPLE_FLAG_PYTHON_TRUNCATED,
     STACK_EVENT_HEADER_SIZE,
     USER_STACK_OFFSET,
     ProcEventRecord,
     StackEventRecord,
 )
 from agent.probes.stacks import StackDecoder
-from agent.types import Stack
+from agent.types import NO_INTERPRETER_STACK, InterpreterStack, InterpreterStatus, Stack
 
 R = TypeVar("R", bound=ctypes.Structure)
 
@@ -80,9 +85,11 @@ class StackEvent(NamedTuple):
     # `user` with the stack it unwinds from this, then drops it.
     user_copy: UserStackCopy | None = None
     # Equal for events whose records are equal in everything but timestamp, value and sampling (so
-    # in every field above but those and `values`): the aggregate stage keys on it. None for an event
-    # with a stack copy, or one not decoded from a record.
+    # in every field above but those and `values`, and in `python`): the aggregate stage keys on it.
+    # None for an event with a stack copy, or one not decoded from a record.
     identity: bytes | None = None
+    # The Python frames the BPF walker appended after the user frames (docs/python.md).
+    python: InterpreterStack = NO_INTERPRETER_STACK
 
 
 class RecordHeader(NamedTuple):
@@ -103,10 +110,11 @@ class RecordHeader(NamedTuple):
     user_bp: int
     user_stack_base: int
     user_stack_bytes: int
+    python_frames: int
 
 
 # Field for field the layout of StackEventRecord up to `ips` (the layout test checks the mirror).
-_HEADER = struct.Struct("<QQQIIIIii16sQQQQI4x")
+_HEADER = struct.Struct("<QQQIIIIii16sQQQQIi")
 assert _HEADER.size == STACK_EVENT_HEADER_SIZE
 # What a cached record's decoding reads afresh: timestamp_ns, and value and sampling for its worth.
 _TIMESTAMP = struct.Struct("<Q")
@@ -114,8 +122,16 @@ _WORTH = struct.Struct("<QQQ")
 _IDENTITY_START = 24  # after timestamp_ns, value and sampling
 _LENGTHS = struct.Struct("<ii")  # kernel_stack_len, user_stack_len
 _LENGTHS_OFFSET = StackEventRecord.kernel_stack_len.offset
-_REGISTERS = StackEventRecord.user_ip.offset  # to the end of the header: the user registers
+_REGISTERS = StackEventRecord.user_ip.offset  # to python_frames: the user registers and the copy's place
+_PYTHON_COUNT = StackEventRecord.python_frames.offset  # python_frames, then the frames
+_PYTHON_COUNT_FIELD = struct.Struct("<i")
 _FRAMES = STACK_EVENT_HEADER_SIZE
+# python_frames < 0: why a Python process's event has no frames (shared objects: they recur per event).
+_PYTHON_REASONS = {
+    PYTHON_NO_THREAD_STATE: InterpreterStack(InterpreterStatus.NO_THREAD_STATE),
+    PYTHON_READ_FAILED: InterpreterStack(InterpreterStatus.READ_FAILED),
+    PYTHON_NO_FSBASE: InterpreterStack(InterpreterStatus.NO_FSBASE),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,8 +169,8 @@ def decode_stack_event(data: int, size: int, stacks: StackDecoder, profiler: str
     if size < STACK_EVENT_HEADER_SIZE:
         raise MalformedRecord(f"StackEventRecord: {size} bytes, expected at least {STACK_EVENT_HEADER_SIZE}")
     raw = ctypes.string_at(data, size)  # one copy out of the ring buffer; everything below reads it
-    header, fields, user_copy, identity = _decode_fields(raw, stacks)
-    event = StackEvent(profiler, header.timestamp_ns, *fields, values_of(header), user_copy, identity)
+    header, fields, python, user_copy, identity = _decode_fields(raw, stacks)
+    event = StackEvent(profiler, header.timestamp_ns, *fields, values_of(header), user_copy, identity, python)
     stacks.counts[stacks.signature(event.kernel, event.user)] += 1
     return event
 
@@ -165,7 +181,7 @@ Fields = tuple[int, int, int, bool, str, Stack, Stack]
 
 def _decode_fields(
     raw: bytes, stacks: StackDecoder, record: bytes | memoryview | None = None
-) -> tuple[RecordHeader, Fields, UserStackCopy | None, bytes | None]:
+) -> tuple[RecordHeader, Fields, InterpreterStack, UserStackCopy | None, bytes | None]:
     """Everything in a record but its worth, checked; the stacks are not counted yet. `record`: the whole
     record, when `raw` holds only its start up to the last frame (the stack copy is then a view of it)."""
     header = RecordHeader._make(_HEADER.unpack_from(raw))
@@ -176,6 +192,7 @@ def _decode_fields(
     user_end = kernel_end + max(user_len, 0) * 8
     if len(raw) < user_end:
         raise MalformedRecord(f"stack_event: {len(raw)} bytes cannot hold {kernel_len}+{user_len} frames")
+    python, python_end = _python_stack(header, raw, user_end)
     kernel_thread = bool(header.flags & SAMPLE_FLAG_KERNEL_THREAD)
     user_copy = _user_copy(header, raw if record is None else record) if header.user_stack_bytes else None
     fields = (
@@ -187,11 +204,28 @@ def _decode_fields(
         stacks.stack(kernel_len, raw[STACK_EVENT_HEADER_SIZE:kernel_end], kernel=True),
         stacks.stack(user_len, raw[kernel_end:user_end], kernel=False, kernel_thread=kernel_thread),
     )
-    # A record's bytes after its timestamp, value and sampling up to its last frame, less the user
-    # registers (they vary from event to event, and only the unwinder reads them): records equal in
-    # these decode to equal fields. Not for a record with a stack copy, whose user stack comes from it.
-    identity = None if user_copy is not None else raw[_IDENTITY_START:_REGISTERS] + raw[_FRAMES:user_end]
-    return header, fields, user_copy, identity
+    # A record's bytes after its timestamp, value and sampling up to its last (Python) frame, less the
+    # user registers (they vary from event to event, and only the unwinder reads them): records equal
+    # in these decode to equal fields. Not for a record with a stack copy, whose user stack comes from it.
+    identity = None if user_copy is not None else raw[_IDENTITY_START:_REGISTERS] + raw[_PYTHON_COUNT:python_end]
+    return header, fields, python, user_copy, identity
+
+
+def _python_stack(header: RecordHeader, raw: bytes, start: int) -> tuple[InterpreterStack, int]:
+    """The Python frames at `start` (right after the user frames), checked, and where they end."""
+    count, truncated = header.python_frames, bool(header.flags & SAMPLE_FLAG_PYTHON_TRUNCATED)
+    if count <= 0:
+        reason = _PYTHON_REASONS.get(count, NO_INTERPRETER_STACK) if count else NO_INTERPRETER_STACK
+        if (count < 0 and reason is NO_INTERPRETER_STACK) or truncated:
+            raise MalformedRecord(f"stack_event: python_frames {count}{' truncated' if truncated else ''}")
+        return reason, start
+    if count > PYTHON_MAX_FRAMES:
+        raise MalformedRecord(f"stack_event: {count} Python frames exceed {PYTHON_MAX_FRAMES}")
+    end = start + 16 * count
+    if len(raw) < end:
+        raise MalformedRecord(f"stack_event: {len(raw)} bytes cannot hold {count} Python frames after the stacks")
+    frames = struct.unpack_from(f"<{2 * count}Q", raw, start)
+    return InterpreterStack(InterpreterStatus.TRUNCATED if truncated else InterpreterStatus.OK, frames), end
 
 
 RECORD_CACHE_LIMIT = 8192
@@ -201,8 +235,8 @@ _new_tuple = tuple.__new__  # builds a NamedTuple from a tuple without its Pytho
 _WHOLE_WORDS = ~7
 # What records with one cache key share: the event's fields from pid to user (on to the end when every
 # event is worth the same), the stack-count signature, the header after value and sampling (when the
-# worth is read from it), and the identity.
-_Known = tuple[tuple[object, ...], int, tuple[object, ...], bytes]
+# worth is read from it), the identity and the Python frames.
+_Known = tuple[tuple[object, ...], int, tuple[object, ...], bytes, InterpreterStack]
 
 
 class StackEventDecoder:
@@ -254,25 +288,25 @@ class StackEventDecoder:
             return self._decode_in_full(data, size)
         raw = (self._arrays.get(size) or self._array(size)).from_address(data).raw
         key = raw[_IDENTITY_START : size & _WHOLE_WORDS]
-        fields, signature, rest, identity = self._cache.get(key) or self._learn(raw, key)
+        fields, signature, rest, identity, python = self._cache.get(key) or self._learn(raw, key)
         timestamp, value, sampling = _WORTH.unpack_from(raw)
         assert self._values_of is not None
         values = self._values_of(_new_tuple(RecordHeader, (timestamp, value, sampling, *rest)))
         self._counts[signature] += 1
-        event: StackEvent = _new_tuple(StackEvent, (self._profiler, timestamp, *fields, values, None, identity))
+        event: StackEvent = _new_tuple(StackEvent, (self._profiler, timestamp, *fields, values, None, identity, python))
         return event
 
     def _learn(self, raw: bytes, key: bytes) -> _Known:
-        header, fields, _, identity = _decode_fields(raw, self._stacks)  # may raise MalformedRecord
+        header, fields, python, _, identity = _decode_fields(raw, self._stacks)  # may raise MalformedRecord
         assert identity is not None  # a stack copy would not fit in the bytes let through to here
         signature = self._stacks.signature(fields[5], fields[6])
         if self._values_of is None:
-            known: _Known = ((*fields, self._values, None, identity), signature, (), identity)
+            known: _Known = ((*fields, self._values, None, identity, python), signature, (), identity, python)
         else:
-            known = (fields, signature, tuple(header)[3:], identity)
+            known = (fields, signature, tuple(header)[3:], identity, python)
         # The key ends where the frames end, unless the padding is not perf's (never seen): such a
         # record is decoded afresh every time, never wrongly.
-        if len(key) == len(identity) + _FRAMES - _REGISTERS:
+        if len(key) == len(identity) + _PYTHON_COUNT - _REGISTERS:
             if len(self._cache) >= self._limit:
                 self._cache.clear()  # as StackDecoder's: refills in one interval
             self._cache[key] = known
@@ -292,12 +326,13 @@ class StackEventDecoder:
         assert self._unwind is not None
         ring = memoryview((self._arrays.get(size) or self._array(size)).from_address(data)).cast("B")
         kernel_len, user_len = _LENGTHS.unpack_from(ring, _LENGTHS_OFFSET)  # how much of the start to copy
-        end = STACK_EVENT_HEADER_SIZE + 8 * (max(kernel_len, 0) + max(user_len, 0))
-        header, fields, copy, _ = _decode_fields(ring[: min(end, size)].tobytes(), self._stacks, ring)
+        python_len = min(max(_PYTHON_COUNT_FIELD.unpack_from(ring, _PYTHON_COUNT)[0], 0), PYTHON_MAX_FRAMES + 1)
+        end = STACK_EVENT_HEADER_SIZE + 8 * (max(kernel_len, 0) + max(user_len, 0) + 2 * python_len)
+        header, fields, python, copy, _ = _decode_fields(ring[: min(end, size)].tobytes(), self._stacks, ring)
         kernel, frame_pointer_user = fields[5], fields[6]
         user = frame_pointer_user if copy is None else self._unwind(header.pid, copy, frame_pointer_user)
         self._counts[self._stacks.signature(kernel, frame_pointer_user)] += 1
-        return StackEvent(self._profiler, header.timestamp_ns, *fields[:6], user, values_of(header))
+        return StackEvent(self._profiler, header.timestamp_ns, *fields[:6], user, values_of(header), python=python)
 
     def _array(self, size: int) -> type[ctypes.Array[ctypes.c_char]]:
         array = self._arrays[size] = ctypes.c_char * size

@@ -12,6 +12,7 @@ dead process's offsets; `forget` drops what user space still remembers of it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 from collections import Counter
@@ -93,7 +94,6 @@ def _thread_key(pid: int, pthread: int) -> PythonThreadKey:
 
 
 def _delete(table: Any, key: ctypes.Structure | ctypes.c_uint32) -> None:
-    try:
+    # Already gone: the exit tracepoint deleted it, or it was never written.
+    with contextlib.suppress(KeyError):
         del table[key]
-    except KeyError:
-        pass  # already gone: the exit tracepoint deleted it, or it was never written

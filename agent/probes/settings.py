@@ -2,8 +2,9 @@
 
 `profiling` says what the probes collect and how often the pipeline reports; `offcpu` and `alloc` tune
 their profilers; `python` says whether every profiler walks Python frames, and how many (the process
-stage reads it too, to decide whether to inspect Python processes at all). Each field is declared once, with its default, parser, help and flag (see
-`agent.settings`); `agent.config` gathers the sections and loads them.
+stage reads it too, to decide whether to inspect Python processes at all). Each field is declared
+once, with its default, parser, help and flag (see `agent.settings`); `agent.config` gathers the
+sections and loads them.
 """
 
 from __future__ import annotations

@@ -9,7 +9,16 @@ import pytest
 
 from agent.aggregate.interval import IntervalAggregator, mono_to_unix_offset_ns
 from agent.aggregate.types import AggregatedSample, IntervalProfile, SampleKey
-from agent.types import EMPTY_STACK, ProfileSpec, Stack, StackStatus, ValueType
+from agent.types import (
+    EMPTY_STACK,
+    NO_INTERPRETER_STACK,
+    InterpreterStack,
+    InterpreterStatus,
+    ProfileSpec,
+    Stack,
+    StackStatus,
+    ValueType,
+)
 
 SPEC = ProfileSpec(
     "cpu", (ValueType("samples", "count"), ValueType("cpu", "nanoseconds")), ValueType("cpu", "nanoseconds"), 10
@@ -31,6 +40,7 @@ def add(
     user: Stack = USER_A,
     thread_name: str = "worker",
     values: tuple[float, ...] = (1, 10),
+    python: InterpreterStack = NO_INTERPRETER_STACK,
 ) -> None:
     aggregator.add(
         pid=pid,
@@ -41,6 +51,7 @@ def add(
         thread_name=thread_name,
         values=values,
         timestamp_ns=timestamp_ns,
+        python=python,
     )
 
 
@@ -168,9 +179,40 @@ def test_mono_to_unix_offset_is_sane() -> None:
 class Event:
     """What the pipeline hands `add_event` (a StackEvent's fields)."""
 
-    def __init__(self, timestamp_ns: int, comm: str = "worker", values: tuple[float, ...] = (1, 10)) -> None:
+    def __init__(
+        self,
+        timestamp_ns: int,
+        comm: str = "worker",
+        values: tuple[float, ...] = (1, 10),
+        python: InterpreterStack = NO_INTERPRETER_STACK,
+    ) -> None:
         self.pid, self.tid, self.cpu, self.kernel = 100, 101, 0, EMPTY_STACK
-        self.comm, self.values, self.timestamp_ns = comm, values, timestamp_ns
+        self.comm, self.values, self.timestamp_ns, self.python = comm, values, timestamp_ns, python
+
+
+PYTHON_A = InterpreterStack(InterpreterStatus.OK, (0x7F0000001000, 0x7F0000002040, 0x7F0000003000, 12))
+PYTHON_B = InterpreterStack(InterpreterStatus.OK, (0x7F0000001000, 0x7F0000002042, 0x7F0000003000, 12))
+
+
+def test_python_frames_are_part_of_the_sample_key() -> None:
+    """Two events alike in their native stacks but not in their Python frames are two samples; events
+    with equal Python frames (equal, not the same object) are one."""
+    aggregator = IntervalAggregator(SPEC, start_mono_ns=START)
+    add(aggregator, START + 1, user=USER_A, python=PYTHON_A)
+    add(aggregator, START + 2, user=USER_A, python=PYTHON_B)
+    add(aggregator, START + 3, user=USER_A, python=InterpreterStack(InterpreterStatus.OK, PYTHON_A.frames))
+    add(aggregator, START + 4, user=USER_A)
+    add(aggregator, START + 5, user=USER_A, python=InterpreterStack(InterpreterStatus.READ_FAILED))
+    aggregator.add_event(Event(START + 6, python=PYTHON_B), USER_A)  # keyed on its fields, Python frames too
+    samples = by_key(aggregator.finish(START + 100))
+    key = SampleKey(100, 101, 0, EMPTY_STACK, USER_A)
+    assert {sample_key.python: sample.values for sample_key, sample in samples.items()} == {
+        PYTHON_A: (2, 20),
+        PYTHON_B: (2, 20),
+        NO_INTERPRETER_STACK: (1, 10),
+        InterpreterStack(InterpreterStatus.READ_FAILED): (1, 10),
+    }
+    assert samples[key].key.python is NO_INTERPRETER_STACK  # the default: a native-only key is unchanged
 
 
 def test_events_with_an_identity_are_keyed_on_it() -> None:

@@ -51,17 +51,20 @@ def stack_record(
     kernel_len: int | None = None,
     user_len: int | None = None,
     comm: bytes = b"worker",
+    python: tuple[int, ...] = (),
     **fields: int,
 ) -> StackEventRecord:
-    """A record as collect_stacks() fills it: kernel frames from ips[0], user frames right after them."""
+    """A record as collect_stacks() fills it: kernel frames from ips[0], user frames right after them;
+    then the walker's Python frames (`python`: two words each; python_frames = their count unless given)."""
     values = {"timestamp_ns": 123_456_789_012, "value": 52_631_579, "pid": 4242, "tid": 4243, "cpu": 3, "flags": 0}
+    values["python_frames"] = len(python) // 2
     values.update(fields)
     record = StackEventRecord(
         kernel_stack_len=len(kernel) if kernel_len is None else kernel_len,
         user_stack_len=len(user) if user_len is None else user_len,
         **values,
     )
-    frames = kernel + user
+    frames = kernel + user + python
     for i in range(len(record.ips)):
         record.ips[i] = frames[i] if i < len(frames) else SENTINEL  # unfilled slots must never be read
     set_comm(record, comm)
@@ -76,8 +79,8 @@ def set_comm(record: StackEventRecord, raw: bytes) -> None:
 
 
 def sent_size(record: StackEventRecord) -> int:
-    """What collect_stacks() submits: the header and the filled frames only."""
-    frames = max(record.kernel_stack_len, 0) + max(record.user_stack_len, 0)
+    """What collect_stacks() and the walker submit: the header and the filled frames only."""
+    frames = max(record.kernel_stack_len, 0) + max(record.user_stack_len, 0) + 2 * max(record.python_frames, 0)
     return STACK_EVENT_HEADER_SIZE + frames * 8
 
 
@@ -125,9 +128,10 @@ def decode(
 
 
 def identity(record: StackEventRecord) -> bytes:
-    """What `StackEvent.identity` is: the bytes after timestamp, value and sampling, less the registers."""
+    """What `StackEvent.identity` is: the bytes after timestamp, value and sampling, less the registers
+    (python_frames, right before the frames, is part of it)."""
     raw = bytes(record)
-    return raw[24:64] + raw[104 : sent_size(record)]
+    return raw[24:64] + raw[100 : sent_size(record)]
 
 
 def test_header_is_everything_before_the_frames() -> None:
