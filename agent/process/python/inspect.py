@@ -119,6 +119,10 @@ class PythonInspector:
         counts = Counter(p.state.value for p in self._current.values())
         return {state.value: counts.get(state.value, 0) for state in PythonState}
 
+    def pids(self) -> frozenset[int]:
+        """The pids with a verdict."""
+        return frozenset(self._current)
+
     def walked(self) -> dict[int, PythonProcess]:
         return {pid: p for pid, p in self._current.items() if p.walked}
 
