@@ -43,6 +43,7 @@ from agent.probes.loader import release_compiler_memory
 from agent.probes.program import ProbeProgram
 from agent.probes.reader import PerfReader
 from agent.probes.registry import make_probes, stack_copy_bytes
+from agent.process.python.inspect import PythonInspector
 from agent.process.registry import ProcessRegistry
 from agent.reload import changed_keys, is_live, merge_live
 from agent.sampling.adaptive import AdaptiveSampler
@@ -102,6 +103,8 @@ class Daemon:
         self.otlp: OtlpSink | None = None
         self.reporter: Reporter | None = None
         self.pipeline: Pipeline | None = None
+        # Python frames: made once the program is loaded with the walker (python.enabled, fsbase known).
+        self.python_inspector: PythonInspector | None = None
         self.health = HealthState(config.metrics.ready_export_failure_s)
         self.notifier = Notifier(config.notify_socket or None)
         self.reloads: Counter[str] = Counter(dict.fromkeys(RELOAD_OUTCOMES, 0))

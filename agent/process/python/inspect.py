@@ -35,7 +35,7 @@ from agent.errors import AgentError
 from agent.process.memory import ProcessMemory
 from agent.process.python.elfcode import ElfCode, ElfCodeError
 from agent.process.python.frames import CodeCheck, validate_frames
-from agent.process.python.layouts import NO_FIELD, LayoutError, PythonLayout
+from agent.process.python.layouts import NO_FIELD, LayoutError, PythonLayout, layout_for_version
 from agent.process.python.proc import PythonProcess, PythonState, spec_of_layout
 from agent.process.python.threads import (
     MemoryReader,
@@ -54,9 +54,22 @@ from agent.process.python.x86 import SpecificOffsets, pthread_specific_offsets, 
 logger = logging.getLogger(__name__)
 
 THREAD_MAP_FROM = (3, 14)  # the thread map by design from here on (docs/python.md)
+MIN_VERSION = (3, 10)
 MAX_VALIDATION_THREADS = 8
 _FUNCTION_BYTES = 64
 LOG_INTERVAL_S = 60.0
+# Why a process is walked through the thread map rather than its TSS slot (the labels counted from the
+# start; a ThreadsError reason met in the slot search is counted under its own name too).
+FALLBACK_REASONS = (
+    "version",  # 3.14+: the thread map by design
+    "tss_mismatch",  # the layout's key address and PyGILState_GetThisThreadState's disagree
+    "tss_undecoded",  # neither a layout entry nor a decodable function: no key address to trust
+    "musl",  # musl's pthread_getspecific is not glibc's
+    "no_libc",  # no C library mapped (a static binary): nothing to check the slot against
+    "tss_uninitialized",  # the key's Py_tss_t is not initialized
+    "tls_slot_not_found",  # no single offset holds every thread's state
+    "tls_libc_mismatch",  # the offset found disagrees with glibc's pthread_getspecific code
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +97,23 @@ class NotWalkable(AgentError):
 
 # pid, its memory -> the interpreter, or NotWalkable.
 Discover = Callable[[int, MemoryReader], Interpreter]
+
+
+def describe_walkable() -> str:
+    """Which CPython versions the inspector can enable, and how their threads are found (for `check`)."""
+    tables = [v for v in ((3, minor) for minor in range(MIN_VERSION[1], THREAD_MAP_FROM[1])) if _has_table(v)]
+    tss = f"{tables[0][0]}.{tables[0][1]}-3.{THREAD_MAP_FROM[1] - 1}" if tables else "none"
+    return f"{tss} through the TSS slot, 3.{THREAD_MAP_FROM[1]} through the thread map"
+
+
+def _has_table(version: tuple[int, int]) -> bool:
+    if version >= (3, 13):
+        return True  # from the process's debug offsets
+    try:
+        layout_for_version(version)
+    except LayoutError:
+        return False
+    return True
 
 
 class PythonInspector:
