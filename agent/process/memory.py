@@ -22,7 +22,7 @@ import struct
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from agent.errors import AgentError
 
@@ -52,6 +52,16 @@ class MemoryReadError(AgentError):
         self.address = address
         self.size = size
         self.reason = reason
+
+
+class MemoryReader(Protocol):
+    """What the object readers need of a process's memory (`ProcessMemory`, or a fixture in tests)."""
+
+    pid: int
+
+    def read(self, address: int, size: int) -> bytes:
+        """Exactly `size` bytes at `address`, or a MemoryReadError."""
+        ...
 
 
 class _Iovec(ctypes.Structure):
