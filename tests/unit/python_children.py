@@ -2,8 +2,8 @@
 interpreter the way the inspector needs it (`Interpreter`), from the ELF file that defines `_PyRuntime`.
 
 `elf_discover` is the tests' own, independent discovery: the file exporting `_PyRuntime` among the
-child's executable mappings, its load bias, and a code check that only compares `ob_type` with
-`&PyCode_Type` (agent.process.python.discover is the agent's).
+child's executable mappings, its load bias, and the inspector's code check (the agent's own is
+agent.process.python.discover).
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ from pathlib import Path
 from agent.process.elf import read_elf
 from agent.process.maps import load_bias, read_process_maps, resolve_file
 from agent.process.python.elfcode import ElfCode
-from agent.process.python.inspect import Interpreter, NotWalkable
+from agent.process.python.inspect import Interpreter, NotWalkable, code_check
 from agent.process.python.layouts import (
     MAX_DEBUG_OFFSETS_SIZE,
-    PythonLayout,
     layout_for_version,
     layout_from_debug_offsets,
 )
@@ -84,12 +83,7 @@ def elf_discover(pid: int, memory: MemoryReader) -> Interpreter:
             layout = layout_from_debug_offsets(memory.read(bias + runtime, MAX_DEBUG_OFFSETS_SIZE))
         else:
             layout = layout_for_version(version)
-        type_address = bias + code_type
-
-        def check(code: int, layout: PythonLayout = layout, type_address: int = type_address) -> str | None:
-            ob_type = struct.unpack("<Q", memory.read(code + layout.object_type, 8))[0]
-            return None if ob_type == type_address else f"ob_type {ob_type:#x}"
-
+        check = code_check(memory, layout, bias + code_type)
         return Interpreter(path, bias, bias + runtime, layout, function or 0, check)
     raise NotWalkable(PythonState.NOT_PYTHON, "no_runtime")
 

@@ -36,6 +36,7 @@ from agent.process.memory import ProcessMemory
 from agent.process.python.elfcode import ElfCode, ElfCodeError
 from agent.process.python.frames import CodeCheck, validate_frames
 from agent.process.python.layouts import NO_FIELD, LayoutError, PythonLayout, layout_for_version
+from agent.process.python.objects import CodeReadError, read_code
 from agent.process.python.proc import PythonProcess, PythonState, spec_of_layout
 from agent.process.python.threads import (
     MemoryReader,
@@ -97,6 +98,20 @@ class NotWalkable(AgentError):
 
 # pid, its memory -> the interpreter, or NotWalkable.
 Discover = Callable[[int, MemoryReader], Interpreter]
+
+
+def code_check(memory: MemoryReader, layout: PythonLayout, code_type: int) -> CodeCheck:
+    """The validation walk's check of one code object: `ob_type == &PyCode_Type` (`code_type`, its
+    runtime address), sane name, qualname and file name strings, a line table covering the bytecode."""
+
+    def check(address: int) -> str | None:
+        try:
+            read_code(memory, layout, address, code_type)
+        except CodeReadError as e:
+            return f"{e.reason}: {e}"
+        return None
+
+    return check
 
 
 def describe_walkable() -> str:
