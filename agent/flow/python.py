@@ -11,7 +11,9 @@ This module owns `PythonFrames`, which the pipeline calls:
   process is alive (the CodeCache), shims skipped; an event of a thread-map process that found no
   thread state (a thread started since the map was written) refreshes the map, at most once a second;
 - `end_interval()` at each interval end: the thread maps of thread-map processes are walked again
-  (one walk of `interp->threads` per such process per interval), and verdicts of exited pids dropped.
+  (one walk of `interp->threads` per such process per interval), and verdicts of exited pids dropped
+  one interval end after they were first found gone (the report thread names the interval they left
+  with their runtime still known; their code objects stay in the bounded cache).
 
 It starts no threads and holds no lock: everything runs on the pipeline thread.
 """
@@ -69,6 +71,8 @@ class CodeResolverLike(Protocol):
 
     def forget(self, pid: int) -> None: ...
 
+    def release(self, pid: int) -> None: ...
+
 
 def record_of(spec: PythonProcSpec) -> PythonProcRecord:
     """The ctypes mirror of the process stage's record (same fields, same order)."""
@@ -102,6 +106,7 @@ class PythonFrames:
         self._proc_root = proc_root
         self._clock = clock
         self._last_refresh: dict[int, float] = {}
+        self._gone: set[int] = set()  # pids found exited at the last interval end
         self.stats: Counter[str] = Counter()  # enabled, enable_failed, thread_refreshes, codes_resolved
 
     def on_exec(self, pid: int, exec_: bool) -> None:
@@ -143,11 +148,16 @@ class PythonFrames:
 
     def end_interval(self) -> None:
         """Refresh every thread-map process's threads; drop the verdicts of pids that have exited."""
+        gone: set[int] = set()
         for pid in self._inspector.pids():
             if not os.path.exists(self._proc_root / str(pid)):
-                self.on_exec(pid, exec_=False)
-                continue
-            self._refresh(pid, rate_limited=False)
+                gone.add(pid)
+            else:
+                self._refresh(pid, rate_limited=False)
+        for pid in self._gone & gone:
+            self.on_exec(pid, exec_=False)
+            self._codes.release(pid)
+        self._gone = gone - self._gone
 
     def _refresh(self, pid: int, rate_limited: bool) -> None:
         known = self._inspector.get(pid)

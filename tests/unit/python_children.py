@@ -84,7 +84,7 @@ def elf_discover(pid: int, memory: MemoryReader) -> Interpreter:
         else:
             layout = layout_for_version(version)
         check = code_check(memory, layout, bias + code_type)
-        return Interpreter(path, bias, bias + runtime, layout, function or 0, check)
+        return Interpreter(path, bias, bias + runtime, layout, function or 0, check, bias + code_type)
     raise NotWalkable(PythonState.NOT_PYTHON, "no_runtime")
 
 

@@ -85,6 +85,7 @@ class FakeCodes:
     def __init__(self) -> None:
         self.resolved: Counter[tuple[int, int]] = Counter()
         self.forgotten: list[int] = []
+        self.released: list[int] = []
 
     def resolve(self, pid: int, address: int) -> object:
         self.resolved[(pid, address)] += 1
@@ -92,6 +93,9 @@ class FakeCodes:
 
     def forget(self, pid: int) -> None:
         self.forgotten.append(pid)
+
+    def release(self, pid: int) -> None:
+        self.released.append(pid)
 
 
 class Observer:
@@ -205,13 +209,16 @@ def test_a_tss_process_never_walks_its_threads_again(tmp_path: Path) -> None:
     assert h.inspector.refreshes == []
 
 
-def test_exited_pids_are_dropped_at_interval_end(tmp_path: Path) -> None:
+def test_exited_pids_are_dropped_one_interval_end_later(tmp_path: Path) -> None:
     h = Harness(ENABLED, _alive(tmp_path, PID))
     h.pipeline.handle(ProcessEvent(0, PID, ProcessEventKind.NEW))
     (tmp_path / str(PID)).rmdir()
     h.pipeline.handle(IntervalMark(10))
+    assert h.inspector.get(PID) is not None  # the interval it left in is still being named
+    h.pipeline.handle(IntervalMark(20))
     assert h.inspector.get(PID) is None
     assert h.maps.calls[-1] == ("forget", PID, None)
+    assert (h.codes.released, h.codes.forgotten) == ([PID], [])  # its code objects stay for the report
 
 
 def test_without_python_frames_nothing_is_inspected(tmp_path: Path) -> None:

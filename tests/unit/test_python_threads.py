@@ -21,10 +21,13 @@ import pytest
 from agent.probes import records
 from agent.process.memory import ProcessMemory
 from agent.process.python import proc
+from agent.process.python.code_cache import CodeCache
 from agent.process.python.elfcode import ElfCode
+from agent.process.python.frames import walk_frames
 from agent.process.python.inspect import Interpreter, NotWalkable, PythonInspector
 from agent.process.python.layouts import NO_FIELD, PY313, layout_for_version
-from agent.process.python.proc import PythonState
+from agent.process.python.proc import PythonProcess, PythonState
+from agent.process.python.runtime import CodeResolver, discover_interpreter
 from agent.process.python.threads import (
     KEYS_PER_BLOCK,
     MemoryReader,
@@ -121,9 +124,14 @@ def test_tls_slot_of_a_key_above_32(interpreter: Installed, many_keys: Path) -> 
 
 @pytest.mark.parametrize("interpreter", INTERPRETERS, ids=IDS)
 def test_inspector_enables_a_good_process(interpreter: Installed) -> None:
-    inspector = PythonInspector(elf_discover)
+    inspector = PythonInspector(discover_interpreter())  # the agent's own discovery
     with child(interpreter.executable, THREADS) as process:
         result = inspector.inspect(process.pid)
+        resolver = CodeResolver(CodeCache(64), inspector)
+        names = _frame_names(process.pid, result, resolver)
+    assert "sleeper" in names and "<module>" in names, names
+    known = interpreter.version if interpreter.minor >= (3, 11) else interpreter.minor  # Py_Version is 3.11+
+    assert resolver.runtime(process.pid) == ("cpython", ".".join(map(str, known)))
     assert result.state is PythonState.ENABLED, result
     assert result.version == interpreter.minor
     assert result.frames_checked >= 2  # sleeper and <module> at least
@@ -133,6 +141,21 @@ def test_inspector_enables_a_good_process(interpreter: Installed) -> None:
     assert inspector.states()["enabled"] == 1
     inspector.forget(process.pid)
     assert inspector.states()["enabled"] == 0
+
+
+def _frame_names(pid: int, result: PythonProcess, resolver: CodeResolver) -> list[str]:
+    """The qualnames of the main thread's frames, resolved the way the pipeline does."""
+    assert result.layout is not None
+    memory = ProcessMemory(pid)
+    threads = walk_threads(memory, result.layout, result.runtime_address)
+    main = threads[-1]  # interp->threads is newest first: the main thread's state is the last
+    names = []
+    for frame in walk_frames(memory, result.layout, main.address):
+        if not frame.shim:
+            code = resolver.resolve(pid, frame.code)
+            assert code is not None and resolver.code(pid, frame.code) is code
+            names.append(code.qualname)
+    return names
 
 
 def _altered(change: Callable[[Interpreter], Interpreter]) -> Callable[[int, MemoryReader], Interpreter]:
@@ -275,7 +298,7 @@ def fake_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     [("chain", "bad_code_object"), ("zeros", "no_threads"), ("garbage", "bad_pointer")],
 )
 def test_a_fake_interpreter_is_never_enabled(fake_python: Path, mode: str, reason: str) -> None:
-    inspector = PythonInspector(elf_discover)
+    inspector = PythonInspector(discover_interpreter())
     with subprocess.Popen([str(fake_python), mode], stdout=subprocess.PIPE, text=True) as process:
         try:
             assert process.stdout is not None and process.stdout.readline().strip() == "ready"
@@ -285,3 +308,35 @@ def test_a_fake_interpreter_is_never_enabled(fake_python: Path, mode: str, reaso
     assert (result.state, result.reason) == (PythonState.VALIDATION_FAILED, reason), result
     assert result.spec is None
     assert inspector.states()["validation_failed"] == 1
+
+
+OLD_PYENV = ("2.7", "3.6", "3.7", "3.8", "3.9")
+
+
+def _old_interpreters() -> list[Path]:
+    found = [Path("/usr/bin/python2")] if Path("/usr/bin/python2").exists() else []
+    versions = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    for prefix in OLD_PYENV:
+        found += sorted(versions.glob(f"{prefix}.*/bin/python"))[:1]
+    return found
+
+
+@pytest.mark.parametrize("executable", _old_interpreters() or [None], ids=str)
+def test_an_unsupported_interpreter_gets_its_state(executable: Path | None) -> None:
+    if executable is None:
+        pytest.skip("no Python 2 or pyenv 2.7/3.6-3.9 installed")
+    inspector = PythonInspector(discover_interpreter())
+    command = [
+        str(executable),
+        "-c",
+        "import sys, time; sys.stdout.write('ready\\n'); sys.stdout.flush(); time.sleep(60)",
+    ]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as process:
+        try:
+            assert process.stdout is not None and process.stdout.readline().strip() == "ready"
+            result = inspector.inspect(process.pid)
+        finally:
+            process.kill()
+    # 2.7 and 3.6 have no _PyRuntime (not recognisable as CPython 3.7+), 3.7-3.9 are too old.
+    assert result.state in (PythonState.UNSUPPORTED_VERSION, PythonState.NOT_PYTHON, PythonState.NO_SYMBOLS), result
+    assert result.spec is None

@@ -83,6 +83,8 @@ class Interpreter:
     layout: PythonLayout
     gilstate_function: int = 0  # PyGILState_GetThisThreadState's link-time address (0: not exported)
     check_code: CodeCheck | None = None  # None: the discovery could not say what a code object is
+    code_type: int = 0  # &PyCode_Type in the process (what resolved code objects are checked against)
+    version_text: str = ""  # "3.12.1" (the micro when known)
 
 
 class NotWalkable(AgentError):
@@ -161,7 +163,8 @@ class PythonInspector:
 
     def states(self) -> dict[str, int]:
         """Processes by current state (every state, zeros included), for the gauge."""
-        counts = Counter(p.state.value for p in self._current.values())
+        # list() copies in one step: the metrics thread reads while the pipeline thread inspects.
+        counts = Counter(p.state.value for p in list(self._current.values()))
         return {state.value: counts.get(state.value, 0) for state in PythonState}
 
     def pids(self) -> frozenset[int]:
@@ -233,7 +236,20 @@ class PythonInspector:
         state = PythonState.ENABLED if slot is not None else PythonState.THREAD_MAP
         mapping = MappingProxyType(thread_map(threads) if slot is None else {})
         spec = spec_of_layout(layout, slot)
-        return PythonProcess(pid, state, why, "", version, layout, found.runtime, spec, mapping, checked)
+        return PythonProcess(
+            pid,
+            state,
+            why,
+            "",
+            version,
+            layout,
+            found.runtime,
+            spec,
+            mapping,
+            checked,
+            found.code_type,
+            found.version_text,
+        )
 
     def _check_threads(self, pid: int, threads: tuple[ThreadState, ...]) -> tuple[str, str] | None:
         """(reason, detail) when the thread states do not look like this process's threads."""

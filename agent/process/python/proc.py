@@ -96,6 +96,8 @@ class PythonProcess:
     spec: PythonProcSpec | None = None  # what to write to python_procs when walked
     threads: Mapping[int, int] = field(default_factory=lambda: _NO_THREADS)  # pthread_t -> tstate (THREAD_MAP)
     frames_checked: int = 0  # code objects the validation walk checked (0: every thread was idle)
+    code_type: int = 0  # &PyCode_Type in the process
+    version_text: str = ""  # "3.12.1"
 
     @property
     def walked(self) -> bool:

@@ -23,9 +23,10 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
 from agent.errors import AgentError
+from agent.process.memory import MemoryReader
 from agent.process.python.layouts import NO_FIELD, PythonLayout
 from agent.process.python.x86 import SpecificOffsets
 
@@ -41,12 +42,6 @@ PTHREAD_WINDOW = 0x1000
 _PAGE = 4096
 _UNREACHABLE = frozenset({"gone", "denied"})  # agent.process.memory.MemoryErrorReason values
 USER_ADDRESS_END = 1 << 47  # x86-64 user space (4-level paging; 5-level user space is opt-in per mapping)
-
-
-class MemoryReader(Protocol):
-    """Reads another process's memory (`agent.process.memory.ProcessMemory`)."""
-
-    def read(self, address: int, size: int) -> bytes: ...
 
 
 class ThreadsError(AgentError):
