@@ -24,6 +24,7 @@ from agent.export.otlp.sink import OtlpSink
 from agent.export.otlp.stats import DROPPED, REJECTED_PROFILES, REQUESTS, RETRIES, SPOOL_ERRORS
 from agent.probes.program import PROCESS_EVENTS
 from agent.process.python.inspect import FALLBACK_REASONS
+from agent.process.python.objects import CodeErrorReason
 from agent.process.python.proc import PythonState
 from agent.symbolize.debuginfo import SymbolSource
 from agent.symbolize.jvm import Outcome
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from agent.probes.bpf_probe import BpfProbe
     from agent.probes.program import ProbeProgram
     from agent.process.python.inspect import PythonInspector
+    from agent.process.python.runtime import CodeResolver
     from agent.process.registry import ProcessRegistry
     from agent.sampling.keep import KeepSampler
     from agent.symbolize.jvm import JvmPerfMapRequester
@@ -85,6 +87,9 @@ class MetricsSource(Protocol):
 
     @property
     def python_inspector(self) -> PythonInspector | None: ...
+
+    @property
+    def python_codes(self) -> CodeResolver | None: ...
 
     @property
     def sinks(self) -> Sequence[object]: ...
@@ -283,6 +288,16 @@ class AgentCollector(Collector):
         for reason, count in _known(inspector.fallbacks, FALLBACK_REASONS):
             fallbacks.add_metric([reason], count)
         yield from (processes, inspections, fallbacks)
+        codes = self._source.python_codes
+        if codes is None:
+            return
+        stats = codes.cache.stats
+        entries = _gauge("python_code_cache_entries", "Code objects cached, read from live Python processes.")
+        entries.add_metric([], stats.entries)
+        failed = _counter("python_code_reads_failed", "Code object reads that failed, by reason.", ("reason",))
+        for reason, count in _known(stats.failures, CodeErrorReason):
+            failed.add_metric([reason], count)
+        yield from (entries, failed)
 
     def _export(self) -> Iterator[Metric]:
         reporter = self._source.reporter

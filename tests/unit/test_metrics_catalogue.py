@@ -21,8 +21,10 @@ from agent.probes.bpf_probe import ReaderStats
 from agent.probes.offcpu import OffCpuProbe
 from agent.probes.program import ProbeProgram
 from agent.probes.stacks import StackDecoder
+from agent.process.python.code_cache import CodeCache
 from agent.process.python.inspect import Interpreter, NotWalkable, PythonInspector
 from agent.process.python.proc import PythonState
+from agent.process.python.runtime import CodeResolver
 from agent.process.python.threads import MemoryReader
 from agent.process.registry import ProcessRegistry
 from agent.sampling.keep import KeepSampler
@@ -58,6 +60,7 @@ def fake_source(spool_dir: str = "/tmp/profiling-agent-test-spool") -> Any:
     python.inspect(1)
     return SimpleNamespace(
         python_inspector=python,
+        python_codes=CodeResolver(CodeCache(8), python),
         probes=[probe],
         program=program,
         processes=processes,
@@ -141,6 +144,7 @@ def test_counters_with_known_labels_are_exported_at_zero_before_anything_happens
         reporter=Reporter(Symbolizer(processes), [files, otlp]),
         pipeline=SimpleNamespace(filtered=0, unknown_items=0, last_rates={}),
         python_inspector=PythonInspector(_not_python),
+        python_codes=CodeResolver(CodeCache(8), PythonInspector(_not_python)),
         sinks=[files, otlp],
         reloads=Counter(dict.fromkeys(RELOAD_OUTCOMES, 0)),
         keep=KeepSampler(profilers=("offcpu",)),
@@ -174,6 +178,7 @@ def test_counters_with_known_labels_are_exported_at_zero_before_anything_happens
         'python_processes{state="validation_failed"} 0.0',
         'python_inspections_total{state="enabled"} 0.0',
         'python_thread_map_fallbacks_total{reason="tss_mismatch"} 0.0',
+        'python_code_reads_failed_total{reason="not_code"} 0.0',
     ]
     missing = [line for line in expected if f"profiling_agent_{line}" not in text]
     assert not missing, missing
