@@ -28,6 +28,7 @@ from agent.process.python.objects import CodeErrorReason
 from agent.process.python.proc import PythonState
 from agent.symbolize.debuginfo import SymbolSource
 from agent.symbolize.jvm import Outcome
+from agent.symbolize.python_merge import MergeOutcome
 from agent.symbolize.stats import ErrorReason
 from agent.types import StackStatus
 from agent.unwind.unwinder import UNWIND_OUTCOMES
@@ -264,6 +265,23 @@ class AgentCollector(Collector):
         for cache, size in sorted(caches.items()):
             sizes.add_metric([cache], size)
         yield from (hits, misses, errors, frames, processes, jit, sources, sizes)
+        yield from self._python_names()
+
+    def _python_names(self) -> Iterator[Metric]:
+        stats = self._source.symbolizer.python.stats
+        frames = _counter(
+            "symbolize_python_frames", "Python frames, by whether their code object was read.", ("result",)
+        )
+        frames.add_metric(["resolved"], stats.frames_resolved)
+        frames.add_metric(["unresolved"], stats.frames_unresolved)
+        stacks = _counter(
+            "symbolize_python_stacks",
+            "Samples with Python frames, by how they merged with the native stack.",
+            ("outcome",),
+        )
+        for outcome, count in _known(stats.stacks, MergeOutcome):
+            stacks.add_metric([outcome], count)
+        yield from (frames, stacks)
         if self._source.jvm is not None:
             requests = _counter(
                 "symbolize_jvm_perf_map_requests", "Perf map requests to JVMs, by outcome.", ("outcome",)

@@ -2,9 +2,9 @@
 
 An `IntervalProfile` is one profiler's data for one reporting interval: unique
 (pid, tid, cpu, kernel stack, user stack, Python frames) keys with summed values and the monotonic
-timestamps of the events that made them. Stacks are still raw instruction pointers (and code object
-addresses) here; naming them is the symbolize stage's job. The stacks and profile specs these records
-hold are shared by every stage and live in `agent.types`.
+timestamps of the events that made them. Stacks are still raw instruction pointers here; naming them is the
+symbolize stage's job. The stacks and profile specs these records hold are shared by every stage and
+live in `agent.types`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ class SampleKey:
     cpu: int
     kernel: Stack
     user: Stack
-    python: InterpreterStack = NO_INTERPRETER_STACK  # the BPF walker's Python frames (docs/python.md)
+    # The Python frames the BPF walker sent with the event (docs/python.md); none for other processes.
+    python: InterpreterStack = NO_INTERPRETER_STACK
 
 
 @dataclass(frozen=True, slots=True)

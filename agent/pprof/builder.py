@@ -7,8 +7,17 @@ caller's return address minus one, so it lands in the call instruction) and mapp
 /proc/PID/maps range and offset, exactly as the symbolize stage recorded them (`go tool pprof` derives
 each symbol address from those three together). The output is uncompressed; sinks compress it.
 
+Python frames (`FrameKind.PYTHON`) get a Function each (name = qualname, system_name = co_name when
+it differs from the qualname, filename = co_filename, start_line = co_firstlineno; one per distinct
+four) and a Location per (mapping, function, line) whose Line carries the line number. Their mapping
+is the interpreter's, the ELF holding the eval loop they ran in, and their address is 0: they have no
+instruction in it, and the Line already says everything `go tool pprof` prints (`qualname file.py:line`
+with `-lines`).
+
 Sample labels: numeric `pid`, `tid`, `cpu`; string `comm`, `thread_name`, and the process metadata
-`container_id`, `pod_uid`, `systemd_unit` (from `Profile.processes`), each only when it is not empty.
+`container_id`, `pod_uid`, `systemd_unit` and, for a Python process, `process.runtime.name` and
+`process.runtime.version` (the semantic conventions' names; from `Profile.processes`), each only when it
+is not empty.
 """
 
 from __future__ import annotations
@@ -20,7 +29,16 @@ from operator import not_
 from typing import Any, cast
 
 from agent.pprof.strings import StringTable
-from agent.symbolize.types import KERNEL_MAPPING_NAME, Frame, FrameKind, MappingInfo, ProcessInfo, Profile, Sample
+from agent.symbolize.types import (
+    KERNEL_MAPPING_NAME,
+    Frame,
+    FrameKind,
+    MappingInfo,
+    ProcessInfo,
+    Profile,
+    PythonSource,
+    Sample,
+)
 from agent.types import ProfileSpec
 
 try:
@@ -38,9 +56,19 @@ logger = logging.getLogger(__name__)
 # is taken as is, and the bracketed name keeps `go tool pprof` from looking for a file.
 DEFAULT_KERNEL_MAPPING = MappingInfo(path=KERNEL_MAPPING_NAME, start=0, limit=0, file_offset=0)
 
-_LocationKey = tuple[int, int, int]  # (mapping id, address, function id)
+_LocationKey = tuple[int, int, int, int]  # (mapping id, address, function id, line)
+# A Python function's identity: (qualname, co_name, co_filename, co_firstlineno).
+_PythonFunctionKey = tuple[str, str, str, int]
 _NUMERIC_LABELS = ("pid", "tid", "cpu")
-_TEXT_LABELS = ("comm", "thread_name", "container_id", "pod_uid", "systemd_unit")
+_TEXT_LABELS = (
+    "comm",
+    "thread_name",
+    "container_id",
+    "pod_uid",
+    "systemd_unit",
+    "process.runtime.name",
+    "process.runtime.version",
+)
 
 
 def build_pprof(profile: Profile) -> bytes:
@@ -136,7 +164,7 @@ class ProfileBuilder:
         self._spec = spec
         self._strings = StringTable()
         self._message: Any = profile_pb2.Profile()
-        self._functions: dict[str, int] = {}
+        self._functions: dict[str | _PythonFunctionKey, int] = {}  # native by name, Python by identity
         self._mappings: dict[MappingInfo, int] = {}
         self._mapping_messages: list[Any] = []
         self._unnamed_mapping_ids: set[int] = set()
@@ -187,7 +215,11 @@ class ProfileBuilder:
 
     def _labels(self, sample: Sample, comm: str, process: ProcessInfo | None) -> Any:
         """A `Sample` message holding only the labels of `sample`; samples with equal labels share one."""
-        metadata = (process.container_id, process.pod_uid, process.systemd_unit) if process is not None else ("",) * 3
+        metadata = (
+            (process.container_id, process.pod_uid, process.systemd_unit, process.runtime_name, process.runtime_version)
+            if process is not None
+            else ("",) * 5
+        )
         key = (sample.pid, sample.tid, sample.cpu, comm, sample.thread_name, *metadata)
         labels = self._label_sets.get(key)
         if labels is None:
@@ -206,7 +238,8 @@ class ProfileBuilder:
         message = self._message
         for mapping_message in self._mapping_messages:
             # Claim functions only when every location got a name, so `go tool pprof` still symbolizes
-            # mappings that have unnamed frames. Filenames and line numbers are never known here.
+            # mappings that have unnamed frames. Filenames and line numbers are never claimed: native
+            # frames have none, and only Python frames (which carry their own) share a mapping with them.
             mapping_message.has_functions = mapping_message.id not in self._unnamed_mapping_ids
         spec = self._spec
         message.period_type.type = self._s(spec.period_type.type)
@@ -234,6 +267,24 @@ class ProfileBuilder:
         self._message.function.add(id=function_id, name=index, system_name=index)
         return function_id
 
+    def _python_function(self, name: str, source: PythonSource) -> int:
+        key = (name, source.system_name, source.filename, source.start_line)
+        found = self._functions.get(key)
+        if found is not None:
+            return found
+        function_id = len(self._functions) + 1
+        self._functions[key] = function_id
+        # A system_name equal to the name is left out: `go tool pprof` takes name == system_name for "not
+        # demangled yet", and its C++ heuristic then strips `<module>`, `<lambda>` or `<genexpr>` to "".
+        self._message.function.add(
+            id=function_id,
+            name=self._s(name),
+            system_name=self._s(source.system_name if source.system_name != name else ""),
+            filename=self._s(source.filename),
+            start_line=source.start_line,
+        )
+        return function_id
+
     def _location_ids(self, frames: tuple[Frame, ...]) -> list[int]:
         known = [*map(self._location_by_frame.get, map(id, frames))]  # the common case stays in C
         if None not in known:
@@ -250,8 +301,13 @@ class ProfileBuilder:
     def _location(self, frame: Frame) -> int:
         mapping = frame_mapping(frame)
         mapping_id = self.add_mapping(mapping) if mapping is not None else 0
-        function_id = self._function(frame.function) if frame.function else 0
-        key = (mapping_id, frame.address, function_id)
+        source = frame.source
+        line = source.line if source is not None else 0
+        if source is not None:
+            function_id = self._python_function(frame.function, source)
+        else:
+            function_id = self._function(frame.function) if frame.function else 0
+        key = (mapping_id, frame.address, function_id, line)
         found = self._locations.get(key)
         if found is not None:
             return found
@@ -259,7 +315,7 @@ class ProfileBuilder:
         self._locations[key] = location_id
         location = self._message.location.add(id=location_id, mapping_id=mapping_id, address=frame.address)
         if function_id:
-            location.line.add(function_id=function_id)
+            location.line.add(function_id=function_id, line=line)
         elif mapping_id:
             self._unnamed_mapping_ids.add(mapping_id)
         return location_id

@@ -2,11 +2,13 @@
 
 This module owns `Symbolizer`, the object the daemon keeps for the agent's lifetime. It ties together
 the kernel symbol table, the native resolver with its ELF cache and debug-file lookup, the perf maps of
-JIT runtimes, and the marker frames, and converts monotonic timestamps to Unix time. It reads the
+JIT runtimes, the Python frames merged over the eval loop's native frames (`agent.symbolize.python_merge`,
+naming code objects through the process stage's cache) and the marker frames, and converts monotonic
+timestamps to Unix time. It reads the
 processes' snapshots from the daemon's one `agent.process.registry.ProcessRegistry` (taken as soon as a
 pid is seen), recapturing a process whose code was mapped since, and ends the registry's interval. Each
 `Profile.processes` entry carries the labels (container, pod, systemd unit) the metadata stage read when
-the process was captured.
+the process was captured, and a Python process its `process.runtime.*` labels.
 
 Most of the work outlives one `symbolize` call: kernel stacks and frames are remembered while the
 kallsyms table stays the same, and user stacks and frames per process snapshot as long as the native
@@ -33,6 +35,7 @@ from agent.symbolize.kallsyms import KallsymsCache, KernelSymbols
 from agent.symbolize.markers import NO_STACK, pprof_addresses, status_marker
 from agent.symbolize.native import NativeResolver, StackFrames
 from agent.symbolize.perf_map import DEFAULT_MAX_ENTRIES, PerfMapStore
+from agent.symbolize.python_merge import MergeCall, PythonCodes, PythonMerger
 from agent.symbolize.settings import SymbolizeConfig
 from agent.symbolize.stats import SymbolizerStats
 from agent.symbolize.types import Frame, FrameKind, ProcessInfo, Profile, Sample
@@ -55,6 +58,7 @@ class _CallState:
     maps: dict[int, ProcessMaps | None] = field(default_factory=dict)  # None: could not be captured
     refreshed: set[int] = field(default_factory=set)
     kernel_checked: bool = False  # whether the kallsyms table was checked for a reload in this call
+    python: MergeCall = field(default_factory=MergeCall)
 
 
 _DEFAULTS = SymbolizeConfig()  # the declared defaults of the `symbolize` section
@@ -69,11 +73,13 @@ class Symbolizer:
         elf_cache_size: int = _DEFAULTS.elf_cache_size,
         debug_roots: Sequence[Path] = DEFAULT_DEBUG_ROOTS,
         perf_map_max_entries: int = DEFAULT_MAX_ENTRIES,
+        python: PythonCodes | None = None,
     ) -> None:
         """`processes` is the daemon's registry; files and kallsyms are read under its `proc_root`.
 
         `debug_roots` are where separate debug files live (`.build-id/` and debug-link trees), each looked
         up through the process's root first; `perf_map_max_entries` bounds all perf maps together.
+        `python` names Python frames (the process stage's code cache); without it they are counted only.
         """
         proc_root = processes.proc_root
         self.stats = SymbolizerStats()
@@ -81,6 +87,7 @@ class Symbolizer:
         self._kallsyms = KallsymsCache(proc_root / "kallsyms", self.stats)
         self._perf_maps = PerfMapStore(proc_root, self.stats, perf_map_max_entries)
         self._native = NativeResolver(proc_root, elf_cache_size, self.stats, debug_roots, self._perf_maps)
+        self.python = PythonMerger(python)
         self._kernel_table: KernelSymbols | None = None
         self._kernel_stacks: dict[Stack, StackFrames] = {}
         self._kernel_frames_memo: dict[int, Frame] = {}  # by adjusted address
@@ -130,7 +137,10 @@ class Symbolizer:
         key = agg.key
         kernel = self._kernel_frames(key.kernel, state)
         user = self._user_frames(key.pid, key.user, state)
-        frames = kernel.frames + user.frames or (NO_STACK,)
+        user_frames = user.frames
+        if key.python.status:  # InterpreterStatus.NONE is 0: not a walked Python process
+            user_frames = self.python.merge(key.pid, key.user, user.frames, key.python, state.python)
+        frames = kernel.frames + user_frames or (NO_STACK,)
         self.stats.frames_symbolized += kernel.named + user.named
         self.stats.frames_unsymbolized += kernel.unnamed + user.unnamed
         return Sample(
@@ -225,12 +235,21 @@ class Symbolizer:
         infos: dict[int, ProcessInfo] = {}
         for pid in pids:
             snapshot = self.processes.snapshot(pid)
+            runtime_name, runtime_version = self.python.runtime(pid) or ("", "")
             if snapshot is None:
-                infos[pid] = ProcessInfo(pid, main_thread_names.get(pid, ""), "")
+                name = main_thread_names.get(pid, "")
+                infos[pid] = ProcessInfo(pid, name, "", runtime_name=runtime_name, runtime_version=runtime_version)
                 continue
             maps, labels = snapshot
             infos[pid] = ProcessInfo(
-                pid, maps.comm, maps.exe_path, labels.container_id, labels.pod_uid, labels.systemd_unit
+                pid,
+                maps.comm,
+                maps.exe_path,
+                labels.container_id,
+                labels.pod_uid,
+                labels.systemd_unit,
+                runtime_name,
+                runtime_version,
             )
         return infos
 

@@ -21,6 +21,8 @@ class FrameKind(enum.StrEnum):
     KERNEL = "kernel"
     NATIVE = "native"
     MARKER = "marker"  # stands for a stack that could not be captured (see `marker_name`)
+    # A CPython function; the value is OTLP's `profile.frame.type` for it (semantic conventions).
+    PYTHON = "cpython"
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,18 +47,32 @@ class MappingInfo:
         return self._hash
 
 
+class PythonSource(NamedTuple):
+    """Where a Python frame's code lives: what a pprof Function and Line carry besides the qualname."""
+
+    system_name: str  # co_name
+    filename: str  # co_filename
+    start_line: int  # co_firstlineno
+    line: int  # the line the frame was executing; 0 when the line table did not say
+
+
 class Frame(NamedTuple):
     """One stack frame (a NamedTuple: symbolization builds millions, and tuples are ~5x cheaper to make).
 
     `address` follows pprof's convention: the leaf's sampled PC as is, every caller's return address
     minus one so it lands inside the call instruction. `function` is "" when the frame could not be
     named; it then keeps its mapping and address so a server can symbolize it later.
+
+    A Python frame (`FrameKind.PYTHON`) has address 0 (it has no instruction in any mapping), the
+    qualname as `function`, the interpreter's mapping (the ELF holding the eval loop it replaced) and
+    its `source`; every other frame has no `source`.
     """
 
     kind: FrameKind
     address: int
     function: str
     mapping: MappingInfo | None
+    source: PythonSource | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +85,8 @@ class ProcessInfo:
     container_id: str = ""  # from /proc/PID/cgroup (agent.metadata), docker/containerd/CRI-O/podman
     pod_uid: str = ""  # Kubernetes pod UID, from a kubepods cgroup path
     systemd_unit: str = ""  # the .service/.scope the process runs in
+    runtime_name: str = ""  # `process.runtime.name`: "cpython" for a Python process whose frames are walked
+    runtime_version: str = ""  # `process.runtime.version`, e.g. "3.12.1"
 
 
 @dataclass(frozen=True, slots=True)

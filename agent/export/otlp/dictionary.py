@@ -49,8 +49,8 @@ class DictionaryBuilder:
         self._strings: dict[str, int] = {"": 0}
         self._attributes: dict[tuple[str, type, AttrValue], int] = {}
         self._mappings: dict[tuple[int, int, int, int, tuple[int, ...]], int] = {}
-        self._functions: dict[int, int] = {}
-        self._locations: dict[tuple[int, int, int, tuple[int, ...]], int] = {}
+        self._functions: dict[tuple[int, int, int, int], int] = {}
+        self._locations: dict[tuple[int, int, int, int, tuple[int, ...]], int] = {}
         self._stacks: dict[tuple[int, ...], int] = {(): 0}
 
     def string(self, value: str) -> int:
@@ -84,18 +84,25 @@ class DictionaryBuilder:
             )
         return index
 
-    def function(self, name: str) -> int:
-        """A function known only by name (the symbolizer gives neither file nor line)."""
-        name_index = self.string(name)
-        index = self._functions.get(name_index)
+    def function(self, name: str, system_name: str = "", filename: str = "", start_line: int = 0) -> int:
+        """A function: native ones are known by name only; Python ones (`agent.symbolize.types.PythonSource`)
+        also by co_name, file and first line."""
+        ident = (self.string(name), self.string(system_name), self.string(filename), start_line)
+        index = self._functions.get(ident)
         if index is None:
-            index = self._functions[name_index] = len(self.dictionary.function_table)
-            self.dictionary.function_table.add(name_strindex=name_index)
+            index = self._functions[ident] = len(self.dictionary.function_table)
+            self.dictionary.function_table.add(
+                name_strindex=ident[0], system_name_strindex=ident[1], filename_strindex=ident[2], start_line=start_line
+            )
         return index
 
-    def location(self, mapping_index: int, address: int, function_index: int, attributes: tuple[int, ...]) -> int:
-        """A location; `function_index` 0 leaves `lines` empty so a backend can symbolize it later."""
-        ident = (mapping_index, address, function_index, attributes)
+    def location(
+        self, mapping_index: int, address: int, function_index: int, attributes: tuple[int, ...], line: int = 0
+    ) -> int:
+        """A location; `function_index` 0 leaves `lines` empty so a backend can symbolize it later.
+
+        `line` is the source line (Python frames; 0, unset, for native ones)."""
+        ident = (mapping_index, address, function_index, line, attributes)
         index = self._locations.get(ident)
         if index is None:
             index = self._locations[ident] = len(self.dictionary.location_table)
@@ -104,7 +111,7 @@ class DictionaryBuilder:
                 mapping_index=mapping_index, address=address, attribute_indices=attributes
             )
             if function_index:
-                location.lines.add(function_index=function_index)
+                location.lines.add(function_index=function_index, line=line)
         return index
 
     def stack(self, location_indices: tuple[int, ...]) -> int:

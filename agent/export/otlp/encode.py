@@ -8,9 +8,13 @@ Pure apart from the htlhash file reads (see `fileid`). For each request:
   host (`k8s.node.name` included when set), as `resource.process_resource` documents;
 * value types and per-sample shapes as `shapes` documents; samples with the same stack and
   attributes are merged, as the spec asks;
-* locations carry `profile.frame.type`: `kernel`, `native`, or `abort-marker` for the marker frames
-  that stand for a stack that could not be captured (the value opentelemetry-ebpf-profiler uses for
-  its "unwinding aborted" frames; the marker text is the frame's function name);
+* locations carry `profile.frame.type`: `kernel`, `native`, `cpython` for Python frames, or
+  `abort-marker` for the marker frames that stand for a stack that could not be captured (the value
+  opentelemetry-ebpf-profiler uses for its "unwinding aborted" frames; the marker text is the frame's
+  function name);
+* a Python frame's Function has name = qualname, system_name = co_name, filename = co_filename and
+  start_line = co_firstlineno, and its Line the line number; its Location has the interpreter's
+  mapping and address 0 (see `agent.pprof.builder`);
 * mappings use the runtime-address convention of the input (pprof's), their filename is the file's
   basename (as opentelemetry-ebpf-profiler sends it: the build ids, not the path, identify the
   file, and a path inside a container means little elsewhere), and they carry
@@ -53,7 +57,12 @@ PPROF_FORMAT = "pprof"
 # Below the 4 MiB default receive limit of grpc servers (the collector's otlp receiver included).
 MAX_REQUEST_BYTES = 3 * 1024 * 1024 + 512 * 1024
 FRAME_TYPE_KEY = "profile.frame.type"
-FRAME_TYPES = {FrameKind.KERNEL: "kernel", FrameKind.NATIVE: "native", FrameKind.MARKER: "abort-marker"}
+FRAME_TYPES = {
+    FrameKind.KERNEL: "kernel",
+    FrameKind.NATIVE: "native",
+    FrameKind.MARKER: "abort-marker",
+    FrameKind.PYTHON: "cpython",
+}
 BUILD_ID_GNU = "process.executable.build_id.gnu"
 BUILD_ID_HTLHASH = "process.executable.build_id.htlhash"
 
@@ -268,9 +277,16 @@ class _RequestEncoder:
         index = self._locations.get(key)
         if index is None:
             mapping_index = self._mapping(pid, frame.mapping) if frame.mapping is not None else 0
-            function_index = self._dict.function(frame.function) if frame.function else 0
+            source = frame.source
+            if source is not None:
+                function_index = self._dict.function(
+                    frame.function, source.system_name, source.filename, source.start_line
+                )
+            else:
+                function_index = self._dict.function(frame.function) if frame.function else 0
             frame_type = self._dict.attribute(FRAME_TYPE_KEY, FRAME_TYPES[frame.kind])
-            index = self._dict.location(mapping_index, frame.address, function_index, (frame_type,))
+            line = source.line if source is not None else 0
+            index = self._dict.location(mapping_index, frame.address, function_index, (frame_type,), line)
             self._locations[key] = index
         return index
 

@@ -9,6 +9,8 @@ One `ResourceProfiles` is sent per process. Its resource holds, in this order of
   systemd attribute; `systemd.unit` follows their naming rules (a lowercase namespace, a dot, the
   property) and systemd's own word for it (journald's `_SYSTEMD_UNIT` field), and is kept in the one
   constant `SYSTEMD_UNIT` so it can follow a convention if one is ever defined;
+- for a Python process whose frames are named, `process.runtime.name` ("cpython") and
+  `process.runtime.version` (semantic conventions), which the symbolize stage puts in `ProcessInfo`;
 - any extra attributes the caller supplies per pid (the sink's `resource_hook`), which never override
   the keys above;
 - the host attributes (`agent.metadata.host.HostAttributes`): `host.name`, `host.arch`, `os.type`, and
@@ -35,6 +37,8 @@ UNKNOWN_SERVICE = "unknown_service"
 CONTAINER_ID = "container.id"
 K8S_POD_UID = "k8s.pod.uid"
 SYSTEMD_UNIT = "systemd.unit"  # no semantic convention exists: see the module docstring
+RUNTIME_NAME = "process.runtime.name"
+RUNTIME_VERSION = "process.runtime.version"
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +90,8 @@ def process_resource(
     attrs[CONTAINER_ID] = process.container_id
     attrs[K8S_POD_UID] = process.pod_uid
     attrs[SYSTEMD_UNIT] = process.systemd_unit
+    attrs[RUNTIME_NAME] = process.runtime_name
+    attrs[RUNTIME_VERSION] = process.runtime_version
     for key, value in (extra or {}).items():
         if attrs.get(key, "") == "":  # an empty metadata value leaves the key to the hook
             attrs[key] = value
