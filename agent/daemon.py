@@ -88,7 +88,15 @@ class Daemon:
         self.metadata = ProcessMetadata()
         # One registry of process snapshots, read by the pipeline, the unwind and the symbolize stages.
         self.processes = ProcessRegistry(ttl_intervals=config.symbolize.process_ttl_intervals, metadata=self.metadata)
-        self.symbolizer = Symbolizer(self.processes, elf_cache_size=config.symbolize.elf_cache_size)
+        # Python frames: the inspector and the code objects it resolves, which the symbolizer names from.
+        self.python_inspector: PythonInspector | None = None
+        self.python_codes: CodeResolver | None = None
+        if config.python.enabled:
+            self.python_inspector = PythonInspector(discover_interpreter())
+            self.python_codes = CodeResolver(CodeCache(CODE_CACHE_ENTRIES), self.python_inspector)
+        self.symbolizer = Symbolizer(
+            self.processes, elf_cache_size=config.symbolize.elf_cache_size, python=self.python_codes
+        )
         symbolize = config.symbolize
         self.jvm = JvmPerfMapRequester(symbolize.jvm_perf_map_interval_s) if symbolize.jvm_perf_map else None
         self.selector = ProcessSelector(config.filters, self.metadata)
@@ -107,16 +115,12 @@ class Daemon:
         self.otlp: OtlpSink | None = None
         self.reporter: Reporter | None = None
         self.pipeline: Pipeline | None = None
-        # Python frames (python.enabled, and the kernel's fsbase offset known): the inspector and the code
-        # objects now; the pipeline's part once the program is loaded with the walker's maps.
-        self.python_inspector: PythonInspector | None = None
-        self.python_codes: CodeResolver | None = None
+        # The pipeline's part of Python frames, once the program is loaded with the walker's maps; without
+        # the walker (no fsbase offset) nothing is inspected, and the metrics say nothing of Python.
         self.python: PythonFrames | None = None
         if self.program.python_unavailable:
             logger.info("Python frames off: %s", self.program.python_unavailable)
-        else:
-            self.python_inspector = PythonInspector(discover_interpreter())
-            self.python_codes = CodeResolver(CodeCache(CODE_CACHE_ENTRIES), self.python_inspector)
+            self.python_inspector = self.python_codes = None
         self.health = HealthState(config.metrics.ready_export_failure_s)
         self.notifier = Notifier(config.notify_socket or None)
         self.reloads: Counter[str] = Counter(dict.fromkeys(RELOAD_OUTCOMES, 0))
