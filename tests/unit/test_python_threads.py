@@ -340,3 +340,27 @@ def test_an_unsupported_interpreter_gets_its_state(executable: Path | None) -> N
     # 2.7 and 3.6 have no _PyRuntime (not recognisable as CPython 3.7+), 3.7-3.9 are too old.
     assert result.state in (PythonState.UNSUPPORTED_VERSION, PythonState.NOT_PYTHON, PythonState.NO_SYMBOLS), result
     assert result.spec is None
+
+
+def _read_prompt(process: subprocess.Popen[bytes]) -> None:
+    assert process.stderr is not None
+    seen = b""
+    while not seen.endswith(b">>> "):
+        byte = process.stderr.read(1)
+        assert byte, f"no prompt: {seen!r}"
+        seen += byte
+
+
+@pytest.mark.parametrize("interpreter", INTERPRETERS, ids=IDS)
+def test_an_idle_process_validates_by_its_thread_states(interpreter: Installed) -> None:
+    """The interactive loop waiting for input (stdin not a terminal: the C REPL) runs no Python code:
+    no thread has a frame, and the thread states and the TSS slot alone validate the process."""
+    inspector = PythonInspector(discover_interpreter())
+    command = [str(interpreter.executable), "-i", "-q"]
+    with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        try:
+            _read_prompt(process)
+            result = inspector.inspect(process.pid)
+        finally:
+            process.kill()
+    assert (result.state, result.frames_checked) == (PythonState.ENABLED, 0), result
