@@ -148,7 +148,7 @@ class PythonInspector:
         self.enabled = enabled
         self._memory = memory or (lambda pid: ProcessMemory(pid, proc_root))
         self._current: dict[int, PythonProcess] = {}
-        self._libc: dict[tuple[str, int], SpecificOffsets | None] = {}  # (path, mtime_ns) -> offsets
+        self._libc: dict[tuple[int, int, int], SpecificOffsets | None] = {}  # file identity -> offsets
         self.inspected: Counter[str] = Counter()  # inspections by resulting state
         self.fallbacks: Counter[str] = Counter()  # THREAD_MAP by reason
         self.refresh_failures = 0
@@ -317,9 +317,10 @@ class PythonInspector:
         if "musl" in path.name:
             return "musl", None
         try:
-            key = (str(path), os.stat(path).st_mtime_ns)
+            st = os.stat(path)
         except OSError:
             return "glibc", None
+        key = (st.st_dev, st.st_ino, st.st_mtime_ns)  # one decode per C library, whichever pid maps it
         if key not in self._libc:
             self._libc[key] = _decode_libc(path)
             if len(self._libc) > 64:
