@@ -30,6 +30,7 @@ from agent.export.otlp.resource import ResourceOptions
 from agent.export.otlp.sink import OtlpSink
 from agent.export.sink import Sink
 from agent.flow.pipeline import Pipeline
+from agent.flow.python import PythonFrames
 from agent.flow.queue import DropOldestQueue
 from agent.flow.report import Reporter
 from agent.flow.sinks import make_file_sink
@@ -43,6 +44,9 @@ from agent.probes.loader import release_compiler_memory
 from agent.probes.program import ProbeProgram
 from agent.probes.reader import PerfReader
 from agent.probes.registry import make_probes, stack_copy_bytes
+from agent.process.python.code_cache import CodeCache
+from agent.process.python.inspect import PythonInspector
+from agent.process.python.runtime import CodeResolver, discover_interpreter
 from agent.process.registry import ProcessRegistry
 from agent.reload import changed_keys, is_live, merge_live
 from agent.sampling.adaptive import AdaptiveSampler
@@ -63,6 +67,7 @@ SERVER_POLL_S = 1.0
 INTERVAL_JITTER = 0.2
 SHUTDOWN_DEADLINE_S = 10.0
 REPORT_QUEUE_SIZE = 4
+CODE_CACHE_ENTRIES = 65536  # code objects of Python processes, over all of them (a few hundred bytes each)
 
 ConfigLoader = Callable[[], AgentConfig]
 RELOAD_OUTCOMES = ("applied", "invalid", "ignored")  # of a SIGHUP
@@ -83,7 +88,15 @@ class Daemon:
         self.metadata = ProcessMetadata()
         # One registry of process snapshots, read by the pipeline, the unwind and the symbolize stages.
         self.processes = ProcessRegistry(ttl_intervals=config.symbolize.process_ttl_intervals, metadata=self.metadata)
-        self.symbolizer = Symbolizer(self.processes, elf_cache_size=config.symbolize.elf_cache_size)
+        # Python frames: the inspector and the code objects it resolves, which the symbolizer names from.
+        self.python_inspector: PythonInspector | None = None
+        self.python_codes: CodeResolver | None = None
+        if config.python.enabled:
+            self.python_inspector = PythonInspector(discover_interpreter())
+            self.python_codes = CodeResolver(CodeCache(CODE_CACHE_ENTRIES), self.python_inspector)
+        self.symbolizer = Symbolizer(
+            self.processes, elf_cache_size=config.symbolize.elf_cache_size, python=self.python_codes
+        )
         symbolize = config.symbolize
         self.jvm = JvmPerfMapRequester(symbolize.jvm_perf_map_interval_s) if symbolize.jvm_perf_map else None
         self.selector = ProcessSelector(config.filters, self.metadata)
@@ -102,6 +115,12 @@ class Daemon:
         self.otlp: OtlpSink | None = None
         self.reporter: Reporter | None = None
         self.pipeline: Pipeline | None = None
+        # The pipeline's part of Python frames, once the program is loaded with the walker's maps; without
+        # the walker (no fsbase offset) nothing is inspected, and the metrics say nothing of Python.
+        self.python: PythonFrames | None = None
+        if self.program.python_unavailable:
+            logger.info("Python frames off: %s", self.program.python_unavailable)
+            self.python_inspector = self.python_codes = None
         self.health = HealthState(config.metrics.ready_export_failure_s)
         self.notifier = Notifier(config.notify_socket or None)
         self.reloads: Counter[str] = Counter(dict.fromkeys(RELOAD_OUTCOMES, 0))
@@ -164,6 +183,11 @@ class Daemon:
     def _load_and_attach(self) -> None:
         self.program.load()
         release_compiler_memory()
+        maps = self.program.python_maps
+        if maps is not None and self.python_inspector is not None and self.python_codes is not None:
+            self.python = PythonFrames(self.python_inspector, maps, self.python_codes)
+        else:
+            self.python_inspector = self.python_codes = None  # loaded without the walker: nothing to inspect
         self.program.attach()
         self._reader = PerfReader(self.program)
         self.sampler = AdaptiveSampler(self.config.sampling, self.probes, self.keep)
@@ -215,6 +239,7 @@ class Daemon:
             self.selector,
             self.keep,
             self.unwinder,
+            self.python,
         )
         targets: list[tuple[str, Callable[[], None]]] = [
             ("perf-reader", self._read_loop),

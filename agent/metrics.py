@@ -23,6 +23,9 @@ from agent.export.files import FileSink
 from agent.export.otlp.sink import OtlpSink
 from agent.export.otlp.stats import DROPPED, REJECTED_PROFILES, REQUESTS, RETRIES, SPOOL_ERRORS
 from agent.probes.program import PROCESS_EVENTS
+from agent.process.python.inspect import FALLBACK_REASONS
+from agent.process.python.objects import CodeErrorReason
+from agent.process.python.proc import PythonState
 from agent.symbolize.debuginfo import SymbolSource
 from agent.symbolize.jvm import Outcome
 from agent.symbolize.python_merge import MergeOutcome
@@ -35,6 +38,8 @@ if TYPE_CHECKING:
     from agent.flow.report import Reporter
     from agent.probes.bpf_probe import BpfProbe
     from agent.probes.program import ProbeProgram
+    from agent.process.python.inspect import PythonInspector
+    from agent.process.python.runtime import CodeResolver
     from agent.process.registry import ProcessRegistry
     from agent.sampling.keep import KeepSampler
     from agent.symbolize.jvm import JvmPerfMapRequester
@@ -80,6 +85,12 @@ class MetricsSource(Protocol):
 
     @property
     def pipeline(self) -> Pipeline | None: ...
+
+    @property
+    def python_inspector(self) -> PythonInspector | None: ...
+
+    @property
+    def python_codes(self) -> CodeResolver | None: ...
 
     @property
     def sinks(self) -> Sequence[object]: ...
@@ -144,6 +155,7 @@ class AgentCollector(Collector):
         yield from self._pipeline()
         yield from self._unwinder()
         yield from self._symbolizer()
+        yield from self._python()
         yield from self._export()
         reloads = _counter("config_reloads", "SIGHUP config reloads, by outcome.", ("outcome",))
         for outcome, count in sorted(self._source.reloads.items()):
@@ -277,6 +289,33 @@ class AgentCollector(Collector):
             for outcome, count in _known(self._source.jvm.outcomes, Outcome):
                 requests.add_metric([outcome], count)
             yield requests
+
+    def _python(self) -> Iterator[Metric]:
+        inspector = self._source.python_inspector
+        if inspector is None:
+            return  # python.enabled is off, or the walker is not loaded: nothing is inspected
+        processes = _gauge("python_processes", "Inspected processes, by their current Python state.", ("state",))
+        for state, count in sorted(inspector.states().items()):
+            processes.add_metric([state], count)
+        inspections = _counter("python_inspections", "Process inspections, by the state found.", ("state",))
+        for state, count in _known(inspector.inspected, (state.value for state in PythonState)):
+            inspections.add_metric([state], count)
+        fallbacks = _counter(
+            "python_thread_map_fallbacks", "Python processes walked through the thread map, by reason.", ("reason",)
+        )
+        for reason, count in _known(inspector.fallbacks, FALLBACK_REASONS):
+            fallbacks.add_metric([reason], count)
+        yield from (processes, inspections, fallbacks)
+        codes = self._source.python_codes
+        if codes is None:
+            return
+        stats = codes.cache.stats
+        entries = _gauge("python_code_cache_entries", "Code objects cached, read from live Python processes.")
+        entries.add_metric([], stats.entries)
+        failed = _counter("python_code_reads_failed", "Code object reads that failed, by reason.", ("reason",))
+        for reason, count in _known(stats.failures, CodeErrorReason):
+            failed.add_metric([reason], count)
+        yield from (entries, failed)
 
     def _export(self) -> Iterator[Metric]:
         reporter = self._source.reporter

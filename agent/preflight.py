@@ -29,6 +29,7 @@ from agent.features import (
     kernel_features,
     perf_event_open,
 )
+from agent.process.python.inspect import MIN_VERSION, describe_walkable
 
 SYS_BPF = {"x86_64": 321, "aarch64": 280}
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
@@ -234,6 +235,29 @@ def check_alloc_cost() -> Check:
     )
 
 
+def check_python_frames() -> Check:
+    """Whether the BPF walker can find a thread's TLS base, and which CPython builds it walks."""
+    features = kernel_features()
+    walks = (
+        f"CPython {describe_walkable()}; free-threaded builds and versions before "
+        f"{MIN_VERSION[0]}.{MIN_VERSION[1]} keep native frames only"
+    )
+    if features.task_fsbase_offset is None:
+        return Check(
+            "Python frames",
+            False,
+            f"off: {features.task_fsbase_unavailable}",
+            "use a kernel with BTF (/sys/kernel/btf/vmlinux) to see Python functions in profiles",
+            fatal=False,
+        )
+    return Check(
+        "Python frames",
+        True,
+        f"task_struct.thread.fsbase at {features.task_fsbase_offset:#x} (BTF); walks {walks}",
+        fatal=False,
+    )
+
+
 def check_bcc() -> Check:
     if importlib.util.find_spec("bcc") is not None:
         return Check("BCC", True, "Python bindings importable")
@@ -267,6 +291,7 @@ def run_checks() -> Report:
         ("kprobes", check_kprobes, False),
         ("off-CPU", check_offcpu_attach, False),
         ("allocations", check_alloc_cost, False),
+        ("Python frames", check_python_frames, False),
         ("BCC", check_bcc, True),
     ):
         checks += _guard(name, probe, fatal)

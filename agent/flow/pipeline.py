@@ -24,10 +24,13 @@ from typing import Protocol
 
 from agent.aggregate.interval import IntervalAggregator
 from agent.aggregate.types import IntervalProfile
+from agent.flow.python import PythonFrames
 from agent.probes.events import IntervalMark, ProcessEvent, ProcessEventKind, StackEvent
-from agent.types import ProfileSpec, Stack
+from agent.types import InterpreterStatus, ProfileSpec, Stack
 
 logger = logging.getLogger(__name__)
+
+_NO_PYTHON = InterpreterStatus.NONE
 
 
 class KeepLike(Protocol):
@@ -78,8 +81,10 @@ class Pipeline:
         selector: ProcessSelectorLike | None = None,
         keep: KeepLike | None = None,
         unwinder: UnwinderLike | None = None,
+        python: PythonFrames | None = None,
     ) -> None:
         self._keep = keep
+        self._python = python
         self._unwinder = unwinder
         self._aggregators = {name: IntervalAggregator(spec) for name, spec in specs.items()}
         self._processes = processes
@@ -115,6 +120,10 @@ class Pipeline:
             # Covers a process whose announcement was lost, and is cheap once captured.
             self._seen_pids.add(event.pid)
             self._processes.observe_process(event.pid)
+            if self._python is not None:
+                self._python.observe(event.pid, announced=False)
+        if self._python is not None and event.python.status is not _NO_PYTHON:
+            self._python.on_event(event)  # names the code objects while the process is alive
         if event.user_copy is None or self._unwinder is None:
             aggregator.add_event(event, event.user, event.identity)
         else:  # after the keep decision: unwinding costs more than anything else done per event
@@ -146,14 +155,20 @@ class Pipeline:
         if self._unwinder is not None:
             self._unwinder.forget(event.pid)
         self._processes.on_exec(event.pid)
+        if self._python is not None:
+            self._python.on_exec(event.pid, exec_=event.kind is ProcessEventKind.EXEC)
         if event.kind is ProcessEventKind.NEW and (self._selector is None or self._selector.admits(event.pid)):
             self._processes.observe_process(event.pid)
             self._seen_pids.add(event.pid)
+            if self._python is not None:
+                self._python.observe(event.pid, announced=True)
         else:
             self._seen_pids.discard(event.pid)
 
     def _on_mark(self, mark: IntervalMark) -> bool:
         self._seen_pids.clear()
+        if self._python is not None:
+            self._python.end_interval()
         rates: dict[str, float] = {}
         for name, aggregator in self._aggregators.items():
             interval = aggregator.finish(mark.end_mono_ns)

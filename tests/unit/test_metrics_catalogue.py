@@ -21,6 +21,11 @@ from agent.probes.bpf_probe import ReaderStats
 from agent.probes.offcpu import OffCpuProbe
 from agent.probes.program import ProbeProgram
 from agent.probes.stacks import StackDecoder
+from agent.process.python.code_cache import CodeCache
+from agent.process.python.inspect import Interpreter, NotWalkable, PythonInspector
+from agent.process.python.proc import PythonState
+from agent.process.python.runtime import CodeResolver
+from agent.process.python.threads import MemoryReader
 from agent.process.registry import ProcessRegistry
 from agent.sampling.keep import KeepSampler
 from agent.symbolize.jvm import JvmPerfMapRequester
@@ -51,7 +56,11 @@ def fake_source(spool_dir: str = "/tmp/profiling-agent-test-spool") -> Any:
         stats=ReaderStats(received=3, malformed=0, lost={"proc_events": 1}), process_events=Counter(new=2, exec=1)
     )
     processes = ProcessRegistry()
+    python = PythonInspector(_not_python)
+    python.inspect(1)
     return SimpleNamespace(
+        python_inspector=python,
+        python_codes=CodeResolver(CodeCache(8), python),
         probes=[probe],
         program=program,
         processes=processes,
@@ -66,6 +75,10 @@ def fake_source(spool_dir: str = "/tmp/profiling-agent-test-spool") -> Any:
         queues={"events": _Queue(2), "intervals": _Queue(0)},
         sampling_parameters={("cpu", "frequency_hz"): 19.0},
     )
+
+
+def _not_python(pid: int, memory: MemoryReader) -> Interpreter:
+    raise NotWalkable(PythonState.NOT_PYTHON, "no_runtime")
 
 
 class _Queue:
@@ -96,6 +109,9 @@ def test_series_carry_the_stage_counters(tmp_path: Path) -> None:
     assert 'profiling_agent_export_profiles_total{outcome="failed",sink="otlp"} 1.0' in text
     assert 'profiling_agent_config_reloads_total{outcome="applied"} 1.0' in text
     assert 'profiling_agent_sampling_parameter{parameter="frequency_hz",profiler="cpu"} 19.0' in text
+    assert 'profiling_agent_python_processes{state="not_python"} 1.0' in text
+    assert 'profiling_agent_python_processes{state="enabled"} 0.0' in text
+    assert 'profiling_agent_python_inspections_total{state="not_python"} 1.0' in text
 
 
 def test_registry_adds_the_standard_process_collector(tmp_path: Path) -> None:
@@ -127,6 +143,8 @@ def test_counters_with_known_labels_are_exported_at_zero_before_anything_happens
         jvm=JvmPerfMapRequester(60.0),
         reporter=Reporter(Symbolizer(processes), [files, otlp]),
         pipeline=SimpleNamespace(filtered=0, unknown_items=0, last_rates={}),
+        python_inspector=PythonInspector(_not_python),
+        python_codes=CodeResolver(CodeCache(8), PythonInspector(_not_python)),
         sinks=[files, otlp],
         reloads=Counter(dict.fromkeys(RELOAD_OUTCOMES, 0)),
         keep=KeepSampler(profilers=("offcpu",)),
@@ -160,6 +178,10 @@ def test_counters_with_known_labels_are_exported_at_zero_before_anything_happens
         'export_otlp_retries_total{code="UNAVAILABLE"} 0.0',
         'export_otlp_spool_errors_total{operation="write"} 0.0',
         'config_reloads_total{outcome="invalid"} 0.0',
+        'python_processes{state="validation_failed"} 0.0',
+        'python_inspections_total{state="enabled"} 0.0',
+        'python_thread_map_fallbacks_total{reason="tss_mismatch"} 0.0',
+        'python_code_reads_failed_total{reason="not_code"} 0.0',
     ]
     missing = [line for line in expected if f"profiling_agent_{line}" not in text]
     assert not missing, missing

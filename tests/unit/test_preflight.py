@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from agent import preflight
-from agent.features import task_regs_unavailable
+from agent.features import KernelFeatures, task_regs_unavailable
 from agent.preflight import Check, Report, check_kernel_headers, check_privileges
 
 RELEASE = "6.12.9-test-amd64"
@@ -287,3 +287,16 @@ def test_task_regs_need_kernel_5_15_and_btf(tmp_path: Path) -> None:
     assert task_regs_unavailable("6.1.0-18-amd64", btf) == ""
     assert task_regs_unavailable("5.15.0", btf) == ""
     assert "older" in task_regs_unavailable("weird", btf)
+
+
+def test_python_frames_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    found = KernelFeatures(False, False, None, "", task_fsbase_offset=0xC38, task_fsbase_unavailable="")
+    monkeypatch.setattr(preflight, "kernel_features", lambda: found)
+    check = preflight.check_python_frames()
+    assert check.ok and not check.fatal
+    assert "fsbase at 0xc38" in check.detail and "3.10-3.13 through the TSS slot" in check.detail
+    missing = KernelFeatures(False, False, None, "", task_fsbase_unavailable="task_struct.thread.fsbase not found")
+    monkeypatch.setattr(preflight, "kernel_features", lambda: missing)
+    check = preflight.check_python_frames()
+    assert (check.ok, check.fatal) == (False, False)
+    assert "task_struct.thread.fsbase not found" in check.detail
