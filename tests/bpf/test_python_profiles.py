@@ -1,9 +1,11 @@
 """Issue #12 acceptance: Python functions in the CPU, off-CPU and allocation profiles, on every CPython
 found on the machine (tests/support/interpreters.py), checked against py-spy and the workloads' truths.
 
-One agent (all three profilers, the whole host, 499 Hz) serves the module. For each interpreter three
-workloads of tests/workloads/python run at once under it: cpu_split (with py-spy recording it at the
-same time), offcpu_split and alloc_bytes; the tests then read each one's samples by pid.
+For each interpreter three workloads of tests/workloads/python are started, held at their gates, and
+run at once under one agent (all three profilers, 499 Hz, --pid for the three: at that rate the whole
+host's CPU records, each with a stack copy, overflow its buffers on a busy 2-core machine):
+cpu_split, with py-spy recording it at the same time, offcpu_split and alloc_bytes. The six tests read
+each one's samples from that run, by pid.
 
 Sample counts: cpu_split runs for CPU_SECONDS of its own CPU time, so the agent takes about
 FREQUENCY x CPU_SECONDS = ~10,000 samples of it however busy the host is, and py-spy (wall-clock rate
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,38 +77,36 @@ class Run:
         return self.interpreter.display_name(qualname)
 
 
-@pytest.fixture(scope="module")
-def host_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostAgent]:
-    agent = HostAgent(tmp_path_factory.mktemp("python-agent"), "cpu,offcpu,alloc", FREQUENCY)
-    try:
-        yield agent
-    finally:
-        agent.stop()
-
-
 @pytest.fixture(scope="module", params=interpreter_params())
-def run(request: pytest.FixtureRequest, host_agent: HostAgent, tmp_path_factory: pytest.TempPathFactory) -> Run:
+def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Run:
     interpreter = require(request.param)
     directory = tmp_path_factory.mktemp(f"python-{interpreter.id}")
     cpu = PythonWorkload(interpreter, "cpu_split", [str(CPU_SECONDS)], directory)
     offcpu = PythonWorkload(interpreter, "offcpu_split", OFFCPU_ARGS, directory)
     alloc = PythonWorkload(interpreter, "alloc_bytes", [str(ALLOC_MB)], directory)
-    spy = pyspy.PySpyRecord(cpu.pid, SPY_RATE, directory / "py-spy.txt")
+    workloads = (cpu, offcpu, alloc)
+    spy = None
     try:
-        spy.wait_sampling()
-        lost_before = host_agent.metric("profiling_agent_probe_events_lost_total", profiler="cpu")
-        for workload in (cpu, offcpu, alloc):
-            workload.go()
-        alloc_truth, offcpu_truth, cpu_truth = (w.finish() for w in (alloc, offcpu, cpu))
-        stacks = spy.stacks()
-        host_agent.wait_flushed(time.time_ns() + 500_000_000)
-        lost = host_agent.metric("profiling_agent_probe_events_lost_total", profiler="cpu") - lost_before
+        pids = [arg for workload in workloads for arg in ("--pid", str(workload.pid))]
+        agent = HostAgent(directory, "cpu,offcpu,alloc", FREQUENCY, *pids)
+        try:
+            spy = pyspy.PySpyRecord(cpu.pid, SPY_RATE, directory / "py-spy.txt")
+            spy.wait_sampling()
+            for workload in workloads:
+                workload.go()
+            alloc_truth, offcpu_truth, cpu_truth = (w.finish() for w in (alloc, offcpu, cpu))
+            stacks = spy.stacks()
+            time.sleep(0.5)
+            lost = agent.metric("profiling_agent_probe_events_lost_total", profiler="cpu")
+        finally:
+            agent.stop()  # flushes the last interval
     finally:
-        spy.stop()
-        for workload in (cpu, offcpu, alloc):
+        if spy is not None:
+            spy.stop()
+        for workload in workloads:
             workload.kill()
     assert spy.errors() == 0, spy.log_text()
-    return Run(interpreter, host_agent, cpu, cpu_truth, stacks, offcpu, offcpu_truth, alloc, alloc_truth, lost)
+    return Run(interpreter, agent, cpu, cpu_truth, stacks, offcpu, offcpu_truth, alloc, alloc_truth, lost)
 
 
 def _enough_for_split(p: float, ours: int, theirs: int) -> float:

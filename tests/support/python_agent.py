@@ -45,9 +45,11 @@ FLUSH_TIMEOUT_S = 60.0
 
 
 class HostAgent:
-    """`profiling-agent run` over the whole host, writing pprof files every `interval` seconds."""
+    """`profiling-agent run` (over the whole host unless `extra` has --pid), writing pprof files every
+    `interval` seconds."""
 
-    def __init__(self, directory: Path, profilers: str, frequency: int, interval: float = 2.0) -> None:
+    def __init__(self, directory: Path, profilers: str, frequency: int, *extra: str, interval: float = 2.0) -> None:
+        """`extra` adds flags, e.g. `--pid N` to profile those processes only."""
         self.out, self.log = directory / "profiles", directory / "agent.log"
         self.metrics_url = f"http://127.0.0.1:{free_port()}/metrics"
         address = self.metrics_url.removeprefix("http://").removesuffix("/metrics")
@@ -55,7 +57,7 @@ class HostAgent:
         self.frequency = frequency
         args = ("--profilers", profilers, "--frequency", str(frequency), "--interval", str(interval))
         self.proc = start_agent(
-            self.out, *args, "--metrics-address", address, log_path=self.log, env=AGENT_ENV
+            self.out, *args, *extra, "--metrics-address", address, log_path=self.log, env=AGENT_ENV
         )  # fmt: skip
         wait_for_log(self.log, "profiling started", STARTUP_TIMEOUT_S, self.proc)
 
