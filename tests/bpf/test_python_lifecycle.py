@@ -29,7 +29,7 @@ import pytest
 
 from tests.support.interpreters import Interpreter, interpreter_params, interpreters, require
 from tests.support.pyframes import FrameSample, inclusive, marked_line, weight
-from tests.support.python_agent import PYTHON_ENABLED_STATE, HostAgent, PythonWorkload
+from tests.support.python_agent import HostAgent, PythonWorkload
 from tests.support.stats import binomial_tolerance
 from tests.support.workloads import compile_workload
 
@@ -183,17 +183,18 @@ def test_garbage_interpreter_stays_native_and_is_counted(
     before_agent: tuple[HostAgent, dict[str, PythonWorkload]], tmp_path: Path, minor: int
 ) -> None:
     """A program exporting CPython's symbols over random bytes (3.13: the debug-offsets cookie, then
-    garbage): its samples keep their native frames, none is given a Python name, and the agent counts
-    a Python process in a state other than enabled while it runs."""
+    garbage): its samples keep their native frames, none is given a Python name, and while it runs the
+    agent counts one more process that looks like CPython and is kept native-only (by its reason:
+    validation_failed, read_failed, ...)."""
     agent, _ = before_agent
     binary = fake_interpreter(tmp_path, minor)
-    baseline = sum(v for state, v in agent.python_processes().items() if state != PYTHON_ENABLED_STATE)
+    baseline = agent.native_only_pythons()
     fake = subprocess.Popen([str(binary), "3"], stdout=subprocess.PIPE, text=True)
     counted = baseline
     try:
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline and counted <= baseline:
-            counted = sum(v for state, v in agent.python_processes().items() if state != PYTHON_ENABLED_STATE)
+            counted = agent.native_only_pythons()
             time.sleep(0.2)
         fake.communicate(timeout=30)
         assert fake.returncode == 0

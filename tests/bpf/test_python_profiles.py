@@ -151,7 +151,9 @@ def test_python_frames_are_named_as_cpython_names_them(run: Run) -> None:
     assert ours, [s.frames for s in samples[:3]]
     for name, system_name, start_line in ours:
         assert name in allowed and start_line in allowed[name], (name, start_line, allowed)
-        assert system_name == short_name(name), (name, system_name)
+        # system_name is co_name; pprof leaves it empty where it equals the name (go tool pprof reads
+        # name == system_name as "not demangled" and would rewrite it).
+        assert system_name == (short_name(name) if short_name(name) != name else ""), (name, system_name)
     spy_names = {f.name for s in run.spy for f in s.frames if f.filename == run.cpu.filename}
     for qualname in FUNCTIONS:
         assert run.name(qualname) in {name for name, _, _ in ours} & spy_names, (qualname, ours, spy_names)

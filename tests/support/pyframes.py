@@ -2,10 +2,10 @@
 (name, system_name, filename, start_line) and Line (line), and helpers over Python frames.
 
 A Python frame is a Location with one Line whose Function has `name` = co_qualname (co_name before
-3.11), `system_name` = co_name, `filename` = co_filename, `start_line` = co_firstlineno, and the Line's
-`line` = the line being run. It is told from a native frame by its filename: a Python source file
-(`.py`) or a frozen module (`<frozen ...>`); native frames of these interpreters, built without debug
-info, carry no source file, and one built with it names a C file.
+3.11), `system_name` = co_name (empty where it equals the name), `filename` = co_filename,
+`start_line` = co_firstlineno, and the Line's `line` = the line being run. It is told from a native
+frame by its filename: a Python source file (`.py`) or a frozen module (`<frozen ...>`). Native frames
+of these interpreters, built without debug info, carry no source file; one built with it names C files.
 """
 
 from __future__ import annotations

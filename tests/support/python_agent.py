@@ -25,9 +25,11 @@ from tests.support.interpreters import Interpreter
 from tests.support.pyframes import FrameSample, read_frames
 
 PYTHON_WORKLOADS = Path(__file__).resolve().parent.parent / "workloads" / "python"
-# Python processes by state (enabled, unsupported_version, validation_failed, free_threaded, ...).
+# A gauge: inspected processes by their current Python state (enabled, thread_map, not_python,
+# unsupported_version, validation_failed, free_threaded, no_symbols, read_failed, disabled).
 PYTHON_PROCESSES = "profiling_agent_python_processes"
-PYTHON_ENABLED_STATE = "enabled"
+WALKED_STATES = ("enabled", "thread_map")  # Python frames walked in BPF
+NOT_CPYTHON_STATES = ("not_python", "disabled")  # every other process on the host; or the feature off
 RUNTIME_LABELS = ("process.runtime.name", "process.runtime.version")
 EVAL_FRAME = "_PyEval_EvalFrameDefault"
 # Budgets the adaptive sampler never reaches: every off-CPU block of at least the minimum is kept and
@@ -85,6 +87,11 @@ class HostAgent:
                 state = line.split('state="', 1)[1].split('"', 1)[0]
                 states[state] = states.get(state, 0.0) + float(line.rsplit(" ", 1)[1])
         return states
+
+    def native_only_pythons(self) -> float:
+        """Processes that look like CPython and are kept native-only, whatever the reason."""
+        states = self.python_processes()
+        return sum(v for state, v in states.items() if state not in (*WALKED_STATES, *NOT_CPYTHON_STATES))
 
     def wait_flushed(self, after_ns: int, timeout: float = FLUSH_TIMEOUT_S) -> None:
         """Block until every profiler has written a profile whose interval starts after `after_ns`
