@@ -51,6 +51,14 @@ class LruCache(Generic[K, V]):
             self._items.popitem(last=False)
             self.evictions += 1
 
+    def pop(self, key: K) -> V | None:
+        """Remove `key` (not an eviction); its value, or None when it was not there."""
+        return self._items.pop(key, None)
+
+    def key_list(self) -> list[K]:
+        """The keys, least recently used first (a copy: the cache may change while it is used)."""
+        return list(self._items)
+
     def __contains__(self, key: object) -> bool:
         return key in self._items
 

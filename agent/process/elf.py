@@ -155,6 +155,22 @@ def read_build_id(path: Path, display_path: str = "") -> str:
     return _with_elf(path, display_path or str(path), _build_id)
 
 
+@dataclass(frozen=True, slots=True)
+class NamedSymbols:
+    """The link-time addresses of chosen symbols of any type (data too), with the file's load segments."""
+
+    elf_type: str
+    segments: tuple[LoadSegment, ...]
+    addresses: dict[str, int]  # name -> st_value, for the wanted names the file defines
+    soname: str  # DT_SONAME, "" when there is none
+
+
+def read_named_symbols(path: Path, names: Iterable[str], display_path: str = "") -> NamedSymbols:
+    """Where the file defines each of `names` (`.symtab` preferred over `.dynsym`; version suffixes dropped)."""
+    wanted = frozenset(names)
+    return _with_elf(path, display_path or str(path), lambda elf: _named_symbols_of(elf, wanted))
+
+
 class Section(NamedTuple):
     """One section's bytes, and the link-time address they load at."""
 
@@ -363,3 +379,25 @@ def _build_table(symbols: list[_RawSymbol]) -> tuple[array[int], array[int], tup
             end = min(end, sym.section_end) if end else sym.section_end
         ends.append(end if end > sym.start else sym.start + 1)
     return starts, ends, tuple(s.name for s in unique)
+
+
+def _named_symbols_of(elf: Any, wanted: frozenset[str]) -> NamedSymbols:
+    found: dict[str, int] = {}
+    for sh_type in ("SHT_SYMTAB", "SHT_DYNSYM"):
+        for section in elf.iter_sections(sh_type):
+            strtab = elf.get_section(section["sh_link"]).data()
+            for st_name, _info, shndx, value, _size in _iter_raw(elf, section.data()):
+                if shndx == _SHN_UNDEF or shndx >= _SHN_LORESERVE or value == 0:
+                    continue
+                name = _unversioned(_c_string(strtab, st_name))
+                if name in wanted and name not in found:
+                    found[name] = value
+    return NamedSymbols(str(elf.header["e_type"]), tuple(_load_segments(elf)), found, _soname(elf))
+
+
+def _soname(elf: Any) -> str:
+    for section in elf.iter_sections("SHT_DYNAMIC"):
+        for tag in section.iter_tags():
+            if tag.entry.d_tag == "DT_SONAME":
+                return str(tag.soname)
+    return ""

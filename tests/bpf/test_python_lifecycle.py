@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.interpreters import Interpreter, interpreter_params, interpreters, require
+from tests.support.interpreters import Interpreter, installed, interpreter_params, require
 from tests.support.pyframes import FrameSample, inclusive, marked_line, weight
 from tests.support.python_agent import HostAgent, PythonWorkload
 from tests.support.stats import binomial_tolerance
@@ -56,7 +56,7 @@ class Lifecycle:
 def before_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[HostAgent, dict[str, PythonWorkload]]]:
     """The module's agent, and a gated steady.py per interpreter started before it."""
     directory = tmp_path_factory.mktemp("python-lifecycle")
-    held = {i.id: PythonWorkload(i, "steady", [SECONDS], directory) for i in interpreters()[0]}
+    held = {i.label: PythonWorkload(i, "steady", [SECONDS], directory) for i in installed()}
     try:
         agent = HostAgent(directory, "cpu", FREQUENCY)
         try:
@@ -76,8 +76,8 @@ def lifecycle(
 ) -> Lifecycle:
     interpreter = require(request.param)
     agent, held = before_agent
-    directory = tmp_path_factory.mktemp(f"lifecycle-{interpreter.id}")
-    workloads = {"before": held[interpreter.id]}
+    directory = tmp_path_factory.mktemp(f"lifecycle-{interpreter.label}")
+    workloads = {"before": held[interpreter.label]}
     try:
         workloads["after"] = PythonWorkload(interpreter, "steady", [SECONDS], directory)
         workloads["container"] = PythonWorkload(interpreter, "steady", [SECONDS], directory, prefix=UNSHARE)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from tests.support.agent import STARTUP_TIMEOUT_S, start_agent, wait_for_log
-from tests.support.interpreters import DEBIAN_PYTHON, Interpreter
+from tests.support.interpreters import DEBIAN_PYTHON, installed
 from tests.support.python_agent import PythonWorkload
 from tests.support.stats import binomial_tolerance
 
@@ -56,7 +56,7 @@ def _frame_types(documents: list[dict[str, Any]], function: str) -> set[str]:
 
 @pytest.mark.skipif(not DEBIAN_PYTHON.exists(), reason=f"needs {DEBIAN_PYTHON}")
 def test_python_frames_reach_the_collector(otelcol: Collector, tmp_path: Path) -> None:
-    interpreter = Interpreter("debian-3.11", DEBIAN_PYTHON, (3, 11), False)
+    interpreter = next(i for i in installed() if i.executable == DEBIAN_PYTHON)
     workload = PythonWorkload(interpreter, "steady", ["4"], tmp_path)
     log = tmp_path / "agent.log"
     agent = start_agent(

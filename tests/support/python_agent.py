@@ -142,14 +142,14 @@ class PythonWorkload:
     def __init__(
         self, interpreter: Interpreter, script: str, args: list[str], directory: Path, prefix: tuple[str, ...] = ()
     ) -> None:
-        self.truth_path = directory / f"{script}-{interpreter.id}-{time.monotonic_ns()}.json"
+        self.truth_path = directory / f"{script}-{interpreter.label}-{time.monotonic_ns()}.json"
         self.script = PYTHON_WORKLOADS / f"{script}.py"
-        argv = [*prefix, str(interpreter.path), str(self.script), *args, str(self.truth_path), "gate"]
+        argv = [*prefix, str(interpreter.executable), str(self.script), *args, str(self.truth_path), "gate"]
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         assert line == "ready\n", (argv, line)
-        self.pid = self.proc.pid if not prefix else _interpreter_pid(self.proc.pid, interpreter.path)
+        self.pid = self.proc.pid if not prefix else _interpreter_pid(self.proc.pid, interpreter.executable)
         self.started_ns = 0
         self.usage: Any = None
 

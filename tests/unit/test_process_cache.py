@@ -75,3 +75,15 @@ def test_table_eviction_makes_identity_miss() -> None:
     cache.put(second, _table("bb"))
     assert cache.get(first) is None
     assert cache.get(second) is not None
+
+
+def test_lru_pop_and_key_list() -> None:
+    from agent.process.cache import LruCache
+
+    cache: LruCache[str, int] = LruCache(3)
+    for key, value in (("a", 1), ("b", 2), ("c", 3)):
+        cache.put(key, value)
+    cache.get("a")
+    assert cache.key_list() == ["b", "c", "a"]
+    assert cache.pop("b") == 2 and cache.pop("b") is None
+    assert (len(cache), cache.evictions) == (2, 0)
