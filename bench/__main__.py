@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import accuracy, ingest, scale, slowdown, startup, steady, unwind
+from bench import accuracy, ingest, pyhost, scale, slowdown, startup, steady, unwind
 from bench.build import REPO, build_workloads, ensure_tools
 from bench.carry import carried_over
 from bench.context import Context, online_cpus, registered_profilers
@@ -29,6 +29,7 @@ SCENARIOS: dict[str, Callable[[Context], ScenarioResult]] = {
     "accuracy": accuracy.run,
     "scale": scale.run,
     "unwind": unwind.run,
+    "python": pyhost.run,
 }
 
 
