@@ -164,7 +164,15 @@ def test_python_frames_are_named_as_cpython_names_them(run: Run) -> None:
         assert run.name(qualname) in {name for name, _, _ in ours} & spy_names, (qualname, ours, spy_names)
     with_python = [s for s in samples if s.python_frames()]
     assert weight(with_python) >= 0.95 * weight(samples), (weight(with_python), weight(samples))
-    assert not [s for s in with_python if any(f.name.startswith(EVAL_FRAME) for f in s.frames)]
+    # An eval call caught entering (before its first frame is linked) or leaving has no Python frames of
+    # its own: it stays native, and only ever leaf-side of every Python frame. Such windows are a few
+    # instructions of each call: a small share, never most of a function's samples.
+    left = [s for s in with_python if any(f.name.startswith(EVAL_FRAME) for f in s.frames)]
+    for sample in left:
+        last_eval = max(i for i, f in enumerate(sample.frames) if f.name.startswith(EVAL_FRAME))
+        first_python = min(i for i, f in enumerate(sample.frames) if f.python)
+        assert last_eval < first_python, [f.name for f in sample.frames]
+    assert weight(left) <= 0.02 * weight(with_python), (weight(left), weight(with_python))
     name_label, version_label = RUNTIME_LABELS
     assert {s.strings.get(name_label) for s in with_python} == {"cpython"}
     assert {s.strings.get(version_label) for s in with_python} == {run.interpreter.version_text}
