@@ -149,6 +149,17 @@ def layout_of(facts: Facts) -> PythonLayout:
     return layout_for_version((version[0], version[1]))
 
 
+def release_and_read(walker: Walker, child: subprocess.Popen[str]) -> None:
+    """Forget earlier events, open the child's gate, and read its events until it has exited."""
+    walker.events.clear()
+    assert child.stdin is not None
+    child.stdin.write("g")
+    child.stdin.flush()
+    while child.poll() is None:
+        walker.reader.poll(100)
+    walker.reader.drain()
+
+
 def run_child(
     walker: Walker, interpreter: Path, mode: str, child_and_facts: tuple[subprocess.Popen[str], Facts] | None = None
 ) -> tuple[int, Facts, PythonLayout, list[StackEvent]]:
@@ -165,13 +176,7 @@ def run_child(
         else:
             assert maps.enable(pid, record_for(layout, 0, PYTHON_USE_THREAD_MAP))
             assert maps.set_threads(pid, {facts["fs"]: facts["tstate"]})
-        walker.events.clear()
-        assert child.stdin is not None
-        child.stdin.write("g")
-        child.stdin.flush()
-        while child.poll() is None:
-            walker.reader.poll(100)
-        walker.reader.drain()
+        release_and_read(walker, child)
     finally:
         child.kill()
         child.wait()
@@ -245,13 +250,7 @@ def test_a_thread_without_a_thread_state_says_so(walker: Walker) -> None:
     assert maps is not None
     try:
         assert maps.enable(child.pid, record_for(layout_of(facts), 0, PYTHON_USE_THREAD_MAP))
-        walker.events.clear()
-        assert child.stdin is not None
-        child.stdin.write("g")
-        child.stdin.flush()
-        while child.poll() is None:
-            walker.reader.poll(100)
-        walker.reader.drain()
+        release_and_read(walker, child)
     finally:
         child.kill()
         child.wait()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 import threading
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -110,7 +111,11 @@ def _function_counts(documents: list[dict[str, Any]]) -> tuple[Counter[str], Cou
     return functions, frame_types, pids
 
 
-def test_collector_receives_every_profile_with_the_right_proportions(otelcol: Collector, tmp_path: Path) -> None:
+def _export_until_received(
+    otelcol: Collector, tmp_path: Path, profile_of: Callable[[int], Profile], expected_samples: int
+) -> tuple[OtlpSink, list[dict[str, Any]]]:
+    """Export INTERVALS profiles through a running sink until the Collector holds `expected_samples`
+    samples; the sink (shut down) and the Collector's documents."""
     config = OtlpConfig(enabled=True, endpoint=otelcol.endpoint, insecure=True, spool_dir=str(tmp_path / "spool"))
     sink = OtlpSink(config, resource=ResourceOptions(host_name="e2e-host", host_arch="amd64"))
     stop = threading.Event()
@@ -118,13 +123,17 @@ def test_collector_receives_every_profile_with_the_right_proportions(otelcol: Co
     sender.start()
     try:
         for interval in range(INTERVALS):
-            assert sink.export(_profile(interval), b"") != ()
-        expected_samples = INTERVALS * 2 * (HOT + COLD)
+            assert sink.export(profile_of(interval), b"") != ()
         documents = otelcol.wait_for(lambda docs: sum(_function_counts(docs)[2].values()) >= expected_samples)
     finally:
         stop.set()
         sink.shutdown(5.0)
         sender.join(10)
+    return sink, documents
+
+
+def test_collector_receives_every_profile_with_the_right_proportions(otelcol: Collector, tmp_path: Path) -> None:
+    sink, documents = _export_until_received(otelcol, tmp_path, _profile, INTERVALS * 2 * (HOT + COLD))
 
     assert sink.counters.get(REQUESTS, "success") == INTERVALS
     assert sink.counters.total(REQUESTS) == INTERVALS  # nothing partial, rejected or expired
@@ -205,20 +214,7 @@ def _python_details(documents: list[dict[str, Any]]) -> tuple[set[tuple[str, str
 def test_collector_receives_python_frames_with_their_files_lines_and_runtime(
     otelcol: Collector, tmp_path: Path
 ) -> None:
-    config = OtlpConfig(enabled=True, endpoint=otelcol.endpoint, insecure=True, spool_dir=str(tmp_path / "spool"))
-    sink = OtlpSink(config, resource=ResourceOptions(host_name="e2e-host", host_arch="amd64"))
-    stop = threading.Event()
-    sender = threading.Thread(target=sink.run, args=(stop,), daemon=True)
-    sender.start()
-    try:
-        for interval in range(INTERVALS):
-            assert sink.export(_python_profile(interval), b"") != ()
-        expected_samples = INTERVALS * (HOT + COLD)
-        documents = otelcol.wait_for(lambda docs: sum(_function_counts(docs)[2].values()) >= expected_samples)
-    finally:
-        stop.set()
-        sink.shutdown(5.0)
-        sender.join(10)
+    sink, documents = _export_until_received(otelcol, tmp_path, _python_profile, INTERVALS * (HOT + COLD))
 
     assert sink.counters.get(REQUESTS, "success") == INTERVALS
     assert sink.counters.total(REQUESTS) == INTERVALS
