@@ -141,6 +141,11 @@ def test_inspector_enables_a_good_process(interpreter: Installed) -> None:
     assert inspector.states()["enabled"] == 1
     inspector.forget(process.pid)
     assert inspector.states()["enabled"] == 0
+    # The runtime outlives the verdict (an exited process's last interval is reported after it is
+    # dropped), until the pid exec's.
+    assert resolver.runtime(process.pid) == ("cpython", ".".join(map(str, known)))
+    resolver.forget(process.pid)
+    assert resolver.runtime(process.pid) is None
 
 
 def _frame_names(pid: int, result: PythonProcess, resolver: CodeResolver) -> list[str]:

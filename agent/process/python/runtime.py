@@ -5,10 +5,17 @@ This module owns `discover_interpreter`, the `Discover` the daemon gives `Python
 `Interpreter` or a `NotWalkable` with the matching `PythonState`; and `CodeResolver`, which resolves a
 walked process's code objects through the bounded `CodeCache` with that process's layout and
 `&PyCode_Type` (from the inspector's verdict), reading through one `ProcessMemory` per walked pid.
+
+The runtime of a process (`CodeResolver.runtime`, the process.runtime.* labels and the symbolizer's
+split rule) is taken when its code objects are resolved, and kept, like them, until the pid exec's:
+the report thread names an interval after the pipeline has moved on, by when a process that exited
+may have lost its verdict, or been inspected again as a zombie with no mappings (seen: a whole last
+interval of a short-lived process reported without names).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 from agent.process.maps import root_path
@@ -26,6 +33,7 @@ _STATES = {
     NotPythonReason.UNREADABLE: PythonState.READ_FAILED,
     NotPythonReason.GONE: PythonState.READ_FAILED,
 }
+RUNTIMES_KEPT = 16384  # pids whose runtime is remembered; beyond it the oldest go (a few bytes each)
 
 
 def discover_interpreter(proc_root: Path = Path("/proc")) -> Discover:
@@ -68,6 +76,9 @@ class CodeResolver:
         self._inspector = inspector
         self._proc_root = proc_root
         self._memories: dict[int, ProcessMemory] = {}
+        # pid -> ("cpython", version), written by the pipeline thread only (resolve, forget), read by
+        # the report thread (runtime): single dict operations, atomic under the GIL.
+        self._runtimes: OrderedDict[int, tuple[str, str]] = OrderedDict()
 
     def resolve(self, pid: int, address: int) -> CodeInfo | None:
         """The code object at `address` in `pid`, a walked process; None if it is not one or unreadable."""
@@ -77,6 +88,8 @@ class CodeResolver:
         verdict = self._inspector.get(pid)
         if verdict is None or not verdict.walked or verdict.layout is None:
             return None
+        if verdict.version is not None:
+            self._remember_runtime(pid, verdict.version_text or ".".join(map(str, verdict.version)))
         memory = self._memories.get(pid)
         if memory is None:
             memory = self._memories[pid] = ProcessMemory(pid, self._proc_root)
@@ -87,15 +100,28 @@ class CodeResolver:
         return self.cache.get(pid, address)
 
     def runtime(self, pid: int) -> tuple[str, str] | None:
-        """("cpython", its version) of a walked process (process.runtime.* labels)."""
+        """("cpython", its version) of a process whose code objects were resolved since its last exec, else
+        of a walked process."""
+        kept = self._runtimes.get(pid)
+        if kept is not None:
+            return kept
         verdict = self._inspector.get(pid)
         if verdict is None or not verdict.walked or verdict.version is None:
             return None
         return "cpython", verdict.version_text or ".".join(map(str, verdict.version))
 
+    def _remember_runtime(self, pid: int, version: str) -> None:
+        runtime = ("cpython", version)
+        if self._runtimes.get(pid) == runtime:
+            return
+        self._runtimes[pid] = runtime
+        if len(self._runtimes) > RUNTIMES_KEPT:
+            self._runtimes.popitem(last=False)
+
     def forget(self, pid: int) -> None:
-        """The pid exec'd: its addresses mean other objects now."""
+        """The pid exec'd: its addresses mean other objects now, and it may run another runtime."""
         self.cache.forget(pid)
+        self._runtimes.pop(pid, None)
         self.release(pid)
 
     def release(self, pid: int) -> None:
