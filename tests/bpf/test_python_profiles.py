@@ -5,7 +5,7 @@ For each interpreter three workloads of tests/workloads/python are started, held
 run at once under one agent (all three profilers, 499 Hz, --pid for the three: at that rate the whole
 host's CPU records, each with a stack copy, overflow its buffers on a busy 2-core machine):
 cpu_split, with py-spy recording it at the same time, offcpu_split and alloc_bytes. The tests read
-each one's samples from that run, by pid. The names, off-CPU and allocation tests are on branch
+each one's samples from that run, by pid. The off-CPU and allocation tests are on branch
 py-accept-pending: they fail on main today (see issue #12's note) and return with their fixes.
 
 Sample counts: cpu_split runs for CPU_SECONDS of its own CPU time, so the agent takes about
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,13 +37,14 @@ from tests.support import pyspy
 from tests.support.interpreters import Interpreter, interpreter_params, require
 from tests.support.pyframes import (
     FrameSample,
+    code_names,
     hottest_line,
     inclusive,
     marked_line,
     short_name,
     weight,
 )
-from tests.support.python_agent import HostAgent, PythonWorkload
+from tests.support.python_agent import EVAL_FRAME, RUNTIME_LABELS, HostAgent, PythonWorkload
 from tests.support.stats import SIGMAS, binomial_tolerance
 
 pytestmark = pytest.mark.bpf
@@ -51,6 +53,7 @@ FREQUENCY = 499
 SPY_RATE = 500
 CPU_SECONDS = 20.0
 SPLIT_POINTS = 0.03  # the issue's ±3 points
+SPY_ERROR_SHARE = 0.001  # py-spy's failed reads, per sample taken
 # Compared with py-spy: a method, a recursive function, a generator and a C-extension call.
 FUNCTIONS = ("Mixer.churn", "recurse", "squares", "compress")
 # cpu_split's tasks (what it times) and the function each is.
@@ -109,7 +112,8 @@ def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
             spy.stop()
         for workload in workloads:
             workload.kill()
-    assert spy.errors() == 0, spy.log_text()
+    # A left-out sample moves any share by at most its own weight: 0.1% of them is 0.1 points of the 3.
+    assert spy.error_share() <= SPY_ERROR_SHARE, spy.log_text()
     return Run(interpreter, agent, cpu, cpu_truth, stacks, offcpu, offcpu_truth, alloc, alloc_truth, lost)
 
 
@@ -139,6 +143,53 @@ def test_cpu_split_matches_py_spy(run: Run) -> None:
         true_share = run.cpu_truth["tasks"][task] / process_cpu
         ours = inclusive(samples, run.name(qualname), run.cpu.filename) / ours_n
         assert abs(ours - true_share) <= binomial_tolerance(true_share, ours_n), (task, ours, true_share, ours_n)
+
+
+def _native_only(samples: list[FrameSample]) -> list[tuple[int, list[str]]]:
+    """The heaviest stacks without Python frames (their leaf-most frames), for a failure's message."""
+    stacks: Counter[tuple[str, ...]] = Counter()
+    for sample in samples:
+        if not sample.python_frames():
+            stacks[tuple(f.name or f.mapping for f in sample.frames[:12])] += sample.values[0]
+    return [(n, list(frames)) for frames, n in stacks.most_common(8)]
+
+
+def test_python_frames_are_named_as_cpython_names_them(run: Run) -> None:
+    """Every Python frame of the workload's file names one of its code objects (qualname, co_name, first
+    line), the four functions are there under py-spy's names, the eval loop's native frames are gone,
+    and the samples carry the runtime's name and version."""
+    samples = run.cpu_samples()
+    defined = code_names(Path(run.cpu.filename))
+    allowed = {run.name(q): lines for q, lines in defined.items()}
+    if not run.interpreter.has_qualname:  # 3.10: co_name for both; lambdas of one name may differ in line
+        allowed = {short_name(q): {x for k, v in defined.items() if short_name(k) == short_name(q) for x in v}
+                   for q in defined}  # fmt: skip
+    ours = {(f.name, f.system_name, f.start_line) for s in samples for f in s.frames if f.filename == run.cpu.filename}
+    assert ours, [s.frames for s in samples[:3]]
+    for name, system_name, start_line in ours:
+        assert name in allowed and start_line in allowed[name], (name, start_line, allowed)
+        # system_name is co_name; pprof leaves it empty where it equals the name (go tool pprof reads
+        # name == system_name as "not demangled" and would rewrite it).
+        assert system_name == (short_name(name) if short_name(name) != name else ""), (name, system_name)
+    spy_names = {f.name for s in run.spy for f in s.frames if f.filename == run.cpu.filename}
+    for qualname in FUNCTIONS:
+        assert run.name(qualname) in {name for name, _, _ in ours} & spy_names, (qualname, ours, spy_names)
+    with_python = [s for s in samples if s.python_frames()]
+    assert weight(with_python) >= 0.95 * weight(samples), (weight(with_python), weight(samples), _native_only(samples))
+    # An eval call caught entering (before its first frame is linked) or leaving has no Python frames of
+    # its own: it stays native, and only ever leaf-side of every Python frame. Such windows are a few
+    # instructions of each call: a small share, never most of a function's samples.
+    left = [s for s in with_python if any(f.name.startswith(EVAL_FRAME) for f in s.frames)]
+    for sample in left:
+        last_eval = max(i for i, f in enumerate(sample.frames) if f.name.startswith(EVAL_FRAME))
+        first_python = min(i for i, f in enumerate(sample.frames) if f.python)
+        assert last_eval < first_python, [f.name for f in sample.frames]
+    assert weight(left) <= 0.02 * weight(with_python), (weight(left), weight(with_python))
+    name_label, version_label = RUNTIME_LABELS
+    assert {s.strings.get(name_label) for s in with_python} == {"cpython"}
+    # The micro comes from Py_Version (3.11+): 3.10 is labelled with its minor only (docs/python.md).
+    version = run.interpreter.version_text if run.interpreter.minor >= (3, 11) else "3.10"
+    assert {s.strings.get(version_label) for s in with_python} == {version}
 
 
 def test_hottest_line_of_each_function_matches_py_spy(run: Run) -> None:
