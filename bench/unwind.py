@@ -33,7 +33,7 @@ from agent.probes.cpu import CpuProbe
 from agent.probes.events import StackEvent
 from agent.probes.program import ProbeProgram
 from agent.probes.reader import PerfReader
-from agent.probes.records import STACK_EVENT_HEADER_SIZE, USER_STACK_OFFSET
+from agent.probes.records import stack_record_size
 from agent.probes.settings import ProfilingConfig
 from agent.process.elf import read_elf
 from agent.process.maps import load_bias, read_process_maps
@@ -194,9 +194,10 @@ class Run:
         measured, anchors = event.timestamp_ns >= self.warm_ns, self.workload.anchors
         if measured:
             self.tallies["fp"].add(event.user, self.names, anchors)
-            self.record_bytes.append(USER_STACK_OFFSET + len(event.user_copy.data))
-            frames = len(event.kernel.addresses) + len(event.user.addresses)
-            self.fp_record_bytes.append(STACK_EVENT_HEADER_SIZE + 8 * frames)
+            kernel, user = len(event.kernel.addresses), len(event.user.addresses)
+            python = len(event.python.frames) // 2
+            self.record_bytes.append(stack_record_size(kernel, user, python, len(event.user_copy.data)))
+            self.fp_record_bytes.append(stack_record_size(kernel, user, python))
         for mode in MODES:
             begun = time.thread_time()
             stack = self.unwinders[mode].unwind(event)

@@ -268,7 +268,8 @@ static __always_inline void walk_python(struct stack_event *e)
  *
  * Attach points: a perf_event per CPU (PERF_COUNT_HW_CPU_CYCLES where the PMU exists, else the software
  *   cpu-clock) running on_cpu_sample.
- * Output: perf buffer `cpu_samples` (struct stack_event with both stacks inline, then the stack copy).
+ * Output: perf buffer `cpu_samples` (struct stack_event with both stacks inline, then the Python frames,
+ *   then the stack copy).
  * Minimum kernel: 4.18 (bpf_get_stack from perf_event programs). */
 #ifndef CPU_STACK_BYTES
 #define CPU_STACK_BYTES 0
@@ -289,8 +290,9 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
         return 0;
     struct stack_event *e = &r->event;
     fill_task(e, id, bpf_ktime_get_ns());
-    collect_stacks(ctx, e, r->stack, CPU_STACK_BYTES);
+    collect_stacks(ctx, e);
     walk_python(e);
+    copy_current_user_stack(r, CPU_STACK_BYTES); /* after the frames: see stack_copy_offset */
     cpu_samples.perf_submit(ctx, r, record_size(e, CPU_STACK_BYTES));
     if (!(e->flags & SAMPLE_FLAG_KERNEL_THREAD))
         announce_process(ctx, pid, e->timestamp_ns);
@@ -315,7 +317,8 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
  *     long enough the record is completed in place and sent from the map value. Only qualifying blocks
  *     reach the perf buffer: sending every switch-out with its stacks and completing it later would push
  *     each sub-millisecond sleep through the perf buffer and the Python decoder, which costs far more
- *     than the 2 KiB copy into the map. `offcpu_stacks` is an LRU map smaller than `offcpu_start` (an entry is 2 KiB,
+ *     than copying the record into the map. `offcpu_stacks` is an LRU map smaller than `offcpu_start` (an entry is a
+ *     whole scratch record: ~4.1 KiB, and the copy's room when unwinding with DWARF;
  *     preallocated): when more threads are blocked than it holds, the longest-idle ones lose their
  *     stacks rather than the busy ones, and a block whose stacks were evicted is counted as lost.
  *   USE_KPROBE=1: a kprobe on finish_task_switch (on_finish_task_switch; the symbol may carry an .isra.N
@@ -395,12 +398,14 @@ static __always_inline bool block_ends(u32 tid, u64 now, u64 *start_ns, u64 *sam
     return true;
 }
 
-/* Who the current task is, both its stacks and its Python frames; returns the record's size. */
+/* Who the current task is, both its stacks, its Python frames and its user stack copy after them;
+ * returns the record's size. */
 static __always_inline u32 offcpu_fill(void *ctx, struct offcpu_record *r, u64 id, u64 now)
 {
     fill_task(&r->event, id, now);
-    collect_stacks(ctx, &r->event, r->stack, OFFCPU_STACK_BYTES);
+    collect_stacks(ctx, &r->event);
     walk_python(&r->event);
+    copy_current_user_stack(r, OFFCPU_STACK_BYTES);
     return record_size(&r->event, OFFCPU_STACK_BYTES);
 }
 
@@ -546,10 +551,11 @@ static __always_inline void send_sample(struct pt_regs *ctx, u32 pid, u32 tid, u
         n = splice_caller(e->ips, n, ret) & 0x7f;
         e->user_stack_len = (s32)n;
     }
-    /* At a uprobe the probed registers are the user registers: unwinding starts at the entry of the
-     * allocation function, whose CFI row names the caller without any splicing. */
-    copy_user_stack(e, r->stack, ALLOC_STACK_BYTES, PT_REGS_IP(ctx), PT_REGS_SP(ctx), PT_REGS_FP(ctx));
     walk_python(e);
+    /* At a uprobe the probed registers are the user registers: unwinding starts at the entry of the
+     * allocation function, whose CFI row names the caller without any splicing. The copy goes after
+     * the frames (see stack_copy_offset), so the walk comes first. */
+    copy_user_stack(r, ALLOC_STACK_BYTES, PT_REGS_IP(ctx), PT_REGS_SP(ctx), PT_REGS_FP(ctx));
     alloc_samples.perf_submit(ctx, r, record_size(e, ALLOC_STACK_BYTES));
     announce_process(ctx, pid, e->timestamp_ns);
 }

@@ -5,9 +5,10 @@
  * Stacks travel inside each record (bpf_get_stack, kernel >= 4.18) rather than as ids into a
  * BPF_STACK_TRACE map: such a map answers -EEXIST for every later stack that hashes to an occupied
  * bucket, so one early collision can cost a hot stack all its samples for the rest of an interval,
- * and an id read after its bucket was reused names the wrong stack. Without a user stack copy only the
- * filled part of `ips` is sent, so a typical record is a few hundred bytes; with one (unwind.<profiler>
- * auto or dwarf) every slot of `ips` is sent, then the copy: about 10 KiB with the default 8 KiB. */
+ * and an id read after its bucket was reused names the wrong stack. A record sends only what it filled:
+ * the header, its kernel and user frames, its Python frames, then (unwind.<profiler> auto or dwarf) its
+ * user stack copy right after them. A typical record is a few hundred bytes, or the copy and a few
+ * hundred bytes with one (about 8.4 KiB with the default 8 KiB): unfilled slots are never sent. */
 #ifndef PROFILING_AGENT_COMMON_H
 #define PROFILING_AGENT_COMMON_H
 
@@ -70,27 +71,30 @@ struct stack_event {
     s32 user_stack_len;     /* frames following the kernel frames, or -errno */
     char comm[AGENT_COMM_LEN];
     /* The user registers and stack for unwinding with CFI (the profiler copies the stack), else zero.
-     * The copy starts at user_stack_base (user_sp rounded down to USER_STACK_CHUNK) and holds
-     * user_stack_bytes bytes: whole chunks, up to the first unreadable one (the stack's end). It follows
-     * the record, at sizeof(struct stack_event): after every slot of ips (see STACK_RECORD). */
+     * The copy is of the memory from user_stack_base (user_sp rounded down to USER_STACK_CHUNK) on, and
+     * holds user_stack_bytes bytes: whole chunks, up to the first unreadable one (the stack's end). It
+     * lies right after the record's last filled slot of ips (its last Python frame, else its last user
+     * frame), at offsetof(ips) + 8 * (kernel + user + 2 * python frames): see stack_copy_offset. */
     u64 user_ip;
     u64 user_sp;
     u64 user_bp;
     u64 user_stack_base;
     u32 user_stack_bytes;
     s32 python_frames;      /* Python frames after the user frames in ips (two slots each), or PYTHON_* < 0 */
-    /* kernel frames, then user frames, leaf first; then the Python frames (two slots each) */
+    /* kernel frames, then user frames, leaf first; then the Python frames (two slots each); then the
+     * user stack copy, if any, which runs on into the record's room (STACK_RECORD) */
     u64 ips[2 * MAX_STACK_DEPTH + 2 * PYTHON_MAX_FRAMES];
 };
 
 /* A profiler's record as it fills it (in a per-CPU scratch map: records are too big for the 512-byte BPF
- * stack): a stack_event and room for `bytes` of user stack right after it. One layout per profiler,
- * since each copies its own amount; `struct stack_event` (mirrored in agent/probes/records.py) is the
- * same in all of them. */
+ * stack): a stack_event and `bytes` more, so that a copy of up to `bytes` fits after every slot filled.
+ * The copy starts after the filled slots, not at `room`: with few frames most of it lies inside ips.
+ * One layout per profiler, since each copies its own amount; `struct stack_event` (mirrored in
+ * agent/probes/records.py) is the same in all of them. */
 #define STACK_RECORD(name, bytes) \
     struct name {                 \
         struct stack_event event; \
-        u8 stack[bytes];          \
+        u8 room[bytes];           \
     }
 
 /* python_procs' value, by pid: how to find and walk one Python process's frames, written by user space
@@ -123,13 +127,34 @@ struct proc_event {
     u32 kind;               /* PROC_EVENT_* */
 };
 
-/* Copy the registers and the top of the user stack into `stack` (the `stack_bytes` right after `e`) for
- * DWARF unwinding; returns the bytes of `e` to submit (all of `ips`, then the copied chunks), or 0 when
- * nothing is copied (stack_bytes == 0, a kernel thread, or no user registers). `stack_bytes` is a
- * constant of the calling profiler: the loop unrolls to its chunks, each read at a constant offset so
- * the verifier sees every access in bounds; the first unreadable one (past the stack's top) ends it. */
-static __always_inline u32 copy_user_stack(struct stack_event *e, u8 *stack, u32 stack_bytes, u64 ip, u64 sp, u64 bp)
+/* Bytes from a record's start to the end of its last filled slot: its kernel and user frames and its
+ * Python frames (the lengths must be filled). This is where its user stack copy starts, and all it sends
+ * without one. Masked and clamped so the verifier sees it inside `ips` whatever the fields hold. */
+static __always_inline u64 stack_copy_offset(const struct stack_event *e)
 {
+    s32 kernel = e->kernel_stack_len, user = e->user_stack_len, python = e->python_frames;
+    u32 nk = kernel > 0 ? (u32)kernel & 0x7f : 0;
+    u32 nu = user > 0 ? (u32)user & 0x7f : 0;
+    u32 np = python > 0 ? (u32)python & 0xff : 0; /* two slots each, after the user frames */
+    /* 64 bits: a u32 would be zero-extended into a second register after the bound is checked on the
+     * first. Hide what the compiler knows, so the bound below reaches the verifier on the same register. */
+    u64 offset = offsetof(struct stack_event, ips) + (u64)(nk + nu + 2 * np) * sizeof(u64);
+    __asm__ __volatile__("" : "+r"(offset));
+    if (offset > sizeof(struct stack_event))
+        offset = sizeof(struct stack_event);
+    return offset;
+}
+
+/* Copy the registers and the top of the user stack into `record` (a profiler's STACK_RECORD, whose room
+ * holds `stack_bytes`) right after its filled slots, for DWARF unwinding: call it once the native stacks
+ * and the Python frames are in. Returns the bytes of the record to submit (the filled slots, then the
+ * copied chunks), or 0 when nothing is copied (stack_bytes == 0, a kernel thread, or no user registers).
+ * `stack_bytes` is a constant of the calling profiler: the loop unrolls to its chunks, each read at a
+ * constant distance from the copy's bounded start, so the verifier sees every access inside the record;
+ * the first unreadable chunk (past the stack's top) ends it. */
+static __always_inline u32 copy_user_stack(void *record, u32 stack_bytes, u64 ip, u64 sp, u64 bp)
+{
+    struct stack_event *e = (struct stack_event *)record;
     e->user_ip = ip;
     e->user_sp = sp;
     e->user_bp = bp;
@@ -137,6 +162,8 @@ static __always_inline u32 copy_user_stack(struct stack_event *e, u8 *stack, u32
     e->user_stack_bytes = 0;
     if (stack_bytes == 0 || !sp || (e->flags & SAMPLE_FLAG_KERNEL_THREAD))
         return 0;
+    u64 offset = stack_copy_offset(e);
+    u8 *stack = (u8 *)record + offset;
     u64 base = sp & ~((u64)USER_STACK_CHUNK - 1);
     e->user_stack_base = base;
     u32 chunks = 0;
@@ -150,23 +177,17 @@ static __always_inline u32 copy_user_stack(struct stack_event *e, u8 *stack, u32
         chunks = i + 1;
     }
     e->user_stack_bytes = chunks * USER_STACK_CHUNK;
-    return sizeof(struct stack_event) + chunks * USER_STACK_CHUNK;
+    return offset + chunks * USER_STACK_CHUNK;
 }
 
 /* The bytes to submit of a record filled earlier (by collect_stacks, or as the allocation profiler does,
- * and the Python walker) whose profiler copies `stack_bytes` of user stack: the filled slots of `ips`, or
- * all of them and the copy. */
+ * the Python walker and copy_user_stack) whose profiler copies `stack_bytes` of user stack: the filled
+ * slots of `ips`, then the copy when there is one. */
 static __always_inline u64 record_size(struct stack_event *e, u32 stack_bytes)
 {
-    u64 size;
-    s32 kernel = e->kernel_stack_len, user = e->user_stack_len;
-    u32 nk = kernel > 0 ? (u32)kernel & 0x7f : 0;
-    u32 nu = user > 0 ? (u32)user & 0x7f : 0;
-    s32 python = e->python_frames;
-    u32 np = python > 0 ? (u32)python & 0xff : 0; /* two slots each, after the user frames */
-    size = offsetof(struct stack_event, ips) + (nk + nu + 2 * np) * sizeof(u64);
-    if (stack_bytes && e->user_stack_bytes)
-        size = sizeof(struct stack_event) + (u64)e->user_stack_bytes;
+    u64 size = stack_copy_offset(e);
+    if (stack_bytes)
+        size += e->user_stack_bytes;
     /* Hide what the compiler knows, so the bound below reaches the verifier on the same register. */
     __asm__ __volatile__("" : "+r"(size));
     if (size > sizeof(struct stack_event) + stack_bytes)
@@ -184,12 +205,10 @@ static __always_inline void current_user_regs(u64 *ip, u64 *sp, u64 *bp)
     bpf_probe_read_kernel(bp, sizeof(*bp), &regs->bp);
 }
 
-/* Walk both stacks of the current task into e->ips, and copy `stack_bytes` of the user stack into
- * `stack` (a constant of the calling profiler: 0 compiles the copy and the register reads out, so
- * kernels without bpf_task_pt_regs load it); returns the number of bytes of `e` to submit, as
- * record_size does (which also counts Python frames appended after the user frames). The masks keep
- * every offset provably inside `ips`. */
-static __always_inline u32 collect_stacks(void *ctx, struct stack_event *e, u8 *stack, u32 stack_bytes)
+/* Walk both stacks of the current task into e->ips (the Python frames, if any, go after them: see
+ * walk_python); returns the bytes they fill, header included. The masks keep every offset provably
+ * inside `ips`. */
+static __always_inline u32 collect_stacks(void *ctx, struct stack_event *e)
 {
     long kernel = bpf_get_stack(ctx, e->ips, MAX_STACK_DEPTH * sizeof(u64), 0);
     u32 nk = kernel > 0 ? ((u32)kernel / sizeof(u64)) & 0x7f : 0;
@@ -202,11 +221,19 @@ static __always_inline u32 collect_stacks(void *ctx, struct stack_event *e, u8 *
         nu = user > 0 ? ((u32)user / sizeof(u64)) & 0x7f : 0;
         e->user_stack_len = user < 0 ? (s32)user : (s32)nu;
     }
+    return offsetof(struct stack_event, ips) + (nk + nu) * sizeof(u64);
+}
+
+/* Copy `stack_bytes` of the current task's user stack into `record` after its filled slots (a constant
+ * of the calling profiler: 0 compiles the copy and the register reads out, so kernels without
+ * bpf_task_pt_regs load it); returns what copy_user_stack does. */
+static __always_inline u32 copy_current_user_stack(void *record, u32 stack_bytes)
+{
+    struct stack_event *e = (struct stack_event *)record;
     u64 ip = 0, sp = 0, bp = 0;
     if (stack_bytes && !(e->flags & SAMPLE_FLAG_KERNEL_THREAD))
         current_user_regs(&ip, &sp, &bp);
-    u32 copied = copy_user_stack(e, stack, stack_bytes, ip, sp, bp);
-    return copied ? copied : offsetof(struct stack_event, ips) + (nk + nu) * sizeof(u64);
+    return copy_user_stack(record, stack_bytes, ip, sp, bp);
 }
 
 #endif

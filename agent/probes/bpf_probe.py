@@ -21,7 +21,7 @@ from typing import Any
 
 from agent.probes.events import MalformedRecord, ProcessEvent, UnwindCopy
 from agent.probes.geometry import page_count, sized_for_records
-from agent.probes.records import PARAM_SAMPLING, USER_STACK_OFFSET
+from agent.probes.records import PARAM_SAMPLING, STACK_EVENT_SIZE
 from agent.probes.settings import ProfilingConfig
 from agent.probes.stacks import StackDecoder
 from agent.types import ProfileSpec
@@ -151,7 +151,7 @@ class BpfProbe(ABC):
     ) -> None:
         """`stack_records`: the buffer carries `struct stack_event`s, which grow by the user stack copy."""
         if stack_records and self.user_stack_bytes:
-            record_bytes = USER_STACK_OFFSET + self.user_stack_bytes
+            record_bytes = STACK_EVENT_SIZE + self.user_stack_bytes  # the largest: every slot filled
             pages, wakeup_events = sized_for_records(pages, wakeup_events, record_bytes, os.cpu_count() or 1)
         open_counted_buffer(self._bpf, table, decode, self._emit, self.stats, self._malformed, pages, wakeup_events)
 

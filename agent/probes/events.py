@@ -7,10 +7,11 @@ too short or carry impossible values with `MalformedRecord`, which the reader co
 `decode_stack_event` decodes one record in full; `StackEventDecoder` does the same through a cache of
 the records it has seen, which is what makes the reader cheap enough per event (see `bench/ingest.py`).
 
-Records with a user stack copy: a decoder given the unwind stage (the CPU and off-CPU profilers' with
-`unwind.* = auto|dwarf`) unwinds the copy where it lies in the ring, inside the callback, and the event
-carries the unwound stack and no copy; without one (allocations) the whole record is copied out and
-the event carries the copy to the pipeline thread, which unwinds it after the keep decision.
+Records with a user stack copy (it starts right after the record's last frame, native or Python): a
+decoder given the unwind stage (the CPU and off-CPU profilers' with `unwind.* = auto|dwarf`) unwinds the
+copy where it lies in the ring, inside the callback, and the event carries the unwound stack and no
+copy; without one (allocations) the whole record is copied out and the event carries the copy to the
+pipeline thread, which unwinds it after the keep decision.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from agent.probes.records import (
     SAMPLE_FLAG_KERNEL_THREAD,
     SAMPLE_FLAG_PYTHON_TRUNCATED,
     STACK_EVENT_HEADER_SIZE,
-    USER_STACK_OFFSET,
+    STACK_EVENT_SIZE,
     ProcEventRecord,
     StackEventRecord,
 )
@@ -123,6 +124,8 @@ _IDENTITY_START = 24  # after timestamp_ns, value and sampling
 _LENGTHS = struct.Struct("<ii")  # kernel_stack_len, user_stack_len
 _LENGTHS_OFFSET = StackEventRecord.kernel_stack_len.offset
 _REGISTERS = StackEventRecord.user_ip.offset  # to python_frames: the user registers and the copy's place
+_COPY_BYTES = StackEventRecord.user_stack_bytes.offset  # nonzero: the record carries a stack copy
+_COPY_BYTES_FIELD = struct.Struct("<I")
 _PYTHON_COUNT = StackEventRecord.python_frames.offset  # python_frames, then the frames
 _PYTHON_COUNT_FIELD = struct.Struct("<i")
 _FRAMES = STACK_EVENT_HEADER_SIZE
@@ -194,7 +197,7 @@ def _decode_fields(
         raise MalformedRecord(f"stack_event: {len(raw)} bytes cannot hold {kernel_len}+{user_len} frames")
     python, python_end = _python_stack(header, raw, user_end)
     kernel_thread = bool(header.flags & SAMPLE_FLAG_KERNEL_THREAD)
-    user_copy = _user_copy(header, raw if record is None else record) if header.user_stack_bytes else None
+    user_copy = _user_copy(header, raw if record is None else record, python_end) if header.user_stack_bytes else None
     fields = (
         header.pid,
         header.tid,
@@ -274,21 +277,26 @@ class StackEventDecoder:
         return len(self._cache)
 
     def _same_worth(self, data: int, size: int) -> StackEvent:
-        if not STACK_EVENT_HEADER_SIZE <= size <= USER_STACK_OFFSET:
+        if not STACK_EVENT_HEADER_SIZE <= size <= STACK_EVENT_SIZE:
             return self._decode_in_full(data, size)  # too short, or carrying a stack copy
         raw = (self._arrays.get(size) or self._array(size)).from_address(data).raw  # one copy out of the ring
         key = raw[_IDENTITY_START : size & _WHOLE_WORDS]
         known = self._cache.get(key) or self._learn(raw, key)
+        if known is None:
+            return self._decode_in_full(data, size)  # a short stack with a small copy
         self._counts[known[1]] += 1
         event: StackEvent = _new_tuple(StackEvent, (self._profiler, _TIMESTAMP.unpack_from(raw)[0]) + known[0])
         return event
 
     def _weighed(self, data: int, size: int) -> StackEvent:
-        if not STACK_EVENT_HEADER_SIZE <= size <= USER_STACK_OFFSET:
+        if not STACK_EVENT_HEADER_SIZE <= size <= STACK_EVENT_SIZE:
             return self._decode_in_full(data, size)
         raw = (self._arrays.get(size) or self._array(size)).from_address(data).raw
         key = raw[_IDENTITY_START : size & _WHOLE_WORDS]
-        fields, signature, rest, identity, python = self._cache.get(key) or self._learn(raw, key)
+        known = self._cache.get(key) or self._learn(raw, key)
+        if known is None:
+            return self._decode_in_full(data, size)
+        fields, signature, rest, identity, python = known
         timestamp, value, sampling = _WORTH.unpack_from(raw)
         assert self._values_of is not None
         values = self._values_of(_new_tuple(RecordHeader, (timestamp, value, sampling, *rest)))
@@ -296,9 +304,13 @@ class StackEventDecoder:
         event: StackEvent = _new_tuple(StackEvent, (self._profiler, timestamp, *fields, values, None, identity, python))
         return event
 
-    def _learn(self, raw: bytes, key: bytes) -> _Known:
+    def _learn(self, raw: bytes, key: bytes) -> _Known | None:
+        """What the cache keeps for a record seen for the first time; None for one with a stack copy
+        (it is decoded in full every time: its copy differs from event to event)."""
+        if _COPY_BYTES_FIELD.unpack_from(raw, _COPY_BYTES)[0]:
+            return None
         header, fields, python, _, identity = _decode_fields(raw, self._stacks)  # may raise MalformedRecord
-        assert identity is not None  # a stack copy would not fit in the bytes let through to here
+        assert identity is not None  # only a record with a stack copy has none
         signature = self._stacks.signature(fields[5], fields[6])
         if self._values_of is None:
             known: _Known = ((*fields, self._values, None, identity, python), signature, (), identity, python)
@@ -315,7 +327,7 @@ class StackEventDecoder:
     def _decode_in_full(self, data: int, size: int) -> StackEvent:
         values = self._values
         values_of = self._values_of or (lambda _: values)
-        if self._unwind is not None and size > USER_STACK_OFFSET:
+        if self._unwind is not None and size > STACK_EVENT_HEADER_SIZE and _has_copy(data):
             return self._decode_and_unwind(data, size, values_of)
         return decode_stack_event(data, size, self._stacks, self._profiler, values_of)
 
@@ -339,15 +351,22 @@ class StackEventDecoder:
         return array
 
 
-def _user_copy(header: RecordHeader, record: bytes | memoryview) -> UserStackCopy:
-    end = USER_STACK_OFFSET + header.user_stack_bytes
+def _has_copy(data: int) -> bool:
+    """Whether the record at `data` (at least its header arrived) carries a user stack copy."""
+    return ctypes.c_uint32.from_address(data + _COPY_BYTES).value != 0
+
+
+def _user_copy(header: RecordHeader, record: bytes | memoryview, start: int) -> UserStackCopy:
+    """The copy at `start`: right after the record's last filled slot (`stack_copy_offset` in common.h)."""
+    end = start + header.user_stack_bytes
     if len(record) < end:
         raise MalformedRecord(
             f"stack_event: {len(record)} bytes cannot hold a {header.user_stack_bytes}-byte stack copy"
+            f" after {start} bytes of header and frames"
         )
     if not header.user_stack_base <= header.user_sp < header.user_stack_base + header.user_stack_bytes:
         raise MalformedRecord(f"stack_event: stack pointer {header.user_sp:#x} outside its copy")
-    data = memoryview(record)[USER_STACK_OFFSET:end]  # a view of the record, not a second copy
+    data = memoryview(record)[start:end]  # a view of the record, not a second copy
     return UserStackCopy(header.user_ip, header.user_sp, header.user_bp, header.user_stack_base, data)
 
 

@@ -1,8 +1,10 @@
 """Probes stage: perf-buffer size and wakeup batch for records that carry a user stack copy.
 
-A record with a stack copy for DWARF unwinding is ~10 KiB instead of a few hundred bytes, so a
-buffer sized in pages for the small records holds forty times fewer of them: a burst of allocations
-or blocks, arriving before the adaptive sampler reacts, would overflow it. Buffers for such records
+A record with a stack copy for DWARF unwinding is the copy (8 KiB by default) and a few hundred bytes
+of header and frames instead of those few hundred bytes alone (the copy follows the last filled frame:
+see `records.stack_record_size`), so a buffer sized in pages for the small records holds some thirty
+times fewer of them: a burst of allocations or blocks, arriving before the adaptive sampler reacts,
+would overflow it. Buffers for such records
 get COPY_BUFFER_BYTES per profiler, spread over the CPUs (each CPU has its own buffer), within
 [MIN_COPY_PAGES, MAX_COPY_PAGES] per CPU: 2 MiB per CPU on this 2-CPU VM, 256 KiB on a 64-CPU host,
 where each CPU's share of the events is smaller. The wakeup batch then fills at most half a buffer.

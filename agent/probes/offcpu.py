@@ -21,7 +21,7 @@ from agent.errors import BpfAttachError
 from agent.features import KernelFeatures, kernel_features
 from agent.probes.bpf_probe import FRAME_POINTERS, BpfProbe, Emit, StackCopyPlan
 from agent.probes.events import RecordHeader, StackEventDecoder
-from agent.probes.records import PARAM_MIN_BLOCK_NS, PARAM_SAMPLING, USER_STACK_OFFSET
+from agent.probes.records import PARAM_MIN_BLOCK_NS, PARAM_SAMPLING, STACK_EVENT_SIZE
 from agent.probes.settings import OffCpuConfig, ProfilingConfig
 from agent.types import ProfileSpec, ValueType
 
@@ -34,7 +34,7 @@ DEFAULT_OFFCPU = OffCpuConfig()
 # STACK_MAP_BYTES, so 4096 entries with frame pointers only and ~1,380 with an 8 KiB stack copy. Beyond
 # it the longest-idle threads lose their stacks (counted when they wake).
 BLOCKED_ENTRIES = 16384
-STACK_MAP_BYTES = 4096 * USER_STACK_OFFSET
+STACK_MAP_BYTES = 4096 * STACK_EVENT_SIZE
 MIN_STACK_ENTRIES = 256
 # Blocks are few (each lasts >= min_block_us): batch ~16 per wakeup; the reader drains partial
 # batches at every interval end.
@@ -142,7 +142,7 @@ class OffCpuProbe(BpfProbe):
     @property
     def stack_entries(self) -> int:
         """Blocked threads whose stacks the tracepoint path keeps at once, within STACK_MAP_BYTES."""
-        return max(MIN_STACK_ENTRIES, STACK_MAP_BYTES // (USER_STACK_OFFSET + self.user_stack_bytes))
+        return max(MIN_STACK_ENTRIES, STACK_MAP_BYTES // (STACK_EVENT_SIZE + self.user_stack_bytes))
 
     def extra_defines(self) -> dict[str, int | str]:
         return {

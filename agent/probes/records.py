@@ -55,15 +55,23 @@ class StackEventRecord(ctypes.Structure):
         ("user_stack_bytes", ctypes.c_uint32),
         ("python_frames", ctypes.c_int32),
         ("ips", ctypes.c_uint64 * (2 * MAX_STACK_DEPTH + 2 * PYTHON_MAX_FRAMES)),
-        # With USER_STACK_BYTES > 0 the C struct goes on with `u8 stack[USER_STACK_BYTES]`: its copy
-        # starts at USER_STACK_OFFSET, and only the copied bytes are sent.
+        # With USER_STACK_BYTES > 0 the C record goes on with `u8 room[USER_STACK_BYTES]`, and the copy
+        # starts right after the last filled slot of `ips` (see `stack_record_size`).
     )
 
 
 # Records are sent truncated after the last filled frame: this much always arrives.
 STACK_EVENT_HEADER_SIZE = StackEventRecord.ips.offset
-# Where a record's user stack copy starts (after every slot of `ips`), when it carries one.
-USER_STACK_OFFSET = ctypes.sizeof(StackEventRecord)
+# The most a record without a user stack copy can be (every slot filled); one with a copy adds its bytes.
+STACK_EVENT_SIZE = ctypes.sizeof(StackEventRecord)
+
+
+def stack_record_size(kernel_frames: int, user_frames: int, python_frames: int = 0, copy_bytes: int = 0) -> int:
+    """The bytes a record sends: its header, its filled slots (a Python frame takes two), then its copy,
+    which starts right where the slots end (`stack_copy_offset` in bpf/common.h)."""
+    return STACK_EVENT_HEADER_SIZE + 8 * (kernel_frames + user_frames + 2 * python_frames) + copy_bytes
+
+
 USER_STACK_CHUNK = 512
 
 

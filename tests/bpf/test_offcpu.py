@@ -26,7 +26,7 @@ from agent.probes.loader import load_program
 from agent.probes.offcpu import BLOCKED_ENTRIES, OffCpuProbe, plan_attach
 from agent.probes.program import ProbeProgram
 from agent.probes.reader import PerfReader
-from agent.probes.records import USER_STACK_OFFSET
+from agent.probes.records import STACK_EVENT_SIZE
 from agent.probes.settings import OffCpuConfig
 from tests.support.agent import STARTUP_TIMEOUT_S, free_port, start_agent, wait_for_log
 from tests.support.blocks import kernel_bounds, read_blocks
@@ -284,7 +284,7 @@ def test_sampling_keeps_one_in_n_with_unbiased_weights(tmp_path: Path) -> None:
 def test_blocks_whose_stacks_were_evicted_are_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """16 threads blocked at once and room for the stacks of 4: every block is either sent or counted."""
     monkeypatch.setattr(offcpu, "MIN_STACK_ENTRIES", 4)
-    monkeypatch.setattr(offcpu, "STACK_MAP_BYTES", 4 * USER_STACK_OFFSET)
+    monkeypatch.setattr(offcpu, "STACK_MAP_BYTES", 4 * STACK_EVENT_SIZE)
     binary = compile_workload("offcpu_split", tmp_path)
     durations = tmp_path / "durations"
     events, truth, lost = profile_in_process(

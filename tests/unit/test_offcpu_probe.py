@@ -37,7 +37,7 @@ from agent.probes.offcpu import (
     plan_attach,
 )
 from agent.probes.program import ProbeProgram
-from agent.probes.records import PARAM_MIN_BLOCK_NS, PARAM_SAMPLING, USER_STACK_OFFSET, StackEventRecord
+from agent.probes.records import PARAM_MIN_BLOCK_NS, PARAM_SAMPLING, STACK_EVENT_SIZE, StackEventRecord
 from agent.probes.registry import PROBES
 from agent.probes.settings import OffCpuConfig
 from agent.types import StackStatus, ValueType
@@ -396,6 +396,6 @@ def test_stack_map_keeps_its_memory_when_records_carry_a_stack_copy() -> None:
     entries = probe.defines["STACK_ENTRIES"]
     assert probe.defines["OFFCPU_STACK_BYTES"] == 8192
     # Fewer entries than with frame pointers only (4096), as many as the budget holds.
-    assert isinstance(entries, int) and MIN_STACK_ENTRIES <= entries < STACK_MAP_BYTES // USER_STACK_OFFSET
-    assert (entries + 1) * (USER_STACK_OFFSET + 8192) > STACK_MAP_BYTES
-    assert entries * (USER_STACK_OFFSET + 8192) <= STACK_MAP_BYTES
+    assert isinstance(entries, int) and MIN_STACK_ENTRIES <= entries < STACK_MAP_BYTES // STACK_EVENT_SIZE
+    assert (entries + 1) * (STACK_EVENT_SIZE + 8192) > STACK_MAP_BYTES
+    assert entries * (STACK_EVENT_SIZE + 8192) <= STACK_MAP_BYTES

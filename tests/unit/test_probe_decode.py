@@ -32,7 +32,7 @@ from agent.probes.records import (
     PROC_EVENT_NEW,
     SAMPLE_FLAG_KERNEL_THREAD,
     STACK_EVENT_HEADER_SIZE,
-    USER_STACK_OFFSET,
+    STACK_EVENT_SIZE,
     ProcEventRecord,
     StackEventRecord,
 )
@@ -448,13 +448,18 @@ def test_the_cache_is_bounded() -> None:
         assert 1 <= len(decoder) <= 2
 
 
-def test_a_record_with_a_stack_copy_is_decoded_in_full_every_time() -> None:
+# A small copy makes a record no bigger than one with every slot filled; the default one, bigger.
+@pytest.mark.parametrize("copy_bytes", [512, 8192])
+def test_a_record_with_a_stack_copy_is_decoded_in_full_every_time(copy_bytes: int) -> None:
+    """The copy starts right after the last filled frame: the unfilled slots are not sent."""
     sp, base = 0x7FFD0000_1010, 0x7FFD0000_1000
-    record = stack_record(user_ip=0x401234, user_sp=sp, user_bp=sp + 32, user_stack_base=base, user_stack_bytes=512)
-    copy = bytes(range(256)) * 2
-    raw = bytes(record) + copy
-    assert len(raw) == USER_STACK_OFFSET + 512
-    buffer = ctypes.create_string_buffer(raw, len(raw))
+    record = stack_record(
+        user_ip=0x401234, user_sp=sp, user_bp=sp + 32, user_stack_base=base, user_stack_bytes=copy_bytes
+    )
+    copy = bytes(range(256)) * (copy_bytes // 256)
+    buffer = in_buffer(record, padding=copy)
+    assert len(buffer) == STACK_EVENT_HEADER_SIZE + 8 * (len(KERNEL) + len(USER)) + copy_bytes
+    assert (len(buffer) <= STACK_EVENT_SIZE) == (copy_bytes == 512)
     decoder = StackEventDecoder("cpu", StackDecoder(), (1,))
     for _ in range(2):
         event = cached_decode(decoder, buffer)
@@ -464,13 +469,16 @@ def test_a_record_with_a_stack_copy_is_decoded_in_full_every_time() -> None:
     assert len(decoder) == 0
 
 
-def test_a_stack_copy_is_unwound_inside_the_callback_by_the_unwind_stage() -> None:
+@pytest.mark.parametrize("copy_bytes", [512, 8192])
+def test_a_stack_copy_is_unwound_inside_the_callback_by_the_unwind_stage(copy_bytes: int) -> None:
     """With an unwind stage the copy is handed over where it lies (a view of the record, read while the
     callback runs), and the event carries the unwound stack instead of the copy."""
     sp, base = 0x7FFD0000_1010, 0x7FFD0000_1000
-    record = stack_record(user_ip=0x401234, user_sp=sp, user_bp=sp + 32, user_stack_base=base, user_stack_bytes=512)
-    copy = bytes(range(256)) * 2
-    buffer = ctypes.create_string_buffer(bytes(record) + copy, USER_STACK_OFFSET + 512)
+    record = stack_record(
+        user_ip=0x401234, user_sp=sp, user_bp=sp + 32, user_stack_base=base, user_stack_bytes=copy_bytes
+    )
+    copy = bytes(range(256)) * (copy_bytes // 256)
+    buffer = in_buffer(record, padding=copy)
     unwound = Stack(StackStatus.OK, (0x401234, 0x401500, 0x401600))
     calls: list[tuple[int, UserStackCopy, Stack]] = []
 
@@ -491,12 +499,12 @@ def test_a_stack_copy_is_unwound_inside_the_callback_by_the_unwind_stage() -> No
 
 def test_a_stack_copy_that_does_not_fit_is_malformed_before_the_unwind_stage() -> None:
     record = stack_record(user_sp=0x1010, user_stack_base=0x1000, user_stack_bytes=4096)
-    buffer = ctypes.create_string_buffer(bytes(record) + b"\0" * 512, USER_STACK_OFFSET + 512)
+    buffer = in_buffer(record, padding=b"\0" * 512)
 
     def unwind(pid: int, user_copy: UserStackCopy, frame_pointer_stack: Stack) -> Stack:
         raise AssertionError("a malformed record must not be unwound")
 
-    with pytest.raises(MalformedRecord, match="cannot hold a 4096-byte stack copy"):
+    with pytest.raises(MalformedRecord, match="cannot hold a 4096-byte stack copy after 144 bytes"):
         cached_decode(StackEventDecoder("cpu", StackDecoder(), (1,), unwind=unwind), buffer)
 
 

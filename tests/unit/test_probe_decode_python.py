@@ -8,8 +8,6 @@ both decoders (`decode` checks that the cached one agrees, errors included).
 
 from __future__ import annotations
 
-import ctypes
-
 import pytest
 
 from agent.probes.events import MalformedRecord, StackEventDecoder, UserStackCopy
@@ -21,7 +19,7 @@ from agent.probes.records import (
     PYTHON_NO_THREAD_STATE,
     PYTHON_READ_FAILED,
     SAMPLE_FLAG_PYTHON_TRUNCATED,
-    USER_STACK_OFFSET,
+    STACK_EVENT_HEADER_SIZE,
 )
 from agent.probes.stacks import StackDecoder
 from agent.types import NO_INTERPRETER_STACK, InterpreterStack, InterpreterStatus, Stack, StackStatus
@@ -135,14 +133,15 @@ def test_the_weighed_decoder_keeps_the_python_frames() -> None:
 
 
 def test_a_record_with_a_stack_copy_keeps_its_python_frames() -> None:
-    """With a copy the whole struct is sent: the Python frames sit after the user frames as always, and
-    the unwound event carries them."""
+    """The Python frames sit after the user frames as always, and the copy right after them; the unwound
+    event carries them."""
     sp, base = 0x7FFD0000_1010, 0x7FFD0000_1000
     record = stack_record(
         python=PYTHON, user_ip=0x401234, user_sp=sp, user_bp=sp + 32, user_stack_base=base, user_stack_bytes=512
     )
     copy = bytes(range(256)) * 2
-    buffer = ctypes.create_string_buffer(bytes(record) + copy, USER_STACK_OFFSET + 512)
+    buffer = in_buffer(record, padding=copy)
+    assert len(buffer) == STACK_EVENT_HEADER_SIZE + 8 * (len(KERNEL) + len(USER) + len(PYTHON)) + 512
     expected = InterpreterStack(InterpreterStatus.OK, PYTHON)
     in_full = cached_decode(StackEventDecoder("cpu", StackDecoder(), (1,)), buffer)
     assert in_full.python == expected

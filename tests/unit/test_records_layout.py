@@ -67,7 +67,7 @@ static void collect(const char *name, u32 flags, long kernel, long user)
     calls = 0;
     script[0] = kernel;
     script[1] = user;
-    u32 size = collect_stacks(NULL, &e, NULL, 0); /* a profiler that copies no user stack */
+    u32 size = collect_stacks(NULL, &e); /* the native frames: all a record without Python frames or copy sends */
     printf("%s.size %u\n%s.kernel_stack_len %d\n%s.user_stack_len %d\n%s.calls %d\n",
            name, size, name, e.kernel_stack_len, name, e.user_stack_len, name, calls);
     for (int i = 0; i < calls; i++)
@@ -315,9 +315,11 @@ def test_collect_stacks_walks_kernel_first_then_user_after_it(name: str, c_layou
 
 
 # With USER_STACK_BYTES > 0 the record grows a stack copy: the same header is compiled again with
-# stand-ins that serve a fake user stack readable up to STACK_TOP, and copy_user_stack() must copy
-# whole chunks from the stack pointer rounded down, stop at the first unreadable chunk, and size the
-# record to end right after the copy.
+# stand-ins that serve a fake user stack readable up to STACK_TOP, and copy_current_user_stack() must
+# copy whole chunks from the stack pointer rounded down, stop at the first unreadable chunk, put the copy
+# right after the last filled slot (native frames, then the Python frames the walker appended), and size
+# the record to end right after the copy. `run` plays collect_stacks, a walk of `python` frames (as
+# walk_python writes them) and the copy, as the profilers do.
 STACK_COPY_PROGRAM = r"""
 typedef unsigned long long u64; typedef unsigned int u32; typedef int s32;
 typedef unsigned short u16; typedef unsigned char u8;
@@ -329,6 +331,7 @@ typedef unsigned short u16; typedef unsigned char u8;
 struct pt_regs { u64 ip, sp, bp; };
 struct task_struct;
 static struct pt_regs saved = {0x401000, 0x6a38, 0x6f00};
+static long stack_bytes_each = 16; /* what each bpf_get_stack call fills */
 static struct task_struct *bpf_get_current_task_btf(void) { return 0; }
 static long bpf_task_pt_regs(struct task_struct *t) { (void)t; return (long)&saved; }
 static long bpf_probe_read_kernel(void *dst, u32 size, const void *src) { memcpy(dst, src, size); return 0; }
@@ -340,27 +343,57 @@ static long bpf_probe_read_user(void *dst, u32 size, const void *src)
     return 0;
 }
 static long bpf_get_stack(void *ctx, void *buf, u32 size, u64 flags)
-{ (void)ctx; (void)buf; (void)size; (void)flags; return 16; }
+{
+    (void)ctx; (void)flags;
+    for (long i = 0; i < stack_bytes_each / 8 && i < (long)(size / 8); i++) ((u64 *)buf)[i] = 0x1000 + (u64)i;
+    return stack_bytes_each;
+}
 #include "common.h"
 STACK_RECORD(record, STACK_BYTES);
-int main(void) {
-    static struct record r;
+static struct record r;
+static void run(const char *name, long each, s32 python, u32 flags)
+{
     struct stack_event *e = &r.event;
-    u64 size = collect_stacks(NULL, e, r.stack, STACK_BYTES);
-    printf("offset %zu\nsize %llu\nbase %llu\nbytes %u\nip %llu\nsp %llu\nbp %llu\nfirst %u\nlast %u\n",
-           offsetof(struct record, stack), size, e->user_stack_base, e->user_stack_bytes, e->user_ip,
-           e->user_sp, e->user_bp, r.stack[0], r.stack[e->user_stack_bytes - 1]);
-    printf("record_size %llu\nrecord %zu\n", record_size(e, STACK_BYTES), sizeof(r));
-    e->flags = SAMPLE_FLAG_KERNEL_THREAD;
-    printf("kthread_size %llu\n", (u64)collect_stacks(NULL, e, r.stack, STACK_BYTES));
+    memset(&r, 0xab, sizeof(r)); /* unfilled slots hold garbage, as in a reused scratch record */
+    e->flags = flags;
+    stack_bytes_each = each;
+    u32 native = collect_stacks(NULL, e);
+    u32 slot = (native - offsetof(struct stack_event, ips)) / 8;
+    e->python_frames = python;
+    for (s32 i = 0; i < 2 * python; i++)
+        e->ips[slot + i] = 0x5000 + (u64)i;
+    u64 size = copy_current_user_stack(&r, STACK_BYTES);
+    u64 offset = stack_copy_offset(e);
+    const u8 *bytes = (const u8 *)&r;
+    printf("%s.native %u\n%s.offset %llu\n%s.size %llu\n%s.record_size %llu\n%s.bytes %u\n", name, native,
+           name, offset, name, size, name, record_size(e, STACK_BYTES), name, e->user_stack_bytes);
+    printf("%s.base %llu\n%s.ip %llu\n%s.sp %llu\n%s.bp %llu\n", name, e->user_stack_base, name, e->user_ip,
+           name, e->user_sp, name, e->user_bp);
+    printf("%s.last_python %lld\n", name, python > 0 ? (long long)e->ips[slot + 2 * python - 1] : -1LL);
+    if (e->user_stack_bytes) {
+        printf("%s.first %u\n%s.last %u\n", name, bytes[offset], name, bytes[offset + e->user_stack_bytes - 1]);
+    }
+}
+int main(void) {
+    printf("record %zu\n", sizeof(r));
+    run("native", 16, 0, 0);
+    run("python", 16, 3, 0);
+    run("reason", 16, PYTHON_READ_FAILED, 0);
+    run("full", MAX_STACK_DEPTH * 8, PYTHON_MAX_FRAMES, 0);
+    run("kthread", 16, 0, SAMPLE_FLAG_KERNEL_THREAD);
     return 0;
 }
 """
+# name -> (native frames collected, Python frames walked)
+COPY_SCENARIOS = {
+    "native": (4, 0),  # two kernel, two user: no Python frames
+    "python": (4, 3),
+    "reason": (4, 0),  # a Python process whose walk failed: no slots
+    "full": (2 * records.MAX_STACK_DEPTH, records.PYTHON_MAX_FRAMES),  # every slot filled
+}
 
 
-# Every record layout the profilers compile: 1 chunk, the unwind.stack_bytes default, and the bound.
-@pytest.mark.parametrize("stack_bytes", [records.USER_STACK_CHUNK * 2, 8192, 32768])
-def test_user_stack_copy_takes_whole_chunks_up_to_the_stack_top(tmp_path: Path, stack_bytes: int) -> None:
+def copy_results(tmp_path: Path, stack_bytes: int) -> dict[str, int]:
     if shutil.which("gcc") is None:
         pytest.skip("gcc is needed to compile bpf/common.h")
     (tmp_path / "copy.c").write_text(STACK_COPY_PROGRAM)
@@ -375,15 +408,51 @@ def test_user_stack_copy_takes_whole_chunks_up_to_the_stack_top(tmp_path: Path, 
     )
     assert build.returncode == 0, build.stderr
     printed = subprocess.run([str(tmp_path / "copy")], capture_output=True, text=True, check=True).stdout
-    got = {name: int(value) for name, value in (line.split() for line in printed.splitlines())}
-    assert got["offset"] == records.USER_STACK_OFFSET  # the copy follows every slot of ips
-    assert got["record"] == records.USER_STACK_OFFSET + stack_bytes  # the scratch record holds the whole copy
+    return {name: int(value) for name, value in (line.split() for line in printed.splitlines())}
+
+
+def scenario_result(got: dict[str, int], name: str) -> dict[str, int]:
+    return {key[len(name) + 1 :]: value for key, value in got.items() if key.startswith(f"{name}.")}
+
+
+# Every record layout the profilers compile: 1 chunk, the unwind.stack_bytes default, and the bound.
+@pytest.mark.parametrize("stack_bytes", [records.USER_STACK_CHUNK * 2, 8192, 32768])
+@pytest.mark.parametrize("scenario", sorted(COPY_SCENARIOS))
+def test_user_stack_copy_follows_the_filled_slots_in_whole_chunks(
+    tmp_path: Path, stack_bytes: int, scenario: str
+) -> None:
+    got = copy_results(tmp_path, stack_bytes)
+    assert got["record"] == records.STACK_EVENT_SIZE + stack_bytes  # room for a whole copy after every slot
+    result = scenario_result(got, scenario)
+    native, python = COPY_SCENARIOS[scenario]
+    filled = records.STACK_EVENT_HEADER_SIZE + 8 * (native + 2 * python)
+    assert result["native"] == records.STACK_EVENT_HEADER_SIZE + 8 * native
+    assert result["offset"] == filled  # the copy starts right after the last filled slot
     # sp 0x6a38 rounds down to 0x6a00; chunks at 0x6a00, 0x6c00 and 0x6e00 fit below 0x7000, the next does not
     # (and no more than the profiler's own size is copied).
     chunks = min(3, stack_bytes // records.USER_STACK_CHUNK)
-    assert (got["base"], got["bytes"]) == (0x6A00, chunks * records.USER_STACK_CHUNK)
-    assert got["size"] == got["record_size"] == records.USER_STACK_OFFSET + chunks * records.USER_STACK_CHUNK
-    assert (got["ip"], got["sp"], got["bp"]) == (0x401000, 0x6A38, 0x6F00)
-    last = 0x6A00 + chunks * records.USER_STACK_CHUNK - 1
-    assert (got["first"], got["last"]) == ((0x6A00 >> 3) & 0xFF, (last >> 3) & 0xFF)
-    assert got["kthread_size"] == records.STACK_EVENT_HEADER_SIZE + 2 * 8  # no copy: frames only
+    copied = chunks * records.USER_STACK_CHUNK
+    assert (result["base"], result["bytes"]) == (0x6A00, copied)
+    assert result["size"] == result["record_size"] == filled + copied
+    assert result["size"] == records.stack_record_size(native, 0, python, copied)
+    assert (result["ip"], result["sp"], result["bp"]) == (0x401000, 0x6A38, 0x6F00)
+    last = 0x6A00 + copied - 1
+    assert (result["first"], result["last"]) == ((0x6A00 >> 3) & 0xFF, (last >> 3) & 0xFF)
+    assert result["last_python"] == (0x5000 + 2 * python - 1 if python else -1)  # the copy left them whole
+
+
+@pytest.mark.parametrize("stack_bytes", [records.USER_STACK_CHUNK * 2, 8192])
+def test_a_record_without_python_frames_sends_no_python_slots(tmp_path: Path, stack_bytes: int) -> None:
+    """The regression this layout fixes: a native record with a copy must not carry the Python frames'
+    room (2 KiB of unfilled slots) before its copy."""
+    got = copy_results(tmp_path, stack_bytes)
+    for scenario in ("native", "reason"):
+        result = scenario_result(got, scenario)
+        assert result["size"] <= records.STACK_EVENT_HEADER_SIZE + 8 * 4 + result["bytes"]
+        assert result["size"] < records.STACK_EVENT_HEADER_SIZE + 8 * 2 * records.MAX_STACK_DEPTH + result["bytes"]
+
+
+def test_a_kernel_thread_sends_its_frames_and_no_copy(tmp_path: Path) -> None:
+    result = scenario_result(copy_results(tmp_path, 8192), "kthread")
+    assert (result["size"], result["bytes"]) == (0, 0)  # copy_user_stack: nothing copied
+    assert result["record_size"] == records.STACK_EVENT_HEADER_SIZE + 2 * 8  # no copy: frames only
