@@ -23,6 +23,7 @@ from agent.export.files import FileSink
 from agent.export.otlp.sink import OtlpSink
 from agent.export.otlp.stats import DROPPED, REJECTED_PROFILES, REQUESTS, RETRIES, SPOOL_ERRORS
 from agent.probes.program import PROCESS_EVENTS
+from agent.process.pidns import TASK_SKIP_REASONS
 from agent.process.python.inspect import FALLBACK_REASONS
 from agent.process.python.objects import CodeErrorReason
 from agent.process.python.proc import PythonState
@@ -305,7 +306,14 @@ class AgentCollector(Collector):
         )
         for reason, count in _known(inspector.fallbacks, FALLBACK_REASONS):
             fallbacks.add_metric([reason], count)
-        yield from (processes, inspections, fallbacks)
+        unmapped = _counter(
+            "python_tasks_unmapped",
+            "Threads of inspected Python processes whose own pid namespace's tid was not read, by reason.",
+            ("reason",),
+        )
+        for reason, count in _known(inspector.task_skips, TASK_SKIP_REASONS):
+            unmapped.add_metric([reason], count)
+        yield from (processes, inspections, fallbacks, unmapped)
         codes = self._source.python_codes
         if codes is None:
             return

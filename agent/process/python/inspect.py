@@ -18,6 +18,11 @@ An idle process (no thread running Python code: no frames) is validated by its t
 every state points back at its interpreter, is bound to a live thread of the pid and (TSS) sits in
 that thread's slot. The frame layout it will be walked with is the table's, checked on other processes
 of the same version; its code objects are still checked one by one when they are resolved.
+
+A thread state's `native_thread_id` is the tid in the process's own pid namespace (a container's), so
+it is compared with the process's threads as that namespace numbers them (`agent.process.pidns`, from
+each task's `NSpid:`). The pthread ids (TLS bases), and the thread map keyed by them, do not depend on
+the namespace; the pids are the agent's (those BPF reports).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from types import MappingProxyType
 
 from agent.errors import AgentError
 from agent.process.memory import ProcessMemory
+from agent.process.pidns import TaskIds, task_ids
 from agent.process.python.elfcode import ElfCode, ElfCodeError
 from agent.process.python.frames import CodeCheck, validate_frames
 from agent.process.python.layouts import NO_FIELD, LayoutError, PythonLayout, layout_for_version
@@ -152,6 +158,7 @@ class PythonInspector:
         self.inspected: Counter[str] = Counter()  # inspections by resulting state
         self.fallbacks: Counter[str] = Counter()  # THREAD_MAP by reason
         self.refresh_failures = 0
+        self.task_skips: Counter[str] = Counter()  # tasks not mapped through NSpid, by TASK_SKIP_REASONS
         self._last_log: dict[str, float] = {}
 
     def get(self, pid: int) -> PythonProcess | None:
@@ -260,12 +267,23 @@ class PythonInspector:
             if thread.thread_id % 8:
                 return "bad_thread_id", f"thread state {thread.address:#x}: pthread_t {thread.thread_id:#x}"
         # A thread that has just exited may not have unlinked its state yet, so one stale tid is no proof
-        # of garbage; none of them being a thread of this pid is.
+        # of garbage; none of them being a thread of this pid is. native_thread_id is the tid in the
+        # process's own pid namespace (a container's), so it is matched against its threads' ids there.
         natives = {t.native_thread_id for t in bound if t.native_thread_id}
-        tids = _task_ids(self._proc_root, pid)
-        if natives and tids and not natives & tids:
-            return "bad_native_thread_id", f"no thread state's tid is a thread of pid {pid}: {sorted(natives)[:4]}"
+        tasks = self._task_ids(pid)
+        if natives and tasks.found and not natives & tasks.own:
+            seen = dict(sorted(tasks.to_agent.items())[:4])  # its own tid -> the agent's
+            detail = f"no thread state's tid {sorted(natives)[:4]} is a thread of pid {pid} (its tids: {seen})"
+            return "bad_native_thread_id", detail
         return None
+
+    def _task_ids(self, pid: int) -> TaskIds:
+        """The pid's threads by their own namespace's tids; the tasks that could not be mapped counted."""
+        tasks = task_ids(self._proc_root, pid)
+        for reason, count in tasks.skipped.items():
+            self.task_skips[reason] += count
+            logger.debug("pid %d: %d of its tasks not mapped through NSpid: %s", pid, count, reason)
+        return tasks
 
     def _tss_slot(
         self, pid: int, memory: MemoryReader, found: Interpreter, threads: tuple[ThreadState, ...]
@@ -344,13 +362,6 @@ class PythonInspector:
 
 def _replace_threads(process: PythonProcess, threads: Mapping[int, int]) -> PythonProcess:
     return replace(process, threads=threads)
-
-
-def _task_ids(proc_root: Path, pid: int) -> frozenset[int]:
-    try:
-        return frozenset(int(name) for name in os.listdir(proc_root / str(pid) / "task") if name.isdigit())
-    except OSError:
-        return frozenset()
 
 
 def _libc_path(proc_root: Path, pid: int) -> Path | None:
