@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 import urllib.request
@@ -32,6 +33,7 @@ WALKED_STATES = ("enabled", "thread_map")  # Python frames walked in BPF
 NOT_CPYTHON_STATES = ("not_python", "disabled")  # every other process on the host; or the feature off
 RUNTIME_LABELS = ("process.runtime.name", "process.runtime.version")
 EVAL_FRAME = "_PyEval_EvalFrameDefault"
+REPORTED_INTERVALS = "profiling_agent_report_intervals_total"  # by outcome: reported, empty
 # Budgets the adaptive sampler never reaches: every off-CPU block of at least the minimum is kept and
 # allocations are sampled at the default mean distance, so the tests' bounds need no sampling factor.
 # Files are never deleted (the default keeps 1,000). Bigger perf buffers: at 499 Hz the CPU records of
@@ -93,6 +95,23 @@ class HostAgent:
         states = self.python_processes()
         return sum(v for state, v in states.items() if state not in (*WALKED_STATES, *NOT_CPYTHON_STATES))
 
+    def wait_walked(self, workloads: list[PythonWorkload], timeout: float = STARTUP_TIMEOUT_S) -> None:
+        """Poke each of `workloads` at its gate (by which an agent that meets processes only through their
+        samples meets them), block until the agent walks the Python frames of as many processes (with
+        --pid for exactly those: until it walks each of them), and resume them: the gates' waits from
+        then on are followed with their Python frames."""
+        for workload in workloads:
+            workload.poke()
+        deadline = time.monotonic() + timeout
+        while sum(self.python_processes().get(state, 0.0) for state in WALKED_STATES) < len(workloads):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(workloads)} processes not walked in {timeout} s: {self.python_processes()}")
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the agent exited with {self.proc.returncode}:\n{self.text()}")
+            time.sleep(0.2)
+        for workload in workloads:
+            workload.resume()
+
     def wait_flushed(self, after_ns: int, timeout: float = FLUSH_TIMEOUT_S) -> None:
         """Block until every profiler has written a profile whose interval starts after `after_ns`
         (wall clock): the intervals before it, with everything sampled until then, are in files."""
@@ -104,6 +123,19 @@ class HostAgent:
                     waiting.discard(prefix)
             if waiting and time.monotonic() > deadline:
                 raise AssertionError(f"no {sorted(waiting)} profile after {after_ns} within {timeout} s")
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the agent exited with {self.proc.returncode}:\n{self.text()}")
+            time.sleep(0.2)
+
+    def wait_reported(self, intervals: int = 2, timeout: float = FLUSH_TIMEOUT_S) -> None:
+        """Block until `intervals` more intervals of every profiler are reported (with samples or empty),
+        counted from now: what was sampled before now is in files, even when nothing is sampled since
+        (`wait_flushed` waits for a file, which an interval without samples does not write)."""
+        target = self.metric(REPORTED_INTERVALS) + intervals * len(self.profilers)
+        deadline = time.monotonic() + timeout
+        while self.metric(REPORTED_INTERVALS) < target:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{intervals} intervals not reported within {timeout} s")
             if self.proc.poll() is not None:
                 raise AssertionError(f"the agent exited with {self.proc.returncode}:\n{self.text()}")
             time.sleep(0.2)
@@ -140,11 +172,22 @@ class PythonWorkload:
     that runs the interpreter)."""
 
     def __init__(
-        self, interpreter: Interpreter, script: str, args: list[str], directory: Path, prefix: tuple[str, ...] = ()
+        self,
+        interpreter: Interpreter,
+        script: str,
+        args: list[str],
+        directory: Path,
+        prefix: tuple[str, ...] = (),
+        hold: bool = False,
     ) -> None:
+        """`hold`: the workload stops itself once its truth is written (workload_common.hold), and
+        `finish()` returns then; `release()` lets it exit."""
         self.truth_path = directory / f"{script}-{interpreter.label}-{time.monotonic_ns()}.json"
         self.script = PYTHON_WORKLOADS / f"{script}.py"
+        assert not (hold and prefix), "a held workload is waited for as the child it is"
+        self.hold = hold
         argv = [*prefix, str(interpreter.executable), str(self.script), *args, str(self.truth_path), "gate"]
+        argv += ["hold"] if hold else []
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -158,6 +201,20 @@ class PythonWorkload:
         """co_filename of the script's code: the path it was run by."""
         return str(self.script)
 
+    def poke(self, timeout: float = 60.0) -> None:
+        """A short sleep at the gate, an off-CPU block by which an agent meets the waiting process; the
+        workload then stops itself until `resume()`."""
+        assert self.proc.stdin is not None and self.proc.pid == self.pid, "no poke through a prefix"
+        self.proc.stdin.write("p")
+        self.proc.stdin.flush()
+        self._wait(timeout, os.WUNTRACED)
+
+    def resume(self) -> None:
+        """Continue a poked workload: it waits at its gate again."""
+        assert self.proc.stdout is not None
+        os.kill(self.proc.pid, signal.SIGCONT)
+        assert self.proc.stdout.readline() == "poked\n"
+
     def go(self) -> None:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.started_ns = time.time_ns()
@@ -166,10 +223,24 @@ class PythonWorkload:
         assert self.proc.stdout.readline() == "started\n"
 
     def finish(self, timeout: float = 300.0) -> dict[str, Any]:
-        """Wait for the exit (reaping it with its resource usage) and return its truth."""
+        """Wait for the exit (reaping it with its resource usage), or for the stop of a held workload,
+        and return its truth."""
+        self._wait(timeout, os.WUNTRACED if self.hold else 0)
+        truth: dict[str, Any] = json.loads(self.truth_path.read_text())
+        return truth
+
+    def release(self, timeout: float = 60.0) -> None:
+        """Continue a held workload that `finish()` saw stop, and reap its exit."""
+        assert self.hold and self.proc.returncode is None, self.script
+        os.kill(self.proc.pid, signal.SIGCONT)
+        self._wait(timeout, 0)
+
+    def _wait(self, timeout: float, flags: int) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
+            pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG | flags)
+            if pid and os.WIFSTOPPED(status):
+                return
             if pid:
                 break
             if time.monotonic() > deadline:
@@ -179,8 +250,6 @@ class PythonWorkload:
         self.proc.returncode = os.waitstatus_to_exitcode(status)
         self.usage = usage
         assert self.proc.returncode == 0, self.script
-        truth: dict[str, Any] = json.loads(self.truth_path.read_text())
-        return truth
 
     def kill(self) -> None:
         if self.proc.poll() is None:

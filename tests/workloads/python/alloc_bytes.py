@@ -1,6 +1,6 @@
 """Allocations: one function allocates large bytearrays, and counts the bytes it asked for.
 
-Usage: pythonX.Y alloc_bytes.py MEGABYTES TRUTH_FILE [gate]
+Usage: pythonX.Y alloc_bytes.py MEGABYTES TRUTH_FILE [gate] [hold]
 
 `fill_buffers` allocates 1 MiB bytearrays (each one malloc of its buffer: CPython hands requests over
 512 bytes to the C allocator), touches each and keeps the last few alive, until it has allocated
@@ -9,7 +9,7 @@ MEGABYTES; the bytes requested go to TRUTH_FILE.
 
 import sys
 
-from workload_common import gate, write_truth
+from workload_common import gate, hold, write_truth
 
 CHUNK = 1 << 20
 
@@ -31,6 +31,7 @@ def main() -> None:
     megabytes, truth_path = int(sys.argv[1]), sys.argv[2]
     gate(sys.argv[3:])
     write_truth(truth_path, {"fill_buffers_bytes": fill_buffers(megabytes)})
+    hold(sys.argv[3:])
 
 
 if __name__ == "__main__":

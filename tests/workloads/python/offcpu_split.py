@@ -1,6 +1,6 @@
 """Off-CPU split: two functions block 2:1, each measuring its own blocked time.
 
-Usage: pythonX.Y offcpu_split.py SECONDS THREADS SLICE_MS TRUTH_FILE [gate]
+Usage: pythonX.Y offcpu_split.py SECONDS THREADS SLICE_MS TRUTH_FILE [gate] [hold]
 
 Each of THREADS threads alternates `wait_a`, which sleeps two slices, and `wait_b`, which sleeps one,
 for SECONDS. time.sleep releases the GIL and blocks in clock_nanosleep: the thread is off-CPU with its
@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 
-from workload_common import gate, write_truth
+from workload_common import gate, hold, write_truth
 
 totals = {"wait_a": 0, "wait_b": 0, "blocks": 0}
 lock = threading.Lock()
@@ -53,6 +53,7 @@ def main() -> None:
     for thread in workers:
         thread.join()
     write_truth(truth_path, {"ns": totals})
+    hold(sys.argv[5:])
 
 
 if __name__ == "__main__":
