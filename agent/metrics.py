@@ -139,6 +139,16 @@ def _gauge(name: str, doc: str, labels: Sequence[str] = ()) -> GaugeMetricFamily
     return GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=list(labels))
 
 
+def _counter_by(
+    name: str, doc: str, label: str, counts: Mapping[str, int], known: Iterable[str]
+) -> CounterMetricFamily:
+    """A counter with one label: a series per known value (0 until counted) and per value counted."""
+    family = _counter(name, doc, (label,))
+    for value, count in _known(counts, known):
+        family.add_metric([value], count)
+    return family
+
+
 class AgentCollector(Collector):
     """Reads the stages' counters at scrape time. Every labelled counter whose labels are known at start-up
     (losses, drops by reason, errors by kind, outcomes) is exported at 0 before anything happens: each
@@ -298,21 +308,24 @@ class AgentCollector(Collector):
         processes = _gauge("python_processes", "Inspected processes, by their current Python state.", ("state",))
         for state, count in sorted(inspector.states().items()):
             processes.add_metric([state], count)
-        inspections = _counter("python_inspections", "Process inspections, by the state found.", ("state",))
-        for state, count in _known(inspector.inspected, (state.value for state in PythonState)):
-            inspections.add_metric([state], count)
-        fallbacks = _counter(
-            "python_thread_map_fallbacks", "Python processes walked through the thread map, by reason.", ("reason",)
+        states = (state.value for state in PythonState)
+        inspections = _counter_by(
+            "python_inspections", "Process inspections, by the state found.", "state", inspector.inspected, states
         )
-        for reason, count in _known(inspector.fallbacks, FALLBACK_REASONS):
-            fallbacks.add_metric([reason], count)
-        unmapped = _counter(
+        fallbacks = _counter_by(
+            "python_thread_map_fallbacks",
+            "Python processes walked through the thread map, by reason.",
+            "reason",
+            inspector.fallbacks,
+            FALLBACK_REASONS,
+        )
+        unmapped = _counter_by(
             "python_tasks_unmapped",
             "Threads of inspected Python processes whose own pid namespace's tid was not read, by reason.",
-            ("reason",),
+            "reason",
+            inspector.task_skips,
+            TASK_SKIP_REASONS,
         )
-        for reason, count in _known(inspector.task_skips, TASK_SKIP_REASONS):
-            unmapped.add_metric([reason], count)
         yield from (processes, inspections, fallbacks, unmapped)
         codes = self._source.python_codes
         if codes is None:
@@ -320,9 +333,13 @@ class AgentCollector(Collector):
         stats = codes.cache.stats
         entries = _gauge("python_code_cache_entries", "Code objects cached, read from live Python processes.")
         entries.add_metric([], stats.entries)
-        failed = _counter("python_code_reads_failed", "Code object reads that failed, by reason.", ("reason",))
-        for reason, count in _known(stats.failures, CodeErrorReason):
-            failed.add_metric([reason], count)
+        failed = _counter_by(
+            "python_code_reads_failed",
+            "Code object reads that failed, by reason.",
+            "reason",
+            stats.failures,
+            CodeErrorReason,
+        )
         yield from (entries, failed)
 
     def _export(self) -> Iterator[Metric]:
