@@ -25,7 +25,7 @@ from agent.export.otlp.stats import DROPPED, REJECTED_PROFILES, REQUESTS, RETRIE
 from agent.probes.program import PROCESS_EVENTS
 from agent.process.python.inspect import FALLBACK_REASONS
 from agent.process.python.objects import CodeErrorReason
-from agent.process.python.proc import PythonState
+from agent.process.python.proc import RETRY_REASONS, PythonState
 from agent.symbolize.debuginfo import SymbolSource
 from agent.symbolize.jvm import Outcome
 from agent.symbolize.python_merge import MergeOutcome
@@ -305,7 +305,14 @@ class AgentCollector(Collector):
         )
         for reason, count in _known(inspector.fallbacks, FALLBACK_REASONS):
             fallbacks.add_metric([reason], count)
-        yield from (processes, inspections, fallbacks)
+        retries = _counter(
+            "python_inspection_retries",
+            "Inspections that found a runtime not ready yet (inspected again), by reason.",
+            ("reason",),
+        )
+        for reason, count in _known(inspector.retried, RETRY_REASONS):
+            retries.add_metric([reason], count)
+        yield from (processes, inspections, fallbacks, retries)
         codes = self._source.python_codes
         if codes is None:
             return
