@@ -45,6 +45,7 @@ from agent.probes.program import ProbeProgram
 from agent.probes.reader import PerfReader
 from agent.probes.registry import make_probes, stack_copy_bytes
 from agent.process.python.code_cache import CodeCache
+from agent.process.python.discover import running_pythons
 from agent.process.python.inspect import PythonInspector
 from agent.process.python.runtime import CodeResolver, discover_interpreter
 from agent.process.registry import ProcessRegistry
@@ -67,6 +68,7 @@ SERVER_POLL_S = 1.0
 INTERVAL_JITTER = 0.2
 SHUTDOWN_DEADLINE_S = 10.0
 REPORT_QUEUE_SIZE = 4
+CONSUME_WAIT_S = 1.0  # the longest stack events wait for the pipeline thread (process events wake it at once)
 CODE_CACHE_ENTRIES = 65536  # code objects of Python processes, over all of them (a few hundred bytes each)
 
 ConfigLoader = Callable[[], AgentConfig]
@@ -241,6 +243,9 @@ class Daemon:
             self.unwinder,
             self.python,
         )
+        if self.python is not None:  # inspected by the pipeline thread before they are first sampled
+            pids = self.config.profiling.pids
+            self.pipeline.scan_python(pid for pid in running_pythons() if not pids or pid in pids)
         targets: list[tuple[str, Callable[[], None]]] = [
             ("perf-reader", self._read_loop),
             ("pipeline", self._pipeline_loop),
@@ -373,7 +378,12 @@ class Daemon:
     def _pipeline_loop(self) -> None:
         assert self.pipeline is not None
         try:
-            _consume(self._events, self.pipeline.handle, lambda: self._reader_done.is_set() and not len(self._events))
+            _consume(
+                self._events,
+                self.pipeline.handle,
+                lambda: self._reader_done.is_set() and not len(self._events),
+                self.pipeline.poll,
+            )
         except Exception:
             logger.exception("pipeline failed; stopping the agent")
             self.stop_event.set()
@@ -393,10 +403,16 @@ class Daemon:
                     logger.exception("reporting the %s interval failed; continuing", interval.spec.name)
 
 
-def _consume(queue: DropOldestQueue[object], handle: Callable[[object], bool], exhausted: Callable[[], bool]) -> None:
-    """Feed queued items to `handle` until it reports the final interval (or the reader died)."""
+def _consume(
+    queue: DropOldestQueue[object],
+    handle: Callable[[object], bool],
+    exhausted: Callable[[], bool],
+    poll: Callable[[float], float] = lambda limit: limit,
+) -> None:
+    """Feed queued items to `handle` until it reports the final interval (or the reader died); between
+    batches, `poll` does the timed work and says how long the next wait may be."""
     while True:
-        batch = queue.get_batch(timeout=1.0)  # marks and process events wake it at once
+        batch = queue.get_batch(timeout=poll(CONSUME_WAIT_S))  # marks and process events wake it at once
         for item in batch:
             if handle(item):
                 return

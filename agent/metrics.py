@@ -26,7 +26,7 @@ from agent.probes.program import PROCESS_EVENTS
 from agent.process.pidns import TASK_SKIP_REASONS
 from agent.process.python.inspect import FALLBACK_REASONS
 from agent.process.python.objects import CodeErrorReason
-from agent.process.python.proc import PythonState
+from agent.process.python.proc import RETRY_REASONS, PythonState
 from agent.symbolize.debuginfo import SymbolSource
 from agent.symbolize.jvm import Outcome
 from agent.symbolize.python_merge import MergeOutcome
@@ -326,7 +326,14 @@ class AgentCollector(Collector):
             inspector.task_skips,
             TASK_SKIP_REASONS,
         )
-        yield from (processes, inspections, fallbacks, unmapped)
+        retries = _counter_by(
+            "python_inspection_retries",
+            "Inspections that found a runtime not ready yet (inspected again), by reason.",
+            "reason",
+            inspector.retried,
+            RETRY_REASONS,
+        )
+        yield from (processes, inspections, fallbacks, unmapped, retries)
         codes = self._source.python_codes
         if codes is None:
             return

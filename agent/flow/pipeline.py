@@ -7,7 +7,8 @@ allocation events that carry a copy are unwound here, after the keep decision; w
 frame-pointer stack is the user stack. Process events tell the process registry
 (`agent.process.registry`) to capture a process's mappings while it is alive; an `IntervalMark` hands
 each profiler's finished interval to `deliver`. This module starts no threads:
-`agent.daemon` runs `Pipeline.handle` on the thread it owns.
+`agent.daemon` runs `Pipeline.handle` on the thread it owns, and `Pipeline.poll` between batches (the
+timed work of Python processes: the start-up scan and the retries of interpreters not ready yet).
 
 Process filters: with a selector (`agent.metadata.selector.ProcessSelector`), stack events of
 rejected processes are dropped before they are aggregated and counted in `filtered`, and rejected
@@ -19,7 +20,7 @@ threads are decided by their name alone: with any include pattern they are dropp
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
 from agent.aggregate.interval import IntervalAggregator
@@ -129,6 +130,17 @@ class Pipeline:
         else:  # after the keep decision: unwinding costs more than anything else done per event
             aggregator.add_event(event, self._unwinder.unwind(event))
         return False
+
+    def poll(self, limit_s: float) -> float:
+        """Between batches: the timed work (the Python processes' scan and retries); how long the pipeline
+        thread may wait for the next batch, at most `limit_s`."""
+        return limit_s if self._python is None else self._python.poll(limit_s)
+
+    def scan_python(self, pids: Iterable[int]) -> None:
+        """Processes running before the agent, to be inspected before their first sample (see `poll`);
+        those the process filters reject are left to be decided as any other."""
+        if self._python is not None:
+            self._python.scan(pid for pid in pids if self._selector is None or self._selector.admits(pid))
 
     def _handle_other(self, item: object) -> bool:
         if isinstance(item, ProcessEvent):

@@ -1,15 +1,25 @@
 """Flow: what the pipeline thread does for Python processes (docs/python.md).
 
 This module owns `PythonFrames`, which the pipeline calls:
-- `on_exec(pid)` on every process event: the image may have changed, so the pid's BPF entries, its
-  verdict and (on EXEC) its cached code objects go;
-- `observe(pid)` when a process is announced (NEW) or first sampled without a verdict (processes that
-  were running before the agent started): inspect it (`agent.process.python.inspect.PythonInspector`)
-  and, when walkable, enable it in BPF (`agent.probes.python_maps.PythonMaps`), writing its thread map
-  when it is walked through one;
+- `on_exec(pid, exec_)` on every process event: the image may have changed, so the pid's BPF entries, its
+  verdict and (on EXEC) its cached code objects go; a NEW announcement of the very image that has a
+  verdict (a process inspected by the start-up scan, now first sampled) keeps them;
+- `observe(pid)` when a process is announced (NEW) or first sampled without a verdict: inspect it
+  (`agent.process.python.inspect.PythonInspector`) and, when walkable, enable it in BPF
+  (`agent.probes.python_maps.PythonMaps`), writing its thread map when it is walked through one;
+- `scan(pids)` once at start-up: the processes already running that look like CPython, inspected by
+  `poll` (a slice at a time) so that they are walked from their first sample on;
+- `poll(limit_s)` between batches: the scan's next slice, and the retries that are due. An exec'd
+  interpreter is announced by its first sample, often before its runtime is ready (no libpython mapped
+  yet, no thread state yet): that verdict (`retry`, state `initializing`) is not final, and the process
+  is inspected again after `RETRY_DELAYS_S[n]`, until it is walkable or final (the last attempt's
+  verdict is final whatever it says). `poll` returns how long the pipeline may wait for its next batch:
+  until the next retry, and at most `RESOLVE_LAG_S` while a process is walked, so that code objects are
+  read soon after their samples arrive (a process may exit right after its last sample);
 - `on_event(event)` for each kept stack event: resolve its Python frames' code objects now, while the
   process is alive (the CodeCache), shims skipped; an event of a thread-map process that found no
-  thread state (a thread started since the map was written) refreshes the map, at most once a second;
+  thread state (a thread started since the map was written) refreshes the map, at most every
+  `REFRESH_MIN_INTERVAL_S`;
 - `end_interval()` at each interval end: the thread maps of thread-map processes are walked again
   (one walk of `interp->threads` per such process per interval), and verdicts of exited pids dropped
   one interval end after they were first found gone (the report thread names the interval they left
@@ -23,8 +33,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import Counter
-from collections.abc import Callable, Mapping
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -36,6 +46,13 @@ from agent.types import PYTHON_FRAME_FLAGS, PYTHON_FRAME_SHIM, InterpreterStatus
 logger = logging.getLogger(__name__)
 
 REFRESH_MIN_INTERVAL_S = 1.0  # a thread map is re-walked at most this often on missing-thread signals
+# After a verdict marked `retry`, the process is inspected again after each of these in turn; the last
+# attempt's verdict is final. CPython sets up _PyRuntime's interpreter and main thread state within a
+# few milliseconds of starting on an idle machine (tens on a busy one), before its imports; an embedding
+# application may start its interpreter later, hence the long tail (about 10 s in all).
+RETRY_DELAYS_S = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12)
+SCAN_SLICE_S = 0.05  # the start-up scan inspects for about this long between two batches of events
+RESOLVE_LAG_S = 0.1  # while a process is walked, its events wait at most about this long to be resolved
 
 
 class PythonMapsLike(Protocol):
@@ -53,9 +70,11 @@ class PythonMapsLike(Protocol):
 class InspectorLike(Protocol):
     """The process stage's inspector (`agent.process.python.inspect.PythonInspector`)."""
 
-    def inspect(self, pid: int) -> PythonProcess: ...
+    def inspect(self, pid: int, retry: bool = False) -> PythonProcess: ...
 
     def get(self, pid: int) -> PythonProcess | None: ...
+
+    def same_image(self, pid: int) -> bool: ...
 
     def forget(self, pid: int) -> None: ...
 
@@ -107,31 +126,83 @@ class PythonFrames:
         self._clock = clock
         self._last_refresh: dict[int, float] = {}
         self._gone: set[int] = set()  # pids found exited at the last interval end
-        self.stats: Counter[str] = Counter()  # enabled, enable_failed, thread_refreshes, codes_resolved
+        self._walked: set[int] = set()  # pids enabled in BPF (their events must not wait long: poll)
+        self._retries: dict[int, tuple[int, float]] = {}  # pid -> (attempts made, when to inspect it again)
+        self._scan: deque[int] = deque()  # processes found running at start-up, not inspected yet
+        # enabled, enable_failed, retries, scanned, thread_refreshes
+        self.stats: Counter[str] = Counter()
 
     def on_exec(self, pid: int, exec_: bool) -> None:
         """A process event: what BPF and the inspector know of `pid` may describe another image."""
-        known = self._inspector.get(pid)
-        if known is not None and known.walked:
-            self._maps.forget(pid)
-        self._inspector.forget(pid)
-        self._last_refresh.pop(pid, None)
+        if not exec_ and self._inspector.same_image(pid):
+            return  # announced at its first sample, and inspected already (by the scan, or a retry)
+        self._drop(pid)
         if exec_:
             self._codes.forget(pid)
 
+    def _drop(self, pid: int) -> None:
+        if pid in self._walked:
+            self._maps.forget(pid)
+            self._walked.discard(pid)
+        self._inspector.forget(pid)
+        self._last_refresh.pop(pid, None)
+        self._retries.pop(pid, None)
+
     def observe(self, pid: int, announced: bool) -> None:
-        """Inspect `pid` if announced (NEW), or if it has no verdict yet (a first sample)."""
-        if not announced and self._inspector.get(pid) is not None:
-            return
-        result = self._inspector.inspect(pid)
+        """Inspect `pid` unless it has a verdict (an announcement's on_exec dropped a stale one)."""
+        del announced  # the same rule for both: on_exec decides whether an announced pid's verdict holds
+        if self._inspector.get(pid) is None:
+            self._inspect(pid, 0)
+
+    def scan(self, pids: Iterable[int]) -> None:
+        """Processes running before the agent started: inspect them (from `poll`) before they are sampled."""
+        self._scan.extend(pids)
+
+    def poll(self, limit_s: float) -> float:
+        """Inspect what is due (a slice of the scan, the retries whose time has come); the seconds the
+        pipeline may wait for events before calling again, at most `limit_s`."""
+        now = self._clock()
+        end = now + SCAN_SLICE_S
+        while self._scan and self._clock() < end:
+            pid = self._scan.popleft()
+            if self._inspector.get(pid) is None:
+                self.stats["scanned"] += 1
+                self._inspect(pid, 0)
+        if self._scan:
+            return 0.0
+        for pid, (attempts, due) in list(self._retries.items()):
+            if due <= now:
+                self.stats["retries"] += 1
+                self._inspect(pid, attempts)
+        wait = limit_s
+        if self._retries:
+            wait = min(wait, min(due for _, due in self._retries.values()) - self._clock())
+        if self._walked:
+            wait = min(wait, RESOLVE_LAG_S)
+        return max(0.0, wait)
+
+    def _inspect(self, pid: int, attempts: int) -> None:
+        """Inspect `pid` (its `attempts`-th retry), apply the verdict in BPF, schedule the next retry."""
+        before = self._inspector.get(pid)
+        result = self._inspector.inspect(pid, retry=attempts < len(RETRY_DELAYS_S))
+        if result.retry:
+            self._retries[pid] = (attempts + 1, self._clock() + RETRY_DELAYS_S[attempts])
+        else:
+            self._retries.pop(pid, None)
         if not result.walked or result.spec is None:
+            if pid in self._walked:
+                self._maps.forget(pid)  # walked until now (through a thread map), and not any more
+                self._walked.discard(pid)
             return
         if not self._maps.enable(pid, record_of(result.spec)):
             self.stats["enable_failed"] += 1
             return
         self.stats["enabled"] += 1
+        self._walked.add(pid)
         if result.state is PythonState.THREAD_MAP:
             self._maps.set_threads(pid, result.threads)
+        elif before is not None and before.state is PythonState.THREAD_MAP:
+            self._maps.set_threads(pid, {})  # its TSS slot found on a retry: the thread entries go
 
     def on_event(self, event: StackEvent) -> None:
         """Resolve the event's code objects now; a missing thread state may call for a map refresh."""
@@ -155,7 +226,7 @@ class PythonFrames:
             else:
                 self._refresh(pid, rate_limited=False)
         for pid in self._gone & gone:
-            self.on_exec(pid, exec_=False)
+            self._drop(pid)
             self._codes.release(pid)
         self._gone = gone - self._gone
 

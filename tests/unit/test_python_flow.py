@@ -4,7 +4,10 @@ A NEW announcement inspects the pid and enables it in BPF with the record built 
 the thread map for a thread-map process); a first sample of a process without a verdict inspects it once;
 an EXEC retires the BPF entries, the verdict and the cached code objects; every kept event's code objects
 are resolved at once (shims skipped); a thread-map process's threads are rewritten at interval ends and,
-rate-limited, when a sample found no thread state; exited pids are dropped at interval ends.
+rate-limited, when a sample found no thread state; exited pids are dropped at interval ends. A verdict
+marked `retry` (a runtime not ready yet) is inspected again on the backoff from `poll`, bounded, the
+last attempt final; a garbage verdict is final at once; the start-up scan inspects running processes
+before their first sample, whose announcement then keeps the verdict of the same image.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 
+import pytest
+
 from agent.flow.pipeline import Pipeline
-from agent.flow.python import PythonFrames, record_of
+from agent.flow.python import RESOLVE_LAG_S, RETRY_DELAYS_S, PythonFrames, record_of
 from agent.probes.events import IntervalMark, ProcessEvent, ProcessEventKind, StackEvent
 from agent.probes.records import PythonProcRecord
 from agent.process.python.layouts import PY312
@@ -36,20 +41,34 @@ PID, OTHER = 4242, 5151
 
 
 class FakeInspector:
-    def __init__(self, verdicts: dict[int, PythonProcess]) -> None:
-        self.verdicts = verdicts
+    """Gives each pid its verdict; a list of verdicts is given in turn (the last one from then on), as
+    a process whose runtime becomes ready would get them. An attempt that may not be retried turns a
+    `retry` verdict into the final one the real inspector would give (validation_failed)."""
+
+    def __init__(self, verdicts: Mapping[int, PythonProcess | list[PythonProcess]]) -> None:
+        self.verdicts = dict(verdicts)
         self.current: dict[int, PythonProcess] = {}
         self.inspections: list[int] = []
+        self.retry_flags: list[bool] = []  # the `retry` argument of each inspection
         self.refreshes: list[int] = []
+        self.same: set[int] = set()  # pids whose process image is the one their verdict is about
 
-    def inspect(self, pid: int) -> PythonProcess:
+    def inspect(self, pid: int, retry: bool = False) -> PythonProcess:
         self.inspections.append(pid)
-        result = self.verdicts.get(pid, PythonProcess(pid, PythonState.NOT_PYTHON, "no_runtime"))
-        self.current[pid] = result
-        return result
+        self.retry_flags.append(retry)
+        verdict = self.verdicts.get(pid, PythonProcess(pid, PythonState.NOT_PYTHON, "no_runtime"))
+        if isinstance(verdict, list):
+            verdict = verdict.pop(0) if len(verdict) > 1 else verdict[0]
+        if verdict.retry and not retry:
+            verdict = dataclasses.replace(verdict, state=PythonState.VALIDATION_FAILED, retry=False)
+        self.current[pid] = verdict
+        return verdict
 
     def get(self, pid: int) -> PythonProcess | None:
         return self.current.get(pid)
+
+    def same_image(self, pid: int) -> bool:
+        return pid in self.current and pid in self.same
 
     def forget(self, pid: int) -> None:
         self.current.pop(pid, None)
@@ -123,7 +142,9 @@ def _event(pid: int, python: InterpreterStack) -> StackEvent:
 
 
 class Harness:
-    def __init__(self, verdict: PythonProcess, proc_root: Path, clock: list[float] | None = None) -> None:
+    def __init__(
+        self, verdict: PythonProcess | list[PythonProcess], proc_root: Path, clock: list[float] | None = None
+    ) -> None:
         self.inspector = FakeInspector({PID: verdict})
         self.maps = FakeMaps()
         self.codes = FakeCodes()
@@ -228,3 +249,105 @@ def test_without_python_frames_nothing_is_inspected(tmp_path: Path) -> None:
     pipeline.handle(_event(PID, InterpreterStack(InterpreterStatus.OK, (0x1000, 1))))
     pipeline.handle(IntervalMark(10))
     assert len(delivered) == 1
+
+
+NOT_READY = PythonProcess(PID, PythonState.INITIALIZING, "no_threads", version=(3, 12), retry=True)
+GARBAGE = PythonProcess(PID, PythonState.VALIDATION_FAILED, "bad_pointer", version=(3, 12))
+
+
+def _poll_at(h: Harness, now: float) -> float:
+    h.clock[0] = now
+    return h.pipeline.poll(1.0)
+
+
+def test_an_interpreter_not_ready_yet_is_inspected_again_until_enabled(tmp_path: Path) -> None:
+    """Announced before its runtime was set up: not a verdict. It is inspected again on the backoff, from
+    `poll` (the pipeline thread between batches), until it is enabled; then never again."""
+    h = Harness([NOT_READY, NOT_READY, ENABLED], _alive(tmp_path, PID), [100.0])
+    h.pipeline.handle(ProcessEvent(0, PID, ProcessEventKind.NEW))
+    assert (h.inspector.inspections, h.maps.calls) == ([PID], [])
+    # The pipeline may wait only until the first retry is due.
+    assert _poll_at(h, 100.0) == pytest.approx(RETRY_DELAYS_S[0])
+    assert h.inspector.inspections == [PID]  # not due yet
+    _poll_at(h, 100.0 + RETRY_DELAYS_S[0])
+    assert h.inspector.inspections == [PID, PID] and h.maps.calls == []
+    second = 100.0 + RETRY_DELAYS_S[0] + RETRY_DELAYS_S[1]
+    wait = _poll_at(h, second)
+    assert h.inspector.inspections == [PID, PID, PID]
+    assert ENABLED.spec is not None
+    assert h.maps.calls == [("enable", PID, bytes(record_of(ENABLED.spec)))]
+    assert all(h.inspector.retry_flags)  # none of them was the last attempt
+    assert wait == pytest.approx(RESOLVE_LAG_S)  # a walked process's events are resolved soon after they arrive
+    for later in (1.0, 10.0, 100.0):
+        _poll_at(h, second + later)
+    h.pipeline.handle(_event(PID, InterpreterStack(InterpreterStatus.OK, (0x1000, 7))))
+    assert h.inspector.inspections == [PID, PID, PID]
+    assert h.frames.stats["retries"] == 2
+
+
+def test_a_garbage_interpreter_is_a_final_verdict(tmp_path: Path) -> None:
+    h = Harness(GARBAGE, _alive(tmp_path, PID), [100.0])
+    h.pipeline.handle(ProcessEvent(0, PID, ProcessEventKind.NEW))
+    for now in (100.01, 100.1, 101.0, 110.0):
+        assert _poll_at(h, now) == 1.0  # nothing to wait for: no retry, nothing walked
+    assert h.inspector.inspections == [PID] and h.maps.calls == []
+
+
+def test_retries_are_bounded_and_the_last_verdict_is_final(tmp_path: Path) -> None:
+    h = Harness(NOT_READY, _alive(tmp_path, PID), [0.0])
+    h.pipeline.handle(ProcessEvent(0, PID, ProcessEventKind.NEW))
+    for _ in range(3 * len(RETRY_DELAYS_S)):
+        _poll_at(h, h.clock[0] + max(RETRY_DELAYS_S))
+    assert len(h.inspector.inspections) == len(RETRY_DELAYS_S) + 1
+    assert h.inspector.retry_flags == [True] * len(RETRY_DELAYS_S) + [False]
+    verdict = h.inspector.get(PID)
+    assert verdict is not None and (verdict.state, verdict.retry) == (PythonState.VALIDATION_FAILED, False)
+    assert h.maps.calls == []
+
+
+def test_an_exec_or_exit_cancels_the_retries(tmp_path: Path) -> None:
+    h = Harness(NOT_READY, _alive(tmp_path, PID), [0.0])
+    h.pipeline.handle(ProcessEvent(0, PID, ProcessEventKind.NEW))
+    h.pipeline.handle(ProcessEvent(1, PID, ProcessEventKind.EXEC))
+    _poll_at(h, 60.0)
+    assert h.inspector.inspections == [PID]
+    h.pipeline.handle(ProcessEvent(2, PID, ProcessEventKind.NEW))  # the new image: inspected, retried
+    (tmp_path / str(PID)).rmdir()
+    h.inspector.verdicts[PID] = dataclasses.replace(GARBAGE, state=PythonState.READ_FAILED, reason="gone")
+    _poll_at(h, 60.0 + RETRY_DELAYS_S[0])  # the retry finds it gone: final
+    _poll_at(h, 120.0)
+    assert h.inspector.inspections == [PID, PID, PID]
+
+
+def test_a_thread_map_fallback_is_walked_meanwhile_and_replaced_by_the_tss_slot(tmp_path: Path) -> None:
+    """Its main thread's TSS slot was not set yet: walked through the thread map until a retry finds
+    the slot, when its thread entries go."""
+    unsettled = dataclasses.replace(THREAD_MAP, reason="tls_slot_not_found", retry=True)
+    h = Harness([unsettled, ENABLED], _alive(tmp_path, PID), [0.0])
+    h.pipeline.handle(ProcessEvent(0, PID, ProcessEventKind.NEW))
+    assert [call[0] for call in h.maps.calls] == ["enable", "set_threads"]
+    _poll_at(h, RETRY_DELAYS_S[0])
+    assert ENABLED.spec is not None
+    assert h.maps.calls[2:] == [("enable", PID, bytes(record_of(ENABLED.spec))), ("set_threads", PID, {})]
+
+
+def test_the_startup_scan_inspects_running_processes_before_they_are_sampled(tmp_path: Path) -> None:
+    """Processes running before the agent are inspected from `poll` (the pipeline may not wait while
+    some are left); the announcement at their first sample keeps the verdict of the same image, and
+    their BPF entries, instead of inspecting them again."""
+    h = Harness(ENABLED, _alive(tmp_path, PID, OTHER), [0.0])
+    h.pipeline.scan_python([PID, OTHER])
+    assert h.inspector.inspections == []
+    _poll_at(h, 0.0)
+    assert h.inspector.inspections == [PID, OTHER]
+    assert [call[:2] for call in h.maps.calls] == [("enable", PID)]
+    h.inspector.same.add(PID)
+    h.pipeline.handle(ProcessEvent(1, PID, ProcessEventKind.NEW))
+    h.pipeline.handle(_event(PID, InterpreterStack(InterpreterStatus.OK, (0x1000, 7))))
+    assert h.inspector.inspections == [PID, OTHER]
+    assert [call[:2] for call in h.maps.calls] == [("enable", PID)]  # never forgotten in between
+    # Another image under the pid (its announcement after a reuse): inspected afresh.
+    h.inspector.same.discard(PID)
+    h.pipeline.handle(ProcessEvent(2, PID, ProcessEventKind.NEW))
+    assert h.inspector.inspections == [PID, OTHER, PID]
+    assert [call[:2] for call in h.maps.calls] == [("enable", PID), ("forget", PID), ("enable", PID)]

@@ -9,6 +9,11 @@ version (from `Py_Version` in memory, else the file name), whether it is free-th
 and the runtime addresses of `_PyRuntime`, `Py_Version`, `PyGILState_GetThisThreadState`, `PyCode_Type`
 and friends. A process that is not one it can use gets a `NotPython` with a `NotPythonReason`.
 `read_layout` then gives the runtime's `PythonLayout` (a table, or its `_PyRuntime.debug_offsets`).
+
+The symbols read from each ELF file are kept in a `SymbolCache` by the file's identity (device, inode,
+mtime) when one is given: parsing libpython's and libc's symbol tables is most of an inspection (about
+0.3 s each here), and every process of one interpreter, and every retry of one process, maps the same
+files.
 """
 
 from __future__ import annotations
@@ -20,8 +25,18 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.process.cache import LruCache
 from agent.process.elf import ElfReadError, NamedSymbols, read_named_symbols, segment_for_offset
-from agent.process.maps import MapEntry, MapKind, ProcessMaps, load_bias, printable, read_process_maps, resolve_file
+from agent.process.maps import (
+    FileIdentity,
+    MapEntry,
+    MapKind,
+    ProcessMaps,
+    load_bias,
+    printable,
+    read_process_maps,
+    resolve_file,
+)
 from agent.process.memory import MemoryErrorReason, MemoryReader, MemoryReadError, ProcessMemory
 from agent.process.python.layouts import (
     DEBUG_COOKIE,
@@ -96,6 +111,44 @@ def name_version(path: str) -> tuple[int, int, bool] | None:
     return int(match.group(2)), int(match.group(3)), match.group(4) == "t"
 
 
+SYMBOL_CACHE_FILES = 64  # ELF files whose looked-up symbols are kept (interpreters and C libraries)
+
+
+class SymbolCache:
+    """The named symbols (or the parse error) of ELF files by (identity, names), at most `capacity` files.
+    Used from one thread (the inspector's)."""
+
+    def __init__(self, capacity: int = SYMBOL_CACHE_FILES) -> None:
+        self._entries: LruCache[tuple[FileIdentity, tuple[str, ...]], NamedSymbols | ElfReadError] = LruCache(capacity)
+        self.hits = self.misses = 0
+
+    def read(self, path: Path, names: tuple[str, ...], display_path: str) -> NamedSymbols:
+        """`read_named_symbols(path, names)`, parsed once per file identity; raises its ElfReadError."""
+        try:
+            key = (FileIdentity.of(os.stat(path)), names)
+        except OSError:
+            return read_named_symbols(path, names, display_path)  # read_named_symbols says why, if it fails
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+            try:
+                entry = read_named_symbols(path, names, display_path)
+            except ElfReadError as e:
+                entry = e
+            self._entries.put(key, entry)
+        else:
+            self.hits += 1
+        if isinstance(entry, ElfReadError):
+            raise entry
+        return entry
+
+
+def _read_symbols(cache: SymbolCache | None, path: Path, names: tuple[str, ...], display_path: str) -> NamedSymbols:
+    if cache is None:
+        return read_named_symbols(path, names, display_path)
+    return cache.read(path, names, display_path)
+
+
 @dataclass(frozen=True, slots=True)
 class _Candidate:
     entry: MapEntry
@@ -138,9 +191,10 @@ def _pid_gone(proc_root: Path, pid: int) -> bool:
 
 
 def discover(
-    pid: int, proc_root: str | Path = "/proc", memory: MemoryReader | None = None
+    pid: int, proc_root: str | Path = "/proc", memory: MemoryReader | None = None, symbols: SymbolCache | None = None
 ) -> PythonRuntime | NotPython:
-    """What CPython (if any) process `pid` runs; `memory` reads it (default: a ProcessMemory of `pid`)."""
+    """What CPython (if any) process `pid` runs; `memory` reads it (default: a ProcessMemory of `pid`);
+    `symbols` keeps what was read of each ELF file (default: every file is parsed afresh)."""
     root = Path(proc_root)
     try:
         maps = read_process_maps(root, pid)
@@ -155,12 +209,12 @@ def discover(
         if opened is None:
             continue
         try:
-            symbols = read_named_symbols(opened, PYTHON_SYMBOLS, candidate.entry.path)
+            named_symbols = _read_symbols(symbols, opened, PYTHON_SYMBOLS, candidate.entry.path)
         except ElfReadError:
             continue
-        if "_PyRuntime" in symbols.addresses:
+        if "_PyRuntime" in named_symbols.addresses:
             reader = memory if memory is not None else ProcessMemory(pid, root)
-            return _runtime(root, maps, candidate, symbols, reader)
+            return _runtime(root, maps, candidate, named_symbols, reader, symbols)
     if _pid_gone(root, pid):
         return NotPython(NotPythonReason.GONE, "exited during discovery")
     for candidate in named:
@@ -173,7 +227,12 @@ def discover(
 
 
 def _runtime(
-    root: Path, maps: ProcessMaps, candidate: _Candidate, symbols: NamedSymbols, memory: MemoryReader
+    root: Path,
+    maps: ProcessMaps,
+    candidate: _Candidate,
+    symbols: NamedSymbols,
+    memory: MemoryReader,
+    cache: SymbolCache | None,
 ) -> PythonRuntime | NotPython:
     entry = candidate.entry
     segment = segment_for_offset(symbols.segments, entry.offset)
@@ -206,7 +265,7 @@ def _runtime(
         unicode_type=at.get("PyUnicode_Type", 0),
         bytes_type=at.get("PyBytes_Type", 0),
         tss_get=at.get("PyThread_tss_get", 0),
-        pthread_getspecific=at.get("pthread_getspecific", 0) or _libc_symbol(root, maps, "pthread_getspecific"),
+        pthread_getspecific=at.get("pthread_getspecific", 0) or _libc_symbol(root, maps, "pthread_getspecific", cache),
     )
 
 
@@ -245,7 +304,7 @@ def _free_threaded(
     return bool(struct.unpack_from("<Q", head, len(DEBUG_COOKIE) + 8)[0]) or named
 
 
-def _libc_symbol(root: Path, maps: ProcessMaps, name: str) -> int:
+def _libc_symbol(root: Path, maps: ProcessMaps, name: str, cache: SymbolCache | None) -> int:
     """The runtime address of `name` in the process's C library mapping, 0 when not found."""
     for entry in maps.mappings:
         if entry.kind is not MapKind.FILE or not _LIBC.match(os.path.basename(entry.path)):
@@ -254,13 +313,38 @@ def _libc_symbol(root: Path, maps: ProcessMaps, name: str) -> int:
         if opened is None:
             continue
         try:
-            symbols = read_named_symbols(opened, (name,), entry.path)
+            symbols = _read_symbols(cache, opened, (name,), entry.path)
         except ElfReadError:
             continue
         segment = segment_for_offset(symbols.segments, entry.offset)
         if name in symbols.addresses and segment is not None:
             return symbols.addresses[name] + load_bias(entry, segment)
     return 0
+
+
+_PYTHON_MAPPING = re.compile(rb"/(lib)?python\d+\.\d+[^/\n]*$", re.MULTILINE)
+
+
+def running_pythons(proc_root: str | Path = "/proc") -> list[int]:
+    """The pids of the processes running now that map a python-named ELF (libpython3.X, python3.X): the
+    start-up scan's candidates, found from their maps' text alone (a CPython under another name is
+    inspected at its first sample, as any process is)."""
+    root = Path(proc_root)
+    found: list[int] = []
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return found
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            maps = (root / name / "maps").read_bytes()
+        except OSError:  # gone, or a kernel thread's empty maps denied
+            continue
+        if _PYTHON_MAPPING.search(maps):
+            found.append(int(name))
+    return sorted(found)
 
 
 def read_layout(memory: MemoryReader, runtime: PythonRuntime) -> PythonLayout:

@@ -5,6 +5,11 @@ This module owns `walk_frames` (what the BPF walker will follow, read from outsi
 `tstate->current_frame`/`previous`, with C-stack shim frames (`owner == FRAME_OWNED_BY_CSTACK`, 3.12+)
 marked) and `validate_frames`, which checks each non-shim frame's code object with a `CodeCheck`
 (the inspector's: `ob_type == &PyCode_Type` and readable, sane names). It raises `ThreadsError`.
+
+The process runs while it is read: a frame may be popped, and its memory reused, between reading the
+pointer to it and reading it (a code object of 0, another frame's `previous`, a cycle). Such a torn walk
+of one thread is walked again, up to `WALKS_PER_THREAD` times: garbage fails every walk the same way,
+a live thread gives a consistent walk on the next try.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from agent.process.python.layouts import NO_FIELD, PythonLayout
 from agent.process.python.threads import MemoryReader, ThreadsError, ThreadState, read_bytes, read_u64
 
 MAX_VALIDATION_FRAMES = 256  # deeper chains are checked this far (a cycle is caught sooner)
+WALKS_PER_THREAD = 3  # a thread's walk that failed is walked again this many times in all
 _CODE_TAG_BITS = 7  # 3.14+'s _PyStackRef tag bits
 
 # The code object's address -> None when it is a code object with sane names, else why it is not.
@@ -72,14 +78,24 @@ def validate_frames(
     frame whose code object fails, or the walk's own error."""
     checked = 0
     for thread in list(threads)[:max_threads]:
-        for frame in walk_frames(memory, layout, thread.address):
-            if frame.shim:
-                continue
-            problem = check(frame.code)
-            if problem is not None:
-                detail = (
-                    f"frame {frame.address:#x} of thread state {thread.address:#x}: code {frame.code:#x}: {problem}"
-                )
-                raise ThreadsError("bad_code_object", detail)
-            checked += 1
+        for attempt in range(WALKS_PER_THREAD):
+            try:
+                checked += _validate_thread(memory, layout, thread, check)
+                break
+            except ThreadsError as e:
+                if e.reason == "read_failed" or attempt == WALKS_PER_THREAD - 1:
+                    raise  # gone, or failed on every walk: not a torn read
+    return checked
+
+
+def _validate_thread(memory: MemoryReader, layout: PythonLayout, thread: ThreadState, check: CodeCheck) -> int:
+    checked = 0
+    for frame in walk_frames(memory, layout, thread.address):
+        if frame.shim:
+            continue
+        problem = check(frame.code)
+        if problem is not None:
+            detail = f"frame {frame.address:#x} of thread state {thread.address:#x}: code {frame.code:#x}: {problem}"
+            raise ThreadsError("bad_code_object", detail)
+        checked += 1
     return checked

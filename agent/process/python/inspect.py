@@ -43,7 +43,7 @@ from agent.process.python.elfcode import ElfCode, ElfCodeError
 from agent.process.python.frames import CodeCheck, validate_frames
 from agent.process.python.layouts import NO_FIELD, LayoutError, PythonLayout, layout_for_version
 from agent.process.python.objects import CodeReadError, read_code
-from agent.process.python.proc import PythonProcess, PythonState, spec_of_layout
+from agent.process.python.proc import PythonProcess, PythonState, provisional, spec_of_layout
 from agent.process.python.threads import (
     MemoryReader,
     ThreadsError,
@@ -65,6 +65,11 @@ MIN_VERSION = (3, 10)
 MAX_VALIDATION_THREADS = 8
 _FUNCTION_BYTES = 64
 LOG_INTERVAL_S = 60.0
+# The process runs while it is read: a thread state or frame freed and reused between two reads makes a
+# walk look like garbage once. An inspection failing so is made again at once, up to INSPECT_ATTEMPTS in
+# all (garbage fails every time; each thread's frame walk is also retried, see frames.py).
+INSPECT_ATTEMPTS = 3
+TORN_READS = frozenset({"bad_pointer", "thread_cycle", "bad_thread_state", "bad_thread_id", "bad_code_object"})
 # Why a process is walked through the thread map rather than its TSS slot (the labels counted from the
 # start; a ThreadsError reason met in the slot search is counted under its own name too).
 FALLBACK_REASONS = (
@@ -155,10 +160,12 @@ class PythonInspector:
         self._memory = memory or (lambda pid: ProcessMemory(pid, proc_root))
         self._current: dict[int, PythonProcess] = {}
         self._libc: dict[tuple[int, int, int], SpecificOffsets | None] = {}  # file identity -> offsets
+        self._keys: dict[tuple[int, int, int, int], int | None] = {}  # (file identity, function) -> key address
         self.inspected: Counter[str] = Counter()  # inspections by resulting state
         self.fallbacks: Counter[str] = Counter()  # THREAD_MAP by reason
         self.refresh_failures = 0
         self.task_skips: Counter[str] = Counter()  # tasks not mapped through NSpid, by TASK_SKIP_REASONS
+        self.retried: Counter[str] = Counter()  # verdicts to be retried (the runtime not ready), by reason
         self._last_log: dict[str, float] = {}
 
     def get(self, pid: int) -> PythonProcess | None:
@@ -181,29 +188,47 @@ class PythonInspector:
     def walked(self) -> dict[int, PythonProcess]:
         return {pid: p for pid, p in self._current.items() if p.walked}
 
-    def inspect(self, pid: int) -> PythonProcess:
-        """Inspect `pid` now (its previous verdict is replaced) and remember the result."""
+    def same_image(self, pid: int) -> bool:
+        """Whether `pid` has a verdict about the process image it runs now (not a reused pid's, nor from
+        before an exec to another executable)."""
+        current = self._current.get(pid)
+        return current is not None and bool(current.image) and current.image == _image(self._proc_root, pid)
+
+    def inspect(self, pid: int, retry: bool = False) -> PythonProcess:
+        """Inspect `pid` now (its previous verdict is replaced) and remember the result. With `retry`, a
+        runtime that is not ready yet gets a verdict marked `retry` (`proc.provisional`) instead of a
+        final one: the caller inspects it again."""
+        image = _image(self._proc_root, pid)
         if not self.enabled:
             result = PythonProcess(pid, PythonState.DISABLED, "python_disabled")
         else:
-            try:
-                with self._memory(pid) as memory:
-                    result = self._inspect(pid, memory)
-            except NotWalkable as e:
-                result = PythonProcess(pid, e.state, e.reason, e.detail, e.version)
-            except LayoutError as e:
-                result = PythonProcess(pid, PythonState.UNSUPPORTED_VERSION, e.reason, str(e))
-            except ThreadsError as e:  # the thread list itself (cycle, foreign pointers) or a failed read
-                state = PythonState.READ_FAILED if e.reason == "read_failed" else PythonState.VALIDATION_FAILED
-                result = PythonProcess(pid, state, e.reason, str(e))
-            except (ElfCodeError, AgentError, OSError) as e:
-                result = PythonProcess(pid, PythonState.READ_FAILED, getattr(e, "reason", "read_failed"), str(e))
+            for _ in range(INSPECT_ATTEMPTS):  # a torn read of a running process is read again
+                result = self._attempt(pid)
+                if result.state is not PythonState.VALIDATION_FAILED or result.reason not in TORN_READS:
+                    break
+        result = replace(provisional(result) if retry else result, image=image)
+        if result.retry:
+            self.retried[result.reason] += 1
         self._current[pid] = result
         self.inspected[result.state.value] += 1
         if result.state is PythonState.THREAD_MAP:
             self.fallbacks[result.reason] += 1
         self._log(result)
         return result
+
+    def _attempt(self, pid: int) -> PythonProcess:
+        try:
+            with self._memory(pid) as memory:
+                return self._inspect(pid, memory)
+        except NotWalkable as e:
+            return PythonProcess(pid, e.state, e.reason, e.detail, e.version)
+        except LayoutError as e:
+            return PythonProcess(pid, PythonState.UNSUPPORTED_VERSION, e.reason, str(e))
+        except ThreadsError as e:  # the thread list itself (cycle, foreign pointers) or a failed read
+            state = PythonState.READ_FAILED if e.reason == "read_failed" else PythonState.VALIDATION_FAILED
+            return PythonProcess(pid, state, e.reason, str(e))
+        except (ElfCodeError, AgentError, OSError) as e:
+            return PythonProcess(pid, PythonState.READ_FAILED, getattr(e, "reason", "read_failed"), str(e))
 
     def refresh_threads(self, pid: int) -> Mapping[int, int] | None:
         """Walk a THREAD_MAP process's threads again; the new map, or None (not such a process, or it
@@ -313,19 +338,35 @@ class PythonInspector:
         table = found.runtime + layout.runtime_autotss_key if layout.runtime_autotss_key != NO_FIELD else None
         decoded = None
         if found.gilstate_function:
-            try:
-                with ElfCode.open(found.elf_path) as elf:
-                    code = elf.code(found.gilstate_function, _FUNCTION_BYTES)
-                    link = tss_key_address(code, found.gilstate_function, elf.pointer)
-            except ElfCodeError as e:
-                logger.debug("cannot decode PyGILState_GetThisThreadState: %s", e)
-                link = None
+            link = self._decoded_key(found.elf_path, found.gilstate_function)
             decoded = link + found.load_bias if link is not None else None
         if table is not None and decoded is not None:
             return (table, "") if table == decoded else (None, "tss_mismatch")
         if decoded is not None:
             return decoded, ""  # no table entry: the slot search checks the decoded key on every thread
         return None, "tss_undecoded"
+
+    def _decoded_key(self, path: Path, function: int) -> int | None:
+        """The link-time key address `function` (PyGILState_GetThisThreadState) loads, decoded once per
+        file: every process of one interpreter, and every inspection of one process, has the same."""
+        try:
+            st = os.stat(path)
+            key = (st.st_dev, st.st_ino, st.st_mtime_ns, function)
+        except OSError:
+            key = None
+        if key is not None and key in self._keys:
+            return self._keys[key]
+        try:
+            with ElfCode.open(path) as elf:
+                link = tss_key_address(elf.code(function, _FUNCTION_BYTES), function, elf.pointer)
+        except ElfCodeError as e:
+            logger.debug("cannot decode PyGILState_GetThisThreadState: %s", e)
+            return None  # not remembered: a file that could not be read now may be readable later
+        if key is not None:
+            self._keys[key] = link
+            if len(self._keys) > 64:
+                self._keys.pop(next(iter(self._keys)))
+        return link
 
     def _libc_offsets(self, pid: int) -> tuple[str, SpecificOffsets | None]:
         """("glibc", pthread_getspecific's offsets or None when undecodable), or ("musl"/"no_libc", None)."""
@@ -389,3 +430,19 @@ def _decode_libc(path: Path) -> SpecificOffsets | None:
     except ElfCodeError as e:
         logger.debug("cannot decode pthread_getspecific in %s: %s", path, e)
         return None
+
+
+def _image(proc_root: Path, pid: int) -> tuple[int, ...]:
+    """(start time, executable's device and inode): what tells a process image from a reused pid's or,
+    mostly, from the image before an exec; () when the pid cannot be read."""
+    try:
+        stat = (proc_root / str(pid) / "stat").read_bytes()
+        exe = os.stat(proc_root / str(pid) / "exe")
+    except OSError:
+        return ()
+    fields = stat.rpartition(b")")[2].split()  # comm may hold spaces and parentheses
+    try:
+        start = int(fields[19])  # field 22, starttime: fields after comm start at field 3
+    except (IndexError, ValueError):
+        return ()
+    return start, exe.st_dev, exe.st_ino

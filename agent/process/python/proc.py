@@ -3,14 +3,16 @@
 This module owns `PythonState` (why a process is or is not walked as Python: the label of the
 `profiling_agent_python_processes{state}` gauge), `PythonProcSpec` (the `python_procs` value as a plain
 record, field for field `agent.probes.records.PythonProcRecord`, which the probes side builds from it:
-the process stage may not import the probes), its flag bits, and `spec_of_layout`.
+the process stage may not import the probes), its flag bits, and `spec_of_layout`; and which verdicts a
+process that is still starting may get before its runtime is ready (`provisional`, `RETRY_REASONS`):
+those are inspected again rather than taken as final.
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from agent.process.python.layouts import NO_FIELD, PythonLayout
@@ -34,6 +36,7 @@ class PythonState(enum.StrEnum):
     VALIDATION_FAILED = "validation_failed"  # the user-space walk disagreed with the layout
     READ_FAILED = "read_failed"  # its memory or files could not be read (gone, denied)
     DISABLED = "disabled"  # python.enabled is off, or the walker is not loaded
+    INITIALIZING = "initializing"  # CPython whose runtime is not ready yet: inspected again shortly
 
     @property
     def walked(self) -> bool:
@@ -98,7 +101,31 @@ class PythonProcess:
     frames_checked: int = 0  # code objects the validation walk checked (0: every thread was idle)
     code_type: int = 0  # &PyCode_Type in the process
     version_text: str = ""  # "3.12.1"
+    retry: bool = False  # not final: the runtime may not be ready yet, inspect again (see `provisional`)
+    image: tuple[int, ...] = ()  # which process image this is about (the inspector's `image_of`)
 
     @property
     def walked(self) -> bool:
         return self.state.walked
+
+
+# An exec'd interpreter is announced by its first sample, which is often taken before the runtime is
+# ready: the dynamic loader has not mapped libpython yet (a python-named executable without _PyRuntime),
+# or _PyRuntime has no interpreter or thread state yet. Such an inspection says INITIALIZING, by reason.
+_NOT_READY = frozenset({(PythonState.NO_SYMBOLS, "no_symbols"), (PythonState.VALIDATION_FAILED, "no_threads")})
+# Thread-map fallbacks of a runtime whose main thread is not bound, or its TSS slot not set, yet: the
+# process is walked through the thread map meanwhile, and inspected again for its TSS slot.
+_UNSETTLED_FALLBACKS = frozenset({"no_threads", "tss_uninitialized", "tls_slot_not_found", "tls_slot_changed"})
+# The labels of the retries' counter (profiling_agent_python_inspection_retries_total).
+RETRY_REASONS = tuple(sorted({reason for _, reason in _NOT_READY} | _UNSETTLED_FALLBACKS))
+
+
+def provisional(result: PythonProcess) -> PythonProcess:
+    """`result` as the verdict of an inspection that may be retried: a runtime not ready yet is
+    INITIALIZING (`retry` set), a thread-map fallback it may outgrow is kept and marked `retry`; any
+    other verdict (garbage, unsupported, gone, walked through its slot) is final as it is."""
+    if (result.state, result.reason) in _NOT_READY:
+        return replace(result, state=PythonState.INITIALIZING, retry=True)
+    if result.state is PythonState.THREAD_MAP and result.reason in _UNSETTLED_FALLBACKS:
+        return replace(result, retry=True)
+    return result

@@ -21,7 +21,7 @@ from pathlib import Path
 from agent.process.maps import root_path
 from agent.process.memory import MemoryReader, MemoryReadError, ProcessMemory
 from agent.process.python.code_cache import CodeCache
-from agent.process.python.discover import NotPython, NotPythonReason, discover, read_layout
+from agent.process.python.discover import NotPython, NotPythonReason, SymbolCache, discover, read_layout
 from agent.process.python.inspect import Discover, Interpreter, NotWalkable, PythonInspector, code_check
 from agent.process.python.objects import CodeInfo
 from agent.process.python.proc import PythonState
@@ -36,11 +36,13 @@ _STATES = {
 RUNTIMES_KEPT = 16384  # pids whose runtime is remembered; beyond it the oldest go (a few bytes each)
 
 
-def discover_interpreter(proc_root: Path = Path("/proc")) -> Discover:
-    """The inspector's discovery of one process's interpreter, through `proc_root`."""
+def discover_interpreter(proc_root: Path = Path("/proc"), symbols: SymbolCache | None = None) -> Discover:
+    """The inspector's discovery of one process's interpreter, through `proc_root`; the ELF files' symbols
+    are parsed once per file (`symbols`, a cache of its own by default)."""
+    cache = symbols if symbols is not None else SymbolCache()
 
     def run(pid: int, memory: MemoryReader) -> Interpreter:
-        found = discover(pid, proc_root, memory)
+        found = discover(pid, proc_root, memory, cache)
         if isinstance(found, NotPython):
             raise NotWalkable(_STATES[found.reason], str(found.reason), found.detail)
         version = found.minor
