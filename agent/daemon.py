@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import random
 import signal
 import sys
@@ -62,6 +63,11 @@ logger = logging.getLogger(__name__)
 # The reader also notices interval ends and shutdown between polls: a mark is queued at most this late.
 # Records wake it themselves (batched wakeups), so a longer timeout only saves idle wake-ups.
 POLL_TIMEOUT_MS = 500
+# With the Python walker loaded, records below the wakeup threshold are read at least this often: the
+# pipeline reads a process's code objects from its memory when its events arrive, and a short-lived
+# process (a script, a cron job) would otherwise be gone by then, its frames `[unknown python code]`.
+# Reading idle buffers costs a few microseconds a time.
+PYTHON_READ_LAG_MS = 100
 GIL_SWITCH_INTERVAL_S = 0.0005
 SERVER_POLL_S = 1.0
 # Spread a fleet's reports so backends do not see every host at once.
@@ -245,7 +251,10 @@ class Daemon:
         )
         if self.python is not None:  # inspected by the pipeline thread before they are first sampled
             pids = self.config.profiling.pids
-            self.pipeline.scan_python(pid for pid in running_pythons() if not pids or pid in pids)
+            # Not the agent itself: BPF never samples it (AGENT_PID), and its own threads move under
+            # the inspection's walk, which would log a validation failure at every start.
+            me = os.getpid()
+            self.pipeline.scan_python(p for p in running_pythons() if p != me and (not pids or p in pids))
         targets: list[tuple[str, Callable[[], None]]] = [
             ("perf-reader", self._read_loop),
             ("pipeline", self._pipeline_loop),
@@ -355,8 +364,10 @@ class Daemon:
     def _read_loop(self) -> None:
         assert self._reader is not None
         try:
+            eager = self.python is not None
+            timeout_ms = PYTHON_READ_LAG_MS if eager else POLL_TIMEOUT_MS
             while not self.stop_event.is_set():
-                self._reader.poll(POLL_TIMEOUT_MS)
+                self._reader.poll(timeout_ms, read_on_timeout=eager)
                 if self._rotate.is_set():
                     self._rotate.clear()
                     self._reader.drain()

@@ -46,9 +46,10 @@ class PerfReader:
         for reader in readers:
             self._epoll.register(lib.perf_reader_fd(ctypes.c_void_p(reader)), select.EPOLLIN)
 
-    def poll(self, timeout_ms: int) -> None:
-        """Wait up to `timeout_ms` for a buffer to wake the reader, then read every buffer."""
-        if self._epoll.poll(timeout_ms / 1000.0):
+    def poll(self, timeout_ms: int, read_on_timeout: bool = False) -> None:
+        """Wait up to `timeout_ms` for a buffer to wake the reader, then read every buffer; with
+        `read_on_timeout`, read them after a timeout too (records below the wakeup threshold)."""
+        if self._epoll.poll(timeout_ms / 1000.0) or read_on_timeout:
             self._consume(self._count, self._readers)
 
     def drain(self) -> None:
