@@ -328,7 +328,8 @@ class AgentCollector(Collector):
         )
         retries = _counter_by(
             "python_inspection_retries",
-            "Inspections that found a runtime not ready yet (inspected again), by reason.",
+            "Inspections whose verdict is not final (a runtime not ready yet, a read torn by the process's"
+            " churn): inspected again, by reason.",
             "reason",
             inspector.retried,
             RETRY_REASONS,

@@ -105,16 +105,21 @@ def fake_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ("zeros", PythonState.INITIALIZING, "no_threads"),  # an empty _PyRuntime: not set up (yet)
     ],
 )
-def test_garbage_stays_final_when_retries_are_allowed(
+def test_garbage_is_never_walked_and_its_last_verdict_is_final(
     fake_python: Path, mode: str, state: PythonState, reason: str
 ) -> None:
+    """Garbage that a torn read of a live process could also give (a bad pointer, a bad code object) is
+    retried like a runtime not ready: native-only meanwhile, counted by reason, and final once retries
+    run out (`retry=False`, the pipeline's last attempt)."""
     inspector = PythonInspector(discover_interpreter())
     with subprocess.Popen([str(fake_python), mode], stdout=subprocess.PIPE, text=True) as process:
         try:
             assert process.stdout is not None and process.stdout.readline().strip() == "ready"
-            result = inspector.inspect(process.pid, retry=True)
+            early = inspector.inspect(process.pid, retry=True)
+            final = inspector.inspect(process.pid, retry=False)
         finally:
             process.kill()
-    assert (result.state, result.reason, result.retry) == (state, reason, state is PythonState.INITIALIZING)
-    assert result.spec is None
-    assert sum(inspector.retried.values()) == (1 if result.retry else 0)
+    assert (early.state, early.reason, early.retry, early.spec) == (state, reason, True, None), early
+    assert inspector.retried == {reason: 1}
+    expected = PythonState.VALIDATION_FAILED  # the zeros' last verdict: no thread states, for good
+    assert (final.state, final.reason, final.retry, final.spec) == (expected, reason, False, None), final

@@ -43,7 +43,7 @@ from agent.process.python.elfcode import ElfCode, ElfCodeError
 from agent.process.python.frames import CodeCheck, validate_frames
 from agent.process.python.layouts import NO_FIELD, LayoutError, PythonLayout, layout_for_version
 from agent.process.python.objects import CodeReadError, read_code
-from agent.process.python.proc import PythonProcess, PythonState, provisional, spec_of_layout
+from agent.process.python.proc import TORN_READS, PythonProcess, PythonState, provisional, spec_of_layout
 from agent.process.python.threads import (
     MemoryReader,
     ThreadsError,
@@ -66,10 +66,10 @@ MAX_VALIDATION_THREADS = 8
 _FUNCTION_BYTES = 64
 LOG_INTERVAL_S = 60.0
 # The process runs while it is read: a thread state or frame freed and reused between two reads makes a
-# walk look like garbage once. An inspection failing so is made again at once, up to INSPECT_ATTEMPTS in
-# all (garbage fails every time; each thread's frame walk is also retried, see frames.py).
+# walk look like garbage once. An inspection failing so (proc.TORN_READS) is made again at once, up to
+# INSPECT_ATTEMPTS in all (garbage fails every time; each thread's frame walk is also retried, see
+# frames.py), and, when retries are allowed, again later (`provisional`).
 INSPECT_ATTEMPTS = 3
-TORN_READS = frozenset({"bad_pointer", "thread_cycle", "bad_thread_state", "bad_thread_id", "bad_code_object"})
 # Why a process is walked through the thread map rather than its TSS slot (the labels counted from the
 # start; a ThreadsError reason met in the slot search is counted under its own name too).
 FALLBACK_REASONS = (

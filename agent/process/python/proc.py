@@ -116,16 +116,26 @@ _NOT_READY = frozenset({(PythonState.NO_SYMBOLS, "no_symbols"), (PythonState.VAL
 # Thread-map fallbacks of a runtime whose main thread is not bound, or its TSS slot not set, yet: the
 # process is walked through the thread map meanwhile, and inspected again for its TSS slot.
 _UNSETTLED_FALLBACKS = frozenset({"no_threads", "tss_uninitialized", "tls_slot_not_found", "tls_slot_changed"})
+# Validation failures a live process's churn can cause: a thread state or frame freed and reused while
+# the walk reads it. A process whose threads start or exit by the dozen can look so for a while (50
+# threads starting: a frame chain with a cycle on three walks in a row), so such a verdict is inspected
+# again later, as a runtime not ready is: garbage fails every time, and its last verdict is final.
+TORN_READS = frozenset(
+    {"bad_pointer", "thread_cycle", "bad_thread_state", "bad_thread_id", "bad_code_object", "frame_cycle"}
+)
 # The labels of the retries' counter (profiling_agent_python_inspection_retries_total).
-RETRY_REASONS = tuple(sorted({reason for _, reason in _NOT_READY} | _UNSETTLED_FALLBACKS))
+RETRY_REASONS = tuple(sorted({reason for _, reason in _NOT_READY} | _UNSETTLED_FALLBACKS | TORN_READS))
 
 
 def provisional(result: PythonProcess) -> PythonProcess:
     """`result` as the verdict of an inspection that may be retried: a runtime not ready yet is
-    INITIALIZING (`retry` set), a thread-map fallback it may outgrow is kept and marked `retry`; any
-    other verdict (garbage, unsupported, gone, walked through its slot) is final as it is."""
+    INITIALIZING (`retry` set), a thread-map fallback it may outgrow is kept and marked `retry`, a
+    validation failure a torn read can cause stays VALIDATION_FAILED (native-only meanwhile) and is marked
+    `retry`; any other verdict (unsupported, gone, walked through its slot) is final as it is."""
     if (result.state, result.reason) in _NOT_READY:
         return replace(result, state=PythonState.INITIALIZING, retry=True)
+    if result.state is PythonState.VALIDATION_FAILED and result.reason in TORN_READS:
+        return replace(result, retry=True)
     if result.state is PythonState.THREAD_MAP and result.reason in _UNSETTLED_FALLBACKS:
         return replace(result, retry=True)
     return result
