@@ -4,7 +4,7 @@ One agent (CPU, the whole host, 99 Hz) serves the module. Before it starts, a st
 interpreter is started and held at its gate (it is initialized, so the agent meets a running
 interpreter it did not see start). For each interpreter, at once: that process, released; another
 started after the agent; one in its own pid and mount namespaces (`unshare -fpm --mount-proc`); a
-50-thread process; one that exits the moment it stops burning CPU. Then: a program that only looks
+50-thread process; two that exit the moment they stop burning CPU, after 1 s and 0.5 s. Then: a program that only looks
 like CPython (tests/workloads/fake_python.c) stays native-only and is counted as not enabled, and
 `go tool pprof -top -lines` shows the Python frames as file.py:line.
 
@@ -38,6 +38,7 @@ pytestmark = pytest.mark.bpf
 FREQUENCY = 99
 SECONDS = "3"
 THREADS = "50"
+SHORT_S = "0.5"
 UNSHARE = ("unshare", "-fpm", "--mount-proc")
 
 
@@ -82,6 +83,7 @@ def lifecycle(
         workloads["after"] = PythonWorkload(interpreter, "steady", [SECONDS], directory)
         workloads["threads"] = PythonWorkload(interpreter, "many_threads", [THREADS, SECONDS], directory)
         workloads["exit"] = PythonWorkload(interpreter, "busy_then_exit", ["1"], directory)
+        workloads["short"] = PythonWorkload(interpreter, "busy_then_exit", [SHORT_S], directory)
         workloads["container"] = PythonWorkload(interpreter, "steady", [SECONDS], directory, prefix=UNSHARE)
         for workload in workloads.values():
             workload.go()
@@ -143,6 +145,13 @@ def test_process_in_its_own_pid_namespace_is_named(lifecycle: Lifecycle) -> None
 
 def test_process_exiting_right_after_its_last_sample_keeps_its_names(lifecycle: Lifecycle) -> None:
     assert_named(lifecycle, "exit", "burn_until_exit", lifecycle.truths["exit"]["cpu_s"])
+
+
+def test_short_lived_process_is_named(lifecycle: Lifecycle) -> None:
+    """Half a second of CPU, then exit: fewer samples than a wakeup batch (99 per CPU here, with 1024
+    pages), so only the reader's reads between wakeups (agent/daemon.py PYTHON_READ_LAG_MS) bring its
+    events, and its code objects, to the pipeline while it is alive."""
+    assert_named(lifecycle, "short", "burn_until_exit", lifecycle.truths["short"]["cpu_s"])
 
 
 @pytest.mark.skipif(shutil.which("go") is None, reason="go is not installed (go tool pprof reads the files)")
