@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import accuracy, ingest, pyhost, scale, slowdown, startup, steady, unwind
+from bench import accuracy, ingest, pyhost, scale, slowdown, startup, steady, unwind, versus
 from bench.build import REPO, build_workloads, ensure_tools
 from bench.carry import carried_over
 from bench.context import Context, online_cpus, registered_profilers
@@ -30,6 +30,7 @@ SCENARIOS: dict[str, Callable[[Context], ScenarioResult]] = {
     "scale": scale.run,
     "unwind": unwind.run,
     "python": pyhost.run,
+    "versus": versus.run,
 }
 
 
@@ -50,6 +51,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only", default="", help=f"comma-separated scenarios to run (default all: {','.join(SCENARIOS)})"
     )
+    parser.add_argument(
+        "--cases",
+        default="",
+        help=f"comma-separated cases of the versus scenario (default all: {','.join(versus.CASES)})",
+    )
     parser.add_argument("--docs", type=Path, default=REPO / "docs", help="where benchmarks.md/.json are written")
     parser.add_argument("--command", default="", help="the command to print in the report (default: this one)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (logs, profiles)")
@@ -67,10 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         logger.error("unknown scenario(s): %s", ", ".join(unknown))
         return 2
+    cases = tuple(case for case in args.cases.split(",") if case)
+    unknown_cases = [case for case in cases if case not in versus.CASES]
+    if unknown_cases:
+        logger.error("unknown case(s): %s (known: %s)", ", ".join(unknown_cases), ", ".join(versus.CASES))
+        return 2
     started, tree_at_start = time.monotonic(), tree_state()
     installed = ensure_tools()
     work = Path(tempfile.mkdtemp(prefix="bench-"))
-    ctx = Context(work, build_workloads(), max(1, args.reps), online_cpus(), registered_profilers())
+    ctx = Context(work, build_workloads(), max(1, args.reps), online_cpus(), registered_profilers(), cases)
     logger.info("profilers registered: %s; scratch directory %s", ",".join(ctx.profilers), work)
     results: list[ScenarioResult] = []
     try:

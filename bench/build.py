@@ -3,6 +3,7 @@
 Workloads are built into `build/bench/` from `bench/workloads/*.c` and from the tests' own workloads
 (`tests/workloads/*.c`, the ones with a known truth). `ensure_tools` installs what is missing with apt:
 `time` (GNU time, for `/usr/bin/time -v`) and `bpfcc-tools` (BCC's profile, memleak, offcputime).
+`build_otel_profiler` builds the peer of the side-by-side scenario from the Go module proxy.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ TOOLS = {
     "time": "/usr/bin/time",
     "bpfcc-tools": "/usr/sbin/profile-bpfcc",
 }
+OTEL_PROFILER_BUILD = Path(__file__).resolve().parent / "peers" / "build-otel-ebpf-profiler.sh"
+OTEL_PROFILER = REPO / "build" / "otel-ebpf-profiler" / "ebpf-profiler"
 BCC_PROFILE = "/usr/sbin/profile-bpfcc"
 BCC_MEMLEAK = "/usr/sbin/memleak-bpfcc"
 BCC_OFFCPUTIME = "/usr/sbin/offcputime-bpfcc"
@@ -45,6 +48,12 @@ def ensure_tools() -> list[str]:
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
     subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env)
     return missing
+
+
+def build_otel_profiler() -> Path:
+    """The OpenTelemetry eBPF profiler's standalone binary, built when missing or stale (Go, minutes)."""
+    subprocess.run([str(OTEL_PROFILER_BUILD)], check=True)
+    return OTEL_PROFILER
 
 
 def _compile(source: Path, output: Path, flags: tuple[str, ...], shared: bool = False) -> Path:

@@ -23,6 +23,7 @@ class Context:
     reps: int
     cpus: int
     profilers: tuple[str, ...]
+    cases: tuple[str, ...] = ()  # `--cases`: which cases of a scenario that has several (empty: all)
 
     def directory(self, *parts: str) -> Path:
         path = self.work.joinpath(*parts)

@@ -22,12 +22,11 @@ import logging
 import os
 import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from bench.agent import start_agent
+from bench.bpfstats import bpf_stats, prog_stats
 from bench.build import REPO
 from bench.context import Context
 from bench.procs import cpu_seconds
@@ -42,39 +41,7 @@ WINDOW_S = 20.0
 PYTHON = Path("/usr/bin/python3.11")
 STEADY = REPO / "tests" / "workloads" / "python" / "steady.py"
 CONDITIONS = {"python": {}, "native-only": {"PROFILING_AGENT_PYTHON_ENABLED": "false"}}
-BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
-PERF_EVENT_PROG_TYPE = 7  # BPF_PROG_TYPE_PERF_EVENT: the CPU sampler
 RECEIVED = "profiling_agent_probe_events_received_total"
-
-
-@contextmanager
-def bpf_stats() -> Iterator[None]:
-    """kernel.bpf_stats_enabled=1 for the duration, restored after."""
-    before = BPF_STATS.read_text().strip()
-    BPF_STATS.write_text("1")
-    try:
-        yield
-    finally:
-        BPF_STATS.write_text(before)
-
-
-def prog_stats(pid: int) -> tuple[int, int]:
-    """(run_time_ns, run_cnt) summed over the perf-event BPF programs `pid` holds open."""
-    run_ns = runs = 0
-    fd_dir = Path(f"/proc/{pid}/fd")
-    for fd in os.listdir(fd_dir):
-        try:
-            if os.readlink(fd_dir / fd) != "anon_inode:bpf-prog":
-                continue
-            fields = dict(
-                line.split(":", 1) for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines() if ":" in line
-            )
-        except OSError:
-            continue
-        if int(fields.get("prog_type", "-1")) == PERF_EVENT_PROG_TYPE:
-            run_ns += int(fields.get("run_time_ns", "0"))
-            runs += int(fields.get("run_cnt", "0"))
-    return run_ns, runs
 
 
 def one_run(ctx: Context, pids: list[int], hz: int, condition: str, rep: int) -> dict[str, Any]:
@@ -85,12 +52,12 @@ def one_run(ctx: Context, pids: list[int], hz: int, condition: str, rep: int) ->
         agent.wait_ready()
         time.sleep(SETTLE_S)
         metrics = agent.metrics()
-        cpu, (run_ns, runs), received = cpu_seconds(agent.pid), prog_stats(agent.pid), metrics_sum(metrics)
+        cpu, kernel, received = cpu_seconds(agent.pid), prog_stats(agent.pid), metrics_sum(metrics)
         begun = time.monotonic()
         time.sleep(WINDOW_S)
         seconds = time.monotonic() - begun
         after = agent.metrics()
-        cpu_after, (run_ns_after, runs_after) = cpu_seconds(agent.pid), prog_stats(agent.pid)
+        cpu_after, kernel = cpu_seconds(agent.pid), prog_stats(agent.pid) - kernel
         received_after = metrics_sum(after)
     finally:
         agent.stop()
@@ -102,8 +69,8 @@ def one_run(ctx: Context, pids: list[int], hz: int, condition: str, rep: int) ->
         "window_s": seconds,
         "cpu_percent": 100 * (cpu_after - cpu) / seconds,
         "user_us_per_sample": 1e6 * (cpu_after - cpu) / samples if samples else float("nan"),
-        "kernel_ns_per_run": (run_ns_after - run_ns) / (runs_after - runs) if runs_after > runs else float("nan"),
-        "bpf_runs": runs_after - runs,
+        "kernel_ns_per_run": kernel.ns_per_run,
+        "bpf_runs": kernel.runs,
         "samples": samples,
         "python_metrics": {k: v for k, v in after.items() if "python" in k},
     }

@@ -15,13 +15,11 @@ it) with `PROFILING_AGENT_UNWIND_{CPU,OFFCPU,ALLOC}=fp` (no stack copies, nothin
 
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
 import time
 from typing import Any
 
-from bench.agent import AgentRun, free_port, metric_sum, start_agent
+from bench.agent import AgentRun, metric_sum, start_agent
 from bench.build import BCC_PROFILE, REPO
 from bench.context import Context
 from bench.procs import (
@@ -34,6 +32,7 @@ from bench.procs import (
     thread_cpu_seconds,
     wait_until,
 )
+from bench.receiver import start_receiver, stop_receiver
 from bench.results import Check, ScenarioResult, Spread, Table
 
 FREQUENCIES = (19, 99)
@@ -48,27 +47,6 @@ MB = 1e6
 CONDITIONS = ("default", "fp")
 FP_ENV = {f"PROFILING_AGENT_UNWIND_{name.upper()}": "fp" for name in ("cpu", "offcpu", "alloc")}
 UNWIND_SECONDS = "profiling_agent_unwind_seconds_total"
-
-
-def start_receiver(ctx: Context) -> tuple[subprocess.Popen[str], str]:
-    port = free_port()
-    receiver = subprocess.Popen(
-        [sys.executable, "-m", "bench.receiver", "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=open(ctx.directory("steady") / "receiver.log", "w"),  # noqa: SIM115 - lives with the process
-        text=True,
-    )
-    assert receiver.stdout is not None
-    if receiver.stdout.readline().strip() != "listening":
-        raise RuntimeError("the OTLP receiver did not start")
-    return receiver, f"127.0.0.1:{port}"
-
-
-def stop_receiver(receiver: subprocess.Popen[str]) -> dict[str, Any]:
-    receiver.terminate()
-    out, _ = receiver.communicate(timeout=30)
-    lines = [line for line in out.splitlines() if line.startswith("{")]
-    return json.loads(lines[-1]) if lines else {}
 
 
 def start_bcc_profile(ctx: Context, hz: int, rep: int) -> Timed:
@@ -361,7 +339,7 @@ def summarize(ctx: Context, runs: list[dict[str, Any]], receiver: dict[str, Any]
 
 def run(ctx: Context) -> ScenarioResult:
     busy = subprocess.Popen([str(ctx.binaries["busy"]), "0", str(ctx.cpus)])
-    receiver, endpoint = start_receiver(ctx)
+    receiver, endpoint = start_receiver(ctx.directory("steady") / "receiver.log")
     runs = []
     try:
         for rep in range(ctx.reps):
