@@ -38,6 +38,9 @@ class ProgStats:
     run_ns: int = 0
     runs: int = 0
 
+    def __add__(self, other: ProgStats) -> ProgStats:
+        return ProgStats(self.run_ns + other.run_ns, self.runs + other.runs)
+
     def __sub__(self, other: ProgStats) -> ProgStats:
         return ProgStats(self.run_ns - other.run_ns, self.runs - other.runs)
 
@@ -46,9 +49,9 @@ class ProgStats:
         return self.run_ns / self.runs if self.runs > 0 else float("nan")
 
 
-def prog_stats(pid: int, prog_type: int | None = PERF_EVENT_PROG_TYPE) -> ProgStats:
-    """The programs `pid` holds open (of `prog_type`, or every type for None), each counted once."""
-    run_ns = runs = 0
+def prog_stats_by_type(pid: int) -> dict[int, ProgStats]:
+    """The programs `pid` holds open, summed by program type, each program counted once (one scan)."""
+    found: dict[int, ProgStats] = {}
     seen: set[str] = set()
     fd_dir = Path(f"/proc/{pid}/fd")
     for fd in os.listdir(fd_dir):
@@ -60,9 +63,25 @@ def prog_stats(pid: int, prog_type: int | None = PERF_EVENT_PROG_TYPE) -> ProgSt
             continue  # closed since the listing
         fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in text.splitlines())}
         prog_id = fields.get("prog_id", fd)
-        if prog_id in seen or (prog_type is not None and int(fields.get("prog_type", "-1")) != prog_type):
+        if prog_id in seen:
             continue
         seen.add(prog_id)
-        run_ns += int(fields.get("run_time_ns", "0"))
-        runs += int(fields.get("run_cnt", "0"))
-    return ProgStats(run_ns, runs)
+        prog_type = int(fields.get("prog_type", "-1"))
+        one = ProgStats(int(fields.get("run_time_ns", "0")), int(fields.get("run_cnt", "0")))
+        found[prog_type] = found.get(prog_type, ProgStats()) + one
+    return found
+
+
+def perf_events(by_type: dict[int, ProgStats]) -> ProgStats:
+    """The perf-event programs (the CPU samplers) of a `prog_stats_by_type` reading."""
+    return by_type.get(PERF_EVENT_PROG_TYPE, ProgStats())
+
+
+def prog_stats(pid: int) -> ProgStats:
+    """The perf-event programs `pid` holds open."""
+    return perf_events(prog_stats_by_type(pid))
+
+
+def every_type(by_type: dict[int, ProgStats]) -> ProgStats:
+    """The sum over every program type of a `prog_stats_by_type` reading."""
+    return sum(by_type.values(), ProgStats())

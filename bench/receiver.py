@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +26,8 @@ from typing import Any
 
 import grpc
 from opentelemetry.proto.collector.profiles.v1development import profiles_service_pb2, profiles_service_pb2_grpc
+
+from bench.agent import free_port
 
 NS = 1_000_000_000
 
@@ -51,9 +52,7 @@ class CountingReceiver(profiles_service_pb2_grpc.ProfilesServiceServicer):
 
 def start_receiver(log: Path) -> tuple[subprocess.Popen[str], str]:
     """This module as a process on a free port of 127.0.0.1, once it listens: (process, endpoint)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with open(log, "w") as stderr:
         receiver = subprocess.Popen(
             [sys.executable, "-m", "bench.receiver", "--port", str(port)],

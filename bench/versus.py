@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.agent import start_agent
-from bench.bpfstats import bpf_stats, prog_stats
+from bench.bpfstats import bpf_stats, every_type, perf_events, prog_stats_by_type
 from bench.build import build_otel_profiler
 from bench.context import Context
 from bench.procs import MemorySampler, Timed, process_cpu_ns, wait_until
@@ -160,18 +160,14 @@ def one_run(ctx: Context, case: str, agent: str, pair: int, binary: Path) -> dic
         )
         try:
             time.sleep(SETTLE_S)
-            begun, cpu, kernel, every = (
-                time.time(),
-                process_cpu_ns(running.pid),
-                prog_stats(running.pid),
-                prog_stats(running.pid, None),
-            )
+            begun, cpu, programs = time.time(), process_cpu_ns(running.pid), prog_stats_by_type(running.pid)
             with MemorySampler({"agent": running.pid}) as sampler:
                 time.sleep(WINDOW_S)
             ended = time.time()
             cpu = process_cpu_ns(running.pid) - cpu
-            kernel = prog_stats(running.pid) - kernel
-            every = prog_stats(running.pid, None) - every
+            after = prog_stats_by_type(running.pid)
+            kernel = perf_events(after) - perf_events(programs)
+            every = every_type(after) - every_type(programs)
             time.sleep(FLUSH_S[agent])
         finally:
             running.timed.stop()

@@ -96,6 +96,14 @@ def lifecycle(
     return Lifecycle(agent, interpreter, workloads, truths)
 
 
+def measured_share(run: Lifecycle, kind: str, cpu_in_function: float) -> float:
+    """The share of `kind`'s process CPU time the workload measured in its function."""
+    # Under unshare, the interpreter is unshare's child, which unshare waits for: its time is in
+    # unshare's usage too.
+    usage = run.workloads[kind].usage
+    return min(1.0, cpu_in_function / (usage.ru_utime + usage.ru_stime))
+
+
 def assert_named(run: Lifecycle, kind: str, qualname: str, cpu_in_function: float) -> None:
     """The share of `kind`'s samples under `qualname` is at least the share of its CPU time the workload
     measured there, less 4 binomial standard errors."""
@@ -104,10 +112,7 @@ def assert_named(run: Lifecycle, kind: str, qualname: str, cpu_in_function: floa
     count = weight(samples)
     assert count > 0, f"no samples of the {kind} process"
     named = inclusive(samples, run.interpreter.display_name(qualname), workload.filename) / count
-    # Under unshare, the interpreter is unshare's child, which unshare waits for: its time is in
-    # unshare's usage too.
-    process_cpu = workload.usage.ru_utime + workload.usage.ru_stime
-    true_share = min(1.0, cpu_in_function / process_cpu)
+    true_share = measured_share(run, kind, cpu_in_function)
     # What the agent logged of the process (its verdicts below `enabled` are logged at info).
     logged = [line for line in run.agent.text().splitlines() if re.search(rf"\bpid {workload.pid}\b", line)]
     assert named >= true_share - binomial_tolerance(true_share, count), (kind, named, true_share, count, logged)
@@ -167,7 +172,7 @@ def assert_named_to_the_end(run: Lifecycle, kind: str) -> None:
     count, mine = weight(samples), [sample for sample in samples if walked(sample)]
     assert weight(mine) >= 0.5 * count, (kind, weight(mine), count)
     named = inclusive(mine, run.interpreter.display_name("burn_until_exit"), workload.filename) / weight(mine)
-    true_share = min(1.0, run.truths[kind]["cpu_s"] / (workload.usage.ru_utime + workload.usage.ru_stime))
+    true_share = measured_share(run, kind, run.truths[kind]["cpu_s"])
     unknown = sum(sample.values[0] for sample in mine if any(f.name == UNKNOWN_CODE for f in sample.frames))
     assert named >= true_share - binomial_tolerance(true_share, weight(mine)), (kind, named, true_share, unknown)
 
