@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import random
 import signal
@@ -19,7 +20,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from http.server import ThreadingHTTPServer
 from types import FrameType
 
@@ -63,11 +64,14 @@ logger = logging.getLogger(__name__)
 # The reader also notices interval ends and shutdown between polls: a mark is queued at most this late.
 # Records wake it themselves (batched wakeups), so a longer timeout only saves idle wake-ups.
 POLL_TIMEOUT_MS = 500
-# With the Python walker loaded, records below the wakeup threshold are read at least this often: the
-# pipeline reads a process's code objects from its memory when its events arrive, and a short-lived
-# process (a script, a cron job) would otherwise be gone by then, its frames `[unknown python code]`.
-# Reading idle buffers costs a few microseconds a time.
+# With the Python walker loaded, records below the wakeup threshold are read at least this often while
+# the reads are eager (`_ReadPace`): the pipeline reads a process's code objects from its memory when
+# its events arrive, and a short-lived process (a script, a cron job) would otherwise be gone by then,
+# its frames `[unknown python code]`.
 PYTHON_READ_LAG_MS = 100
+# Eager for this long after a process was announced or exec'd: it may be a short-lived interpreter,
+# which the pipeline inspects and enables meanwhile (then `PythonFrames.eager` keeps the pace).
+ANNOUNCED_EAGER_S = 2.0
 GIL_SWITCH_INTERVAL_S = 0.0005
 SERVER_POLL_S = 1.0
 # Spread a fleet's reports so backends do not see every host at once.
@@ -364,10 +368,10 @@ class Daemon:
     def _read_loop(self) -> None:
         assert self._reader is not None
         try:
-            eager = self.python is not None
-            timeout_ms = PYTHON_READ_LAG_MS if eager else POLL_TIMEOUT_MS
+            pace = _ReadPace(self.program.process_events, self.python.eager) if self.python is not None else None
             while not self.stop_event.is_set():
-                self._reader.poll(timeout_ms, read_on_timeout=eager)
+                eager = pace is not None and pace.eager()
+                self._reader.poll(PYTHON_READ_LAG_MS if eager else POLL_TIMEOUT_MS, read_on_timeout=eager)
                 if self._rotate.is_set():
                     self._rotate.clear()
                     self._reader.drain()
@@ -412,6 +416,31 @@ class Daemon:
                     self.reporter.report(interval)
                 except Exception:
                     logger.exception("reporting the %s interval failed; continuing", interval.spec.name)
+
+
+class _ReadPace:
+    """Whether the reader reads every PYTHON_READ_LAG_MS (eager) or waits for batched wakeups: eager
+    for ANNOUNCED_EAGER_S after a process announcement or exec, which the reader's own callbacks count
+    (`process_events`, so a new process is seen before the pipeline has handled it), and while the
+    pipeline says so (`PythonFrames.eager`: a process enabled or new code read just now)."""
+
+    def __init__(
+        self,
+        process_events: Mapping[str, int],
+        pipeline_eager: Callable[[], bool],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._events = process_events
+        self._pipeline_eager = pipeline_eager
+        self._clock = clock
+        self._seen = -1
+        self._announced_at = -math.inf
+
+    def eager(self) -> bool:
+        seen = self._events.get("new", 0) + self._events.get("exec", 0)
+        if seen != self._seen:
+            self._seen, self._announced_at = seen, self._clock()
+        return self._clock() - self._announced_at < ANNOUNCED_EAGER_S or self._pipeline_eager()
 
 
 def _consume(

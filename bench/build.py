@@ -32,6 +32,7 @@ TOOLS = {
 OTEL_PROFILER_BUILD = Path(__file__).resolve().parent / "peers" / "build-otel-ebpf-profiler.sh"
 OTEL_PROFILER = REPO / "build" / "otel-ebpf-profiler" / "ebpf-profiler"
 BCC_PROFILE = "/usr/sbin/profile-bpfcc"
+PY_SPY = REPO / ".venv" / "bin" / "py-spy"  # names the agent's threads in the per-thread breakdowns
 BCC_MEMLEAK = "/usr/sbin/memleak-bpfcc"
 BCC_OFFCPUTIME = "/usr/sbin/offcputime-bpfcc"
 

@@ -211,15 +211,38 @@ def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.02
     return time.monotonic() - start
 
 
-def thread_cpu_seconds(pid: int) -> dict[int, float]:
-    """utime + stime of each live thread of `pid`, by thread id."""
-    found: dict[int, float] = {}
+def thread_cpu_ns(pid: int) -> dict[int, int]:
+    """CPU nanoseconds of each live thread of `pid`, by thread id: the scheduler's runtime, the first
+    field of /proc/PID/task/TID/schedstat (where /proc's stat counts 10 ms ticks)."""
+    found: dict[int, int] = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            found[int(tid)] = cpu_seconds_of(f"/proc/{pid}/task/{tid}/stat")
-        except OSError:
-            continue
+            with open(f"/proc/{pid}/task/{tid}/schedstat", encoding="ascii") as f:
+                found[int(tid)] = int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # the thread ended
     return found
+
+
+def thread_comm(pid: int, tid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/task/{tid}/comm", encoding="utf-8", errors="replace") as f:
+            return f.read().strip()
+    except OSError:
+        return f"thread {tid}"
+
+
+def thread_breakdown(pid: int, before: Mapping[int, int], seconds: float, py_spy: Path) -> dict[str, float]:
+    """% of one core per thread of `pid` since `before` (from `thread_cpu_ns`), by name: the Python
+    thread's name from py-spy when it is installed, else the kernel's comm (libgrpc's native threads,
+    a Go runtime's). Threads that share a name are summed; threads that ended since are not counted."""
+    after = thread_cpu_ns(pid)
+    names = python_thread_names(pid, py_spy)
+    percent: dict[str, float] = {}
+    for tid, used in after.items():
+        name = names.get(tid) or thread_comm(pid, tid)
+        percent[name] = percent.get(name, 0.0) + 100 * (used - before.get(tid, 0)) / 1e9 / seconds
+    return percent
 
 
 def cpu_seconds_of(stat_path: str) -> float:

@@ -20,16 +20,16 @@ import time
 from typing import Any
 
 from bench.agent import AgentRun, metric_sum, start_agent
-from bench.build import BCC_PROFILE, REPO
+from bench.build import BCC_PROFILE, PY_SPY
 from bench.context import Context
 from bench.procs import (
     MemorySampler,
     Timed,
     cpu_seconds,
     perf_event_fds,
-    python_thread_names,
     status_kib,
-    thread_cpu_seconds,
+    thread_breakdown,
+    thread_cpu_ns,
     wait_until,
 )
 from bench.receiver import start_receiver, stop_receiver
@@ -61,30 +61,16 @@ def start_bcc_profile(ctx: Context, hz: int, rep: int) -> Timed:
         )
 
 
-PY_SPY = REPO / ".venv" / "bin" / "py-spy"
-
-
-def thread_breakdown(pid: int, before: dict[int, float], seconds: float) -> dict[str, float]:
-    """% of one core per agent thread over the window (names from py-spy when it is installed)."""
-    after = thread_cpu_seconds(pid)
-    names = python_thread_names(pid, PY_SPY)
-    percent: dict[str, float] = {}
-    for tid, used in after.items():
-        name = names.get(tid, f"thread {tid}")
-        percent[name] = percent.get(name, 0.0) + 100 * (used - before.get(tid, 0.0)) / seconds
-    return percent
-
-
 def measure_window(pids: dict[str, int]) -> dict[str, dict[str, Any]]:
     """CPU % of one core and RSS of each process over WINDOW_S seconds, and the agent's CPU by thread."""
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-    threads_before = thread_cpu_seconds(pids["agent"])
+    threads_before = thread_cpu_ns(pids["agent"])
     start = time.monotonic()
     with MemorySampler(pids) as sampler:
         time.sleep(WINDOW_S)
     seconds = time.monotonic() - start
     after = {name: cpu_seconds(pid) for name, pid in pids.items()}
-    threads = thread_breakdown(pids["agent"], threads_before, seconds)
+    threads = thread_breakdown(pids["agent"], threads_before, seconds, PY_SPY)
     return {"agent_threads": threads} | {
         name: {
             "cpu_s": after[name] - before[name],

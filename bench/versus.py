@@ -42,9 +42,9 @@ from typing import Any
 
 from bench.agent import start_agent
 from bench.bpfstats import bpf_stats, every_type, perf_events, prog_stats_by_type
-from bench.build import build_otel_profiler
+from bench.build import PY_SPY, build_otel_profiler
 from bench.context import Context
-from bench.procs import MemorySampler, Timed, process_cpu_ns, wait_until
+from bench.procs import MemorySampler, Timed, process_cpu_ns, thread_breakdown, thread_cpu_ns, wait_until
 from bench.pyhost import PYTHON, STEADY
 from bench.receiver import start_receiver, stop_receiver
 from bench.results import Check, ScenarioResult, Spread, Table
@@ -161,10 +161,12 @@ def one_run(ctx: Context, case: str, agent: str, pair: int, binary: Path) -> dic
         try:
             time.sleep(SETTLE_S)
             begun, cpu, programs = time.time(), process_cpu_ns(running.pid), prog_stats_by_type(running.pid)
+            threads = thread_cpu_ns(running.pid)
             with MemorySampler({"agent": running.pid}) as sampler:
                 time.sleep(WINDOW_S)
             ended = time.time()
             cpu = process_cpu_ns(running.pid) - cpu
+            threads_percent = thread_breakdown(running.pid, threads, ended - begun, PY_SPY)
             after = prog_stats_by_type(running.pid)
             kernel = perf_events(after) - perf_events(programs)
             every = every_type(after) - every_type(programs)
@@ -191,6 +193,7 @@ def one_run(ctx: Context, case: str, agent: str, pair: int, binary: Path) -> dic
         "delivered_per_s": delivered,
         "user_us_per_delivered": 1e6 * cpu / 1e9 / (delivered * seconds) if delivered > 0 else math.nan,
         "requests": totals.get("requests", 0),
+        "threads": threads_percent,
     }
 
 
@@ -233,6 +236,23 @@ def case_table(runs: list[dict[str, Any]], case: str) -> Table:
         rows.append((label, ours.show(digits), theirs.show(digits), ratio(ours, theirs)))
     title = f"{host} host, {hz} Hz"
     return Table((title, "this agent", "OTel eBPF profiler", "ours / theirs"), tuple(rows))
+
+
+def thread_table(runs: list[dict[str, Any]], cases: list[str]) -> Table:
+    """Our CPU by thread (medians per case): where the time goes. The OTel profiler's Go threads all
+    carry its comm, so only its total is shown."""
+    names = sorted({name for r in runs if r["agent"] == "ours" for name in r["threads"]})
+    rows = []
+    for name in names:
+        cells = [
+            Spread.of(r["threads"].get(name, 0.0) for r in runs if r["case"] == c and r["agent"] == "ours")
+            for c in cases
+        ]
+        if all(cell.median < 0.0005 for cell in cells):
+            continue
+        rows.append((name, *(cell.show(3, "%") for cell in cells)))
+    headers = tuple(f"{CASES[c][0]} host, {CASES[c][1]} Hz" for c in cases)
+    return Table(("our thread, % of one core", *headers), tuple(rows))
 
 
 def checks(ctx: Context, runs: list[dict[str, Any]], cases: list[str]) -> list[Check]:
@@ -286,6 +306,7 @@ def summarize(ctx: Context, runs: list[dict[str, Any]], cases: list[str], second
     result = ScenarioResult("versus", "Side by side with the OpenTelemetry eBPF profiler", __doc__ or "")
     result.checks += checks(ctx, runs, cases)
     result.tables += [case_table(runs, case) for case in cases]
+    result.tables.append(thread_table(runs, cases))
     pairs = max(MIN_PAIRS, ctx.reps)
     result.notes.append(
         f"{pairs} alternating pairs of runs per host and frequency; window {WINDOW_S:g} s starting {SETTLE_S:g} s "

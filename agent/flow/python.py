@@ -14,8 +14,14 @@ This module owns `PythonFrames`, which the pipeline calls:
   yet, no thread state yet): that verdict (`retry`, state `initializing`) is not final, and the process
   is inspected again after `RETRY_DELAYS_S[n]`, until it is walkable or final (the last attempt's
   verdict is final whatever it says). `poll` returns how long the pipeline may wait for its next batch:
-  until the next retry, and at most `RESOLVE_LAG_S` while a process is walked, so that code objects are
-  read soon after their samples arrive (a process may exit right after its last sample);
+  until the next retry, and at most `RESOLVE_LAG_S` while `eager()`;
+- `eager()`: whether a process was enabled, or a code object read for the first time, within the last
+  `EAGER_S`. New code then tends to come in a run (an interpreter starting up, a short script), and
+  the next samples may be a process's last: their code objects are read while it lives only if the
+  events are read and resolved soon (the daemon's reader reads its buffers more often then too). Once
+  every code object seen is cached, names come from the cache even after the process exits, and
+  events wait for their batched wakeups, as without the walker. Reading 10 times a second all the
+  time cost 0.4 points of a core on a host of two Python burners at 19 Hz (0.98% against 0.58%);
 - `on_event(event)` for each kept stack event: resolve its Python frames' code objects now, while the
   process is alive (the CodeCache), shims skipped; an event of a thread-map process that found no
   thread state (a thread started since the map was written) refreshes the map, at most every
@@ -31,6 +37,7 @@ It starts no threads and holds no lock: everything runs on the pipeline thread.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections import Counter, deque
@@ -52,7 +59,8 @@ REFRESH_MIN_INTERVAL_S = 1.0  # a thread map is re-walked at most this often on 
 # application may start its interpreter later, hence the long tail (about 10 s in all).
 RETRY_DELAYS_S = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12)
 SCAN_SLICE_S = 0.05  # the start-up scan inspects for about this long between two batches of events
-RESOLVE_LAG_S = 0.1  # while a process is walked, its events wait at most about this long to be resolved
+RESOLVE_LAG_S = 0.1  # while eager(), events wait at most about this long to be resolved
+EAGER_S = 2.0  # eager() for this long after a process was enabled or a code object was first read
 
 
 class PythonMapsLike(Protocol):
@@ -92,6 +100,11 @@ class CodeResolverLike(Protocol):
 
     def release(self, pid: int) -> None: ...
 
+    @property
+    def reads(self) -> int:
+        """How many times a code object was looked for in a process's memory (a cache miss)."""
+        ...
+
 
 def record_of(spec: PythonProcSpec) -> PythonProcRecord:
     """The ctypes mirror of the process stage's record (same fields, same order)."""
@@ -126,7 +139,8 @@ class PythonFrames:
         self._clock = clock
         self._last_refresh: dict[int, float] = {}
         self._gone: set[int] = set()  # pids found exited at the last interval end
-        self._walked: set[int] = set()  # pids enabled in BPF (their events must not wait long: poll)
+        self._walked: set[int] = set()  # pids enabled in BPF
+        self._eager_until = -math.inf  # see eager()
         self._retries: dict[int, tuple[int, float]] = {}  # pid -> (attempts made, when to inspect it again)
         self._scan: deque[int] = deque()  # processes found running at start-up, not inspected yet
         # enabled, enable_failed, retries, scanned, thread_refreshes
@@ -177,9 +191,14 @@ class PythonFrames:
         wait = limit_s
         if self._retries:
             wait = min(wait, min(due for _, due in self._retries.values()) - self._clock())
-        if self._walked:
+        if self.eager():
             wait = min(wait, RESOLVE_LAG_S)
         return max(0.0, wait)
+
+    def eager(self) -> bool:
+        """Whether events should be read and resolved promptly now (see the module docstring). Also read
+        by the daemon's reader thread: one float, read atomically under the GIL."""
+        return bool(self._walked) and self._clock() < self._eager_until
 
     def _inspect(self, pid: int, attempts: int) -> None:
         """Inspect `pid` (its `attempts`-th retry), apply the verdict in BPF, schedule the next retry."""
@@ -199,6 +218,7 @@ class PythonFrames:
             return
         self.stats["enabled"] += 1
         self._walked.add(pid)
+        self._eager_until = self._clock() + EAGER_S
         if result.state is PythonState.THREAD_MAP:
             self._maps.set_threads(pid, result.threads)
         elif before is not None and before.state is PythonState.THREAD_MAP:
@@ -209,11 +229,14 @@ class PythonFrames:
         python = event.python
         if python.frames:
             pid, codes = event.pid, self._codes
+            reads = codes.reads
             words = python.frames
             for i in range(0, len(words), 2):
                 word = words[i]
                 if not word & PYTHON_FRAME_SHIM:
                     codes.resolve(pid, word & ~PYTHON_FRAME_FLAGS)
+            if codes.reads != reads:
+                self._eager_until = self._clock() + EAGER_S
         elif python.status is InterpreterStatus.NO_THREAD_STATE:
             self._refresh(event.pid, rate_limited=True)
 

@@ -21,7 +21,7 @@ from types import MappingProxyType
 import pytest
 
 from agent.flow.pipeline import Pipeline
-from agent.flow.python import RESOLVE_LAG_S, RETRY_DELAYS_S, PythonFrames, record_of
+from agent.flow.python import EAGER_S, RESOLVE_LAG_S, RETRY_DELAYS_S, PythonFrames, record_of
 from agent.probes.events import IntervalMark, ProcessEvent, ProcessEventKind, StackEvent
 from agent.probes.records import PythonProcRecord
 from agent.process.python.layouts import PY312
@@ -105,8 +105,11 @@ class FakeCodes:
         self.resolved: Counter[tuple[int, int]] = Counter()
         self.forgotten: list[int] = []
         self.released: list[int] = []
+        self.reads = 0
 
     def resolve(self, pid: int, address: int) -> object:
+        if (pid, address) not in self.resolved:
+            self.reads += 1  # as the real resolver: the first time, it reads the process's memory
         self.resolved[(pid, address)] += 1
         return None
 
@@ -351,3 +354,26 @@ def test_the_startup_scan_inspects_running_processes_before_they_are_sampled(tmp
     h.pipeline.handle(ProcessEvent(2, PID, ProcessEventKind.NEW))
     assert h.inspector.inspections == [PID, OTHER, PID]
     assert [call[:2] for call in h.maps.calls] == [("enable", PID), ("forget", PID), ("enable", PID)]
+
+
+def test_events_are_resolved_promptly_only_while_new_code_comes(tmp_path: Path) -> None:
+    """Eager for EAGER_S after the enable and after each first read of a code object; a steady process
+    whose code objects are all cached lets the pipeline wait for its batches as without the walker."""
+    h = Harness(ENABLED, _alive(tmp_path, PID), [50.0])
+    h.pipeline.handle(ProcessEvent(0, PID, ProcessEventKind.NEW))
+    assert h.frames.eager() and _poll_at(h, 50.0) == pytest.approx(RESOLVE_LAG_S)
+    h.clock[0] = 50.0 + EAGER_S / 2
+    h.pipeline.handle(_event(PID, InterpreterStack(InterpreterStatus.OK, (0x1000, 7))))  # new code: re-armed
+    h.clock[0] = 50.0 + EAGER_S * 1.2
+    assert h.frames.eager()
+    h.pipeline.handle(_event(PID, InterpreterStack(InterpreterStatus.OK, (0x1000, 9))))  # cached: no re-arm
+    assert _poll_at(h, 50.0 + EAGER_S * 1.6) == pytest.approx(1.0)
+    assert not h.frames.eager()
+    h.pipeline.handle(_event(PID, InterpreterStack(InterpreterStatus.OK, (0x2000, 3))))
+    assert h.frames.eager()
+
+
+def test_nothing_walked_is_never_eager(tmp_path: Path) -> None:
+    h = Harness(GARBAGE, _alive(tmp_path, PID), [5.0])
+    h.pipeline.handle(ProcessEvent(0, PID, ProcessEventKind.NEW))
+    assert not h.frames.eager()

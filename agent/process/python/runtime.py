@@ -81,6 +81,7 @@ class CodeResolver:
         # pid -> ("cpython", version), written by the pipeline thread only (resolve, forget), read by
         # the report thread (runtime): single dict operations, atomic under the GIL.
         self._runtimes: OrderedDict[int, tuple[str, str]] = OrderedDict()
+        self.reads = 0  # cache misses: code objects looked for in a process's memory (the pipeline's pace)
 
     def resolve(self, pid: int, address: int) -> CodeInfo | None:
         """The code object at `address` in `pid`, a walked process; None if it is not one or unreadable."""
@@ -95,6 +96,7 @@ class CodeResolver:
         memory = self._memories.get(pid)
         if memory is None:
             memory = self._memories[pid] = ProcessMemory(pid, self._proc_root)
+        self.reads += 1
         return self.cache.resolve(pid, memory, verdict.layout, address, verdict.code_type)
 
     def code(self, pid: int, address: int) -> CodeInfo | None:
