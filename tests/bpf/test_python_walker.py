@@ -210,9 +210,10 @@ def check_frames(events: list[StackEvent], facts: Facts, layout: PythonLayout, l
     assert not odd, (len(during), odd[:5])
     # Outside the phase, unwalked samples are allowed: the exit tracepoint deletes the process's entry
     # while the rest of do_exit is still sampled, and an off-CPU block's stacks are taken when it begins
-    # (the wait at the gate began before the enable) and stamped when it ends. (A 90% floor on the leaf's share of every sample stood here; beside a CPU hog it
-    # failed with 20 of 168 samples unwalked: the samples from before the enable, now left out in
-    # run_child, counted against it, and so did the exit's.)
+    # (the wait at the gate began before the enable) and stamped when it ends. (A 90% floor on the
+    # leaf's share of every sample stood here; beside a CPU hog it failed with 20 of 168 samples
+    # unwalked: the samples from before the enable, now left out in run_child, counted against it, and
+    # so did the exit's.)
     for event in in_leaf:
         frames = event.python.frames
         for word, instr in zip(frames[::2], frames[1::2], strict=True):
