@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,3 +88,16 @@ class ScenarioResult:
 
 def pct(value: float, digits: int = 2) -> str:
     return f"{value:.{digits}f}%"
+
+
+def thread_rows(columns: Sequence[Sequence[Mapping[str, float]]]) -> tuple[tuple[str, ...], ...]:
+    """Rows of a per-thread table: a thread's median % of one core in each column, where a column is
+    the runs' thread breakdowns (`bench.procs.thread_breakdown`); threads below 0.0005 in every
+    column are left out."""
+    rows = []
+    for name in sorted({name for column in columns for threads in column for name in threads}):
+        cells = [Spread.of(threads.get(name, 0.0) for threads in column) for column in columns]
+        if all(cell.median < 0.0005 for cell in cells):
+            continue
+        rows.append((name, *(cell.show(3, "%") for cell in cells)))
+    return tuple(rows)

@@ -33,7 +33,7 @@ from bench.procs import (
     wait_until,
 )
 from bench.receiver import start_receiver, stop_receiver
-from bench.results import Check, ScenarioResult, Spread, Table
+from bench.results import Check, ScenarioResult, Spread, Table, thread_rows
 
 FREQUENCIES = (19, 99)
 # The first intervals load the symbol and unwind tables of every library met (tens of ms each, some
@@ -197,16 +197,8 @@ def thread_table(runs: list[dict[str, Any]]) -> Table:
         (c, hz) for c in CONDITIONS for hz in FREQUENCIES if any((r["condition"], r["hz"]) == (c, hz) for r in runs)
     ]
     columns = [f"% of one core at {hz} Hz" + ("" if c == "default" else f", unwind={c}") for c, hz in keys]
-    rows = []
-    for name in sorted({name for r in runs for name in r["agent_threads"]}):
-        cells = [
-            Spread.of(r["agent_threads"].get(name, 0.0) for r in runs if (r["condition"], r["hz"]) == key)
-            for key in keys
-        ]
-        if all(cell.median < 0.0005 for cell in cells):
-            continue
-        rows.append((name, *(cell.show(3, "%") for cell in cells)))
-    return Table(("agent thread", *columns), tuple(rows))
+    rows = thread_rows([[r["agent_threads"] for r in runs if (r["condition"], r["hz"]) == key] for key in keys])
+    return Table(("agent thread", *columns), rows)
 
 
 def event_rates(ctx: Context, runs: list[dict[str, Any]]) -> str:

@@ -47,7 +47,7 @@ from bench.context import Context
 from bench.procs import MemorySampler, Timed, process_cpu_ns, thread_breakdown, thread_cpu_ns, wait_until
 from bench.pyhost import PYTHON, STEADY
 from bench.receiver import start_receiver, stop_receiver
-from bench.results import Check, ScenarioResult, Spread, Table
+from bench.results import Check, ScenarioResult, Spread, Table, thread_rows
 
 logger = logging.getLogger(__name__)
 
@@ -241,18 +241,9 @@ def case_table(runs: list[dict[str, Any]], case: str) -> Table:
 def thread_table(runs: list[dict[str, Any]], cases: list[str]) -> Table:
     """Our CPU by thread (medians per case): where the time goes. The OTel profiler's Go threads all
     carry its comm, so only its total is shown."""
-    names = sorted({name for r in runs if r["agent"] == "ours" for name in r["threads"]})
-    rows = []
-    for name in names:
-        cells = [
-            Spread.of(r["threads"].get(name, 0.0) for r in runs if r["case"] == c and r["agent"] == "ours")
-            for c in cases
-        ]
-        if all(cell.median < 0.0005 for cell in cells):
-            continue
-        rows.append((name, *(cell.show(3, "%") for cell in cells)))
+    rows = thread_rows([[r["threads"] for r in runs if r["case"] == c and r["agent"] == "ours"] for c in cases])
     headers = tuple(f"{CASES[c][0]} host, {CASES[c][1]} Hz" for c in cases)
-    return Table(("our thread, % of one core", *headers), tuple(rows))
+    return Table(("our thread, % of one core", *headers), rows)
 
 
 def checks(ctx: Context, runs: list[dict[str, Any]], cases: list[str]) -> list[Check]:
