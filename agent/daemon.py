@@ -420,9 +420,11 @@ class Daemon:
 
 class _ReadPace:
     """Whether the reader reads every PYTHON_READ_LAG_MS (eager) or waits for batched wakeups: eager
-    for ANNOUNCED_EAGER_S after a process announcement or exec, which the reader's own callbacks count
-    (`process_events`, so a new process is seen before the pipeline has handled it), and while the
-    pipeline says so (`PythonFrames.eager`: a process enabled or new code read just now)."""
+    for ANNOUNCED_EAGER_S after a process announcement, an exec or a Python walk's new code object,
+    which the reader's own callbacks count (`process_events`, so they are seen before the pipeline has
+    handled them: new code's samples would otherwise wait for a batched wakeup, past a short-lived
+    process's exit), and while the pipeline says so (`PythonFrames.eager`: a process enabled or new code
+    read just now)."""
 
     def __init__(
         self,
@@ -437,7 +439,7 @@ class _ReadPace:
         self._announced_at = -math.inf
 
     def eager(self) -> bool:
-        seen = self._events.get("new", 0) + self._events.get("exec", 0)
+        seen = sum(self._events.get(kind, 0) for kind in ("new", "exec", "python_code"))
         if seen != self._seen:
             self._seen, self._announced_at = seen, self._clock()
         return self._clock() - self._announced_at < ANNOUNCED_EAGER_S or self._pipeline_eager()

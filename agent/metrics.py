@@ -199,7 +199,9 @@ class AgentCollector(Collector):
         for buffer, count in _known(program.stats.lost, (PROCESS_EVENTS,)):
             lost.add_metric(["process", buffer], count)
         processes = _counter(
-            "probe_process_events", "Process events from the kernel: new (first record), exec.", ("kind",)
+            "probe_process_events",
+            "Process events from the kernel: new (first record), exec, python_code (a Python walk met new code).",
+            ("kind",),
         )
         for kind, count in sorted(program.process_events.items()):
             processes.add_metric([kind], count)

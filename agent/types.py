@@ -58,14 +58,30 @@ class InterpreterStatus(enum.IntEnum):
 PYTHON_FRAME_ENTRY = 1  # 3.11: the first frame of one _PyEval_EvalFrameDefault call
 PYTHON_FRAME_SHIM = 2  # 3.12+: a C-stack shim frame; the word is the shim frame's own address
 PYTHON_FRAME_FLAGS = 7
+# Above this bit, a frame's first word holds its code object's 16-bit fingerprint (bpf/common.h): with the
+# flags masked off, the word is a code key, (fingerprint << 48) | address, which tells apart the code
+# objects CPython allocated at one address over a process's life.
+PYTHON_FINGERPRINT_SHIFT = 48
+_ADDRESS_MASK = (1 << PYTHON_FINGERPRINT_SHIFT) - 1
+
+
+def code_key(address: int, fingerprint: int) -> int:
+    """The key of the code object at `address` whose fingerprint is `fingerprint`."""
+    return fingerprint << PYTHON_FINGERPRINT_SHIFT | address
+
+
+def split_code_key(key: int) -> tuple[int, int]:
+    """(address, fingerprint) of a code key."""
+    return key & _ADDRESS_MASK, key >> PYTHON_FINGERPRINT_SHIFT
 
 
 @dataclass(frozen=True, slots=True)
 class InterpreterStack:
     """One event's Python frames as the BPF walker sent them, leaf first: two words per frame,
-    (code object address | PYTHON_FRAME_* flags, raw instruction: f_lasti on 3.10, else the frame's
-    instruction pointer). Naming them is the symbolize stage's job, with the code objects the process
-    stage read while the process was alive."""
+    (code key | PYTHON_FRAME_* flags, raw instruction: f_lasti on 3.10, else the frame's instruction
+    pointer); a code key is the code object's address with its fingerprint in the top bits. Naming
+    them is the symbolize stage's job, with the code objects the process stage read while the process
+    was alive."""
 
     status: InterpreterStatus
     frames: tuple[int, ...] = ()

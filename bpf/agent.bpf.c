@@ -10,7 +10,8 @@
  *
  * Shared (always compiled): `known_pids` (processes already announced), `pid_filter` (FILTER_PIDS: the
  *   CPU and off-CPU profilers sample only those pids), perf buffer `proc_events` (struct proc_event: a
- *   process's first sample, so user space captures its mappings while it is alive, and exec), and the
+ *   process's first sample, so user space captures its mappings while it is alive, exec, and a Python
+ *   walk's new code object, so user space reads it while the process is alive), and the
  *   tracepoints sched:sched_process_exec and sched:sched_process_exit.
  * Profilers (each section's comment gives its attach points and minimum kernel):
  *   PROFILE_CPU: a perf_event per CPU (on_cpu_sample) -> perf buffer `cpu_samples`.
@@ -25,7 +26,7 @@
  *   (user stack copied per record for DWARF unwinding; 0: none); off-CPU: USE_KPROBE (0/1),
  *   BLOCKED_ENTRIES, STACK_ENTRIES; allocations: THREAD_ENTRIES; Python frames: PYTHON_FRAMES (the walk's
  *   limit, python.max_frames; 0 compiles the walker out), TASK_FSBASE_OFFSET, PYTHON_PROCS_ENTRIES,
- *   PYTHON_THREADS_ENTRIES.
+ *   PYTHON_THREADS_ENTRIES, PYTHON_CODES_SEEN_ENTRIES.
  */
 #include <uapi/linux/ptrace.h>
 #include <uapi/linux/bpf_perf_event.h>
@@ -106,6 +107,14 @@ static __always_inline void fill_task(struct stack_event *e, u64 id, u64 now)
  * so the verifier sees every write inside `ips`. Minimum kernel: 5.5 (bpf_probe_read_user/_kernel). */
 BPF_HASH(python_procs, u32, struct python_proc, PYTHON_PROCS_ENTRIES);
 BPF_HASH(python_threads, struct python_thread_key, u64, PYTHON_THREADS_ENTRIES);
+/* The code keys (address and fingerprint) walked lately, by pid: a miss is new code (see walk_python).
+ * Least recently used keys go; one that comes back is announced again, which costs a wakeup. */
+struct python_code_seen {
+    u32 pid;
+    u32 padding;
+    u64 code;
+};
+BPF_TABLE("lru_hash", struct python_code_seen, u8, python_codes_seen, PYTHON_CODES_SEEN_ENTRIES);
 
 #define PYTHON_LAST_SLOT (2 * MAX_STACK_DEPTH + 2 * PYTHON_MAX_FRAMES - 2) /* a frame's first slot, at most */
 
@@ -158,7 +167,27 @@ static __always_inline s32 python_top_frame(const struct python_proc *proc, u64 
     return 0;
 }
 
-/* One frame's two slots: (code | PYTHON_FRAME_* flags, instruction); its caller into *previous. */
+/* 16 bits that tell apart the code objects one address held: a hash of PYTHON_FINGERPRINT_WORDS words at
+ * `offset` into the code object, fields CPython fixes when it creates it (counts, first line, its own
+ * tuples' and file name's addresses; PythonLayout.code_fingerprint). agent/process/python/objects.py
+ * computes the same from the code object it reads. */
+static __always_inline int python_fingerprint(u64 code, u16 offset, u64 *fingerprint)
+{
+    u64 words[PYTHON_FINGERPRINT_WORDS] = {};
+    *fingerprint = 0;
+    if (offset == PYTHON_NO_FIELD)
+        return 0; /* no window known: user space expects 0 too */
+    if (bpf_probe_read_user(words, sizeof(words), (void *)(code + offset)) != 0)
+        return -1;
+    u64 hash = 0;
+#pragma clang loop unroll(full)
+    for (int i = 0; i < PYTHON_FINGERPRINT_WORDS; i++)
+        hash = (hash ^ words[i]) * PYTHON_FINGERPRINT_MULTIPLIER;
+    *fingerprint = hash >> PYTHON_FINGERPRINT_SHIFT;
+    return 0;
+}
+
+/* One frame's two slots: (code | fingerprint | PYTHON_FRAME_* flags, instruction); its caller into *previous. */
 static __always_inline int python_frame(const struct python_proc *proc, u64 frame, u64 *word, u64 *instr, u64 *previous)
 {
     u64 code = 0;
@@ -189,13 +218,22 @@ static __always_inline int python_frame(const struct python_proc *proc, u64 fram
         if (byte)
             *word |= PYTHON_FRAME_ENTRY;
     }
+    if (!(*word & PYTHON_FRAME_SHIM)) {
+        u64 fingerprint = 0;
+        if (python_fingerprint(code, proc->code_fingerprint, &fingerprint) != 0)
+            return -1; /* a live frame's code object is mapped: an unreadable one is a torn chain */
+        *word |= fingerprint << PYTHON_FINGERPRINT_SHIFT;
+    }
     return 0;
 }
 
 /* Append the current thread's Python frames to e->ips after its user frames (the stack lengths must be
  * filled), and set e->python_frames: their count, or why there are none (PYTHON_* < 0); 0 when the
- * process is not walked. */
-static __always_inline void walk_python(struct stack_event *e)
+ * process is not walked. A walk that meets a code object python_codes_seen does not hold says so at
+ * once on proc_events (PROC_EVENT_PYTHON_CODE), which wakes the reader on each record: user space must
+ * read a new code object while the process lives, and the samples that carry it may otherwise wait in
+ * their buffer for a batched wakeup until after the process has exited. */
+static __always_inline void walk_python(void *ctx, struct stack_event *e)
 {
     e->python_frames = 0;
     if (e->flags & SAMPLE_FLAG_KERNEL_THREAD)
@@ -239,10 +277,24 @@ static __always_inline void walk_python(struct stack_event *e)
         e->ips[slot + 1] = instr;
         n = i + 1;
         frame = previous;
+        if (!(word & PYTHON_FRAME_SHIM)) {
+            struct python_code_seen seen = {.pid = pid, .code = word & ~(u64)PYTHON_FRAME_FLAGS};
+            if (!python_codes_seen.lookup(&seen)) {
+                u8 one = 1;
+                python_codes_seen.update(&seen, &one);
+                /* In the record, not a local: the verifier does not track it, so the paths of each
+                 * frame's lookup merge again instead of doubling the states it walks per frame. */
+                e->flags |= SAMPLE_FLAG_PYTHON_NEW_CODE;
+            }
+        }
     }
     if (frame && n == PYTHON_FRAMES)
         e->flags |= SAMPLE_FLAG_PYTHON_TRUNCATED;
     e->python_frames = n;
+    if (e->flags & SAMPLE_FLAG_PYTHON_NEW_CODE) {
+        struct proc_event event = {.timestamp_ns = e->timestamp_ns, .pid = pid, .kind = PROC_EVENT_PYTHON_CODE};
+        proc_events.perf_submit(ctx, &event, sizeof(event));
+    }
 }
 
 /* A thread exits: its pthread id may be reused by the next thread, so its python_threads entry goes. */
@@ -257,7 +309,7 @@ static __always_inline void python_thread_exit(u32 pid, u32 tid)
     }
 }
 #else
-static __always_inline void walk_python(struct stack_event *e)
+static __always_inline void walk_python(void *ctx, struct stack_event *e)
 {
     e->python_frames = 0;
 }
@@ -291,7 +343,7 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
     struct stack_event *e = &r->event;
     fill_task(e, id, bpf_ktime_get_ns());
     collect_stacks(ctx, e);
-    walk_python(e);
+    walk_python(ctx, e);
     copy_current_user_stack(r, CPU_STACK_BYTES); /* after the frames: see stack_copy_offset */
     cpu_samples.perf_submit(ctx, r, record_size(e, CPU_STACK_BYTES));
     if (!(e->flags & SAMPLE_FLAG_KERNEL_THREAD))
@@ -404,7 +456,7 @@ static __always_inline u32 offcpu_fill(void *ctx, struct offcpu_record *r, u64 i
 {
     fill_task(&r->event, id, now);
     collect_stacks(ctx, &r->event);
-    walk_python(&r->event);
+    walk_python(ctx, &r->event);
     copy_current_user_stack(r, OFFCPU_STACK_BYTES);
     return record_size(&r->event, OFFCPU_STACK_BYTES);
 }
@@ -551,7 +603,7 @@ static __always_inline void send_sample(struct pt_regs *ctx, u32 pid, u32 tid, u
         n = splice_caller(e->ips, n, ret) & 0x7f;
         e->user_stack_len = (s32)n;
     }
-    walk_python(e);
+    walk_python(ctx, e);
     /* At a uprobe the probed registers are the user registers: unwinding starts at the entry of the
      * allocation function, whose CFI row names the caller without any splicing. The copy goes after
      * the frames (see stack_copy_offset), so the walk comes first. */

@@ -28,16 +28,22 @@
 /* stack_event.flags */
 #define SAMPLE_FLAG_KERNEL_THREAD 1   /* the task has no user address space: no user stack to walk */
 #define SAMPLE_FLAG_PYTHON_TRUNCATED 2 /* the Python walk stopped at PYTHON_FRAMES with callers left */
+#define SAMPLE_FLAG_PYTHON_NEW_CODE 4  /* the walk met a code object python_codes_seen did not hold */
 
 /* Python frames (docs/python.md). A profiler walks the sampled thread's CPython frame chain when its
  * process is in `python_procs`, and appends the frames to `ips` after the user frames, two slots each,
  * leaf first: (code object address | PYTHON_FRAME_* flags, instruction) where the instruction is the
- * frame's f_lasti (3.10, an index) or its instruction pointer as read (3.11+). For a C-stack shim frame
- * the first slot holds the shim frame's own address instead of a code object's. */
+ * frame's f_lasti (3.10, an index) or its instruction pointer as read (3.11+). The first slot's top 16
+ * bits hold the code object's fingerprint (python_fingerprint): CPython frees code objects (a module's
+ * body after its import) and reuses their addresses, so the address alone does not say which object a
+ * sample ran. For a C-stack shim frame the first slot holds the shim frame's own address instead. */
 #define PYTHON_MAX_FRAMES 128         /* python.max_frames' bound; the walk's own limit is PYTHON_FRAMES */
 #define PYTHON_FRAME_ENTRY 1          /* 3.11: the first frame of one _PyEval_EvalFrameDefault call */
 #define PYTHON_FRAME_SHIM 2           /* 3.12+: a frame owned by the C stack (the shim an eval call pushes) */
 #define PYTHON_FRAME_FLAGS 7          /* code objects are 8-byte aligned: the low bits carry the flags */
+#define PYTHON_FINGERPRINT_SHIFT 48   /* user addresses are below 2^47: the top bits carry the fingerprint */
+#define PYTHON_FINGERPRINT_WORDS 8    /* the fingerprint hashes this many words at python_proc.code_fingerprint */
+#define PYTHON_FINGERPRINT_MULTIPLIER 0x9e3779b97f4a7c15ULL /* 2^64 / golden ratio: spreads bits upwards */
 /* stack_event.python_frames when < 0: why a Python process's event has no Python frames */
 #define PYTHON_NO_THREAD_STATE (-1)   /* the thread has no thread state (not a Python thread, or idle) */
 #define PYTHON_READ_FAILED (-2)       /* reading the interpreter's memory faulted */
@@ -52,6 +58,7 @@
 /* proc_event.kind */
 #define PROC_EVENT_NEW 1  /* first sample of a process (or first after exec): capture its mappings now */
 #define PROC_EVENT_EXEC 2 /* the process replaced its image: mappings captured earlier are stale */
+#define PROC_EVENT_PYTHON_CODE 3 /* a Python walk met a code object it had not met lately: read the events */
 
 /* Indices into each profiler's `<profiler>_params` array (u64), written by user space: the adaptive sampler
  * changes them at run time, and every record carries the sampling value it was kept under. */
@@ -110,8 +117,9 @@ struct python_proc {
     u16 frame_instr;         /* f_lasti (3.10), prev_instr (3.11, 3.12), instr_ptr (3.13+) */
     u16 frame_is_entry;      /* 3.11: is_entry (a u8), else PYTHON_NO_FIELD */
     u16 frame_owner;         /* 3.12+: owner (a u8), else PYTHON_NO_FIELD */
+    u16 code_fingerprint;    /* PyCodeObject: 8 words of fields fixed at its creation (PythonLayout) */
     u8 owner_cstack;         /* the owner value of C-stack shim frames (FRAME_OWNED_BY_CSTACK) */
-    u8 padding[5];
+    u8 padding[3];
 };
 
 /* python_threads' key (PYTHON_USE_THREAD_MAP): a thread by its pthread id (its TLS base, fsbase). */

@@ -94,7 +94,7 @@ class InspectorLike(Protocol):
 class CodeResolverLike(Protocol):
     """Reads and caches code objects (`agent.process.python.code_cache.CodeCache`)."""
 
-    def resolve(self, pid: int, address: int) -> object: ...
+    def resolve(self, pid: int, key: int) -> object: ...
 
     def forget(self, pid: int) -> None: ...
 
@@ -119,6 +119,7 @@ def record_of(spec: PythonProcSpec) -> PythonProcRecord:
         spec.frame_instr,
         spec.frame_is_entry,
         spec.frame_owner,
+        spec.code_fingerprint,
         spec.owner_cstack,
     )
 

@@ -27,6 +27,7 @@ from agent.probes.records import (
     MAX_STACK_DEPTH,
     PROC_EVENT_EXEC,
     PROC_EVENT_NEW,
+    PROC_EVENT_PYTHON_CODE,
     PYTHON_MAX_FRAMES,
     PYTHON_NO_FSBASE,
     PYTHON_NO_THREAD_STATE,
@@ -51,6 +52,7 @@ class MalformedRecord(ValueError):
 class ProcessEventKind(enum.IntEnum):
     NEW = PROC_EVENT_NEW
     EXEC = PROC_EVENT_EXEC
+    PYTHON_CODE = PROC_EVENT_PYTHON_CODE  # a Python walk met new code: read the buffers now
 
 
 class UserStackCopy(NamedTuple):

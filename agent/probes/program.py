@@ -27,7 +27,12 @@ from agent.features import KernelFeatures, kernel_features
 from agent.probes.bpf_probe import BpfProbe, Emit, ReaderStats, log_malformed, open_counted_buffer
 from agent.probes.events import ProcessEvent, ProcessEventKind, decode_proc_event
 from agent.probes.loader import dump_program, load_program
-from agent.probes.python_maps import PYTHON_PROCS_ENTRIES, PYTHON_THREADS_ENTRIES, PythonMaps
+from agent.probes.python_maps import (
+    PYTHON_CODES_SEEN_ENTRIES,
+    PYTHON_PROCS_ENTRIES,
+    PYTHON_THREADS_ENTRIES,
+    PythonMaps,
+)
 from agent.probes.settings import ProfilingConfig, PythonSettings
 
 logger = logging.getLogger(__name__)
@@ -96,6 +101,7 @@ class ProbeProgram:
             "TASK_FSBASE_OFFSET": self._fsbase_offset() or 0,
             "PYTHON_PROCS_ENTRIES": PYTHON_PROCS_ENTRIES,
             "PYTHON_THREADS_ENTRIES": PYTHON_THREADS_ENTRIES,
+            "PYTHON_CODES_SEEN_ENTRIES": PYTHON_CODES_SEEN_ENTRIES,
         }
 
     def dump(self) -> str:
@@ -132,6 +138,8 @@ class ProbeProgram:
         assert isinstance(event, ProcessEvent)
         kind = event.kind.name.lower()
         self.process_events[kind] += 1
+        if event.kind is ProcessEventKind.PYTHON_CODE:
+            return  # counted for the reader's pace only: the code object comes with the stack events
         logger.debug("process %d announced (%s)", event.pid, kind)
         for probe in self.probes:
             probe.note_process_event(event)

@@ -27,6 +27,7 @@ PYTHON_PROCS = "python_procs"
 PYTHON_THREADS = "python_threads"
 PYTHON_PROCS_ENTRIES = 4096  # Python processes walked at once
 PYTHON_THREADS_ENTRIES = 65536  # threads found through the thread map, over every process
+PYTHON_CODES_SEEN_ENTRIES = 16384  # code objects the walker remembers having met, over every process
 
 
 class PythonMaps:

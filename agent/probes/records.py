@@ -14,11 +14,15 @@ MAX_STACK_DEPTH = 127
 
 SAMPLE_FLAG_KERNEL_THREAD = 1
 SAMPLE_FLAG_PYTHON_TRUNCATED = 2
+SAMPLE_FLAG_PYTHON_NEW_CODE = 4
 
 PYTHON_MAX_FRAMES = 128
 PYTHON_FRAME_ENTRY = 1
 PYTHON_FRAME_SHIM = 2
 PYTHON_FRAME_FLAGS = 7
+PYTHON_FINGERPRINT_SHIFT = 48
+PYTHON_FINGERPRINT_WORDS = 8
+PYTHON_FINGERPRINT_MULTIPLIER = 0x9E3779B97F4A7C15
 PYTHON_NO_THREAD_STATE = -1
 PYTHON_READ_FAILED = -2
 PYTHON_NO_FSBASE = -3
@@ -34,6 +38,7 @@ PARAM_COUNT = 4
 
 PROC_EVENT_NEW = 1
 PROC_EVENT_EXEC = 2
+PROC_EVENT_PYTHON_CODE = 3
 
 
 class StackEventRecord(ctypes.Structure):
@@ -97,8 +102,9 @@ class PythonProcRecord(ctypes.Structure):
         ("frame_instr", ctypes.c_uint16),
         ("frame_is_entry", ctypes.c_uint16),
         ("frame_owner", ctypes.c_uint16),
+        ("code_fingerprint", ctypes.c_uint16),
         ("owner_cstack", ctypes.c_uint8),
-        ("padding", ctypes.c_uint8 * 5),
+        ("padding", ctypes.c_uint8 * 3),
     )
 
 

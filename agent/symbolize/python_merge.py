@@ -80,8 +80,9 @@ class CodeLike(Protocol):
 class PythonCodes(Protocol):
     """The code objects and runtimes of Python processes, as the process stage read them while they ran."""
 
-    def code(self, pid: int, address: int) -> CodeLike | None:
-        """The code object at `address` in `pid` (flags already masked off); None when it could not be read."""
+    def code(self, pid: int, key: int) -> CodeLike | None:
+        """The code object `key` in `pid` (its address and fingerprint: the frame's word with the flags
+        masked off, `agent.types.code_key`); None when it could not be read."""
         ...
 
     def runtime(self, pid: int) -> tuple[str, str] | None:

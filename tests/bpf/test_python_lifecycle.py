@@ -4,7 +4,8 @@ One agent (CPU, the whole host, 99 Hz) serves the module. Before it starts, a st
 interpreter is started and held at its gate (it is initialized, so the agent meets a running
 interpreter it did not see start). For each interpreter, at once: that process, released; another
 started after the agent; one in its own pid and mount namespaces (`unshare -fpm --mount-proc`); a
-50-thread process; two that exit the moment they stop burning CPU, after 1 and 0.5 CPU seconds.
+50-thread process; two that exit the moment they stop burning CPU, after 1 and 0.5 CPU seconds; one
+that frees a function's code object and runs another allocated at its address (code_reuse.py).
 Then: a program that only looks like CPython (tests/workloads/fake_python.c) stays native-only and is
 counted as not enabled, and `go tool pprof -top -lines` shows the Python frames as file.py:line.
 
@@ -40,6 +41,7 @@ FREQUENCY = 99
 SECONDS = "3"
 THREADS = "50"
 SHORT_S = "0.5"
+REUSE_S = "1"  # CPU seconds in each of code_reuse.py's two functions
 UNSHARE = ("unshare", "-fpm", "--mount-proc")
 
 
@@ -85,6 +87,7 @@ def lifecycle(
         workloads["threads"] = PythonWorkload(interpreter, "many_threads", [THREADS, SECONDS], directory)
         workloads["exit"] = PythonWorkload(interpreter, "busy_then_exit", ["1"], directory)
         workloads["short"] = PythonWorkload(interpreter, "busy_then_exit", [SHORT_S], directory)
+        workloads["reuse"] = PythonWorkload(interpreter, "code_reuse", [REUSE_S], directory)
         workloads["container"] = PythonWorkload(interpreter, "steady", [SECONDS], directory, prefix=UNSHARE)
         for workload in workloads.values():
             workload.go()
@@ -186,6 +189,30 @@ def test_short_lived_process_is_named(lifecycle: Lifecycle) -> None:
     pages), so only the reader's reads between wakeups (agent/daemon.py PYTHON_READ_LAG_MS) bring its
     events, and its code objects, to the pipeline while it is alive."""
     assert_named_to_the_end(lifecycle, "short")
+
+
+@pytest.mark.skipif(shutil.which("go") is None, reason="go is not installed (go tool pprof reads the files)")
+def test_a_code_object_allocated_where_a_freed_one_was_is_named_after_itself(lifecycle: Lifecycle) -> None:
+    """CPython frees code objects (a module's body after its import) and allocates others at their
+    addresses; seen beside a CPU hog: every sample of a script's function named `<module>` of site.py,
+    read at that address during start-up. Here the first function's code object is read while it runs
+    (its name on the walked samples proves it), then freed, and the later one takes its address: the
+    walked samples' share under `later_phase` must be at least the share of the process's CPU the
+    workload measured there, less 4 binomial standard errors (every later-phase sample is walked: the
+    process was enabled during the first phase). Keyed by address alone, they would all be
+    `first_phase`."""
+    truth = lifecycle.truths["reuse"]
+    assert truth["reused"], truth  # the later code object took the first one's address
+    workload, display = lifecycle.workloads["reuse"], lifecycle.interpreter.display_name
+    mine = [sample for sample in lifecycle.samples("reuse") if walked(sample)]
+    assert mine, "no walked samples of the code_reuse process"
+    assert inclusive(mine, display("first_phase"), workload.filename) > 0, "the first code object was never read"
+    named = inclusive(mine, display("later_phase"), workload.filename) / weight(mine)
+    true_share = measured_share(lifecycle, "reuse", truth["later_cpu_s"])
+    tolerance = binomial_tolerance(true_share, weight(mine))
+    first = inclusive(mine, display("first_phase"), workload.filename)
+    unknown = sum(sample.values[0] for sample in mine if any(f.name == UNKNOWN_CODE for f in sample.frames))
+    assert named >= true_share - tolerance, (named, true_share, weight(mine), first, unknown, truth)
 
 
 @pytest.mark.skipif(shutil.which("go") is None, reason="go is not installed (go tool pprof reads the files)")

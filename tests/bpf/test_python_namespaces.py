@@ -31,6 +31,7 @@ from agent.process.python.proc import PythonState
 from agent.process.python.runtime import CodeResolver, discover_interpreter
 from agent.process.python.threads import bound_threads, thread_map, walk_threads
 from tests.support.interpreters import Interpreter, installed
+from tests.support.python_codes import code_key_at
 from tests.unit.python_children import CHILD
 
 pytestmark = pytest.mark.bpf
@@ -69,7 +70,7 @@ def _names(pid: int, inspector: PythonInspector) -> set[str]:
     names: set[str] = set()
     for thread in walk_threads(memory, result.layout, result.runtime_address):
         for frame in walk_frames(memory, result.layout, thread.address):
-            code = None if frame.shim else resolver.resolve(pid, frame.code)
+            code = None if frame.shim else resolver.resolve(pid, code_key_at(memory, result.layout, frame.code))
             if code is not None:
                 names.add(code.qualname)
     return names

@@ -3,7 +3,9 @@ profilers of one loaded program (docs/python.md).
 
 Each child (tests/workloads/python_recursion.py) says what it is as it sees itself: its TLS base
 (pthread_self and arch_prctl(ARCH_GET_FS)), its PyThreadState, the offsets from its TLS base that hold
-that tstate, its code objects' addresses (`id(f.__code__)`), and _PyRuntime's first bytes. The walk's
+that tstate, its code objects' addresses (`id(f.__code__)`) and headers (the fingerprint the walker
+puts beside each address must be the one `code_fingerprint` computes from them), and _PyRuntime's
+first bytes. The walk's
 offsets come from the process stage's `PythonLayout` (a version's table, or 3.13+'s debug offsets):
 nothing here is a hard-coded offset. Then it runs spin -> recurse x 6 -> main on CPU and nap -> recurse
 x 6 -> main blocked in time.sleep, and the samples of each must carry exactly those code objects; a
@@ -56,7 +58,8 @@ from agent.process.python.layouts import (
     layout_for_version,
     layout_from_debug_offsets,
 )
-from agent.types import InterpreterStatus
+from agent.process.python.objects import code_fingerprint
+from agent.types import InterpreterStatus, code_key, split_code_key
 from tests.support.config import profiling
 from tests.support.workloads import WORKLOADS
 
@@ -123,6 +126,7 @@ def record_for(layout: PythonLayout, tls_offset: int, flags: int) -> PythonProcR
         frame_instr=field(layout.frame_instr),
         frame_is_entry=field(layout.frame_is_entry),
         frame_owner=field(layout.frame_owner),
+        code_fingerprint=field(layout.code_fingerprint),
         owner_cstack=0 if layout.owner_cstack == NO_FIELD else layout.owner_cstack,
     )
 
@@ -194,8 +198,18 @@ def code_chain(event: StackEvent) -> list[int]:
     return [word & ~PYTHON_FRAME_FLAGS for word in words if not word & PYTHON_FRAME_SHIM]
 
 
+def child_code_keys(facts: Facts, layout: PythonLayout) -> dict[str, int]:
+    """The code key of each of the child's functions: its code object's address and the fingerprint user
+    space computes from the header the child printed, which must be the one the walker computed."""
+    headers = facts["code_headers"]
+    return {
+        name: code_key(address, code_fingerprint(bytes.fromhex(headers[name]), layout))
+        for name, address in facts["codes"].items()
+    }
+
+
 def check_frames(events: list[StackEvent], facts: Facts, layout: PythonLayout, leaf: str) -> None:
-    codes = facts["codes"]
+    codes = child_code_keys(facts, layout)
     expected = [codes[leaf]] + [codes["recurse"]] * (DEPTH + 1) + [codes["main"]]
     walked = [e for e in events if e.python.status is InterpreterStatus.OK]
     in_leaf = [e for e in walked if code_chain(e)[: len(expected)] == expected]
@@ -219,7 +233,7 @@ def check_frames(events: list[StackEvent], facts: Facts, layout: PythonLayout, l
         for word, instr in zip(frames[::2], frames[1::2], strict=True):
             if word & PYTHON_FRAME_SHIM:
                 continue
-            code = word & ~PYTHON_FRAME_FLAGS
+            code = split_code_key(word & ~PYTHON_FRAME_FLAGS)[0]
             if layout.instr_is_int:
                 assert 0 <= instr < 1 << 16  # f_lasti: an index into the code
             else:  # a pointer into the code object's inline bytecode (co_code_adaptive)
@@ -237,7 +251,13 @@ def test_cpu_and_offcpu_samples_carry_the_childs_code_objects(walker: Walker, na
     interpreter = INTERPRETERS[name]
     if not interpreter.exists():
         pytest.skip(f"{interpreter} is not installed")
+    announced = walker.program.process_events["python_code"]
     pid, facts, layout, events = run_child(walker, interpreter, mode)
+    # The walker says when it meets code it has not met (so the reader reads the buffers at once): at
+    # least once for this new process, and at most once per code key its walks carried.
+    new_code = walker.program.process_events["python_code"] - announced
+    keys = {key for e in events for key in code_chain(e)}
+    assert 1 <= new_code <= len(keys), (new_code, len(keys))
     cpu = [e for e in events if e.profiler == "cpu"]
     offcpu = [e for e in events if e.profiler == "offcpu"]
     # 1.5 s of CPU at 99 Hz: far more than 20 samples even on a busy host; 150 naps of 10 ms.

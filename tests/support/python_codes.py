@@ -3,6 +3,7 @@
 `FakeCode` is a code object with a line table given as {raw instruction: line}; `FakeCodes` holds code
 objects per (pid, address) and runtimes per pid, and records every lookup so tests can check what the
 merge asked for. `walk` builds an `InterpreterStack`'s words the way the BPF walker sends them.
+`code_key_at` is the key the walker would send for the code object at an address now, read from memory.
 """
 
 from __future__ import annotations
@@ -11,7 +12,15 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from agent.types import PYTHON_FRAME_ENTRY, PYTHON_FRAME_SHIM
+from agent.process.memory import MemoryReader
+from agent.process.python.layouts import PythonLayout
+from agent.process.python.objects import code_fingerprint
+from agent.types import PYTHON_FRAME_ENTRY, PYTHON_FRAME_SHIM, code_key
+
+
+def code_key_at(memory: MemoryReader, layout: PythonLayout, address: int) -> int:
+    """The code key (address and fingerprint) of the code object at `address`, as it is now."""
+    return code_key(address, code_fingerprint(memory.read(address, layout.code_read_size()), layout))
 
 
 @dataclass(frozen=True, slots=True)

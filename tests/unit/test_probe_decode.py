@@ -30,6 +30,7 @@ from agent.probes.records import (
     MAX_STACK_DEPTH,
     PROC_EVENT_EXEC,
     PROC_EVENT_NEW,
+    PROC_EVENT_PYTHON_CODE,
     SAMPLE_FLAG_KERNEL_THREAD,
     STACK_EVENT_HEADER_SIZE,
     STACK_EVENT_SIZE,
@@ -344,7 +345,12 @@ def test_malformed_record_is_a_value_error() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kind", "expected"), [(PROC_EVENT_NEW, ProcessEventKind.NEW), (PROC_EVENT_EXEC, ProcessEventKind.EXEC)]
+    ("kind", "expected"),
+    [
+        (PROC_EVENT_NEW, ProcessEventKind.NEW),
+        (PROC_EVENT_EXEC, ProcessEventKind.EXEC),
+        (PROC_EVENT_PYTHON_CODE, ProcessEventKind.PYTHON_CODE),
+    ],
 )
 def test_decode_proc_event(kind: int, expected: ProcessEventKind) -> None:
     record = ProcEventRecord(timestamp_ns=99, pid=31337, kind=kind)
@@ -353,7 +359,7 @@ def test_decode_proc_event(kind: int, expected: ProcessEventKind) -> None:
     assert event.kind is expected
 
 
-@pytest.mark.parametrize("kind", [0, 3, 2**32 - 1])
+@pytest.mark.parametrize("kind", [0, 4, 2**32 - 1])
 def test_unknown_proc_event_kind_is_malformed(kind: int) -> None:
     record = ProcEventRecord(timestamp_ns=1, pid=2, kind=kind)
     with pytest.raises(MalformedRecord, match=f"proc_event: kind {kind}"):

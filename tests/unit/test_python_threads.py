@@ -40,6 +40,7 @@ from agent.process.python.threads import (
 from agent.process.python.x86 import SpecificOffsets, pthread_specific_offsets, tss_key_address
 from tests.support.interpreters import Interpreter as Installed
 from tests.support.interpreters import installed, require_versions
+from tests.support.python_codes import code_key_at
 from tests.unit.python_children import child, elf_discover
 
 INTERPRETERS = installed()
@@ -157,8 +158,9 @@ def _frame_names(pid: int, result: PythonProcess, resolver: CodeResolver) -> lis
     names = []
     for frame in walk_frames(memory, result.layout, main.address):
         if not frame.shim:
-            code = resolver.resolve(pid, frame.code)
-            assert code is not None and resolver.code(pid, frame.code) is code
+            key = code_key_at(memory, result.layout, frame.code)
+            code = resolver.resolve(pid, key)
+            assert code is not None and resolver.code(pid, key) is code
             names.append(code.qualname)
     return names
 

@@ -273,9 +273,15 @@ def test_constants_match(constant: str, c_layout: dict[str, int]) -> None:
     assert getattr(records, constant) == c_layout[constant]
 
 
+def _bits(value: int | None) -> int | None:
+    """The constant as 64 bits: the C side prints every constant as a long long, so a u64 constant at
+    or above 2^63 (PYTHON_FINGERPRINT_MULTIPLIER) comes out negative."""
+    return None if value is None else value & (1 << 64) - 1
+
+
 def test_all_parsed_constants_match(c_constants: set[str], c_layout: dict[str, int]) -> None:
     mirrored = c_constants - CFLAG_PARAMETERS
-    assert {c: getattr(records, c, None) for c in mirrored} == {c: c_layout[c] for c in mirrored}
+    assert {c: _bits(getattr(records, c, None)) for c in mirrored} == {c: _bits(c_layout[c]) for c in mirrored}
 
 
 # collect_stacks(): the wire format the Python decoder assumes.

@@ -9,7 +9,8 @@ What it prints, as the thread itself sees it:
 - tstate (PyThreadState_Get) and tls_offsets: every 8-byte-aligned offset from the TLS base, within
   glibc's struct pthread, that holds the tstate (the autoTSSkey slot is one of them);
 - runtime: the address of _PyRuntime and its first bytes in hex (3.13+: the debug offsets);
-- codes: id(f.__code__) for each of its functions; version: sys.version_info[:2].
+- codes: id(f.__code__) for each of its functions, and code_headers: each one's first CODE_HEADER_BYTES
+  bytes in hex (what the walker's fingerprint hashes is among them); version: sys.version_info[:2].
 """
 
 import ctypes
@@ -22,6 +23,7 @@ ARCH_GET_FS = 0x1003
 SYS_ARCH_PRCTL = 158  # x86-64
 PTHREAD_SEARCH_BYTES = 0x800  # inside glibc's struct pthread (over 2 KiB) on every release since 2.28
 RUNTIME_BYTES = 1024
+CODE_HEADER_BYTES = 160  # past every version's fingerprint window (PythonLayout.code_fingerprint + 64)
 
 
 def spin(deadline: float) -> int:
@@ -64,6 +66,7 @@ def describe() -> dict[str, object]:
     needle = tstate.to_bytes(8, "little")
     offsets = [at for at in range(0, len(block) - 7, 8) if block[at : at + 8] == needle]
     runtime = ctypes.addressof(ctypes.c_char.in_dll(api, "_PyRuntime"))
+    functions = (spin, nap, grow, recurse, main)
     return {
         "pthread": pthread,
         "fs": fs.value,
@@ -71,7 +74,8 @@ def describe() -> dict[str, object]:
         "tls_offsets": offsets,
         "runtime": runtime,
         "runtime_bytes": ctypes.string_at(runtime, RUNTIME_BYTES).hex(),
-        "codes": {f.__name__: id(f.__code__) for f in (spin, nap, grow, recurse, main)},
+        "codes": {f.__name__: id(f.__code__) for f in functions},
+        "code_headers": {f.__name__: ctypes.string_at(id(f.__code__), CODE_HEADER_BYTES).hex() for f in functions},
         "version": list(sys.version_info[:2]),
     }
 

@@ -25,6 +25,7 @@ from agent.errors import AgentError
 NO_FIELD = 0xFFFF  # the field does not exist in this version (the BPF side tests for it)
 
 DEBUG_COOKIE = b"xdebugpy"
+FINGERPRINT_WORDS = 8  # bpf/common.h PYTHON_FINGERPRINT_WORDS
 # 3.10's frame is a PyFrameObject; its f_lasti is an int index in code units, -1 before the first one.
 # 3.11+ frames hold a pointer into co_code_adaptive instead.
 
@@ -69,6 +70,10 @@ class PythonLayout:
     code_qualname: int = NO_FIELD
     code_filename: int = NO_FIELD
     code_firstlineno: int = NO_FIELD  # an int
+    # The code object's fingerprint window (bpf/common.h python_fingerprint): 8 words of fields CPython
+    # sets when it creates the object and never changes (counts, co_firstlineno, the addresses of its own
+    # tuples and file name, 3.12+'s co_version), skipping 3.11's co_warmup and the cached fields.
+    code_fingerprint: int = NO_FIELD
     code_linetable: int = NO_FIELD  # PyBytes* (3.10 co_linetable, 3.11+ the location table)
     code_code_adaptive: int = NO_FIELD  # the inline bytecode (3.11+)
     code_code: int = NO_FIELD  # co_code, a PyBytes* (3.10)
@@ -100,6 +105,7 @@ class PythonLayout:
             self.code_qualname,
             self.code_filename,
             self.code_firstlineno,
+            self.code_fingerprint + 8 * (FINGERPRINT_WORDS - 1) if self.code_fingerprint != NO_FIELD else NO_FIELD,
             self.code_linetable,
             self.code_code,
         )
@@ -134,6 +140,7 @@ PY310 = PythonLayout(
     code_name=112,
     code_filename=104,
     code_firstlineno=40,
+    code_fingerprint=16,  # co_argcount .. co_varnames
     code_linetable=120,
     code_code=48,
     unicode_ascii_data=48,
@@ -163,6 +170,7 @@ PY311 = PythonLayout(
     code_qualname=128,
     code_filename=112,
     code_firstlineno=72,
+    code_fingerprint=56,  # co_argcount .. co_filename
     code_linetable=136,
     code_code_adaptive=184,
     unicode_ascii_data=48,
@@ -193,6 +201,7 @@ PY312 = PythonLayout(
     code_qualname=128,
     code_filename=112,
     code_firstlineno=68,
+    code_fingerprint=56,  # co_posonlyargcount .. co_filename (co_version among them)
     code_linetable=136,
     code_code_adaptive=192,
     unicode_ascii_data=40,
@@ -222,6 +231,7 @@ PY313 = PythonLayout(
     code_qualname=128,
     code_filename=112,
     code_firstlineno=68,
+    code_fingerprint=56,  # co_posonlyargcount .. co_filename (co_version among them)
     code_linetable=136,
     code_code_adaptive=200,
     unicode_ascii_data=40,
@@ -400,6 +410,8 @@ def _layout_of(version: tuple[int, int], v: dict[str, int]) -> PythonLayout:
         code_qualname=v["code_object.qualname"],
         code_filename=v["code_object.filename"],
         code_firstlineno=v["code_object.firstlineno"],
+        # The debug offsets do not name the window: 3.12+ keeps co_posonlyargcount 12 bytes before it.
+        code_fingerprint=v["code_object.firstlineno"] - 12,
         code_linetable=v["code_object.linetable"],
         code_code_adaptive=v["code_object.co_code_adaptive"],
         unicode_length=v["unicode_object.length"],

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 
 from agent.errors import AgentError
 from agent.process.memory import MemoryErrorReason, MemoryReader, MemoryReadError
-from agent.process.python.layouts import NO_FIELD, PythonLayout
+from agent.process.python.layouts import FINGERPRINT_WORDS, NO_FIELD, PythonLayout
 from agent.process.python.linetable import MAX_LINETABLE, LineTable, LineTableError, decode
+from agent.types import PYTHON_FINGERPRINT_SHIFT
 
 MAX_STR_LENGTH = 16384  # characters: names and file names are far shorter
 MAX_CODE_UNITS = 1 << 20  # the bytecode of one code object, in 2-byte units
@@ -32,6 +33,9 @@ _I64 = struct.Struct("<q")
 _U64 = struct.Struct("<Q")
 _I32 = struct.Struct("<i")
 _U32 = struct.Struct("<I")
+_FINGERPRINT_WINDOW = struct.Struct(f"<{FINGERPRINT_WORDS}Q")
+_FINGERPRINT_MULTIPLIER = 0x9E3779B97F4A7C15  # bpf/common.h PYTHON_FINGERPRINT_MULTIPLIER
+_U64_MASK = (1 << 64) - 1
 
 
 class CodeErrorReason(enum.StrEnum):
@@ -42,6 +46,7 @@ class CodeErrorReason(enum.StrEnum):
     BAD_BYTES = "bad_bytes"  # a bytes field (line table, 3.10 co_code) that is not a bytes object
     BAD_LINETABLE = "bad_linetable"  # the line table does not decode or does not cover the code
     BAD_FIELD = "bad_field"  # an integer field out of range (first line, code length)
+    REPLACED = "replaced"  # another code object lives at the address now (the sampled one was freed)
 
 
 class CodeReadError(AgentError):
@@ -150,6 +155,7 @@ class CodeInfo:
     code_bytes: int  # the bytecode's length in bytes
     instruction_kind: str  # "f_lasti" (3.10), "prev_instr" (3.11/3.12), "instr_ptr" (3.13+)
     lines: LineTable
+    fingerprint: int = 0  # what the BPF walker puts beside this object's address (code_fingerprint)
 
     def byte_offset(self, raw_instruction: int) -> int | None:
         """The instruction's byte offset in the bytecode (negative: the frame has not started), or None."""
@@ -168,6 +174,15 @@ class CodeInfo:
         if offset is None or offset >= self.code_bytes:
             return 0
         return self.lines.line_at(offset)
+
+
+def code_fingerprint(header: bytes, layout: PythonLayout) -> int:
+    """The code object's 16-bit fingerprint from its header, as bpf/agent.bpf.c python_fingerprint
+    computes it: a multiply-xor hash of the layout's fingerprint window, its top 16 bits."""
+    digest = 0
+    for word in _FINGERPRINT_WINDOW.unpack_from(header, layout.code_fingerprint):
+        digest = ((digest ^ word) * _FINGERPRINT_MULTIPLIER) & _U64_MASK
+    return digest >> PYTHON_FINGERPRINT_SHIFT
 
 
 def read_code(memory: MemoryReader, layout: PythonLayout, address: int, code_type_address: int = 0) -> CodeInfo:
@@ -193,8 +208,18 @@ def read_code(memory: MemoryReader, layout: PythonLayout, address: int, code_typ
     if layout.version >= (3, 11) and lines.code_bytes != code_bytes:
         detail = f"covers {lines.code_bytes} of {code_bytes} bytes"
         raise CodeReadError(address, CodeErrorReason.BAD_LINETABLE, detail)
+    fingerprint = code_fingerprint(header, layout) if layout.code_fingerprint != NO_FIELD else 0
     return CodeInfo(
-        address, name, qualname, filename, first_line, code_start, code_bytes, layout.instruction_kind, lines
+        address,
+        name,
+        qualname,
+        filename,
+        first_line,
+        code_start,
+        code_bytes,
+        layout.instruction_kind,
+        lines,
+        fingerprint,
     )
 
 

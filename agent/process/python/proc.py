@@ -57,6 +57,7 @@ class PythonProcSpec:
     frame_instr: int
     frame_is_entry: int
     frame_owner: int
+    code_fingerprint: int
     owner_cstack: int
 
 
@@ -78,6 +79,7 @@ def spec_of_layout(layout: PythonLayout, slot: TlsSlot | None) -> PythonProcSpec
         frame_instr=layout.frame_instr,
         frame_is_entry=layout.frame_is_entry,
         frame_owner=layout.frame_owner,
+        code_fingerprint=layout.code_fingerprint,
         owner_cstack=layout.owner_cstack if layout.frame_owner != NO_FIELD else NO_OWNER,
     )
 

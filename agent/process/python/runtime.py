@@ -83,9 +83,10 @@ class CodeResolver:
         self._runtimes: OrderedDict[int, tuple[str, str]] = OrderedDict()
         self.reads = 0  # cache misses: code objects looked for in a process's memory (the pipeline's pace)
 
-    def resolve(self, pid: int, address: int) -> CodeInfo | None:
-        """The code object at `address` in `pid`, a walked process; None if it is not one or unreadable."""
-        cached = self.cache.get(pid, address)
+    def resolve(self, pid: int, key: int) -> CodeInfo | None:
+        """The code object `key` (a code key: address and fingerprint) in `pid`, a walked process; None if
+        it is not one, unreadable, or freed and replaced."""
+        cached = self.cache.get(pid, key)
         if cached is not None:
             return cached
         verdict = self._inspector.get(pid)
@@ -97,11 +98,11 @@ class CodeResolver:
         if memory is None:
             memory = self._memories[pid] = ProcessMemory(pid, self._proc_root)
         self.reads += 1
-        return self.cache.resolve(pid, memory, verdict.layout, address, verdict.code_type)
+        return self.cache.resolve(pid, memory, verdict.layout, key, verdict.code_type)
 
-    def code(self, pid: int, address: int) -> CodeInfo | None:
+    def code(self, pid: int, key: int) -> CodeInfo | None:
         """The code object resolved earlier (the symbolizer's `PythonCodes`; never reads the process)."""
-        return self.cache.get(pid, address)
+        return self.cache.get(pid, key)
 
     def runtime(self, pid: int) -> tuple[str, str] | None:
         """("cpython", its version) of a process whose code objects were resolved since its last exec, else
