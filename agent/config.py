@@ -29,7 +29,7 @@ from agent.metadata.filters import ProcessFilter
 from agent.metadata.host import MetadataConfig
 from agent.probes.settings import AllocConfig, OffCpuConfig, ProfilingConfig, PythonSettings
 from agent.sampling.settings import SamplingConfig
-from agent.settings import Setting, section_name, settings_of
+from agent.settings import ENV_PREFIX, Setting, section_name, settings_of
 from agent.symbolize.settings import SymbolizeConfig
 from agent.unwind.settings import UnwindConfig
 
@@ -86,6 +86,8 @@ SECTION_TYPES: dict[str, type] = {
 SECTIONS = frozenset(SECTION_TYPES) | {"export"}
 SETTINGS: tuple[Setting, ...] = tuple(s for section in SECTION_TYPES.values() for s in settings_of(section))
 SETTINGS_BY_KEY = {setting.key: setting for setting in SETTINGS}
+MAX_CONFIG_NODES = 100_000  # values in the config file, aliases expanded: the real one has ~100
+MAX_CONFIG_DEPTH = 64  # nesting levels (sections are 2 or 3 deep)
 
 
 def load_config(
@@ -108,6 +110,7 @@ def load_config(
     for setting in SETTINGS:
         if setting.env in env:
             _take(setting, env[setting.env], f"environment variable {setting.env}", values, explicit, problems)
+    problems.extend(_unknown_environment(env))
     for key, value in (overrides or {}).items():
         setting = SETTINGS_BY_KEY[key]
         _take(setting, value, f"flag {setting.flag}" if setting.flag else "", values, explicit, problems)
@@ -145,9 +148,12 @@ def _read_file(path: Path, problems: list[ConfigError]) -> dict[str, Any]:
         problems.append(ConfigError("", f"config file {path} is not UTF-8 text: {e}"))
         return {}
     try:
-        document = yaml.safe_load(text)
+        document = _load_yaml(text)
     except yaml.YAMLError as e:
         problems.append(ConfigError("", f"config file {path} is not valid YAML: {e}"))
+        return {}
+    except _TooLarge as e:
+        problems.append(ConfigError("", f"config file {path} {e}"))
         return {}
     if document is None:
         return {}
@@ -158,6 +164,55 @@ def _read_file(path: Path, problems: list[ConfigError]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     _flatten(document, "", f"in {path}", values, problems)
     return values
+
+
+class _TooLarge(Exception):
+    """The document expands to more than MAX_CONFIG_NODES, nests too deeply, or refers to itself."""
+
+
+def _load_yaml(text: str) -> Any:
+    """The document, built only once its expanded size is known to be small: aliases share nodes, so
+    430 bytes of nested aliases (a "billion laughs") expand to 10^8 nodes, and the agent grew to
+    2.6 GB reading one (the checks of the settings walk every value)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except RecursionError:
+            raise _TooLarge("nests too deeply") from None
+        if node is None:
+            return None
+        size = _expanded_size(node, {}, 0)
+        if size > MAX_CONFIG_NODES:
+            raise _TooLarge(f"expands to more than {MAX_CONFIG_NODES:,} values (through YAML aliases)")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], depth: int) -> int:
+    """How many nodes the document has with every alias expanded, stopping past MAX_CONFIG_NODES."""
+    known = sizes.get(id(node))
+    if known is not None:
+        if known < 0:
+            raise _TooLarge("refers to itself (a recursive YAML alias)")
+        return known
+    if depth > MAX_CONFIG_DEPTH:
+        raise _TooLarge(f"nests deeper than {MAX_CONFIG_DEPTH} levels")
+    sizes[id(node)] = -1  # being counted: meeting it again below is a cycle
+    if isinstance(node, yaml.MappingNode):
+        children = [child for pair in node.value for child in pair]
+    elif isinstance(node, yaml.SequenceNode):
+        children = list(node.value)
+    else:
+        children = []
+    size = 1
+    for child in children:
+        size += _expanded_size(child, sizes, depth + 1)
+        if size > MAX_CONFIG_NODES:
+            break
+    sizes[id(node)] = size
+    return size
 
 
 def _flatten(node: dict[Any, Any], prefix: str, origin: str, out: dict[str, Any], problems: list[ConfigError]) -> None:
@@ -178,6 +233,18 @@ def _flatten(node: dict[Any, Any], prefix: str, origin: str, out: dict[str, Any]
             _flatten(value, key + ".", origin, out, problems)
         else:
             problems.append(ConfigError(key, f"unknown key{_did_you_mean(key)}"))
+
+
+def _unknown_environment(env: Mapping[str, str]) -> list[ConfigError]:
+    """An ENV_PREFIX variable that names no setting is a typo that would otherwise be ignored."""
+    known = {setting.env for setting in SETTINGS}
+    suffixes = sorted(name.removeprefix(ENV_PREFIX) for name in known)  # the shared prefix would match anything
+    problems = []
+    for name in sorted(n for n in env if n.startswith(ENV_PREFIX) and n not in known):
+        close = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), suffixes, n=1, cutoff=0.6)
+        hint = f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else ""
+        problems.append(ConfigError("", f"unknown environment variable {name}{hint}"))
+    return problems
 
 
 def _did_you_mean(key: str) -> str:

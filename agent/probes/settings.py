@@ -33,12 +33,17 @@ def parse_profilers(value: Any) -> tuple[str, ...]:
     return names
 
 
+PID_MAX_LIMIT = 4_194_304  # the kernel's largest pid_max on 64-bit (include/linux/threads.h)
+
+
 def parse_pids(value: Any) -> tuple[int, ...]:
     pids = []
     for item in as_list(value):
         text = str(item).strip()
         if not re.fullmatch(r"[1-9][0-9]{0,9}", text):
             raise ValueError(f"expected process ids (positive integers), got {item!r}")
+        if int(text) > PID_MAX_LIMIT:  # the BPF filter keys are u32: 2^32 + P would profile P
+            raise ValueError(f"process id {text} is above the kernel's limit ({PID_MAX_LIMIT})")
         pids.append(int(text))
     return tuple(sorted(set(pids)))
 

@@ -10,7 +10,8 @@ cd "$(dirname "$0")/../.."
 say() { printf 'setup: %s\n' "$*"; }
 
 arch=$(dpkg --print-architecture)
-packages=(python3-bpfcc python3-venv python3-pip "linux-headers-$arch" binutils gcc make systemd bpfcc-tools time)
+# openssl: the tests make TLS certificates with it
+packages=(python3-bpfcc python3-venv python3-pip "linux-headers-$arch" binutils gcc make systemd bpfcc-tools time openssl)
 missing=()
 for p in "${packages[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from agent.config import SETTINGS, SETTINGS_BY_KEY, AgentConfig, as_dict, example_yaml, load_config
-from agent.errors import ConfigError
+from agent.errors import ConfigError, ConfigErrors
 from agent.settings import Setting
 
 EXAMPLE_CONFIG = Path(__file__).resolve().parents[2] / "config" / "agent.yaml"
@@ -184,6 +184,12 @@ def test_export_files_enabled_from_environment(value: str, enabled: bool | None)
         ("profiling:\n  pids: [12, abc]\n", "profiling.pids", "expected process ids (positive integers), got 'abc'"),
         ("profiling:\n  pids: '0'\n", "profiling.pids", "expected process ids (positive integers), got '0'"),
         ("profiling:\n  pids: [-5]\n", "profiling.pids", "expected process ids (positive integers), got -5"),
+        # 2^32 + 1234: the u32 map key would have profiled pid 1234.
+        (
+            "profiling:\n  pids: [4294968530]\n",
+            "profiling.pids",
+            "process id 4294968530 is above the kernel's limit (4194304)",
+        ),
     ],
 )
 def test_invalid_value_in_file(tmp_path: Path, text: str, key: str, expected: str) -> None:
@@ -200,6 +206,18 @@ def test_invalid_environment_value_names_the_variable() -> None:
     assert info.value.key == "profiling.frequency_hz"
     assert "expected an integer in [1, 1000], got 'abc'" in info.value.message
     assert "(environment variable PROFILING_AGENT_PROFILING_FREQUENCY_HZ)" in info.value.message
+
+
+def test_unknown_environment_variables_are_named_with_a_suggestion() -> None:
+    """A typo in a variable of ours would be ignored, and the default silently used."""
+    environ = {"PROFILING_AGENT_PROFILING_FREQENCY_HZ": "49", "PROFILING_AGENT_BOGUS": "1", "OTHER_TOOL_X": "1"}
+    with pytest.raises(ConfigErrors) as info:
+        load_config(environ=environ)
+    assert [str(e) for e in info.value.problems] == [
+        "unknown environment variable PROFILING_AGENT_BOGUS",
+        "unknown environment variable PROFILING_AGENT_PROFILING_FREQENCY_HZ"
+        " (did you mean PROFILING_AGENT_PROFILING_FREQUENCY_HZ?)",
+    ]
 
 
 def test_invalid_flag_value_names_the_flag() -> None:
@@ -272,6 +290,40 @@ def test_invalid_yaml(tmp_path: Path) -> None:
     error = config_error(tmp_path, "profiling:\n  frequency_hz: [19\n")
     assert error.key == ""
     assert error.message.startswith(f"config file {tmp_path / 'agent.yaml'} is not valid YAML: ")
+
+
+def billion_laughs(levels: int) -> str:
+    """430 bytes for 9 levels: each list holds nine aliases of the one before, 9^9 strings expanded."""
+    lines = ['l0: &l0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for level in range(1, levels):
+        lines.append(f"l{level}: &l{level} [{','.join([f'*l{level - 1}'] * 9)}]")
+    return "\n".join(lines) + f"\nprofiling:\n  pids: *l{levels - 1}\n"
+
+
+def test_a_config_whose_aliases_expand_past_the_limit_is_refused_before_it_is_walked(tmp_path: Path) -> None:
+    # Seen: the agent grew to 2.6 GB and was still reading this after 60 s.
+    error = config_error(tmp_path, billion_laughs(9))
+    path = tmp_path / "agent.yaml"
+    assert error.message == f"config file {path} expands to more than 100,000 values (through YAML aliases)"
+
+
+def test_a_recursive_alias_is_refused(tmp_path: Path) -> None:
+    error = config_error(tmp_path, "profiling: &p\n  pids: [*p]\n")
+    assert error.message == f"config file {tmp_path / 'agent.yaml'} refers to itself (a recursive YAML alias)"
+
+
+def test_a_config_nested_too_deeply_is_refused(tmp_path: Path) -> None:
+    error = config_error(tmp_path, "profiling:\n  pids: " + "[" * 100 + "]" * 100 + "\n")
+    assert error.message == f"config file {tmp_path / 'agent.yaml'} nests deeper than 64 levels"
+
+
+def test_aliases_within_the_limit_still_work(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, "profiling:\n  frequency_hz: &hz 49\n  pids: [*hz]\n")
+    config = load_config(path, environ=NO_ENV)
+    assert (config.profiling.frequency_hz, config.profiling.pids) == (49, (49,))
+    # Three levels, 9^3 strings: read to the end, and its real problem named (an unknown key).
+    error = config_error(tmp_path, billion_laughs(3))
+    assert "unknown key" in str(error) and "expands" not in str(error), error
 
 
 def test_missing_file(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,34 @@ def test_good_headers_any_case() -> None:
 )
 def test_bad_scalars(field: str, value: object) -> None:
     assert _error_key(OtlpConfig(**{field: value})) == f"export.otlp.{field}"  # type: ignore[arg-type]
+
+
+def _self_signed(directory: Path, name: str) -> tuple[Path, Path]:
+    """A certificate and its key, made by openssl (deploy/host/setup.sh installs it)."""
+    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"),
+            *("-days", "1", "-subj", f"/CN={name}", "-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key
+
+
+def test_tls_files_are_checked_as_tls_will_use_them(tmp_path: Path) -> None:
+    """gRPC reads them only when it connects: a bad file was accepted, then retried for ever while
+    /readyz stayed 200."""
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
+    with pytest.raises(ConfigError) as info:
+        OtlpConfig(ca_file=str(garbage)).validate()
+    assert info.value.key == "export.otlp.ca_file" and "holds no usable PEM certificate" in info.value.message
+    ours, our_key = _self_signed(tmp_path, "ours")
+    theirs, their_key = _self_signed(tmp_path, "theirs")
+    OtlpConfig(ca_file=str(theirs), cert_file=str(ours), key_file=str(our_key)).validate()
+    with pytest.raises(ConfigError) as info:
+        OtlpConfig(cert_file=str(ours), key_file=str(their_key)).validate()  # a key that is not its own
+    assert info.value.key == "export.otlp.cert_file" and "not a PEM certificate and its key" in info.value.message

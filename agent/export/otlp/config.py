@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -156,6 +157,21 @@ class OtlpConfig:
         for key, path in tls_files.items():
             if path:
                 read_pem(key, path)
+        # gRPC parses the files only when it connects, and then retries for ever with /readyz still
+        # 200: check them as TLS would use them, now (the stdlib's OpenSSL reads the same PEM).
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        if self.ca_file:
+            try:
+                context.load_verify_locations(cafile=self.ca_file)
+            except (ssl.SSLError, ValueError) as e:
+                detail = f"{self.ca_file!r} holds no usable PEM certificate: {e}"
+                raise ConfigError(KEY_PREFIX + "ca_file", detail) from e
+        if self.cert_file:
+            try:
+                context.load_cert_chain(self.cert_file, self.key_file)
+            except ssl.SSLError as e:
+                detail = f"{self.cert_file!r} and {self.key_file!r} are not a PEM certificate and its key: {e}"
+                raise ConfigError(KEY_PREFIX + "cert_file", detail) from e
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
