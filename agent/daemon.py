@@ -28,6 +28,7 @@ from agent import logs
 from agent.aggregate.types import IntervalProfile
 from agent.config import AgentConfig
 from agent.errors import ConfigError, PreflightError
+from agent.export.files import FileSink
 from agent.export.otlp.resource import ResourceOptions
 from agent.export.otlp.sink import OtlpSink
 from agent.export.sink import Sink
@@ -319,26 +320,33 @@ class Daemon:
             for problem in e.problems:
                 logger.error("config reload refused, the running configuration stays: %s", problem)
             return next_tick
+        merged = merge_live(self.config, new)
+        files_changed = merged.export.files != self.config.export.files
+        try:  # a new output directory must be usable before anything of the reload is applied
+            new_file = make_file_sink(merged.export.files, merged.files_enabled) if files_changed else None
+        except ConfigError as e:
+            self.reloads["invalid"] += 1
+            logger.error("config reload refused, the running configuration stays: %s", e)
+            return next_tick
         changed = changed_keys(self.config, new)
         restart_only = [key for key in changed if not is_live(key)]
         if restart_only:
             logger.warning("config reload: %s take effect only after a restart", ", ".join(restart_only))
-        old, self.config = self.config, merge_live(self.config, new)
+        old, self.config = self.config, merged
         logs.configure(self.config.logging.level, self.config.logging.format)
         self.selector.set_filter(self.config.filters)
         self.health.set_limit(self.config.metrics.ready_export_failure_s)
-        if old.export.files != self.config.export.files:
-            self._swap_file_sink()
+        if files_changed:
+            self._swap_file_sink(new_file)
         self.reloads["applied"] += 1
         logger.info("config reloaded: %s", ", ".join(key for key in changed if is_live(key)) or "no change")
         if old.profiling.interval_s != self.config.profiling.interval_s:
             return time.monotonic() + _jittered(self.config.profiling.interval_s)
         return next_tick
 
-    def _swap_file_sink(self) -> None:
+    def _swap_file_sink(self, new_file: FileSink | None) -> None:
         assert self.reporter is not None
         old_files = [sink for sink in self.sinks if sink is not self.otlp]
-        new_file = make_file_sink(self.config.export.files, self.config.files_enabled)
         self.sinks = ([new_file] if new_file is not None else []) + ([self.otlp] if self.otlp else [])
         self.reporter.set_sinks(self.sinks)
         for sink in old_files:

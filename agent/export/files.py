@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import ClassVar, NamedTuple
 
-from agent.errors import ExportError
+from agent.errors import ConfigError, ExportError
 from agent.settings import MiB, parse_auto_bool, parse_str, ranged_int, setting
 from agent.symbolize.types import Profile
 
@@ -103,9 +103,23 @@ class FileSink:
         self.bytes_written = 0  # compressed bytes, as they sit on disk
         self.files_deleted = 0
         self.errors = 0
-        # Creating the directory now makes a bad path fail at start-up rather than at the first report.
-        self._ensure_dir()
+        # A directory that cannot be made or written fails now, as the configuration problem it is
+        # (exit 2 at start-up, a refused reload), not at the first report.
+        self._check_usable()
         self._remove_stale_temp_files()
+
+    def _check_usable(self) -> None:
+        key = f"{FilesConfig.SECTION}.output_dir"
+        try:
+            self._ensure_dir()
+        except ExportError as e:
+            raise ConfigError(key, str(e)) from None
+        try:  # named like the sink's own temp files, so one left by a crash here is removed too
+            fd, name = tempfile.mkstemp(prefix=".write-check-19700101T000000Z.", suffix=".tmp", dir=self._dir)
+        except OSError as exc:
+            raise ConfigError(key, f"cannot write to profile directory {self._dir}: {exc.strerror or exc}") from None
+        os.close(fd)
+        _remove_quietly(Path(name))
 
     def _remove_stale_temp_files(self) -> None:
         """Temp files a crash left mid-write (ours: `.<profiler>-<time>.*.tmp`) are never renamed: delete them."""

@@ -167,3 +167,20 @@ def test_sighup_reload_logs_every_problem(tmp_path: Path, caplog: pytest.LogCapt
     assert [line.removeprefix(prefix).split(": ", 1)[0] for line in refused] == BAD_FILE_KEYS
     assert daemon.reloads["invalid"] == 1
     assert daemon.config is running
+
+
+def test_sighup_to_an_unusable_output_directory_is_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The new directory is made and write-checked before anything of the reload applies: refused, the
+    running configuration (and its sink) stays."""
+    path = tmp_path / "agent.yaml"
+    path.write_text(f"export:\n  files:\n    output_dir: {tmp_path / 'good'}\n")
+    blocker = tmp_path / "blocker"
+    blocker.write_bytes(b"")
+    daemon = Daemon(load_config(str(path), environ=NO_ENV), lambda: load_config(str(path), environ=NO_ENV))
+    running = daemon.config
+    path.write_text(f"export:\n  files:\n    output_dir: {blocker / 'profiles'}\n")
+    with caplog.at_level(logging.ERROR, logger="agent.daemon"):
+        assert daemon._reload(next_tick=5.0) == 5.0
+    assert daemon.config is running and daemon.reloads["invalid"] == 1
+    refused = [r.getMessage() for r in caplog.records if "config reload refused" in r.getMessage()]
+    assert len(refused) == 1 and "export.files.output_dir: cannot create profile directory" in refused[0], refused

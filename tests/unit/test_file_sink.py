@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import ExportError
+from agent.errors import ConfigError, ExportError
 from agent.export import files
 from agent.export.files import FileSink
 from agent.export.sink import Sink
@@ -116,15 +116,34 @@ def test_unbounded_retention_keeps_everything(tmp_path: Path) -> None:
     assert sink.files_deleted == 0
 
 
-def test_directory_under_a_regular_file_is_not_retryable(tmp_path: Path) -> None:
+def test_an_unusable_directory_is_a_configuration_error(tmp_path: Path) -> None:
     # Tests run as root, which ignores permission bits: a path through a regular file fails for everyone.
+    # Seen before: exit status 6 (an export error) for what is a bad setting (exit 2).
     blocker = tmp_path / "blocker"
     blocker.write_bytes(b"")
     bad = blocker / "profiles"
-    with pytest.raises(ExportError) as info:
+    with pytest.raises(ConfigError) as info:
         FileSink(bad, max_files=0, max_bytes=0)
-    assert info.value.retryable is False
+    assert info.value.key == "export.files.output_dir"
     assert str(bad) in str(info.value)
+
+
+def test_a_read_only_directory_is_refused_at_start_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only mount (root ignores permission bits, not `ro`): seen starting, with /readyz 200."""
+
+    def read_only(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(files.tempfile, "mkstemp", read_only)
+    with pytest.raises(ConfigError) as info:
+        FileSink(tmp_path, max_files=0, max_bytes=0)
+    assert info.value.key == "export.files.output_dir"
+    assert str(info.value).endswith(f"cannot write to profile directory {tmp_path}: Read-only file system")
+
+
+def test_the_write_check_leaves_nothing_behind(tmp_path: Path) -> None:
+    FileSink(tmp_path, max_files=0, max_bytes=0)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_directory_replaced_by_a_file_fails_export_not_retryable(tmp_path: Path) -> None:
