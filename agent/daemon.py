@@ -78,6 +78,9 @@ SERVER_POLL_S = 1.0
 # Spread a fleet's reports so backends do not see every host at once.
 INTERVAL_JITTER = 0.2
 SHUTDOWN_DEADLINE_S = 10.0
+# The sinks' final flush at shutdown, within that deadline: what a slow or silent receiver has not
+# taken by then stays in the OTLP spool for the next start (the README promises an exit within seconds).
+SHUTDOWN_FLUSH_S = 3.0
 REPORT_QUEUE_SIZE = 4
 CONSUME_WAIT_S = 1.0  # the longest stack events wait for the pipeline thread (process events wake it at once)
 CODE_CACHE_ENTRIES = 65536  # code objects of Python processes, over all of them (a few hundred bytes each)
@@ -366,8 +369,9 @@ class Daemon:
         # waits end at once), then each sink flushes what it holds within the remaining time and keeps
         # the rest (the OTLP spool survives restarts).
         self._sender_stop.set()
+        flush_end = min(deadline, time.monotonic() + SHUTDOWN_FLUSH_S)
         for sink in self.sinks:
-            sink.shutdown(max(0.0, deadline - time.monotonic()))
+            sink.shutdown(max(0.0, flush_end - time.monotonic()))
         for thread in senders:
             thread.join(max(0.1, deadline - time.monotonic()))
 

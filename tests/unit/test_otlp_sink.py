@@ -214,6 +214,52 @@ def test_shutdown_with_the_receiver_away_leaves_the_rest_spooled(receiver: Recei
     assert sink.queue_depth == 2 and len(list((tmp_path / "spool").glob("*.otlp"))) == 2
 
 
+def test_shutdown_with_a_receiver_that_accepts_and_never_answers(tmp_path: Path) -> None:
+    """A TCP listener that takes the connection and says nothing (no HTTP/2 handshake): the call in
+    flight waits for its whole timeout. Seen: SIGTERM took 10.3 s. The sender's call is cancelled when
+    it is told to stop, and the request stays in the spool."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    config = OtlpConfig(
+        enabled=True,
+        endpoint=f"127.0.0.1:{listener.getsockname()[1]}",
+        insecure=True,
+        timeout_s=30.0,
+        retry_deadline_s=60.0,
+        spool_dir=str(tmp_path / "spool"),
+    )
+    sink = OtlpSink(config, resource=RESOURCE, retry_policy=FAST, idle_wait_s=0.02)
+    try:
+        sender = Sender(sink)
+        sink.export(_profile(0), b"")
+        deadline = time.monotonic() + 20
+        while not accepted and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert accepted, "the sender never connected"
+        # As the daemon does: stop the senders, then shut the sinks down. The sender must let go of its
+        # call at once (it used to keep it, and the sink's lock, for the 30 s call timeout): a 10 s
+        # join leaves a busy host its margin and still fails the old behaviour.
+        sender.stop.set()
+        sender.thread.join(10)
+        assert not sender.thread.is_alive(), "the sender kept its call after it was told to stop"
+        assert sink.counters.get(REQUESTS, "interrupted") == 1
+        sink.shutdown(0.5)
+        assert sink.queue_depth == 1  # kept for the next start
+    finally:
+        listener.close()
+        for connection in accepted:
+            connection.close()
+
+
 def test_unencodable_profile_is_counted_and_reported(receiver: Receiver, tmp_path: Path) -> None:
     sink = _sink(receiver, tmp_path / "spool")
     good = _profile(0)
