@@ -86,6 +86,7 @@ SECTION_TYPES: dict[str, type] = {
 SECTIONS = frozenset(SECTION_TYPES) | {"export"}
 SETTINGS: tuple[Setting, ...] = tuple(s for section in SECTION_TYPES.values() for s in settings_of(section))
 SETTINGS_BY_KEY = {setting.key: setting for setting in SETTINGS}
+MAX_CONFIG_BYTES = 1 << 20  # the example config, every key documented, is ~10 KB
 MAX_CONFIG_NODES = 100_000  # values in the config file, aliases expanded: the real one has ~100
 MAX_CONFIG_DEPTH = 64  # nesting levels (sections are 2 or 3 deep)
 
@@ -140,10 +141,22 @@ def _take(
 def _read_file(path: Path, problems: list[ConfigError]) -> dict[str, Any]:
     """The file's valid settings; each problem in it is added to `problems`."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:  # a directory opens, and fails on read, with IsADirectoryError
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except IsADirectoryError:
+        problems.append(ConfigError("", f"config file {path} is a directory"))
+        return {}
     except OSError as e:
         problems.append(ConfigError("", f"cannot read config file {path}: {e.strerror or e}"))
         return {}
+    if len(raw) > MAX_CONFIG_BYTES:
+        problems.append(ConfigError("", f"config file {path} is larger than {MAX_CONFIG_BYTES:,} bytes"))
+        return {}
+    if b"\0" in raw:
+        problems.append(ConfigError("", f"config file {path} is a binary file, not YAML text"))
+        return {}
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         problems.append(ConfigError("", f"config file {path} is not UTF-8 text: {e}"))
         return {}

@@ -334,12 +334,32 @@ def test_missing_file(tmp_path: Path) -> None:
     assert info.value.message == f"cannot read config file {missing}: No such file or directory"
 
 
-def test_unreadable_file(tmp_path: Path) -> None:
-    # A directory cannot be read as a file even by root, unlike a chmod 000 file.
+def test_a_directory_is_named_as_one(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(str(tmp_path), environ=NO_ENV)
     assert info.value.key == ""
-    assert info.value.message == f"cannot read config file {tmp_path}: Is a directory"
+    assert info.value.message == f"config file {tmp_path} is a directory"
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    # Root reads a chmod 000 file: a dangling symlink is unreadable for everyone.
+    link = tmp_path / "agent.yaml"
+    link.symlink_to(tmp_path / "gone.yaml")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(link), environ=NO_ENV)
+    assert info.value.message == f"cannot read config file {link}: No such file or directory"
+
+
+def test_an_oversized_or_binary_file_is_refused_unread(tmp_path: Path) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text("# padding\n" * 120_000)  # 1.2 MB of comments: valid YAML, but no config is that big
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), environ=NO_ENV)
+    assert info.value.message == f"config file {path} is larger than 1,048,576 bytes"
+    path.write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(64))  # e.g. --config pointed at the binary
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), environ=NO_ENV)
+    assert info.value.message == f"config file {path} is a binary file, not YAML text"
 
 
 def test_file_that_is_not_utf8(tmp_path: Path) -> None:
