@@ -400,9 +400,11 @@ def _file_metrics(sink: FileSink) -> Iterator[Metric]:
     size.add_metric([], sink.bytes_written)
     deleted = _counter("export_files_deleted", "Profile files deleted by retention.")
     deleted.add_metric([], sink.files_deleted)
+    evicted = _counter("export_files_evicted", "Own oldest profile files deleted to write a new one on a full disk.")
+    evicted.add_metric([], sink.files_evicted)
     errors = _counter("export_files_errors", "File sink errors.")
     errors.add_metric([], sink.errors)
-    yield from (written, size, deleted, errors)
+    yield from (written, size, deleted, evicted, errors)
 
 
 def _bcc_version() -> str:

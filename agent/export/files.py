@@ -67,6 +67,7 @@ _GZIP_LEVEL = 6  # what Go's profile.Write uses; 9 costs much more CPU for a few
 _RETRYABLE_ERRNOS = frozenset(
     {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGAIN, errno.EINTR, errno.ENOMEM, errno.EMFILE, errno.ENFILE}
 )
+_ENOSPC_MARGIN = 64 * 1024  # free bytes beyond the profile's own, for the file system's blocks
 _SPEC_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _STAMP_FORMAT = "%Y%m%dT%H%M%SZ"
 # The temp files start with "." so they can never match this pattern and be taken for profiles.
@@ -102,6 +103,7 @@ class FileSink:
         self.files_written = 0
         self.bytes_written = 0  # compressed bytes, as they sit on disk
         self.files_deleted = 0
+        self.files_evicted = 0  # own oldest files deleted to make room on a full disk
         self.errors = 0
         # A directory that cannot be made or written fails now, as the configuration problem it is
         # (exit 2 at start-up, a refused reload), not at the first report.
@@ -138,8 +140,15 @@ class FileSink:
             if self._shut_down:
                 raise ExportError(f"file sink for {self._dir} is shut down", retryable=False)
             data = gzip.compress(pprof, compresslevel=_GZIP_LEVEL, mtime=0)
+            base = _base_name(profile)
             try:
-                path = self._write(_base_name(profile), data)
+                try:
+                    path = self._write(base, data)
+                except _DiskFull:
+                    # The newest profile matters most: make room from this sink's own oldest, once.
+                    if not self._evict_for(len(data)):
+                        raise
+                    path = self._write(base, data)
             except ExportError:
                 self.errors += 1
                 raise
@@ -190,6 +199,8 @@ class FileSink:
             os.replace(tmp, path)
         except BaseException as exc:
             _remove_quietly(tmp)
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise _DiskFull(f"cannot write profile {base} to {self._dir}: {exc.strerror}", retryable=True) from exc
             if isinstance(exc, OSError):
                 raise _export_error(f"cannot write profile {base} to {self._dir}", exc) from exc
             raise
@@ -247,6 +258,40 @@ class FileSink:
             count -= 1
             total -= own.size
 
+    def _evict_for(self, size: int) -> bool:
+        """Delete this sink's oldest files until `size` bytes (and a margin) are free on the disk, or
+        none is left; whether any was deleted (each counted in `files_evicted`)."""
+        try:
+            files = self._own_files()
+        except OSError as exc:
+            logger.warning("disk full, and cannot list %s to make room: %s", self._dir, exc)
+            return False
+        evicted = 0
+        for own in files:
+            if self._free_bytes() >= size + _ENOSPC_MARGIN:
+                break
+            try:
+                (self._dir / own.name).unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                logger.warning("disk full, and cannot delete old profile %s: %s", self._dir / own.name, exc)
+                break
+            evicted += 1
+        self.files_evicted += evicted
+        if evicted:
+            logger.warning("disk full under %s: deleted the %d oldest profiles to write the newest", self._dir, evicted)
+        else:
+            logger.warning("disk full under %s, and none of its files are the agent's to delete", self._dir)
+        return evicted > 0
+
+    def _free_bytes(self) -> int:
+        try:
+            stats = os.statvfs(self._dir)
+        except OSError:
+            return 0
+        return stats.f_bavail * stats.f_frsize
+
     def _over_budget(self, count: int, total: int) -> bool:
         return (self._max_files > 0 and count > self._max_files) or (self._max_bytes > 0 and total > self._max_bytes)
 
@@ -277,6 +322,10 @@ def _base_name(profile: Profile) -> str:
         raise ValueError(f"profile name {name!r} cannot be used in a file name")
     start = datetime.fromtimestamp(profile.start_unix_ns // 1_000_000_000, tz=UTC)
     return f"{name}-{start.strftime(_STAMP_FORMAT)}"
+
+
+class _DiskFull(ExportError):
+    """A write failed with ENOSPC or EDQUOT: room can be made."""
 
 
 def _export_error(message: str, exc: OSError) -> ExportError:

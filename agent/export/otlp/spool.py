@@ -8,13 +8,16 @@ directory belongs to one agent.
 
 Bounds: the files together stay under `max_bytes` (the oldest are dropped first and counted); the
 payloads of at most `memory_items` entries are also kept in memory, the rest are read back from
-disk when their turn comes. If the disk cannot be written, entries stay in memory only, and then
-the memory bound drops the oldest of them (counted). Each file is `MAGIC`, a CRC-32 and the length,
+disk when their turn comes. A write that finds the disk full drops the oldest spooled files until
+the new one fits (counted as dropped, `disk_full`) and is tried once more: the newest data matters
+most. If the disk still cannot be written, entries stay in memory only, and then the memory bound
+drops the oldest of them (counted). Each file is `MAGIC`, a CRC-32 and the length,
 then the payload; a file that fails those checks is counted, logged and deleted, never fatal.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -31,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 MAGIC = b"OTLPSPL1"
 HEADER = struct.Struct(">8sIQ")  # magic, crc32 of the payload, payload length
+_ENOSPC_MARGIN = 64 * 1024  # free bytes beyond the file's own, for the file system's blocks
 _NAME = re.compile(r"^(\d{20})\.otlp$")
 
 
@@ -58,6 +62,7 @@ class Spool:
         self._lock = threading.Lock()
         self._slots: OrderedDict[int, _Slot] = OrderedDict()
         self._disk_bytes = 0
+        self._disk_full = False  # the last write failed with ENOSPC or EDQUOT
         try:
             os.makedirs(directory, mode=0o700, exist_ok=True)
             names = os.listdir(directory)
@@ -72,6 +77,8 @@ class Spool:
             seq = self._next_seq
             self._next_seq += 1
             size = self._write(seq, payload)
+            if size is None and self._disk_full and self._evict_for(len(payload) + HEADER.size):
+                size = self._write(seq, payload)  # once: the newest request matters most
             self._slots[seq] = _Slot(size is not None, size or 0, payload)
             self._disk_bytes += size or 0
             self._enforce_bounds()
@@ -140,10 +147,25 @@ class Spool:
             _fsync_dir(self._dir)
         except OSError as e:
             self._counters.inc(SPOOL_ERRORS, "write")
+            self._disk_full = e.errno in (errno.ENOSPC, errno.EDQUOT)
             logger.warning("OTLP spool: cannot write %s (%s); keeping the request in memory only", final, e)
             self._unlink(temp)
             return None
+        self._disk_full = False
         return len(data)
+
+    def _evict_for(self, size: int) -> bool:
+        """The disk is full: drop the oldest spooled files (counted as dropped, `disk_full`) until `size`
+        bytes and a margin are free, or none is left; whether any went."""
+        evicted = 0
+        for seq in [seq for seq, slot in self._slots.items() if slot.on_disk]:
+            if _free_bytes(self._dir) >= size + _ENOSPC_MARGIN:
+                break
+            self._forget(seq, "disk_full")
+            evicted += 1
+        if evicted:
+            logger.warning("OTLP spool: disk full, dropped the %d oldest requests to keep the newest", evicted)
+        return evicted > 0
 
     def _read(self, seq: int) -> bytes | None:
         path = self._path(seq)
@@ -193,6 +215,14 @@ class Spool:
         except OSError as e:
             self._counters.inc(SPOOL_ERRORS, "delete")
             logger.warning("OTLP spool: cannot delete %s: %s", path, e)
+
+
+def _free_bytes(directory: str) -> int:
+    try:
+        stats = os.statvfs(directory)
+    except OSError:
+        return 0
+    return stats.f_bavail * stats.f_frsize
 
 
 def _fsync_dir(directory: str) -> None:
