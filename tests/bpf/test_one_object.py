@@ -127,6 +127,7 @@ def test_every_profiler_passes_the_verifier_in_one_object(use_kprobe: int, pytho
         "TASK_FSBASE_OFFSET": fsbase or 0,
         "PYTHON_PROCS_ENTRIES": 64,
         "PYTHON_THREADS_ENTRIES": 64,
+        "PYTHON_CODES_SEEN_ENTRIES": 64,
     }
     switch = ("on_finish_task_switch", BPF.KPROBE) if use_kprobe else ("on_sched_switch", BPF.TRACEPOINT)
     programs = [("on_cpu_sample", BPF.PERF_EVENT), switch, ("on_malloc", BPF.KPROBE), ("on_calloc", BPF.KPROBE)]
