@@ -9,6 +9,7 @@ touched; when only such files fill the disk, the profile is dropped and counted.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 from collections.abc import Iterator
@@ -18,10 +19,12 @@ import pytest
 
 from agent.errors import ExportError
 from agent.export.files import FileSink
+from agent.export.otlp import OtlpConfig, OtlpSink, ResourceOptions
 from agent.export.otlp.spool import Spool
 from agent.export.otlp.stats import DROPPED, Counters
-from agent.symbolize.types import Profile
+from agent.symbolize.types import Frame, FrameKind, MappingInfo, ProcessInfo, Profile, Sample
 from agent.types import ProfileSpec, ValueType
+from tests.support.agent import free_port
 
 pytestmark = pytest.mark.root
 
@@ -58,13 +61,7 @@ def test_a_full_output_disk_keeps_the_newest_profiles(full_disk: Path) -> None:
 def test_a_disk_full_of_someone_elses_files_drops_and_counts(full_disk: Path) -> None:
     sink = FileSink(full_disk, max_files=0, max_bytes=0)
     other = full_disk / "not-ours.bin"
-    with open(other, "wb") as f:  # fill it: the write stops at ENOSPC
-        try:
-            while True:
-                f.write(os.urandom(16 * 1024))
-                f.flush()
-        except OSError:
-            pass
+    _fill(other)
     with pytest.raises(ExportError) as info:
         sink.export(_profile(0), os.urandom(PROFILE_BYTES))
     assert info.value.retryable and "No space left on device" in str(info.value)
@@ -86,3 +83,50 @@ def test_a_full_spool_disk_keeps_the_newest_requests(full_disk: Path) -> None:
         entries.append(entry.payload)
         spool.remove(entry.seq)
     assert entries == payloads[dropped:]
+
+
+def test_requests_held_in_memory_at_exit_are_counted_lost_not_said_kept(
+    full_disk: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """#17: with the spool disk full, queue_size 4 and the receiver down, SIGTERM logged the requests as
+    "left in the spool for the next start"; they lived in memory only, and were gone."""
+    other = full_disk / "not-ours.bin"
+    spool_dir = full_disk / "spool"
+    config = OtlpConfig(
+        enabled=True,
+        endpoint=f"127.0.0.1:{free_port()}",  # nothing listens: the receiver is down
+        insecure=True,
+        timeout_s=0.2,
+        retry_deadline_s=0.5,
+        spool_dir=str(spool_dir),
+        queue_size=4,
+    )
+    sink = OtlpSink(config, resource=ResourceOptions(host_name="h", host_arch="amd64"))
+    _fill(other)
+    for second in range(3):
+        sink.export(_otlp_profile(second), b"")
+    assert sink.queue_depth == 3 and not list(spool_dir.glob("*.otlp"))
+    with caplog.at_level(logging.INFO, logger="agent.export.otlp.sink"):
+        sink.shutdown(0.5)
+    messages = [record.getMessage() for record in caplog.records]
+    assert not any("left in the spool" in message for message in messages), messages
+    assert any(message.startswith("OTLP: 3 undelivered requests are lost") for message in messages), messages
+    assert sink.counters.get(DROPPED, "unsaved_at_exit") == 3
+
+
+def _fill(path: Path) -> None:
+    """Write random bytes to `path` until the file system is full."""
+    with open(path, "wb") as f:
+        try:
+            while True:
+                f.write(os.urandom(16 * 1024))
+                f.flush()
+        except OSError:
+            pass
+
+
+def _otlp_profile(second: int) -> Profile:
+    frame = Frame(FrameKind.NATIVE, 0x1000, "work", MappingInfo("/nonexistent/app", 0, 0x10000, 0))
+    start = (1_800_000_000 + second) * 1_000_000_000
+    sample = Sample(10, 10, 0, "app", (frame,), (1,), (start + 1,))
+    return Profile(SPEC, start, 1_000_000_000, (sample,), {10: ProcessInfo(10, "app", "/nonexistent/app")})

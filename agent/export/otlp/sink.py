@@ -133,9 +133,14 @@ class OtlpSink:
         else:
             logger.warning("OTLP sender still busy at shutdown; leaving its requests in the spool")
         self._exporter.close()
-        left = len(self._spool)
-        if left:
-            logger.info("OTLP: %d requests (%d bytes) left in the spool for the next start", left, self.spool_bytes)
+        kept, lost = self._spool.close()
+        if kept:
+            logger.info("OTLP: %d requests (%d bytes) left in the spool for the next start", kept, self.spool_bytes)
+        if lost:
+            logger.warning(
+                "OTLP: %d undelivered requests are lost: the spool disk refused them, so they were held in memory only",
+                lost,
+            )
 
     @property
     def queue_depth(self) -> int:

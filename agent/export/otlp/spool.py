@@ -105,6 +105,15 @@ class Spool:
         with self._lock:
             return len(self._slots)
 
+    def close(self) -> tuple[int, int]:
+        """At exit: (requests kept on disk for the next start, requests lost). The lost ones lived in
+        memory only (the disk refused them); they are counted as dropped, `unsaved_at_exit`."""
+        with self._lock:
+            unsaved = [seq for seq, slot in self._slots.items() if not slot.on_disk]
+            for seq in unsaved:
+                self._forget(seq, "unsaved_at_exit")
+            return len(self._slots), len(unsaved)
+
     @property
     def disk_bytes(self) -> int:
         with self._lock:
