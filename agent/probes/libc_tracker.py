@@ -29,11 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from agent.process.maps import MapKind, parse_maps_line, root_path
+from agent.process.maps import MapKind, map_files_path, mapped_path, parse_maps_line, root_path
 
 ALL_PROCESSES = -1  # Target.pid of a system-wide uprobe
 
-_DELETED_SUFFIX = " (deleted)"
 # glibc (libc.so.6, or libc-2.31.so on older releases) and musl (libc.musl-<arch>.so.1, mapped under
 # its loader's name ld-musl-<arch>.so.1). Not libc++, libcrypto, libcap, ...
 C_LIBRARY_NAME = re.compile(r"libc\.so(\.\d+)*|libc-\d[\d.]*\.so|(libc\.musl|ld-musl)-[\w.]+\.so(\.\d+)*")
@@ -87,8 +86,8 @@ def _c_libraries_in(proc_root: Path, pid: int, lines: list[str]) -> dict[Library
             continue
         if entry.kind is MapKind.FILE and is_c_library(entry.path):
             open_path = root_path(proc_root, pid, entry.path)
-        elif entry.kind is MapKind.DELETED and is_c_library(entry.path.removesuffix(_DELETED_SUFFIX)):
-            open_path = proc_root / str(pid) / "map_files" / f"{entry.start:x}-{entry.end:x}"
+        elif entry.kind is MapKind.DELETED and is_c_library(mapped_path(entry)):
+            open_path = map_files_path(proc_root, pid, entry)
         else:
             continue
         seen.add(entry.path)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from agent.process.elf import LoadSegment
+from agent.process.pinned import PINNED
 
 _DELETED_SUFFIX = " (deleted)"
 
@@ -151,6 +152,10 @@ def read_process_maps(proc_root: Path, pid: int) -> ProcessMaps:
             if entry.path not in identities:
                 identities[entry.path] = _stat_identity(root_path(proc_root, pid, entry.path))
             entry = dataclasses.replace(entry, identity=identities[entry.path])
+        elif entry.kind is MapKind.DELETED:
+            # Unlinked (a package upgrade replaces binaries under running processes): the mapping's
+            # map_files link still reaches the very file, while the process lives.
+            entry = dataclasses.replace(entry, identity=_stat_identity(map_files_path(proc_root, pid, entry)))
         entries.append(entry)
     entries.sort(key=lambda e: e.start)
     return ProcessMaps(
@@ -181,14 +186,27 @@ def resolve_file(proc_root: Path, pid: int, entry: MapEntry) -> Path | None:
 
     The process's own view comes first. The host path is only trusted when its identity matches the
     snapshot: after the process has gone, the same path on the host may be another binary (a container
-    image layer, a reinstalled package).
+    image layer, a reinstalled package). Last, /proc/PID/map_files, which reaches a file that was
+    deleted or replaced since it was mapped, for as long as the process lives; after it, the
+    descriptor `agent.process.pinned.PINNED` holds for a deleted file.
     """
-    if entry.kind is not MapKind.FILE or entry.identity is None:
+    if entry.kind not in (MapKind.FILE, MapKind.DELETED) or entry.identity is None:
         return None
-    for candidate in (root_path(proc_root, pid, entry.path), Path(entry.path)):
+    candidates = [root_path(proc_root, pid, entry.path), Path(entry.path)] if entry.kind is MapKind.FILE else []
+    for candidate in (*candidates, map_files_path(proc_root, pid, entry)):
         if _stat_identity(candidate) == entry.identity:
             return candidate
-    return None
+    return PINNED.path_of(entry.identity)  # a deleted file the registry pinned while it was mapped
+
+
+def map_files_path(proc_root: Path, pid: int, entry: MapEntry) -> Path:
+    """The process's link to the file a mapping maps (root only), whatever became of its path."""
+    return proc_root / str(pid) / "map_files" / f"{entry.start:x}-{entry.end:x}"
+
+
+def mapped_path(entry: MapEntry) -> str:
+    """The mapped file's path, without the " (deleted)" the kernel appends once it is unlinked."""
+    return entry.path.removesuffix(_DELETED_SUFFIX) if entry.kind is MapKind.DELETED else entry.path
 
 
 def load_bias(entry: MapEntry, segment: LoadSegment) -> int:

@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from agent.metadata.process import ProcessLabels, ProcessMetadata
-from agent.process.maps import ProcessMaps, read_process_maps
+from agent.process.maps import MapKind, ProcessMaps, map_files_path, read_process_maps
+from agent.process.pinned import PINNED
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +150,9 @@ class ProcessRegistry:
         if _exiting(maps) and self._has_mappings(pid):
             self._vanished(pid)  # an exiting process's empty maps never replace what it had mapped
             return None
+        for entry in maps.mappings:  # reachable only through this process's link: hold it while it lasts
+            if entry.kind is MapKind.DELETED and entry.identity is not None:
+                PINNED.pin(entry.identity, map_files_path(self.proc_root, pid, entry))
         # Best effort and never raises: a process gone by now keeps its snapshot with empty labels.
         labels = self._metadata.read(pid)
         with self._lock:

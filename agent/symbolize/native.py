@@ -236,7 +236,7 @@ class NativeResolver:
         return frame
 
     def _prepare(self, pid: int, entry: MapEntry) -> _Prepared:
-        if entry.kind is MapKind.FILE:
+        if entry.kind in (MapKind.FILE, MapKind.DELETED):
             source = self._table(pid, entry)
         elif entry.kind is MapKind.VDSO:
             source = self._vdso_symbols(entry)
@@ -244,11 +244,11 @@ class NativeResolver:
             source = None
         table = source if isinstance(source, ElfSymbols) else None
         mapping = MappingInfo(
-            printable(entry.path), entry.start, entry.end, entry.offset, table.build_id if table is not None else ""
+            printable(entry.path), entry.start, entry.end, entry.offset, table.build_id if table else ""
         )
         if table is None:
             # A file with an identity that left nothing in the cache could not be reached: try again later.
-            retry = entry.kind is MapKind.FILE and entry.identity is not None and source is None
+            retry = entry.kind in (MapKind.FILE, MapKind.DELETED) and entry.identity is not None and source is None
             jit = entry.kind in JIT_KINDS
             return _Prepared(mapping, None, 0, entry.identity, jit=jit, source=source, retry=retry)
         segment = table.segment_for_offset(entry.offset)

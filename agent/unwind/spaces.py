@@ -83,7 +83,7 @@ class UnwindTables:
         """The table covering `entry` and the load bias to subtract from its runtime addresses."""
         if entry.kind is MapKind.VDSO:
             table = self._load(VDSO_PATH, VDSO_PATH, _vdso_table)
-        elif entry.kind is MapKind.FILE and entry.identity is not None:
+        elif entry.kind in (MapKind.FILE, MapKind.DELETED) and entry.identity is not None:
             table = self._load(entry.identity, entry.path, lambda: _file_table(self._proc_root, pid, entry))
         else:
             return None  # JIT code, anonymous memory: no CFI; the frame pointer is all there is

@@ -134,6 +134,36 @@ def test_kernel_frames_come_first_and_use_the_kernel_mapping(
     assert kernel_mapping.start == 0xFFFFFFFF81000000 and kernel_mapping.file_offset == 0
 
 
+def test_a_deleted_binary_is_named_through_map_files(
+    symbolize_binaries: dict[str, Path],
+    maps_for: MapsFor,
+    add_fake_process: AddFakeProcess,
+    fake_proc: Path,
+    tmp_path: Path,
+    nm_functions: NmFunctions,
+) -> None:
+    """Every package upgrade unlinks binaries under running processes: maps then says "(deleted)" and the
+    path names nothing (or another file). Seen: frames as 0x...@file, no build id. /proc/PID/map_files
+    still reaches the very file the mapping maps."""
+    pie = symbolize_binaries["pie"]
+    kept = tmp_path / "still-mapped"  # the unlinked inode, reachable only through the mapping's link
+    shutil.copy2(pie, kept)
+    gone = tmp_path / "usr-bin-workload"  # the path the process was started by, now unlinked
+    lines = [line.replace(str(pie), f"{gone} (deleted)") for line in maps_for(pie, PIE_BASE)]
+    pid_dir = add_fake_process(101, lines, comm="workload")
+    (pid_dir / "map_files").mkdir()
+    for line in lines:
+        (pid_dir / "map_files" / line.split()[0]).symlink_to(kept)
+    nm = nm_functions(pie)
+    stack = user_stack(PIE_BASE + nm["leaf_a"][0] + 4, PIE_BASE + nm["middle_b"][0] + 9)
+    symbolizer = Symbolizer(ProcessRegistry(fake_proc))
+    symbolizer.processes.observe_process(101)
+    frames = symbolizer.symbolize(interval(agg(101, user=stack))).samples[0].frames
+    assert [f.function for f in frames] == ["leaf_a", "middle_b"]
+    assert frames[0].mapping is not None and frames[0].mapping.build_id == build_id_of(pie)
+    assert frames[0].mapping.path == f"{gone} (deleted)"  # what maps says: the user sees it was deleted
+
+
 def test_hidden_kallsyms_keeps_kernel_addresses_unnamed(fake_proc: Path) -> None:
     (fake_proc / "kallsyms").write_text(re.sub(r"^ffffffff[0-9a-f]+", "0" * 16, KALLSYMS, flags=re.MULTILINE))
     symbolizer = Symbolizer(ProcessRegistry(fake_proc))

@@ -33,6 +33,7 @@ from agent.process.maps import (
     MapKind,
     ProcessMaps,
     load_bias,
+    map_files_path,
     printable,
     read_process_maps,
     resolve_file,
@@ -179,10 +180,10 @@ def _shown_path(entry: MapEntry) -> str:
 
 def _open_path(proc_root: Path, pid: int, entry: MapEntry) -> Path | None:
     """A path to the very file `entry` maps: its own namespace's path, else /proc/PID/map_files."""
-    path = resolve_file(proc_root, pid, entry) if entry.kind is MapKind.FILE else None
+    path = resolve_file(proc_root, pid, entry)
     if path is not None:
         return path
-    link = proc_root / str(pid) / "map_files" / f"{entry.start:x}-{entry.end:x}"
+    link = map_files_path(proc_root, pid, entry)  # an entry captured without an identity
     return link if os.path.exists(link) else None
 
 
