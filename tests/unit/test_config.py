@@ -13,6 +13,7 @@ import yaml
 from agent.config import SETTINGS, SETTINGS_BY_KEY, AgentConfig, as_dict, example_yaml, load_config
 from agent.errors import ConfigError, ConfigErrors
 from agent.settings import Setting
+from tests.support.config import billion_laughs
 
 EXAMPLE_CONFIG = Path(__file__).resolve().parents[2] / "config" / "agent.yaml"
 NO_ENV: dict[str, str] = {}
@@ -290,14 +291,6 @@ def test_invalid_yaml(tmp_path: Path) -> None:
     error = config_error(tmp_path, "profiling:\n  frequency_hz: [19\n")
     assert error.key == ""
     assert error.message.startswith(f"config file {tmp_path / 'agent.yaml'} is not valid YAML: ")
-
-
-def billion_laughs(levels: int) -> str:
-    """430 bytes for 9 levels: each list holds nine aliases of the one before, 9^9 strings expanded."""
-    lines = ['l0: &l0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
-    for level in range(1, levels):
-        lines.append(f"l{level}: &l{level} [{','.join([f'*l{level - 1}'] * 9)}]")
-    return "\n".join(lines) + f"\nprofiling:\n  pids: *l{levels - 1}\n"
 
 
 def test_a_config_whose_aliases_expand_past_the_limit_is_refused_before_it_is_walked(tmp_path: Path) -> None:
