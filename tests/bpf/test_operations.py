@@ -9,34 +9,14 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.agent import STARTUP_TIMEOUT_S, free_port, start_agent, wait_for_log
+from tests.support.agent import STARTUP_TIMEOUT_S, free_port, get, series, start_agent, wait_for_log
 
 pytestmark = pytest.mark.bpf
-
-
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-
-
-def series(text: str, name: str, **labels: str) -> float:
-    """The value of one sample of a Prometheus text exposition."""
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        if all(f'{key}="{value}"' in line for key, value in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"no {name} {labels} in:\n{text}")
 
 
 @pytest.fixture

@@ -9,86 +9,29 @@ request the first one left before its own.
 
 from __future__ import annotations
 
+import os
 import signal
-import socket
-import threading
 import time
-from concurrent import futures
 from pathlib import Path
-from typing import Any
 
-import grpc
 import pytest
-from opentelemetry.proto.collector.profiles.v1development import profiles_service_pb2, profiles_service_pb2_grpc
 
-from tests.support.agent import STARTUP_TIMEOUT_S, start_agent, wait_for_log
+from tests.support.agent import STARTUP_TIMEOUT_S, free_port, get, series, start_agent, wait_for_log
+from tests.support.otlp_backends import BlackHole, otlp_env, start_receiver, wait_until
 
 pytestmark = pytest.mark.bpf
 
 EXIT_BOUND_S = 5.0  # the acceptance: whatever the backend does
 
 
-class BlackHole:
-    """Accepts connections and never answers."""
-
-    def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.connections: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                self.connections.append(self.listener.accept()[0])
-            except OSError:
-                return
-
-    def close(self) -> None:
-        self.listener.close()
-        for connection in self.connections:
-            connection.close()
-
-
-class Receiver(profiles_service_pb2_grpc.ProfilesServiceServicer):
-    def __init__(self) -> None:
-        self.starts: list[int] = []  # each request's first profile start, in arrival order
-        self.lock = threading.Lock()
-
-    def Export(self, request: Any, context: Any) -> Any:  # the gRPC method name
-        start = min(
-            (p.time_unix_nano for r in request.resource_profiles for s in r.scope_profiles for p in s.profiles),
-            default=0,
-        )
-        with self.lock:
-            self.starts.append(start)
-        return profiles_service_pb2.ExportProfilesServiceResponse()
-
-
-def _otlp_env(port: int, spool: Path) -> dict[str, str]:
-    return {
-        "PROFILING_AGENT_EXPORT_OTLP_ENDPOINT": f"127.0.0.1:{port}",
-        "PROFILING_AGENT_EXPORT_OTLP_INSECURE": "true",
-        "PROFILING_AGENT_EXPORT_OTLP_SPOOL_DIR": str(spool),
-        "PROFILING_AGENT_EXPORT_FILES_ENABLED": "false",
-    }
-
-
-def _wait(condition: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
-
-
 def test_sigterm_with_a_black_hole_backend_exits_in_5_s_and_the_next_start_delivers(tmp_path: Path) -> None:
     spool = tmp_path / "spool"
     hole = BlackHole()
     log = tmp_path / "first.log"
-    agent = start_agent(None, "--interval", "1", log_path=log, env=_otlp_env(hole.port, spool))
+    agent = start_agent(None, "--interval", "1", log_path=log, env=otlp_env(hole.port, spool))
     try:
         wait_for_log(log, "profiling started", STARTUP_TIMEOUT_S, agent)
-        _wait(lambda: len(list(spool.glob("*.otlp"))) >= 3, 60, "three intervals spooled")
+        wait_until(lambda: len(list(spool.glob("*.otlp"))) >= 3, 60, "three intervals spooled")
         assert hole.connections, "the agent never connected to the black hole"
         agent.send_signal(signal.SIGTERM)
         started = time.monotonic()
@@ -104,17 +47,13 @@ def test_sigterm_with_a_black_hole_backend_exits_in_5_s_and_the_next_start_deliv
     left = sorted(spool.glob("*.otlp"))
     assert len(left) >= 3, "the undelivered requests stay in the spool"
 
-    receiver = Receiver()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    profiles_service_pb2_grpc.add_ProfilesServiceServicer_to_server(receiver, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
+    server, receiver, port = start_receiver()
     log = tmp_path / "second.log"
-    agent = start_agent(None, "--interval", "1", log_path=log, env=_otlp_env(port, spool))
+    agent = start_agent(None, "--interval", "1", log_path=log, env=otlp_env(port, spool))
     try:
         wait_for_log(log, "profiling started", STARTUP_TIMEOUT_S, agent)
         # The spool's requests go first, in order, then the new agent's own.
-        _wait(lambda: len(receiver.starts) > len(left), 60, "the left requests and one new one delivered")
+        wait_until(lambda: len(receiver.starts) > len(left), 60, "the left requests and one new one delivered")
     finally:
         agent.send_signal(signal.SIGTERM)
         agent.wait(timeout=60)
@@ -124,3 +63,48 @@ def test_sigterm_with_a_black_hole_backend_exits_in_5_s_and_the_next_start_deliv
     with receiver.lock:
         starts = list(receiver.starts)
     assert starts[: len(left)] == sorted(starts[: len(left)]) and starts[len(left)] >= starts[len(left) - 1]
+
+
+def test_a_resetting_backend_keeps_everything_spooled_and_a_corrupt_spool_file_is_dropped(tmp_path: Path) -> None:
+    """A receiver that resets every connection: nothing is delivered, nothing lost (all stays spooled,
+    retried). Then two spool files are corrupted (random bytes, a truncation) before the next start:
+    they are dropped and counted, and every other request is delivered, in order."""
+    spool = tmp_path / "spool"
+    resetter = BlackHole(reset=True)
+    log = tmp_path / "first.log"
+    agent = start_agent(None, "--interval", "1", log_path=log, env=otlp_env(resetter.port, spool))
+    try:
+        wait_for_log(log, "profiling started", STARTUP_TIMEOUT_S, agent)
+        wait_until(lambda: len(list(spool.glob("*.otlp"))) >= 4, 60, "four intervals spooled")
+        wait_until(lambda: resetter.resets >= 2, 60, "the agent retried against the resetting backend")
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(timeout=60)
+        resetter.close()
+    assert agent.returncode == 0, log.read_text()
+    files = sorted(spool.glob("*.otlp"))
+    assert len(files) >= 4
+    files[0].write_bytes(os.urandom(files[0].stat().st_size))  # random bytes
+    with open(files[1], "r+b") as f:  # cut in the middle of its payload
+        f.truncate(files[1].stat().st_size // 2)
+    good = files[2:]
+
+    server, receiver, port = start_receiver()
+    log = tmp_path / "second.log"
+    metrics_port = free_port()
+    env = {**otlp_env(port, spool), "PROFILING_AGENT_METRICS_ADDRESS": f"127.0.0.1:{metrics_port}"}
+    agent = start_agent(None, "--interval", "1", log_path=log, env=env)
+    try:
+        wait_for_log(log, "profiling started", STARTUP_TIMEOUT_S, agent)
+        wait_until(lambda: len(receiver.starts) > len(good), 60, "the good requests and one new one delivered")
+        _, metrics = get(f"http://127.0.0.1:{metrics_port}/metrics")
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(timeout=60)
+        server.stop(0)
+    assert agent.returncode == 0, log.read_text()
+    assert not any(path.exists() for path in files), "corrupt files dropped, good ones delivered"
+    assert series(metrics, "profiling_agent_export_otlp_dropped_batches_total", reason="corrupt") == 2
+    with receiver.lock:
+        starts = list(receiver.starts)
+    assert starts[: len(good)] == sorted(starts[: len(good)])

@@ -6,6 +6,8 @@ import os
 import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 AGENT = [sys.executable, "-m", "agent"]
@@ -56,3 +58,21 @@ def wait_for_log(log_path: Path, text: str, timeout: float, proc: subprocess.Pop
             raise AssertionError(f"agent exited with {proc.returncode}:\n{log_path.read_text(errors='replace')}")
         time.sleep(0.1)
     raise AssertionError(f"agent did not log {text!r} within {timeout} s:\n{log_path.read_text(errors='replace')}")
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def series(text: str, name: str, **labels: str) -> float:
+    """The value of one sample of a Prometheus text exposition."""
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{key}="{value}"' in line for key, value in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {name} {labels} in:\n{text}")
