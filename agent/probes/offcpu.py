@@ -184,6 +184,11 @@ class OffCpuProbe(BpfProbe):
     def loss_labels(self) -> tuple[str, ...]:
         return (*super().loss_labels(), *LOST_COUNTERS)
 
+    def refresh(self) -> None:
+        """Read the in-kernel loss counters every adjustment too, not only at interval ends: the adaptive
+        sampler counts them as demand (`agent.sampling.adaptive`) and must see evictions within a tick."""
+        self.drain()
+
     def drain(self) -> None:
         if self._bpf is None:
             return

@@ -25,6 +25,7 @@ CEILING = 1 << 40
 
 class ReceivedStats(Protocol):
     received: int
+    lost: dict[str, int]  # records the kernel could not hand over, by perf buffer or in-kernel counter
 
 
 class AdaptiveProbe(Protocol):
@@ -42,6 +43,15 @@ class AdaptiveProbe(Protocol):
     def sampling_floor(self) -> int: ...
 
     def set_sampling(self, value: int) -> None: ...
+
+
+def _offered(probe: AdaptiveProbe) -> int:
+    """Events the probe's stream produced: received, plus lost (a full perf buffer, an off-CPU stack
+    evicted from its map). The losses count as demand: at 2,000 threads blocked at once, 622,651
+    blocks went only to `stacks_evicted` while the sampler, seeing few events arrive, stayed at 1-in-1;
+    a coarser parameter is what keeps fewer stacks in the map and fewer records in the buffer."""
+    stats = probe.stats
+    return stats.received + sum(stats.lost.values())
 
 
 def _process_cpu_seconds() -> float:
@@ -71,7 +81,7 @@ class AdaptiveSampler:
         }
         self._last_time = clock()
         self._last_cpu = cpu_seconds()
-        self._last_received = {probe.name: probe.stats.received for probe in self._probes}
+        self._last_received = {probe.name: _offered(probe) for probe in self._probes}
         for probe in self._probes:
             probe.set_sampling(probe.sampling_floor())
 
@@ -82,9 +92,9 @@ class AdaptiveSampler:
             return
         events = {}
         for probe in self._probes:
-            received = probe.stats.received
-            events[probe.name] = received - self._last_received[probe.name]
-            self._last_received[probe.name] = received
+            offered = _offered(probe)
+            events[probe.name] = offered - self._last_received[probe.name]
+            self._last_received[probe.name] = offered
         scale = self.governor.update(cpu - self._last_cpu, elapsed, sum(events.values()) / elapsed)
         self._last_time, self._last_cpu = now, cpu
         for probe in self._probes:

@@ -125,6 +125,7 @@ def test_keeps_all_while_every_probability_is_one() -> None:
 @dataclass
 class Stats:
     received: int = 0
+    lost: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -166,6 +167,24 @@ def test_adaptive_sampler_steers_probes_and_sets_keep_probabilities() -> None:
     assert keep_probabilities[0] == pytest.approx(1 / 8)
     assert keep_probabilities[-1] == 1.0
     assert "cpu" not in sampler.controllers
+
+
+def test_losses_count_as_demand() -> None:
+    """2,000 threads blocked at once: most blocks lose their stacks in the kernel (evicted from the map)
+    and few arrive. Seen: the sampler stayed at 1-in-1. Received plus lost is the stream's real rate."""
+    clock = [0.0]
+    probe = FakeProbe("offcpu", floor=1, raw_rate=40_000)
+    keep = KeepSampler(random.Random(3))
+    config = SamplingConfig(max_events_per_s=2000, cpu_budget_percent=1.0, adjust_interval_s=1.0)
+    sampler = AdaptiveSampler(config, [probe], keep, cpu_seconds=lambda: 0.0, clock=lambda: clock[0])
+    for _ in range(4):
+        sampled = round(probe.raw_rate / probe.settings[-1])
+        room = 1500  # what the map lets through per second; the rest is evicted
+        probe.stats.received += min(sampled, room)
+        probe.stats.lost["stacks_evicted"] = probe.stats.lost.get("stacks_evicted", 0) + max(0, sampled - room)
+        clock[0] += 1.0
+        sampler.tick()
+    assert probe.settings[-1] == 20  # 40,000/s down to the 2,000/s budget, although only 1,500/s arrived at first
 
 
 def test_adaptive_sampler_lowers_budgets_when_the_agent_uses_too_much_cpu() -> None:

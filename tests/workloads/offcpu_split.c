@@ -93,10 +93,13 @@ struct block {
     int preempted;
 };
 
+#define MAX_THREADS 4096 /* a thousands-of-threads host, e.g. #17's 2,000 blocked at once */
+#define THREAD_STACK (256 * 1024)
+
 static struct kept {
     struct block *blocks;
     long n, room;
-} kept_by[64];
+} kept_by[MAX_THREADS];
 
 /* This thread's involuntary context switches so far (0 when no durations are kept: no extra syscalls). */
 static long preemptions(void)
@@ -157,6 +160,10 @@ int main(int argc, char **argv)
 {
     seconds = argc > 1 ? atof(argv[1]) : 3;
     int threads = argc > 2 ? atoi(argv[2]) : 2;
+    if (threads < 1 || threads > MAX_THREADS) {
+        fprintf(stderr, "offcpu_split: THREADS must be 1 to %d, not %d\n", MAX_THREADS, threads);
+        return 2;
+    }
     slice_ns = (argc > 3 ? atol(argv[3]) : 4000) * 1000L;
     if (argc > 4 && !strcmp(argv[4], "gate")) {
         char go;
@@ -168,13 +175,19 @@ int main(int argc, char **argv)
         perror(path);
         return 1;
     }
-    pthread_t ids[64];
-    for (int i = 1; i < threads && i < 64; i++)
-        pthread_create(&ids[i], 0, worker, &kept_by[i]);
+    static pthread_t ids[MAX_THREADS];
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, THREAD_STACK);
+    for (int i = 1; i < threads; i++)
+        if (pthread_create(&ids[i], &attr, worker, &kept_by[i])) {
+            fprintf(stderr, "offcpu_split: cannot create thread %d\n", i);
+            return 1;
+        }
     worker(&kept_by[0]);
-    for (int i = 1; i < threads && i < 64; i++)
+    for (int i = 1; i < threads; i++)
         pthread_join(ids[i], 0);
-    for (int i = 0; durations && i < threads && i < 64; i++)
+    for (int i = 0; durations && i < threads; i++)
         for (long j = 0; j < kept_by[i].n; j++) {
             struct block *block = &kept_by[i].blocks[j];
             fprintf(durations, "%c %ld %d\n", block->function, block->ns, block->preempted);
