@@ -168,7 +168,8 @@ class OtlpConfig:
                 raise ConfigError(KEY_PREFIX + "ca_file", detail) from e
         if self.cert_file:
             try:
-                context.load_cert_chain(self.cert_file, self.key_file)
+                # An encrypted key would make OpenSSL prompt on the terminal; gRPC takes none anyway.
+                context.load_cert_chain(self.cert_file, self.key_file, password=lambda: b"")
             except ssl.SSLError as e:
                 detail = f"{self.cert_file!r} and {self.key_file!r} are not a PEM certificate and its key: {e}"
                 raise ConfigError(KEY_PREFIX + "cert_file", detail) from e
