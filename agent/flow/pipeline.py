@@ -60,7 +60,7 @@ class ProcessObserver(Protocol):
 
     def observe_process(self, pid: int) -> None: ...
 
-    def on_exec(self, pid: int) -> None: ...
+    def on_exec(self, pid: int, ended_ns: int = 0) -> None: ...
 
 
 class ProcessSelectorLike(Protocol):
@@ -166,7 +166,9 @@ class Pipeline:
             self._selector.forget(event.pid)
         if self._unwinder is not None:
             self._unwinder.forget(event.pid)
-        self._processes.on_exec(event.pid)
+        # The older image ended by this event: its samples, which may still be on their way, are named
+        # from it (the registry keeps it, with this time).
+        self._processes.on_exec(event.pid, event.timestamp_ns)
         if self._python is not None:
             self._python.on_exec(event.pid, exec_=event.kind is ProcessEventKind.EXEC)
         if event.kind is ProcessEventKind.NEW and (self._selector is None or self._selector.admits(event.pid)):

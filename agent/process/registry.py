@@ -9,8 +9,10 @@ at the same moment, while the process is alive. The daemon makes one registry: t
 about new processes and execs, the unwind stage reads its snapshots once a process has gone, and the
 symbolize stage names frames from them.
 
-`on_exec` retires a snapshot rather than dropping it: until the next capture of the pid succeeds,
-and for at most two ended intervals, it stands in for the process. A process whose capture fails (it
+`on_exec` retires a snapshot rather than dropping it, with the time the exec ended its image: for at
+most two ended intervals (and `_RETIRED_IMAGES` per pid) `retired_at` names the samples taken before
+that time from it, the image they ran in, and until the next capture of the pid succeeds it stands in
+for the process. A process whose capture fails (it
 has gone) or finds it exiting (no mappings and no exe: its memory is already torn down) gets its
 retired, or current, snapshot back, so the samples it left in the interval are still symbolized. This
 matters because a multi-threaded process is announced again when its main thread exits before the
@@ -67,6 +69,13 @@ class _Tracked:
 # A retired snapshot is kept through two ended intervals: the one being symbolized when it was retired,
 # and the one holding the samples taken before the exec.
 _RETIRED_INTERVALS = 2
+_RETIRED_IMAGES = 8  # per pid: a process that execs every 25 ms goes through a few per interval
+
+
+class _Retired(NamedTuple):
+    tracked: _Tracked
+    generation: int  # the registry generation it was retired in
+    ended_ns: int  # CLOCK_MONOTONIC of the exec that ended the image; 0 when not known
 
 
 def _exiting(maps: ProcessMaps) -> bool:
@@ -97,7 +106,11 @@ class ProcessRegistry:
         self._ttl = ttl_intervals
         self._lock = threading.Lock()
         self._tracked: dict[int, _Tracked] = {}
-        self._retired: dict[int, tuple[_Tracked, int]] = {}  # retired snapshots, with the generation then
+        # Retired images per pid, oldest first: each with the generation it was retired in and the
+        # CLOCK_MONOTONIC time its image ended (the exec), so that samples from before an exec are named
+        # from the image they ran in (`maps_at`).
+        self._retired: dict[int, list[_Retired]] = {}
+        self._forgotten: dict[int, int] = {}  # pid -> end of the newest image dropped past _RETIRED_IMAGES
         self._generation = 0
         self._observers: list[Callable[[int], None]] = []
 
@@ -113,13 +126,33 @@ class ProcessRegistry:
             for observer in self._observers:
                 observer(pid)
 
-    def on_exec(self, pid: int) -> None:
-        """Retire the pid's snapshot: exec replaced its image, the next observation recaptures it (see
-        the module docstring for why it is retired rather than dropped)."""
+    def on_exec(self, pid: int, ended_ns: int = 0) -> None:
+        """Retire the pid's snapshot: exec replaced its image (at `ended_ns`, CLOCK_MONOTONIC, when
+        known), the next observation recaptures it (see the module docstring for why it is retired
+        rather than dropped)."""
         with self._lock:
             tracked = self._tracked.pop(pid, None)
             if tracked is not None:
-                self._retired[pid] = (tracked, self._generation)
+                images = self._retired.setdefault(pid, [])
+                images.append(_Retired(tracked, self._generation, ended_ns))
+                for dropped in images[:-_RETIRED_IMAGES]:  # samples from before it have no image now
+                    self._forgotten[pid] = max(self._forgotten.get(pid, 0), dropped.ended_ns)
+                del images[:-_RETIRED_IMAGES]
+
+    def retired_at(self, pid: int, mono_ns: int) -> ProcessMaps | None:
+        """The snapshot of a retired image the pid was running at `mono_ns` (an exec ended it after that
+        time); None when it ran the current image then. Seen without this: the samples a process took
+        before an exec named after the new image's functions, or not at all."""
+        with self._lock:
+            for image in self._retired.get(pid, ()):
+                if image.ended_ns and mono_ns < image.ended_ns:
+                    return image.tracked.maps
+            return None
+
+    def forgotten(self, pid: int, mono_ns: int) -> bool:
+        """The pid's image at `mono_ns` was dropped (past _RETIRED_IMAGES execs since): unknown."""
+        with self._lock:
+            return mono_ns < self._forgotten.get(pid, 0)
 
     def observe(self, pid: int) -> ProcessMaps | None:
         """The pid's snapshot, captured now if there is none (a retired one if it cannot); None if neither."""
@@ -157,7 +190,13 @@ class ProcessRegistry:
         labels = self._metadata.read(pid)
         with self._lock:
             self._tracked[pid] = _Tracked(maps, labels, self._generation)
-            self._retired.pop(pid, None)
+            # Retired images stay for the samples from before their exec; one whose end is unknown
+            # names nothing the new snapshot does not.
+            images = self._retired.get(pid)
+            if images is not None:
+                images[:] = [image for image in images if image.ended_ns]
+                if not images:
+                    del self._retired[pid]
             self.stats.captured += 1
         return maps
 
@@ -178,13 +217,16 @@ class ProcessRegistry:
 
     def _restore(self, pid: int) -> None:
         """Bring back the pid's retired snapshot when it has no current one (the lock is held)."""
-        retired = self._retired.pop(pid, None)
-        if retired is not None and pid not in self._tracked:
-            self._tracked[pid] = retired[0]
+        images = self._retired.get(pid)
+        if images and pid not in self._tracked:
+            self._tracked[pid] = images.pop().tracked
+            if not images:
+                del self._retired[pid]
 
     def _has_mappings(self, pid: int) -> bool:
         with self._lock:
-            tracked = self._tracked.get(pid) or self._retired.get(pid, (None, 0))[0]
+            images = self._retired.get(pid)
+            tracked = self._tracked.get(pid) or (images[-1].tracked if images else None)
             return tracked is not None and bool(tracked.maps.mappings)
 
     def get(self, pid: int) -> ProcessMaps | None:
@@ -215,8 +257,11 @@ class ProcessRegistry:
             for pid in expired:
                 del self._tracked[pid]
             self.stats.expired += len(expired)
-            for pid in [pid for pid, (_, gen) in self._retired.items() if self._generation - gen >= _RETIRED_INTERVALS]:
-                del self._retired[pid]
+            for pid, images in list(self._retired.items()):
+                images[:] = [i for i in images if self._generation - i.generation < _RETIRED_INTERVALS]
+                if not images:
+                    del self._retired[pid]
+                    self._forgotten.pop(pid, None)
 
     def sizes(self) -> dict[str, int]:
         """Current entry counts (snapshots, and the label cache they read through), for the metrics stage."""

@@ -54,7 +54,7 @@ _KERNEL_MEMO_ENTRIES = 100_000
 class _CallState:
     """Memos of one `symbolize` call: identical stacks are symbolized once (see also the lasting memos)."""
 
-    user: dict[tuple[int, Stack], StackFrames] = field(default_factory=dict)  # stacks not kept across calls
+    user: dict[tuple[int, int, Stack], StackFrames] = field(default_factory=dict)  # stacks not kept across calls
     maps: dict[int, ProcessMaps | None] = field(default_factory=dict)  # None: could not be captured
     refreshed: set[int] = field(default_factory=set)
     kernel_checked: bool = False  # whether the kallsyms table was checked for a reload in this call
@@ -136,7 +136,8 @@ class Symbolizer:
     def _sample(self, agg: AggregatedSample, offset: int, state: _CallState) -> Sample:
         key = agg.key
         kernel = self._kernel_frames(key.kernel, state)
-        user = self._user_frames(key.pid, key.user, state)
+        first = agg.timestamps_mono_ns[0] if agg.timestamps_mono_ns else 0
+        user = self._user_frames(key.pid, key.user, state, first)
         user_frames = user.frames
         if key.python.status:  # InterpreterStatus.NONE is 0: not a walked Python process
             user_frames = self.python.merge(key.pid, key.user, user.frames, key.python, state.python)
@@ -184,27 +185,37 @@ class Symbolizer:
     def _kernel_memo_entries(self) -> int:
         return len(self._kernel_stacks) + len(self._kernel_frames_memo)
 
-    def _user_frames(self, pid: int, stack: Stack, state: _CallState) -> StackFrames:
+    def _user_frames(self, pid: int, stack: Stack, state: _CallState, when: int) -> StackFrames:
+        """`when`: the sample's first event (CLOCK_MONOTONIC), which picks the image it ran in: one an exec
+        has retired since, or the current one (0: the current one)."""
         if stack.status not in _FRAMES_BY_STATUS or not stack.addresses:
             return _marker_only(stack, "user")
-        maps = self._maps(pid, state)
+        retired = self.processes.retired_at(pid, when) if when else None
+        if retired is not None:
+            maps: ProcessMaps | None = retired  # the process has another image now: never refreshed
+        elif when and self.processes.forgotten(pid, when):
+            maps = None  # too many execs since: unnamed rather than named from another image
+        else:
+            maps = self._maps(pid, state)
+        image = id(retired) if retired is not None else 0
         # A stack remembered for this very snapshot lies inside its mappings: it needs no refresh check.
         result = self._native.stack_memo(maps).get(stack) if maps is not None else None
         if result is None:
-            result = state.user.get((pid, stack))
+            result = state.user.get((pid, image, stack))
         if result is None:
             addresses = pprof_addresses(stack.addresses)
             stable = False
             if maps is None:
                 frames = [Frame(FrameKind.NATIVE, address, "", None) for address in addresses]
             else:
-                maps = self._covering(pid, maps, addresses, state)
+                if retired is None:
+                    maps = self._covering(pid, maps, addresses, state)
                 frames, stable = self._native.frames(maps, addresses)
             result = _finish(frames, stack, "user")
             if maps is not None and stable:
                 self._native.stack_memo(maps)[stack] = result
             else:
-                state.user[(pid, stack)] = result
+                state.user[(pid, image, stack)] = result
         return result
 
     def _maps(self, pid: int, state: _CallState) -> ProcessMaps | None:

@@ -220,7 +220,7 @@ class RecordingObserver:
     def observe_process(self, pid: int) -> None:
         self.observed.append(pid)
 
-    def on_exec(self, pid: int) -> None:
+    def on_exec(self, pid: int, ended_ns: int = 0) -> None:
         self.execs.append(pid)
 
 

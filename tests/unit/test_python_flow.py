@@ -124,7 +124,7 @@ class Observer:
     def observe_process(self, pid: int) -> None:
         pass
 
-    def on_exec(self, pid: int) -> None:
+    def on_exec(self, pid: int, ended_ns: int = 0) -> None:
         pass
 
 

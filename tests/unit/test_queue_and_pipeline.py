@@ -153,7 +153,7 @@ class RecordingObserver:
     def observe_process(self, pid: int) -> None:
         self.calls.append(("observe_process", pid))
 
-    def on_exec(self, pid: int) -> None:
+    def on_exec(self, pid: int, ended_ns: int = 0) -> None:
         self.calls.append(("on_exec", pid))
 
 

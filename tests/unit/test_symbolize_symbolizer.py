@@ -164,6 +164,40 @@ def test_a_deleted_binary_is_named_through_map_files(
     assert frames[0].mapping.path == f"{gone} (deleted)"  # what maps says: the user sees it was deleted
 
 
+def test_samples_from_before_an_exec_are_named_from_the_image_they_ran_in(
+    symbolize_binaries: dict[str, Path],
+    maps_for: MapsFor,
+    add_fake_process: AddFakeProcess,
+    fake_proc: Path,
+    nm_functions: NmFunctions,
+) -> None:
+    """#17: a process ran the PIE binary, then exec'd the non-PIE one; the interval holds samples of
+    both. Seen: the earlier ones named from the new image (wrong names), or unnamed. Each is named from
+    the image it ran in, picked by its first timestamp against the exec's."""
+    pie, nopie = symbolize_binaries["pie"], symbolize_binaries["nopie"]
+    pid_dir = add_fake_process(102, maps_for(pie, PIE_BASE), comm="before")
+    registry = ProcessRegistry(fake_proc)
+    symbolizer = Symbolizer(registry)
+    registry.observe_process(102)
+    exec_ns = 5_000
+    registry.on_exec(102, exec_ns)  # as the pipeline does on the EXEC event, with its timestamp
+    (pid_dir / "maps").write_text("".join(line + "\n" for line in maps_for(nopie, 0)))
+    registry.observe_process(102)
+    pie_nm, nopie_nm = nm_functions(pie), nm_functions(nopie)
+    before = AggregatedSample(
+        SampleKey(102, 102, 0, EMPTY_STACK, user_stack(PIE_BASE + pie_nm["leaf_a"][0] + 4)), "before", (1,), (4_000,)
+    )
+    after = AggregatedSample(
+        SampleKey(102, 102, 0, EMPTY_STACK, user_stack(nopie_nm["outer_c"][0] + 4)), "after", (1,), (6_000,)
+    )
+    profile = symbolizer.symbolize(interval(before, after))
+    assert [functions(profile, i) for i in range(2)] == [["leaf_a"], ["outer_c"]]
+    assert profile.samples[0].frames[0].mapping is not None
+    assert profile.samples[0].frames[0].mapping.path == str(pie)
+    assert profile.samples[1].frames[0].mapping is not None
+    assert profile.samples[1].frames[0].mapping.path == str(nopie)
+
+
 def test_hidden_kallsyms_keeps_kernel_addresses_unnamed(fake_proc: Path) -> None:
     (fake_proc / "kallsyms").write_text(re.sub(r"^ffffffff[0-9a-f]+", "0" * 16, KALLSYMS, flags=re.MULTILINE))
     symbolizer = Symbolizer(ProcessRegistry(fake_proc))
