@@ -145,8 +145,12 @@ def test_fifty_threads_are_each_named(lifecycle: Lifecycle) -> None:
 
 
 def test_process_in_its_own_pid_namespace_is_named(lifecycle: Lifecycle) -> None:
+    """Counted over its walked samples, as the exiting processes are: its inspection reads its
+    interpreter through /proc/PID/root, a file the agent has not parsed yet, and beside a CPU hog that
+    took long enough for 25 of 79 samples (0.25 CPU seconds) to be taken before it was enabled, which
+    are native-only by design (seen: 0.68 named against a truth of 0.9 over all samples)."""
     workload = lifecycle.workloads["container"]
-    assert_named(lifecycle, "container", "Steady.step", lifecycle.truths["container"]["cpu_s"])
+    assert_walked_named(lifecycle, "container", "Steady.step")
     # Its own pid (1: `unshare -f` forks it as the namespace's init) differs from the host's, by which
     # the agent reads its memory: the samples are labelled with the host's pid.
     assert lifecycle.truths["container"]["pid"] != workload.pid
@@ -156,6 +160,19 @@ def walked(sample: FrameSample) -> bool:
     """The BPF program walked the sample's Python frames: it has one, named or not. A sample taken
     before the process was enabled has the eval loop's native frames instead."""
     return any(frame.python or frame.name == UNKNOWN_CODE for frame in sample.frames)
+
+
+def assert_walked_named(run: Lifecycle, kind: str, qualname: str) -> None:
+    """`kind`'s walked samples name `qualname` at least as often as the workload measured its CPU there
+    (less 4 binomial standard errors), and they are at least half of its samples."""
+    workload = run.workloads[kind]
+    samples = run.samples(kind)
+    count, mine = weight(samples), [sample for sample in samples if walked(sample)]
+    assert weight(mine) >= 0.5 * count, (kind, weight(mine), count)
+    named = inclusive(mine, run.interpreter.display_name(qualname), workload.filename) / weight(mine)
+    true_share = measured_share(run, kind, run.truths[kind]["cpu_s"])
+    unknown = sum(sample.values[0] for sample in mine if any(f.name == UNKNOWN_CODE for f in sample.frames))
+    assert named >= true_share - binomial_tolerance(true_share, weight(mine)), (kind, named, true_share, unknown)
 
 
 def assert_named_to_the_end(run: Lifecycle, kind: str) -> None:
@@ -170,14 +187,7 @@ def assert_named_to_the_end(run: Lifecycle, kind: str) -> None:
     measured there, less 4 binomial standard errors; an unread code object is `[unknown python code]`
     and does not count. The walked samples must also be most of them (half, here: the process burns
     1 or 0.5 CPU seconds, and enabling takes a fraction of that), or the first check says little."""
-    workload = run.workloads[kind]
-    samples = run.samples(kind)
-    count, mine = weight(samples), [sample for sample in samples if walked(sample)]
-    assert weight(mine) >= 0.5 * count, (kind, weight(mine), count)
-    named = inclusive(mine, run.interpreter.display_name("burn_until_exit"), workload.filename) / weight(mine)
-    true_share = measured_share(run, kind, run.truths[kind]["cpu_s"])
-    unknown = sum(sample.values[0] for sample in mine if any(f.name == UNKNOWN_CODE for f in sample.frames))
-    assert named >= true_share - binomial_tolerance(true_share, weight(mine)), (kind, named, true_share, unknown)
+    assert_walked_named(run, kind, "burn_until_exit")
 
 
 def test_process_exiting_right_after_its_last_sample_keeps_its_names(lifecycle: Lifecycle) -> None:
