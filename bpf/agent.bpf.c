@@ -50,10 +50,14 @@ BPF_TABLE("lru_hash", u32, u8, known_pids, KNOWN_PIDS_ENTRIES); /* processes alr
 BPF_HASH(pid_filter, u32, u8, 4096);                            /* used only when FILTER_PIDS */
 BPF_PERF_OUTPUT(proc_events);
 
-/* The first record of a process (from any profiler) announces it, once until it execs or exits. */
-static __always_inline void announce_process(void *ctx, u32 pid, u64 now)
+/* The first record of a process (from any profiler) announces it, once until it execs or exits. A
+ * record of an exiting task (SAMPLE_FLAG_EXITING: the rest of do_exit, after sched_process_exit has
+ * forgotten the pid) announces nothing: the process is going, and it would be announced twice. */
+static __always_inline void announce_process(void *ctx, u32 pid, u64 now, u32 flags)
 {
     u8 one = 1;
+    if (flags & (SAMPLE_FLAG_KERNEL_THREAD | SAMPLE_FLAG_EXITING))
+        return;
     if (known_pids.lookup(&pid))
         return;
     known_pids.update(&pid, &one);
@@ -80,7 +84,9 @@ static __always_inline void fill_task(struct stack_event *e, u64 id, u64 now)
     e->tid = (u32)id;
     e->cpu = bpf_get_smp_processor_id();
     struct task_struct *task = (struct task_struct *)bpf_get_current_task();
-    e->flags = (task->flags & PF_KTHREAD) ? SAMPLE_FLAG_KERNEL_THREAD : 0;
+    unsigned int task_flags = task->flags;
+    e->flags = (task_flags & PF_KTHREAD) ? SAMPLE_FLAG_KERNEL_THREAD : 0;
+    e->flags |= (task_flags & PF_EXITING) ? SAMPLE_FLAG_EXITING : 0;
     bpf_get_current_comm(&e->comm, sizeof(e->comm));
 }
 
@@ -346,8 +352,7 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
     walk_python(ctx, e);
     copy_current_user_stack(r, CPU_STACK_BYTES); /* after the frames: see stack_copy_offset */
     cpu_samples.perf_submit(ctx, r, record_size(e, CPU_STACK_BYTES));
-    if (!(e->flags & SAMPLE_FLAG_KERNEL_THREAD))
-        announce_process(ctx, pid, e->timestamp_ns);
+    announce_process(ctx, pid, e->timestamp_ns, e->flags);
     return 0;
 }
 #endif
@@ -464,8 +469,7 @@ static __always_inline u32 offcpu_fill(void *ctx, struct offcpu_record *r, u64 i
 static __always_inline void offcpu_submit(void *ctx, struct offcpu_record *r, u32 size, u64 now)
 {
     offcpu_samples.perf_submit(ctx, r, size);
-    if (!(r->event.flags & SAMPLE_FLAG_KERNEL_THREAD))
-        announce_process(ctx, r->event.pid, now);
+    announce_process(ctx, r->event.pid, now, r->event.flags);
 }
 
 #if !USE_KPROBE
@@ -609,7 +613,7 @@ static __always_inline void send_sample(struct pt_regs *ctx, u32 pid, u32 tid, u
      * the frames (see stack_copy_offset), so the walk comes first. */
     copy_user_stack(r, ALLOC_STACK_BYTES, PT_REGS_IP(ctx), PT_REGS_SP(ctx), PT_REGS_FP(ctx));
     alloc_samples.perf_submit(ctx, r, record_size(e, ALLOC_STACK_BYTES));
-    announce_process(ctx, pid, e->timestamp_ns);
+    announce_process(ctx, pid, e->timestamp_ns, e->flags);
 }
 
 /* Every probe: `outer` for the functions that may call malloc themselves. */

@@ -29,6 +29,7 @@
 #define SAMPLE_FLAG_KERNEL_THREAD 1   /* the task has no user address space: no user stack to walk */
 #define SAMPLE_FLAG_PYTHON_TRUNCATED 2 /* the Python walk stopped at PYTHON_FRAMES with callers left */
 #define SAMPLE_FLAG_PYTHON_NEW_CODE 4  /* the walk met a code object python_codes_seen did not hold */
+#define SAMPLE_FLAG_EXITING 8          /* the task is exiting (PF_EXITING): the rest of do_exit */
 
 /* Python frames (docs/python.md). A profiler walks the sampled thread's CPython frame chain when its
  * process is in `python_procs`, and appends the frames to `ips` after the user frames, two slots each,
