@@ -8,7 +8,6 @@ the leaf, unwound through the same file's frame pointers and CFI).
 from __future__ import annotations
 
 import gzip
-import re
 import subprocess
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 from agent._proto import profile_pb2
 from tests.support.agent import STARTUP_TIMEOUT_S, start_agent, wait_for_log
 from tests.support.profiles import read_all, samples_of
+from tests.support.workloads import compile_c, gnu_build_id
 
 pytestmark = pytest.mark.bpf
 
@@ -39,14 +39,8 @@ int main(int argc, char **argv) {
 
 
 def test_a_binary_deleted_while_it_runs_is_named_with_its_build_id(tmp_path: Path) -> None:
-    (tmp_path / "deleted.c").write_text(SOURCE)
-    binary = tmp_path / "deleted-workload"
-    flags = ("-O0", "-g", "-fno-omit-frame-pointer", "-Wl,--build-id=sha1")
-    subprocess.run(["gcc", *flags, "-o", str(binary), str(tmp_path / "deleted.c")], check=True, timeout=120)
-    notes = subprocess.run(["readelf", "-n", str(binary)], check=True, capture_output=True, text=True).stdout
-    match = re.search(r"Build ID: ([0-9a-f]+)", notes)
-    assert match is not None
-    build_id = match.group(1)
+    binary = compile_c(SOURCE, tmp_path, "deleted-workload", "-O0", "-g")
+    build_id = gnu_build_id(binary)
     out, log = tmp_path / "profiles", tmp_path / "agent.log"
     agent = start_agent(out, "--frequency", "99", "--interval", "1", log_path=log)
     try:

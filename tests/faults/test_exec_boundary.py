@@ -15,6 +15,7 @@ import pytest
 from tests.support.agent import STARTUP_TIMEOUT_S, start_agent, wait_for_log
 from tests.support.profiles import read_all, samples_of
 from tests.support.stats import binomial_tolerance
+from tests.support.workloads import compile_c
 
 pytestmark = pytest.mark.bpf
 
@@ -41,12 +42,7 @@ int main(int argc, char **argv) {
 
 
 def _build(tmp_path: Path, function: str) -> Path:
-    source = tmp_path / f"{function}.c"
-    source.write_text(PROGRAM.replace("FUNCTION", function))
-    binary = tmp_path / function
-    flags = ("-O0", "-no-pie", "-fno-omit-frame-pointer", "-Wl,--build-id=sha1")
-    subprocess.run(["gcc", *flags, "-o", str(binary), str(source)], check=True, timeout=120)
-    return binary
+    return compile_c(PROGRAM.replace("FUNCTION", function), tmp_path, function, "-O0", "-no-pie")
 
 
 def test_samples_before_an_exec_keep_the_old_images_names(tmp_path: Path) -> None:

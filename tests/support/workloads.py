@@ -1,7 +1,9 @@
-"""Compile the C workloads in tests/workloads with frame pointers (Debian's libc has none of its own)."""
+"""Compile the C workloads in tests/workloads with frame pointers (Debian's libc has none of its own), and C
+programs a test writes itself; read a binary's GNU build ID."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -16,3 +18,20 @@ def compile_workload(name: str, out_dir: Path, *extra: str) -> Path:
         check=True,
     )
     return binary
+
+
+def compile_c(source: str, out_dir: Path, name: str, *flags: str) -> Path:
+    """`source` (C text) built as `out_dir/name` with a SHA-1 build ID, frame pointers and `flags`."""
+    (out_dir / f"{name}.c").write_text(source)
+    binary = out_dir / name
+    command = ["gcc", "-fno-omit-frame-pointer", "-Wl,--build-id=sha1", *flags, "-o", str(binary)]
+    subprocess.run([*command, str(out_dir / f"{name}.c")], check=True, timeout=120)
+    return binary
+
+
+def gnu_build_id(path: Path) -> str:
+    """The binary's GNU build ID as readelf prints it."""
+    notes = subprocess.run(["readelf", "-n", str(path)], check=True, capture_output=True, text=True).stdout
+    match = re.search(r"Build ID: ([0-9a-f]+)", notes)
+    assert match is not None, f"{path} has no GNU build ID"
+    return match.group(1)
