@@ -77,7 +77,7 @@ def build_pprof(profile: Profile) -> bytes:
     for mapping in mapping_order(profile):
         builder.add_mapping(mapping)
     for sample in profile.samples:
-        process = profile.processes.get(sample.pid)
+        process = profile.process_of(sample)  # a sample from before an exec: the image it ran in
         # A process whose comm could not be read is still best named by what its thread was called.
         comm = process.comm if process is not None and process.comm else sample.thread_name
         builder.add_sample(sample, comm, process)
@@ -118,7 +118,7 @@ def mapping_order(profile: Profile) -> list[MappingInfo]:
     # process's frames in one mapping).
     seen_by_pid: dict[int, set[int]] = {}
     for sample in profile.samples:
-        process = profile.processes.get(sample.pid)
+        process = profile.process_of(sample)
         exe_path = process.exe_path if process is not None else ""
         seen = seen_by_pid.setdefault(sample.pid, set())
         ids = [*map(id, sample.frames)]  # the profile keeps every frame alive: ids stay unique

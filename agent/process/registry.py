@@ -139,14 +139,15 @@ class ProcessRegistry:
                     self._forgotten[pid] = max(self._forgotten.get(pid, 0), dropped.ended_ns)
                 del images[:-_RETIRED_IMAGES]
 
-    def retired_at(self, pid: int, mono_ns: int) -> ProcessMaps | None:
+    def retired_at(self, pid: int, mono_ns: int) -> Snapshot | None:
         """The snapshot of a retired image the pid was running at `mono_ns` (an exec ended it after that
-        time); None when it ran the current image then. Seen without this: the samples a process took
-        before an exec named after the new image's functions, or not at all."""
+        time), with its comm and exe; None when it ran the current image then. Seen without this: the
+        samples a process took before an exec named after the new image's functions, or not at all, and
+        labelled with the new image's comm."""
         with self._lock:
             for image in self._retired.get(pid, ()):
                 if image.ended_ns and mono_ns < image.ended_ns:
-                    return image.tracked.maps
+                    return Snapshot(image.tracked.maps, image.tracked.labels)
             return None
 
     def forgotten(self, pid: int, mono_ns: int) -> bool:

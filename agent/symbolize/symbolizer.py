@@ -28,8 +28,9 @@ from pathlib import Path
 from types import MappingProxyType
 
 from agent.aggregate.types import AggregatedSample, IntervalProfile
+from agent.metadata.process import ProcessLabels
 from agent.process.maps import ProcessMaps
-from agent.process.registry import ProcessRegistry
+from agent.process.registry import ProcessRegistry, Snapshot
 from agent.symbolize.debuginfo import DEFAULT_DEBUG_ROOTS
 from agent.symbolize.kallsyms import KallsymsCache, KernelSymbols
 from agent.symbolize.markers import NO_STACK, pprof_addresses, status_marker
@@ -59,6 +60,7 @@ class _CallState:
     refreshed: set[int] = field(default_factory=set)
     kernel_checked: bool = False  # whether the kallsyms table was checked for a reload in this call
     python: MergeCall = field(default_factory=MergeCall)
+    retired: dict[int, ProcessInfo] = field(default_factory=dict)  # by id of a retired image's maps
 
 
 _DEFAULTS = SymbolizeConfig()  # the declared defaults of the `symbolize` section
@@ -137,7 +139,9 @@ class Symbolizer:
         key = agg.key
         kernel = self._kernel_frames(key.kernel, state)
         first = agg.timestamps_mono_ns[0] if agg.timestamps_mono_ns else 0
-        user = self._user_frames(key.pid, key.user, state, first)
+        # The image the sample ran in: one an exec has retired since, or the current one.
+        retired = self.processes.retired_at(key.pid, first) if first else None
+        user = self._user_frames(key.pid, key.user, state, first, retired)
         user_frames = user.frames
         if key.python.status:  # InterpreterStatus.NONE is 0: not a walked Python process
             user_frames = self.python.merge(key.pid, key.user, user.frames, key.python, state.python)
@@ -152,7 +156,16 @@ class Symbolizer:
             frames=frames,
             values=agg.values,
             timestamps_unix_ns=tuple(t + offset for t in agg.timestamps_mono_ns),
+            process=self._retired_info(key.pid, retired, state) if retired is not None else None,
         )
+
+    def _retired_info(self, pid: int, retired: Snapshot, state: _CallState) -> ProcessInfo:
+        """The ProcessInfo of a retired image: its own comm and exe, the labels read with it. No runtime:
+        the Python walker's verdict is about the current image."""
+        info = state.retired.get(id(retired.maps))
+        if info is None:
+            info = state.retired[id(retired.maps)] = _process_info(pid, retired.maps, retired.labels, ("", ""))
+        return info
 
     def _kernel_frames(self, stack: Stack, state: _CallState) -> StackFrames:
         if stack.status not in _FRAMES_BY_STATUS or not stack.addresses:
@@ -185,19 +198,20 @@ class Symbolizer:
     def _kernel_memo_entries(self) -> int:
         return len(self._kernel_stacks) + len(self._kernel_frames_memo)
 
-    def _user_frames(self, pid: int, stack: Stack, state: _CallState, when: int) -> StackFrames:
-        """`when`: the sample's first event (CLOCK_MONOTONIC), which picks the image it ran in: one an exec
-        has retired since, or the current one (0: the current one)."""
+    def _user_frames(
+        self, pid: int, stack: Stack, state: _CallState, when: int, retired: Snapshot | None
+    ) -> StackFrames:
+        """`when`: the sample's first event (CLOCK_MONOTONIC; 0: unknown); `retired`: the image an exec
+        has retired since that the sample ran in, or None for the current one."""
         if stack.status not in _FRAMES_BY_STATUS or not stack.addresses:
             return _marker_only(stack, "user")
-        retired = self.processes.retired_at(pid, when) if when else None
         if retired is not None:
-            maps: ProcessMaps | None = retired  # the process has another image now: never refreshed
+            maps: ProcessMaps | None = retired.maps  # the process has another image now: never refreshed
         elif when and self.processes.forgotten(pid, when):
             maps = None  # too many execs since: unnamed rather than named from another image
         else:
             maps = self._maps(pid, state)
-        image = id(retired) if retired is not None else 0
+        image = id(retired.maps) if retired is not None else 0
         # A stack remembered for this very snapshot lies inside its mappings: it needs no refresh check.
         result = self._native.stack_memo(maps).get(stack) if maps is not None else None
         if result is None:
@@ -251,18 +265,14 @@ class Symbolizer:
                 name = main_thread_names.get(pid, "")
                 infos[pid] = ProcessInfo(pid, name, "", runtime_name=runtime_name, runtime_version=runtime_version)
                 continue
-            maps, labels = snapshot
-            infos[pid] = ProcessInfo(
-                pid,
-                maps.comm,
-                maps.exe_path,
-                labels.container_id,
-                labels.pod_uid,
-                labels.systemd_unit,
-                runtime_name,
-                runtime_version,
-            )
+            infos[pid] = _process_info(pid, snapshot.maps, snapshot.labels, (runtime_name, runtime_version))
         return infos
+
+
+def _process_info(pid: int, maps: ProcessMaps, labels: ProcessLabels, runtime: tuple[str, str]) -> ProcessInfo:
+    return ProcessInfo(
+        pid, maps.comm, maps.exe_path, labels.container_id, labels.pod_uid, labels.systemd_unit, *runtime
+    )
 
 
 def _marker_only(stack: Stack, side: str) -> StackFrames:

@@ -98,6 +98,9 @@ class Sample:
     frames: tuple[Frame, ...]  # leaf first: kernel frames, then user frames
     values: tuple[int, ...]  # aligned with ProfileSpec.sample_types
     timestamps_unix_ns: tuple[int, ...]
+    # The process as it was when this sample ran, when an exec has replaced its image since (its comm
+    # and exe were another program's); None: the process is `Profile.processes[pid]`.
+    process: ProcessInfo | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,3 +110,7 @@ class Profile:
     duration_ns: int
     samples: tuple[Sample, ...]
     processes: Mapping[int, ProcessInfo]  # one per pid that appears in `samples`
+
+    def process_of(self, sample: Sample) -> ProcessInfo | None:
+        """What the profile says about the process that took `sample`: the image it ran in."""
+        return sample.process if sample.process is not None else self.processes.get(sample.pid)

@@ -2,7 +2,7 @@
 execs another non-PIE program that burns 2 in `post_exec_only`. Both are linked at 0x400000, so the
 same addresses mean different functions in the two images, and the two phases fall in one reported
 interval. Seen before: the first phase's samples named `post_exec_only` < main (the new image's
-names). Each sample must be named from the image it ran in."""
+names, and the new image's comm). Each sample must be named and labelled from the image it ran in."""
 
 from __future__ import annotations
 
@@ -63,6 +63,10 @@ def test_samples_before_an_exec_keep_the_old_images_names(tmp_path: Path) -> Non
         name: sum(s.values[0] for s in mine if s.functions and s.functions[0] == name)
         for name in ("func_pre_only", "post_exec_only")
     }
+    # Labelled as the program each ran in: the binaries are named after their functions. Before: every
+    # sample had the new image's comm.
+    comms = {(s.functions[0], s.strings.get("comm")) for s in mine if s.functions and s.functions[0] in weight}
+    assert comms == {("func_pre_only", "func_pre_only"), ("post_exec_only", "post_exec_only")}, comms
     named = weight["func_pre_only"] + weight["post_exec_only"]
     # Each phase burns 2 CPU seconds (its thread's clock) in its function: half of the named samples are
     # each one's, within 4 binomial standard errors. Before: {func_pre_only: 0, post_exec_only: 350}.

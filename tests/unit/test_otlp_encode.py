@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.metadata
 import struct
@@ -355,6 +356,23 @@ def test_two_profiles_of_one_process_share_its_resource(tmp_path: Path) -> None:
     )
     (request,) = encode_request([(cpu, b""), (off, b"")], RESOURCE, False)
     assert len(request.resource_profiles) == 1 and len(request.resource_profiles[0].scope_profiles[0].profiles) == 2
+
+
+def test_samples_from_before_an_exec_have_the_old_images_resource(tmp_path: Path) -> None:
+    """#17: pid 7 ran `tool`, then exec'd `app`; the interval holds samples of both images. Each image
+    gets its own resource (executable, service name), as the two programs they were."""
+    tool, app = _binary(tmp_path, "tool"), _binary(tmp_path, "app")
+    earlier = dataclasses.replace(_cpu_sample(7, 7, _frames(tool, "run"), 2), process=ProcessInfo(7, "tool", tool))
+    later = _cpu_sample(7, 7, _frames(app, "main"), 3)
+    profile = Profile(CPU, START, DURATION, (earlier, later), {7: ProcessInfo(7, "app", app)})
+    request = _encode_one(profile)
+    resources = [_resource_attrs(rp) for rp in request.resource_profiles]
+    assert [(r["process.pid"], r["service.name"], r["process.executable.path"]) for r in resources] == [
+        (7, "tool", tool),
+        (7, "app", app),
+    ]
+    counts = [len(rp.scope_profiles[0].profiles[0].samples) for rp in request.resource_profiles]
+    assert counts == [1, 1]
 
 
 def test_large_input_is_split_into_self_contained_requests(tmp_path: Path) -> None:

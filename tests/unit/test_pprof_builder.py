@@ -213,6 +213,21 @@ def test_labels_have_the_right_kinds() -> None:
     assert labels(p.sample[5])["comm"] == ("str", "kworker/1:0")
 
 
+def test_a_sample_from_before_an_exec_is_labelled_as_the_program_it_ran() -> None:
+    """#17: pid 100 ran `worker` until an exec, then `app`. The earlier sample carries the old image's
+    ProcessInfo, and its comm label says so; the later one is the current process's."""
+    old = ProcessInfo(100, "worker", WORKER.path, container_id="c1")
+    earlier = dataclasses.replace(sample(100, 100, 0, "worker", (WORKER_MAIN,), 2), process=old)
+    later = sample(100, 100, 0, "app", (APP_MAIN,), 3)
+    profile = Profile(CPU_SPEC, START_NS, DURATION_NS, (earlier, later), {100: ProcessInfo(100, "app", APP.path)})
+    p = parse(build_pprof(profile))
+    table = strings(p)
+    comms = [next(table[label.str] for label in s.label if table[label.key] == "comm") for s in p.sample]
+    containers = [[table[label.str] for label in s.label if table[label.key] == "container_id"] for s in p.sample]
+    assert comms == ["worker", "app"]
+    assert containers == [["c1"], []]
+
+
 def test_empty_string_labels_are_skipped() -> None:
     nameless = Sample(7, 7, 0, "", (APP_MAIN,), cpu_values(1), ())
     profile = Profile(CPU_SPEC, START_NS, DURATION_NS, (nameless,), {7: ProcessInfo(7, "", "")})

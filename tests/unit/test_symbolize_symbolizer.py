@@ -175,13 +175,16 @@ def test_samples_from_before_an_exec_are_named_from_the_image_they_ran_in(
     both. Seen: the earlier ones named from the new image (wrong names), or unnamed. Each is named from
     the image it ran in, picked by its first timestamp against the exec's."""
     pie, nopie = symbolize_binaries["pie"], symbolize_binaries["nopie"]
-    pid_dir = add_fake_process(102, maps_for(pie, PIE_BASE), comm="before")
+    pid_dir = add_fake_process(102, maps_for(pie, PIE_BASE), comm="before", exe=pie)
     registry = ProcessRegistry(fake_proc)
     symbolizer = Symbolizer(registry)
     registry.observe_process(102)
     exec_ns = 5_000
     registry.on_exec(102, exec_ns)  # as the pipeline does on the EXEC event, with its timestamp
     (pid_dir / "maps").write_text("".join(line + "\n" for line in maps_for(nopie, 0)))
+    (pid_dir / "comm").write_text("after\n")
+    (pid_dir / "exe").unlink()
+    (pid_dir / "exe").symlink_to(nopie)
     registry.observe_process(102)
     pie_nm, nopie_nm = nm_functions(pie), nm_functions(nopie)
     before = AggregatedSample(
@@ -196,6 +199,11 @@ def test_samples_from_before_an_exec_are_named_from_the_image_they_ran_in(
     assert profile.samples[0].frames[0].mapping.path == str(pie)
     assert profile.samples[1].frames[0].mapping is not None
     assert profile.samples[1].frames[0].mapping.path == str(nopie)
+    # And labelled as the program it was: the comm and exe its image had, not the current ones.
+    current, earlier = profile.processes[102], profile.process_of(profile.samples[0])
+    assert (current.comm, current.exe_path) == ("after", str(nopie))
+    assert earlier is not None and (earlier.comm, earlier.exe_path) == ("before", str(pie))
+    assert profile.process_of(profile.samples[1]) is current
 
 
 def test_hidden_kallsyms_keeps_kernel_addresses_unnamed(fake_proc: Path) -> None:

@@ -2,7 +2,8 @@
 
 Pure apart from the htlhash file reads (see `fileid`). For each request:
 * one `ProfilesDictionary` shared by everything in it (`dictionary.DictionaryBuilder`);
-* one `ResourceProfiles` per process (pid), with a single `ScopeProfiles` naming this agent, holding
+* one `ResourceProfiles` per process (pid; per image, when samples from before an exec are in the
+  interval: `Profile.process_of`), with a single `ScopeProfiles` naming this agent, holding
   one OTLP `Profile` per input profile that has samples of that process; its resource carries the
   process, its metadata (`container.id`, `k8s.pod.uid`, `systemd.unit` from `ProcessInfo`) and the
   host (`k8s.node.name` included when set), as `resource.process_resource` documents;
@@ -73,10 +74,12 @@ _Merged = dict[tuple[int, tuple[int, ...]], tuple[int, list[int]]]
 
 @dataclass(frozen=True, slots=True)
 class _Unit:
-    """The samples of one process from one input profile: the unit requests are split by."""
+    """The samples of one process (one image of it: an exec makes another) from one input profile: the
+    unit requests are split by."""
 
     profile: Profile
     pid: int
+    process: ProcessInfo
     samples: tuple[Sample, ...]
     payload: bytes  # pprof bytes to attach, or b""
 
@@ -98,12 +101,14 @@ def encode_request(
     """
     units: list[_Unit] = []
     for profile, pprof in profiles:
-        by_pid: dict[int, list[Sample]] = {}
+        # By process as each sample ran: samples from before an exec have the old image's resource.
+        by_process: dict[ProcessInfo, list[Sample]] = {}
         for sample in profile.samples:
-            by_pid.setdefault(sample.pid, []).append(sample)
+            process = profile.process_of(sample) or ProcessInfo(sample.pid, "", "")
+            by_process.setdefault(process, []).append(sample)
         payload = pprof if include_pprof else b""
-        for pid, samples in by_pid.items():
-            units.append(_Unit(profile, pid, tuple(samples), payload))
+        for process, samples in by_process.items():
+            units.append(_Unit(profile, process.pid, process, tuple(samples), payload))
             payload = b""  # once per input profile
     context = _Context(resource, extra_resource or {}, file_ids or FileIdCache(Counters()), max_request_bytes)
     return _encode_split(units, context)
@@ -136,13 +141,13 @@ def _encode_split(units: list[_Unit], context: _Context) -> list[ExportProfilesS
     if unit.payload and len(unit.payload) >= context.max_request_bytes // 2:
         # The optional pprof copy alone would crowd out the samples: send the samples without it.
         logger.warning("pprof original_payload of %d bytes left out of an OTLP request", len(unit.payload))
-        return _encode_split([_Unit(unit.profile, unit.pid, unit.samples, b"")], context)
+        return _encode_split([_Unit(unit.profile, unit.pid, unit.process, unit.samples, b"")], context)
     if len(unit.samples) == 1:
         logger.warning("OTLP request of one sample is %d bytes, above the %d limit", size, context.max_request_bytes)
         return [request]
     half = len(unit.samples) // 2
-    first = _Unit(unit.profile, unit.pid, unit.samples[:half], unit.payload)
-    second = _Unit(unit.profile, unit.pid, unit.samples[half:], b"")
+    first = _Unit(unit.profile, unit.pid, unit.process, unit.samples[:half], unit.payload)
+    second = _Unit(unit.profile, unit.pid, unit.process, unit.samples[half:], b"")
     return _encode_split([first], context) + _encode_split([second], context)
 
 
@@ -155,7 +160,7 @@ class _RequestEncoder:
         # copies them, and the samples would otherwise be copied three times.
         self._request = ExportProfilesServiceRequest()
         self._dict = DictionaryBuilder(self._request.dictionary)
-        self._resources: dict[int, ScopeProfiles] = {}
+        self._resources: dict[ProcessInfo, ScopeProfiles] = {}
         self._mappings: dict[tuple[int, MappingInfo], int] = {}
         self._locations: dict[tuple[int, Frame], int] = {}
         # Per pid, location index by frame object: the symbolizer shares one object per (process,
@@ -169,7 +174,7 @@ class _RequestEncoder:
         merged = self._merge(unit, mapping)
         if not merged:
             return
-        profile = self._scope(unit.pid, unit.profile).profiles.add()
+        profile = self._scope(unit.process).profiles.add()
         # The value types' strings are interned after the stacks', as they always were.
         self._value_type(profile.sample_type, mapping.sample_type)
         self._value_type(profile.period_type, mapping.period_type)
@@ -178,17 +183,16 @@ class _RequestEncoder:
     def request(self) -> ExportProfilesServiceRequest | None:
         return self._request if self._resources else None
 
-    def _scope(self, pid: int, profile: Profile) -> ScopeProfiles:
-        scope = self._resources.get(pid)
+    def _scope(self, process: ProcessInfo) -> ScopeProfiles:
+        scope = self._resources.get(process)
         if scope is None:
-            process = profile.processes.get(pid) or ProcessInfo(pid, "", "")
-            extra = self._context.extra_resource.get(pid)
+            extra = self._context.extra_resource.get(process.pid)
             resource = self._request.resource_profiles.add()
             resource.resource.CopyFrom(process_resource(self._context.resource, process, extra))
             scope = resource.scope_profiles.add()
             scope.scope.name = SCOPE_NAME
             scope.scope.version = __version__
-            self._resources[pid] = scope
+            self._resources[process] = scope
         return scope
 
     def _fill(self, result: OtlpProfile, unit: _Unit, mapping: ValueMapping, merged: _Merged) -> None:

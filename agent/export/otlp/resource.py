@@ -1,6 +1,7 @@
 """Export stage, OTLP sink: the OTLP `Resource` of each profiled process.
 
-One `ResourceProfiles` is sent per process. Its resource holds, in this order of precedence:
+One `ResourceProfiles` is sent per process (per image of one, across an exec). Its resource holds,
+in this order of precedence:
 
 - the process attributes: `service.name`, `process.pid`, `process.executable.name` and
   `process.executable.path`;
