@@ -402,9 +402,13 @@ def _file_metrics(sink: FileSink) -> Iterator[Metric]:
     deleted.add_metric([], sink.files_deleted)
     evicted = _counter("export_files_evicted", "Own oldest profile files deleted to write a new one on a full disk.")
     evicted.add_metric([], sink.files_evicted)
+    interrupted = _counter(
+        "export_files_interrupted", "Profile files a previous run was killed while writing, deleted at start-up."
+    )
+    interrupted.add_metric([], sink.interrupted_writes)
     errors = _counter("export_files_errors", "File sink errors.")
     errors.add_metric([], sink.errors)
-    yield from (written, size, deleted, evicted, errors)
+    yield from (written, size, deleted, evicted, interrupted, errors)
 
 
 def _bcc_version() -> str:

@@ -104,6 +104,7 @@ class FileSink:
         self.bytes_written = 0  # compressed bytes, as they sit on disk
         self.files_deleted = 0
         self.files_evicted = 0  # own oldest files deleted to make room on a full disk
+        self.interrupted_writes = 0  # temp files a killed earlier run left, deleted at start-up
         self.errors = 0
         # A directory that cannot be made or written fails now, as the configuration problem it is
         # (exit 2 at start-up, a refused reload), not at the first report.
@@ -128,7 +129,8 @@ class FileSink:
         for path in self._dir.glob(".*.tmp"):
             if _TEMP_FILE.fullmatch(path.name):
                 _remove_quietly(path)
-                logger.info("removed %s, left by an interrupted write", path)
+                self.interrupted_writes += 1
+                logger.warning("removed %s, a profile the last run did not finish writing", path)
 
     @property
     def output_dir(self) -> Path:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.agent import STARTUP_TIMEOUT_S, free_port, get, series, start_agent, wait_for_log
-from tests.support.otlp_backends import BlackHole, otlp_env, start_receiver, wait_until
+from tests.support.agent import STARTUP_TIMEOUT_S, series, start_agent, wait_for_log
+from tests.support.otlp_backends import BlackHole, deliver_the_rest, otlp_env, wait_until
 
 pytestmark = pytest.mark.bpf
 
@@ -48,29 +48,9 @@ def test_sigterm_with_a_black_hole_backend_exits_in_5_s_and_the_next_start_deliv
     assert len(left) >= 3, "the undelivered requests stay in the spool"
 
     # The spool's requests go first, in order, then the new agent's own.
-    starts, _ = _deliver_the_rest(tmp_path, spool, len(left))
+    starts, _ = deliver_the_rest(tmp_path, spool, len(left))
     assert not any(path.exists() for path in left), "delivered requests leave the spool"
     assert starts[: len(left)] == sorted(starts[: len(left)]) and starts[len(left)] >= starts[len(left) - 1]
-
-
-def _deliver_the_rest(tmp_path: Path, spool: Path, spooled: int) -> tuple[list[int], str]:
-    """A second agent on `spool` with a real receiver, until it has delivered more than `spooled`
-    requests: the profile starts it delivered, in order, and its metrics then."""
-    server, receiver, port = start_receiver()
-    log, metrics_port = tmp_path / "second.log", free_port()
-    env = {**otlp_env(port, spool), "PROFILING_AGENT_METRICS_ADDRESS": f"127.0.0.1:{metrics_port}"}
-    agent = start_agent(None, "--interval", "1", log_path=log, env=env)
-    try:
-        wait_for_log(log, "profiling started", STARTUP_TIMEOUT_S, agent)
-        wait_until(lambda: len(receiver.starts) > spooled, 60, "the spooled requests and one new one delivered")
-        _, metrics = get(f"http://127.0.0.1:{metrics_port}/metrics")
-    finally:
-        agent.send_signal(signal.SIGTERM)
-        agent.wait(timeout=60)
-        server.stop(0)
-    assert agent.returncode == 0, log.read_text()
-    with receiver.lock:
-        return list(receiver.starts), metrics
 
 
 def test_a_resetting_backend_keeps_everything_spooled_and_a_corrupt_spool_file_is_dropped(tmp_path: Path) -> None:
@@ -97,7 +77,7 @@ def test_a_resetting_backend_keeps_everything_spooled_and_a_corrupt_spool_file_i
         f.truncate(files[1].stat().st_size // 2)
     good = files[2:]
 
-    starts, metrics = _deliver_the_rest(tmp_path, spool, len(good))
+    starts, metrics = deliver_the_rest(tmp_path, spool, len(good))
     assert not any(path.exists() for path in files), "corrupt files dropped, good ones delivered"
     assert series(metrics, "profiling_agent_export_otlp_dropped_batches_total", reason="corrupt") == 2
     assert starts[: len(good)] == sorted(starts[: len(good)])

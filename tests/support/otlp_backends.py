@@ -3,6 +3,7 @@ closes at once), and a real in-process receiver that records what it got, in ord
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 import time
@@ -13,6 +14,8 @@ from typing import Any
 
 import grpc
 from opentelemetry.proto.collector.profiles.v1development import profiles_service_pb2, profiles_service_pb2_grpc
+
+from tests.support.agent import STARTUP_TIMEOUT_S, free_port, get, start_agent, wait_for_log
 
 
 class BlackHole:
@@ -51,13 +54,18 @@ class Receiver(profiles_service_pb2_grpc.ProfilesServiceServicer):
         self.lock = threading.Lock()
 
     def Export(self, request: Any, context: Any) -> Any:  # the gRPC method name
-        start = min(
-            (p.time_unix_nano for r in request.resource_profiles for s in r.scope_profiles for p in s.profiles),
-            default=0,
-        )
+        start = request_start(request)
         with self.lock:
             self.starts.append(start)
         return profiles_service_pb2.ExportProfilesServiceResponse()
+
+
+def request_start(request: Any) -> int:
+    """An ExportProfilesServiceRequest's earliest profile start: one interval's requests share it."""
+    return min(
+        (p.time_unix_nano for r in request.resource_profiles for s in r.scope_profiles for p in s.profiles),
+        default=0,
+    )
 
 
 def start_receiver() -> tuple[grpc.Server, Receiver, int]:
@@ -86,3 +94,23 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
     while not condition():
         assert time.monotonic() < deadline, what
         time.sleep(0.1)
+
+
+def deliver_the_rest(tmp_path: Path, spool: Path, spooled: int) -> tuple[list[int], str]:
+    """A second agent on `spool` with a real receiver, until it has delivered more than `spooled`
+    requests: the profile starts it delivered, in order, and its metrics then."""
+    server, receiver, port = start_receiver()
+    log, metrics_port = tmp_path / "second.log", free_port()
+    env = {**otlp_env(port, spool), "PROFILING_AGENT_METRICS_ADDRESS": f"127.0.0.1:{metrics_port}"}
+    agent = start_agent(None, "--interval", "1", log_path=log, env=env)
+    try:
+        wait_for_log(log, "profiling started", STARTUP_TIMEOUT_S, agent)
+        wait_until(lambda: len(receiver.starts) > spooled, 60, "the spooled requests and one new one delivered")
+        _, metrics = get(f"http://127.0.0.1:{metrics_port}/metrics")
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(timeout=60)
+        server.stop(0)
+    assert agent.returncode == 0, log.read_text()
+    with receiver.lock:
+        return list(receiver.starts), metrics

@@ -227,6 +227,7 @@ def test_temp_files_left_by_a_crash_are_removed_at_start(tmp_path: Path) -> None
     foreign = tmp_path / ".editor-swap.tmp"
     stale.write_bytes(b"half a profile")
     foreign.write_bytes(b"not ours")
-    FileSink(tmp_path, max_files=0, max_bytes=0)
+    sink = FileSink(tmp_path, max_files=0, max_bytes=0)
     assert not stale.exists()
     assert foreign.exists()
+    assert sink.interrupted_writes == 1  # counted: the interval it held is lost

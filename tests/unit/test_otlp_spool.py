@@ -46,10 +46,13 @@ def test_restart_resumes_in_order_and_keeps_numbering(tmp_path: Path) -> None:
     assert _drain(second) == [b"a%d" % i for i in range(1, 12)] + [b"after-restart"]
 
 
-def test_interrupted_write_is_cleaned_up(tmp_path: Path) -> None:
+def test_interrupted_write_is_cleaned_up_and_counted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     (tmp_path / ".00000000000000000007.tmp").write_bytes(b"half")
-    spool = Spool(str(tmp_path), 1 << 20, 8, Counters())
+    counters = Counters()
+    spool = Spool(str(tmp_path), 1 << 20, 8, counters)
     assert len(spool) == 0 and list(tmp_path.iterdir()) == []
+    assert counters.get(DROPPED, "interrupted_write") == 1
+    assert "did not finish" in caplog.text
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "flipped", "empty"])

@@ -124,7 +124,9 @@ class Spool:
             path = os.path.join(self._dir, name)
             match = _NAME.match(name)
             if match is None:
-                if name.endswith(".tmp"):  # a write interrupted by a crash; it was never acknowledged
+                if name.endswith(".tmp"):  # a write a crash interrupted: never acknowledged, maybe partial
+                    logger.warning("OTLP spool %s: dropping %s, a write the last run did not finish", self._dir, name)
+                    self._counters.inc(DROPPED, "interrupted_write")
                     self._unlink(path)
                 continue
             try:

@@ -13,7 +13,9 @@ from collections import Counter, deque
 # Counter names. The label says which outcome, reason or code.
 REQUESTS = "requests"  # label: success | partial | rejected | expired (retry deadline) | interrupted (stop)
 RETRIES = "retries"  # label: gRPC status code name
-DROPPED = "dropped_batches"  # label: rejected | spool_full | disk_full | memory_full | corrupt | unsaved_at_exit
+# label: rejected | spool_full | disk_full | memory_full | corrupt | unsaved_at_exit | interrupted_write (a
+# spool file the previous run was killed while writing)
+DROPPED = "dropped_batches"
 REJECTED_PROFILES = "rejected_profiles"  # from partial_success.rejected_profiles
 SPOOL_ERRORS = "spool_errors"  # label: write | read | delete
 HTLHASH_UNREADABLE = "htlhash_unreadable"  # mapping files whose htlhash could not be computed
@@ -23,7 +25,7 @@ ENCODE_ERRORS = "encode_errors"
 # them. Retries add their gRPC codes (`agent.export.otlp.retry`).
 KNOWN_LABELS: dict[str, tuple[str, ...]] = {
     REQUESTS: ("success", "partial", "rejected", "expired", "interrupted"),
-    DROPPED: ("rejected", "spool_full", "disk_full", "memory_full", "corrupt", "unsaved_at_exit"),
+    DROPPED: ("rejected", "spool_full", "disk_full", "memory_full", "corrupt", "unsaved_at_exit", "interrupted_write"),
     SPOOL_ERRORS: ("write", "read", "delete"),
 }
 
