@@ -48,6 +48,12 @@ otelcol:
 install-service:
 	@$(AS_ROOT); deploy/host/install-service.sh
 
+# The container image, built offline with podman on a base mmdebstrap makes (as root): see
+# deploy/image/build.sh. IMAGE=... names it (default localhost/profiling-agent:<version> and :latest).
+.PHONY: image
+image: setup
+	@$(AS_ROOT); deploy/image/build.sh
+
 # Benchmarks (as root): builds bench/workloads, runs every scenario beside BCC's tools, and writes
 # docs/benchmarks.md and docs/benchmarks.json. BENCH_ARGS passes options, e.g. BENCH_ARGS="--reps 1".
 BENCH_ARGS ?=

@@ -33,7 +33,7 @@ from tests.support.blocks import kernel_bounds, read_blocks, stolen_ns
 from tests.support.config import profiling
 from tests.support.profiles import ReadSample, read_all, read_pprof, samples_of
 from tests.support.stats import binomial_tolerance, poisson_tolerance
-from tests.support.workloads import compile_workload
+from tests.support.workloads import compile_workload, cpu_seconds
 
 pytestmark = pytest.mark.bpf
 
@@ -50,12 +50,6 @@ UNSAMPLED = {
 def truth_of(output: str) -> dict[str, float]:
     """What the workload measured: wait_a and wait_b in seconds, and the number of blocks."""
     return {name: float(value) for name, value in re.findall(r"(wait_a|wait_b|blocks)=([0-9.]+)", output)}
-
-
-def cpu_seconds(pid: int) -> float:
-    """The user and system CPU time of a live process so far, from /proc/PID/stat (in clock ticks)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def blocked_ns(samples: list[ReadSample], function: str) -> int:

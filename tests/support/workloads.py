@@ -1,8 +1,9 @@
 """Compile the C workloads in tests/workloads with frame pointers (Debian's libc has none of its own), and C
-programs a test writes itself; read a binary's GNU build ID."""
+programs a test writes itself; read a binary's GNU build ID and a process's CPU time."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -35,3 +36,9 @@ def gnu_build_id(path: Path) -> str:
     match = re.search(r"Build ID: ([0-9a-f]+)", notes)
     assert match is not None, f"{path} has no GNU build ID"
     return match.group(1)
+
+
+def cpu_seconds(pid: int) -> float:
+    """The user and system CPU time of a live process so far, from /proc/PID/stat (in clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
