@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from agent.process.elf import ElfReadError
-from agent.process.python.discover import PYTHON_SYMBOLS, SymbolCache, discover, running_pythons
+from agent.process.python.discover import PYTHON_SYMBOLS, discover, running_pythons
+from agent.process.runtime_files import SymbolCache
 from tests.support.interpreters import installed
 
 INTERPRETERS = installed()

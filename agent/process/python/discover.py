@@ -25,18 +25,14 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.process.cache import LruCache
-from agent.process.elf import ElfReadError, NamedSymbols, read_named_symbols, segment_for_offset
+from agent.process.elf import ElfReadError, NamedSymbols, segment_for_offset
 from agent.process.maps import (
-    FileIdentity,
     MapEntry,
     MapKind,
     ProcessMaps,
     load_bias,
-    map_files_path,
     printable,
     read_process_maps,
-    resolve_file,
 )
 from agent.process.memory import MemoryErrorReason, MemoryReader, MemoryReadError, ProcessMemory
 from agent.process.python.layouts import (
@@ -46,6 +42,7 @@ from agent.process.python.layouts import (
     layout_for_version,
     layout_from_debug_offsets,
 )
+from agent.process.runtime_files import SymbolCache, open_mapped_file, read_symbols
 
 MIN_VERSION = (3, 10)
 MAX_VERSION = (3, 14)  # the newest whose debug offsets format is known (layouts.py)
@@ -112,44 +109,6 @@ def name_version(path: str) -> tuple[int, int, bool] | None:
     return int(match.group(2)), int(match.group(3)), match.group(4) == "t"
 
 
-SYMBOL_CACHE_FILES = 64  # ELF files whose looked-up symbols are kept (interpreters and C libraries)
-
-
-class SymbolCache:
-    """The named symbols (or the parse error) of ELF files by (identity, names), at most `capacity` files.
-    Used from one thread (the inspector's)."""
-
-    def __init__(self, capacity: int = SYMBOL_CACHE_FILES) -> None:
-        self._entries: LruCache[tuple[FileIdentity, tuple[str, ...]], NamedSymbols | ElfReadError] = LruCache(capacity)
-        self.hits = self.misses = 0
-
-    def read(self, path: Path, names: tuple[str, ...], display_path: str) -> NamedSymbols:
-        """`read_named_symbols(path, names)`, parsed once per file identity; raises its ElfReadError."""
-        try:
-            key = (FileIdentity.of(os.stat(path)), names)
-        except OSError:
-            return read_named_symbols(path, names, display_path)  # read_named_symbols says why, if it fails
-        entry = self._entries.get(key)
-        if entry is None:
-            self.misses += 1
-            try:
-                entry = read_named_symbols(path, names, display_path)
-            except ElfReadError as e:
-                entry = e
-            self._entries.put(key, entry)
-        else:
-            self.hits += 1
-        if isinstance(entry, ElfReadError):
-            raise entry
-        return entry
-
-
-def _read_symbols(cache: SymbolCache | None, path: Path, names: tuple[str, ...], display_path: str) -> NamedSymbols:
-    if cache is None:
-        return read_named_symbols(path, names, display_path)
-    return cache.read(path, names, display_path)
-
-
 @dataclass(frozen=True, slots=True)
 class _Candidate:
     entry: MapEntry
@@ -178,15 +137,6 @@ def _shown_path(entry: MapEntry) -> str:
     return entry.path.removesuffix(" (deleted)")
 
 
-def _open_path(proc_root: Path, pid: int, entry: MapEntry) -> Path | None:
-    """A path to the very file `entry` maps: its own namespace's path, else /proc/PID/map_files."""
-    path = resolve_file(proc_root, pid, entry)
-    if path is not None:
-        return path
-    link = map_files_path(proc_root, pid, entry)  # an entry captured without an identity
-    return link if os.path.exists(link) else None
-
-
 def _pid_gone(proc_root: Path, pid: int) -> bool:
     return not (proc_root / str(pid)).exists()
 
@@ -206,11 +156,11 @@ def discover(
     candidates = _candidates(maps)
     named = [c for c in candidates if name_version(_shown_path(c.entry)) is not None]
     for candidate in candidates:
-        opened = _open_path(root, pid, candidate.entry)
+        opened = open_mapped_file(root, pid, candidate.entry)
         if opened is None:
             continue
         try:
-            named_symbols = _read_symbols(symbols, opened, PYTHON_SYMBOLS, candidate.entry.path)
+            named_symbols = read_symbols(symbols, opened, PYTHON_SYMBOLS, candidate.entry.path)
         except ElfReadError:
             continue
         if "_PyRuntime" in named_symbols.addresses:
@@ -310,11 +260,11 @@ def _libc_symbol(root: Path, maps: ProcessMaps, name: str, cache: SymbolCache | 
     for entry in maps.mappings:
         if entry.kind is not MapKind.FILE or not _LIBC.match(os.path.basename(entry.path)):
             continue
-        opened = _open_path(root, maps.pid, entry)
+        opened = open_mapped_file(root, maps.pid, entry)
         if opened is None:
             continue
         try:
-            symbols = _read_symbols(cache, opened, (name,), entry.path)
+            symbols = read_symbols(cache, opened, (name,), entry.path)
         except ElfReadError:
             continue
         segment = segment_for_offset(symbols.segments, entry.offset)

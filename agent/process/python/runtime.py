@@ -21,10 +21,11 @@ from pathlib import Path
 from agent.process.maps import root_path
 from agent.process.memory import MemoryReader, MemoryReadError, ProcessMemory
 from agent.process.python.code_cache import CodeCache
-from agent.process.python.discover import NotPython, NotPythonReason, SymbolCache, discover, read_layout
+from agent.process.python.discover import NotPython, NotPythonReason, discover, read_layout
 from agent.process.python.inspect import Discover, Interpreter, NotWalkable, PythonInspector, code_check
 from agent.process.python.objects import CodeInfo
 from agent.process.python.proc import PythonState
+from agent.process.runtime_files import SymbolCache
 
 _STATES = {
     NotPythonReason.NOT_PYTHON: PythonState.NOT_PYTHON,
