@@ -18,6 +18,7 @@ from agent.process.jvm import vmstructs
 from agent.process.jvm.discover import HotSpot, NotHotSpot, NotHotSpotReason, discover_hotspot
 from agent.process.jvm.vmstructs import VM_SYMBOLS, VmStructsError, VmStructsReason, read_vmstructs
 from tests.support.fake_memory import FakeMemory
+from tests.support.jvm import JDKS, compile_java, require_jdks, running
 
 # The entry layouts HotSpot uses on x86-64 (vmStructs.hpp): what the exported offsets describe.
 STRUCT_LAYOUT = {"TypeName": 0, "FieldName": 8, "TypeString": 16, "IsStatic": 24, "Offset": 32, "Address": 40}
@@ -209,39 +210,17 @@ WALKER_FIELDS = (
     ("Symbol", "_body"),
     ("CodeCache", "_heaps"),
 )
-JDKS = sorted(Path("/usr/lib/jvm").glob("*/bin/java")) if Path("/usr/lib/jvm").is_dir() else []
-# One per distinct libjvm.so (the Debian package installs one JDK under several names).
-JDKS = list({os.path.realpath(j.parent.parent / "lib/server/libjvm.so"): j for j in JDKS}.values())
 
 
 @pytest.fixture(scope="module")
-def sleeper(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    javac = next((j.parent / "javac" for j in JDKS if (j.parent / "javac").exists()), None)
-    if javac is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI needs a JDK under /usr/lib/jvm for the vmStructs tests")
-        pytest.skip("no JDK with javac under /usr/lib/jvm")
-    directory = tmp_path_factory.mktemp("java")
-    (directory / "Sleeper.java").write_text(
-        "public class Sleeper { public static void main(String[] a) throws Exception {"
-        ' System.out.println("ready"); Thread.sleep(120_000); } }'
-    )
-    subprocess.run([str(javac), "--release", "11", "Sleeper.java"], cwd=directory, check=True, timeout=120)
-    return directory
+def classes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return compile_java("Lines", tmp_path_factory.mktemp("classes"))
 
 
 @pytest.fixture(params=JDKS, ids=lambda java: java.parent.parent.name)
-def jvm(request: pytest.FixtureRequest, sleeper: Path) -> Iterator[tuple[int, Path]]:
-    java: Path = request.param
-    process = subprocess.Popen(
-        [str(java), "-Xmx32m", "-XX:+UseSerialGC", "-cp", str(sleeper), "Sleeper"], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert process.stdout is not None and process.stdout.readline().strip() == "ready"
-        yield process.pid, java
-    finally:
-        process.kill()
-        process.wait()
+def jvm(request: pytest.FixtureRequest, classes: Path) -> Iterator[tuple[int, Path]]:
+    with running(request.param, classes, "Lines") as process:
+        yield process.pid, request.param
 
 
 def test_a_live_jvm_is_read_and_agrees_with_what_it_reports(jvm: tuple[int, Path]) -> None:
@@ -270,6 +249,5 @@ def test_a_live_jvm_is_read_and_agrees_with_what_it_reports(jvm: tuple[int, Path
 
 def test_ci_has_the_jdks() -> None:
     """CI's machines have OpenJDK 17 and Temurin 25: the live tests above must not silently vanish."""
-    if not os.environ.get("CI"):
-        pytest.skip("only CI promises the JDKs")
-    assert len(JDKS) >= 2, JDKS
+    require_jdks()
+    assert len(JDKS) >= 2
