@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from agent.process.jvm.discover import HotSpot, discover_hotspot
+from agent.process.jvm.frames import InterpreterFrames, java_threads, memory_words
 from agent.process.jvm.methods import (
     JavaMethod,
     MethodReader,
@@ -80,3 +81,29 @@ def test_every_method_of_a_live_class_is_named_with_its_lines(java: Path, classe
     assert methods["far"].line_at(10) == 40  # inside the escaped entry's range
     assert ("hashCode", "()I") in {(m.name, m.signature) for m in objects}
     assert all(m.class_name == "java.lang.Object" and m.source_file == "Object.java" for m in objects)
+
+
+@pytest.mark.parametrize("java", JDKS, ids=lambda java: java.parent.parent.name)
+def test_a_sleeping_thread_s_interpreted_frames_name_main_at_the_sleep_line(java: Path, classes: Path) -> None:
+    """From each Java thread's last frame (set while it sleeps in native code) along the frame-pointer
+    chain through the interpreter: the main thread's frames reach Lines.main, at the line that calls
+    Thread.sleep (46), with Method* and bytecode pointer at the words the interpreter keeps them."""
+    with running(java, classes, "Lines") as process:
+        found = discover_hotspot(process.pid)
+        assert isinstance(found, HotSpot), found
+        memory = ProcessMemory(process.pid)
+        reader = MethodReader(memory, found.vmstructs, found.feature)
+        frames = InterpreterFrames.of(memory, found.vmstructs)
+        words = memory_words(memory)
+        stacks = []
+        for thread in java_threads(memory, found.vmstructs):
+            walked = list(frames.walk(thread.last_java_fp, thread.last_java_pc, words))
+            named = [(reader.method(f.method), reader.bci(f.method, f.bcp)) for f in walked]
+            stacks.append([(m.qualified, m.line_at(bci)) for m, bci in named])
+        tids = {t.tid for t in java_threads(memory, found.vmstructs)}
+        task_ids = {int(t.name) for t in Path(f"/proc/{process.pid}/task").iterdir()}
+    assert tids <= task_ids, (tids, task_ids)  # the JVM's threads are this process's OS threads
+    main = [stack for stack in stacks if ("Lines.main", 46) in stack]
+    assert len(main) == 1, stacks
+    assert main[0][-1] == ("Lines.main", 46)  # the outermost interpreted frame
+    assert any(name.startswith("java.lang.Thread.sleep") for name, _ in main[0]), main[0]

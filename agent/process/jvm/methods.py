@@ -150,6 +150,14 @@ class MethodReader:
         self._cache.put(key, found)
         return found
 
+    def bci(self, method: int, bcp: int) -> int:
+        """The bytecode index a frame's bytecode pointer stands at, in `method`; -1 when it is not
+        inside the method's bytecodes (a frame caught while it was being set up)."""
+        lay = self._layout
+        const = self._ptr(method + lay.method_const)
+        offset = bcp - (const + lay.const_size)
+        return offset if 0 <= offset < self._u16(const + lay.const_code_size) else -1
+
     def symbol(self, address: int) -> str:
         """A Symbol's text (modified UTF-8, read as UTF-8)."""
         if address == 0:
