@@ -14,7 +14,7 @@ import dataclasses
 import difflib
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from agent.health import MetricsConfig
 from agent.logs import LoggingConfig
 from agent.metadata.filters import ProcessFilter
 from agent.metadata.host import MetadataConfig
-from agent.probes.settings import AllocConfig, OffCpuConfig, ProfilingConfig, PythonSettings
+from agent.probes.settings import AllocConfig, JvmSettings, OffCpuConfig, ProfilingConfig, PythonSettings
 from agent.sampling.settings import SamplingConfig
 from agent.settings import ENV_PREFIX, Setting, section_name, settings_of
 from agent.symbolize.settings import SymbolizeConfig
@@ -54,6 +54,7 @@ class AgentConfig:
     metadata: MetadataConfig
     filters: ProcessFilter
     logging: LoggingConfig
+    jvm: JvmSettings = field(default_factory=JvmSettings)
     # systemd's NOTIFY_SOCKET (not a setting: the service manager sets it); "" outside systemd.
     notify_socket: str = ""
 
@@ -72,6 +73,7 @@ SECTION_TYPES: dict[str, type] = {
         OffCpuConfig,
         AllocConfig,
         PythonSettings,
+        JvmSettings,
         SamplingConfig,
         UnwindConfig,
         SymbolizeConfig,
@@ -289,6 +291,7 @@ def _assemble(values: Mapping[str, Any]) -> AgentConfig:
         offcpu=sections["offcpu"],
         alloc=sections["alloc"],
         python=sections["python"],
+        jvm=sections["jvm"],
         sampling=sections["sampling"],
         unwind=sections["unwind"],
         symbolize=sections["symbolize"],

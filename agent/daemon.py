@@ -32,6 +32,7 @@ from agent.export.files import FileSink
 from agent.export.otlp.resource import ResourceOptions
 from agent.export.otlp.sink import OtlpSink
 from agent.export.sink import Sink
+from agent.flow.jvm import JavaFrames
 from agent.flow.pipeline import Pipeline
 from agent.flow.python import PythonFrames
 from agent.flow.queue import DropOldestQueue
@@ -47,6 +48,7 @@ from agent.probes.loader import release_compiler_memory
 from agent.probes.program import ProbeProgram
 from agent.probes.reader import PerfReader
 from agent.probes.registry import make_probes, stack_copy_bytes
+from agent.process.jvm.methods import MethodReader
 from agent.process.python.code_cache import CodeCache
 from agent.process.python.discover import running_pythons
 from agent.process.python.inspect import PythonInspector
@@ -110,8 +112,14 @@ class Daemon:
         if config.python.enabled:
             self.python_inspector = PythonInspector(discover_interpreter())
             self.python_codes = CodeResolver(CodeCache(CODE_CACHE_ENTRIES), self.python_inspector)
+        # Java frames: the pipeline's JVM flow, made once the unwinder exists (it reads the interpreter
+        # frames of stack copies); the symbolizer asks it for each JVM's method reader.
+        self.java: JavaFrames | None = None
         self.symbolizer = Symbolizer(
-            self.processes, elf_cache_size=config.symbolize.elf_cache_size, python=self.python_codes
+            self.processes,
+            elf_cache_size=config.symbolize.elf_cache_size,
+            python=self.python_codes,
+            java=self._java_reader,
         )
         symbolize = config.symbolize
         self.jvm = JvmPerfMapRequester(symbolize.jvm_perf_map_interval_s) if symbolize.jvm_perf_map else None
@@ -124,6 +132,8 @@ class Daemon:
         if any(copy_bytes.values()):
             self.unwinder = Unwinder(snapshots=self.processes.get, skip=self.selector.known_rejected)
         unwind = self.unwinder.unwind_copy if self.unwinder is not None else None
+        if config.jvm.enabled and self.unwinder is not None:
+            self.java = JavaFrames(self.processes.get, self.unwinder)
         self.probes = make_probes(config, self._events.put, copy_bytes, unwind)
         self.program = ProbeProgram(config.profiling, self.probes, self._events.put, config.python)
         self.sampler: AdaptiveSampler | None = None
@@ -143,6 +153,9 @@ class Daemon:
         self._reader: PerfReader | None = None
         self._server: ThreadingHTTPServer | None = None
         self._threads: list[threading.Thread] = []
+
+    def _java_reader(self, pid: int) -> MethodReader | None:
+        return self.java.reader(pid) if self.java is not None else None
 
     # What the metrics collector reads (agent.metrics.MetricsSource).
     @property
@@ -256,6 +269,7 @@ class Daemon:
             self.keep,
             self.unwinder,
             self.python,
+            self.java,
         )
         if self.python is not None:  # inspected by the pipeline thread before they are first sampled
             pids = self.config.profiling.pids

@@ -29,12 +29,16 @@ class Stack:
 
     status: StackStatus
     addresses: tuple[int, ...] = ()
+    # A JVM's user stack only: for each frame that ran in HotSpot's template interpreter, three words,
+    # (index in `addresses`, Method*, bytecode pointer), read from the frame as the stack copy was
+    # unwound (agent/process/jvm/frames.py); the symbolize stage names the Java method from them.
+    java: tuple[int, ...] = ()
     # Hashed once: stacks are dictionary keys at every stage (aggregation, symbolization), and a
     # generated __hash__ would hash every address again on each lookup.
     _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_hash", hash((self.status, self.addresses)))
+        object.__setattr__(self, "_hash", hash((self.status, self.addresses, self.java)))
 
     def __hash__(self) -> int:
         return self._hash

@@ -25,6 +25,7 @@ from typing import Protocol
 
 from agent.aggregate.interval import IntervalAggregator
 from agent.aggregate.types import IntervalProfile
+from agent.flow.jvm import JavaFrames
 from agent.flow.python import PythonFrames
 from agent.probes.events import IntervalMark, ProcessEvent, ProcessEventKind, StackEvent
 from agent.types import InterpreterStatus, ProfileSpec, Stack
@@ -83,9 +84,11 @@ class Pipeline:
         keep: KeepLike | None = None,
         unwinder: UnwinderLike | None = None,
         python: PythonFrames | None = None,
+        java: JavaFrames | None = None,
     ) -> None:
         self._keep = keep
         self._python = python
+        self._java = java
         self._unwinder = unwinder
         self._aggregators = {name: IntervalAggregator(spec) for name, spec in specs.items()}
         self._processes = processes
@@ -123,17 +126,25 @@ class Pipeline:
             self._processes.observe_process(event.pid)
             if self._python is not None:
                 self._python.observe(event.pid, announced=False)
+            if self._java is not None:
+                self._java.observe(event.pid)
         if self._python is not None and event.python.status is not _NO_PYTHON:
             self._python.on_event(event)  # names the code objects while the process is alive
         if event.user_copy is None or self._unwinder is None:
-            aggregator.add_event(event, event.user, event.identity)
+            user = event.user
+            aggregator.add_event(event, user, event.identity)
         else:  # after the keep decision: unwinding costs more than anything else done per event
-            aggregator.add_event(event, self._unwinder.unwind(event))
+            user = self._unwinder.unwind(event)
+            aggregator.add_event(event, user)
+        if user.java and self._java is not None:
+            self._java.on_stack(event.pid, user)  # reads the Java methods while the JVM is alive
         return False
 
     def poll(self, limit_s: float) -> float:
         """Between batches: the timed work (the Python processes' scan and retries); how long the pipeline
         thread may wait for the next batch, at most `limit_s`."""
+        if self._java is not None:
+            limit_s = self._java.poll(limit_s)
         return limit_s if self._python is None else self._python.poll(limit_s)
 
     def scan_python(self, pids: Iterable[int]) -> None:
@@ -171,11 +182,15 @@ class Pipeline:
         self._processes.on_exec(event.pid, event.timestamp_ns)
         if self._python is not None:
             self._python.on_exec(event.pid, exec_=event.kind is ProcessEventKind.EXEC)
+        if self._java is not None:
+            self._java.on_exec(event.pid)
         if event.kind is ProcessEventKind.NEW and (self._selector is None or self._selector.admits(event.pid)):
             self._processes.observe_process(event.pid)
             self._seen_pids.add(event.pid)
             if self._python is not None:
                 self._python.observe(event.pid, announced=True)
+            if self._java is not None:
+                self._java.observe(event.pid)
         else:
             self._seen_pids.discard(event.pid)
 
@@ -183,6 +198,8 @@ class Pipeline:
         self._seen_pids.clear()
         if self._python is not None:
             self._python.end_interval()
+        if self._java is not None:
+            self._java.end_interval()
         rates: dict[str, float] = {}
         for name, aggregator in self._aggregators.items():
             interval = aggregator.finish(mark.end_mono_ns)

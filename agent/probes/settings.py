@@ -125,6 +125,20 @@ class PythonSettings:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class JvmSettings:
+    """Java methods in the stacks of HotSpot JVMs, named from the JVM's own vmStructs (agent/flow/jvm.py)."""
+
+    SECTION: ClassVar[str] = "jvm"
+
+    enabled: bool = setting(
+        True,
+        parse_bool,
+        "Name the Java methods HotSpot JVMs (JDK 11+) interpret, read from each JVM's own tables, in the"
+        " profilers that unwind stack copies (unwind auto or dwarf); no signal or attach is ever sent.",
+    )
+
+
 class StackCopies(Protocol):
     """The `unwind` section as the probes see it (`agent.unwind.settings.UnwindConfig`): per profiler, its
     mode as an attribute and the user stack bytes its program copies. A protocol, so that the probes do

@@ -3,7 +3,8 @@
 This module owns `Symbolizer`, the object the daemon keeps for the agent's lifetime. It ties together
 the kernel symbol table, the native resolver with its ELF cache and debug-file lookup, the perf maps of
 JIT runtimes, the Python frames merged over the eval loop's native frames (`agent.symbolize.python_merge`,
-naming code objects through the process stage's cache) and the marker frames, and converts monotonic
+naming code objects through the process stage's cache), a JVM's interpreted Java frames in place of the
+interpreter's (`agent.symbolize.java_merge`) and the marker frames, and converts monotonic
 timestamps to Unix time. It reads the
 processes' snapshots from the daemon's one `agent.process.registry.ProcessRegistry` (taken as soon as a
 pid is seen), recapturing a process whose code was mapped since, and ends the registry's interval. Each
@@ -32,6 +33,7 @@ from agent.metadata.process import ProcessLabels
 from agent.process.maps import ProcessMaps
 from agent.process.registry import ProcessRegistry, Snapshot
 from agent.symbolize.debuginfo import DEFAULT_DEBUG_ROOTS
+from agent.symbolize.java_merge import JavaMerger, ReaderOf
 from agent.symbolize.kallsyms import KallsymsCache, KernelSymbols
 from agent.symbolize.markers import NO_STACK, pprof_addresses, status_marker
 from agent.symbolize.native import NativeResolver, StackFrames
@@ -76,12 +78,14 @@ class Symbolizer:
         debug_roots: Sequence[Path] = DEFAULT_DEBUG_ROOTS,
         perf_map_max_entries: int = DEFAULT_MAX_ENTRIES,
         python: PythonCodes | None = None,
+        java: ReaderOf | None = None,
     ) -> None:
         """`processes` is the daemon's registry; files and kallsyms are read under its `proc_root`.
 
         `debug_roots` are where separate debug files live (`.build-id/` and debug-link trees), each looked
         up through the process's root first; `perf_map_max_entries` bounds all perf maps together.
         `python` names Python frames (the process stage's code cache); without it they are counted only.
+        `java` gives a JVM's method reader (the JVM flow's), which names its interpreted Java frames.
         """
         proc_root = processes.proc_root
         self.stats = SymbolizerStats()
@@ -90,6 +94,7 @@ class Symbolizer:
         self._perf_maps = PerfMapStore(proc_root, self.stats, perf_map_max_entries)
         self._native = NativeResolver(proc_root, elf_cache_size, self.stats, debug_roots, self._perf_maps)
         self.python = PythonMerger(python)
+        self.java = JavaMerger(java)
         self._kernel_table: KernelSymbols | None = None
         self._kernel_stacks: dict[Stack, StackFrames] = {}
         self._kernel_frames_memo: dict[int, Frame] = {}  # by adjusted address
@@ -143,6 +148,8 @@ class Symbolizer:
         retired = self.processes.retired_at(key.pid, first) if first else None
         user = self._user_frames(key.pid, key.user, state, first, retired)
         user_frames = user.frames
+        if key.user.java:  # a JVM's interpreted frames, read as its stack was unwound
+            user_frames = self.java.merge(key.pid, key.user, user_frames)
         if key.python.status:  # InterpreterStatus.NONE is 0: not a walked Python process
             user_frames = self.python.merge(key.pid, key.user, user.frames, key.python, state.python)
         frames = kernel.frames + user_frames or (NO_STACK,)

@@ -23,6 +23,8 @@ class FrameKind(enum.StrEnum):
     MARKER = "marker"  # stands for a stack that could not be captured (see `marker_name`)
     # A CPython function; the value is OTLP's `profile.frame.type` for it (semantic conventions).
     PYTHON = "cpython"
+    # A Java method HotSpot interpreted (`agent.symbolize.java_merge`); OTLP's frame type for it.
+    JVM = "jvm"
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,11 +50,12 @@ class MappingInfo:
 
 
 class PythonSource(NamedTuple):
-    """Where a Python frame's code lives: what a pprof Function and Line carry besides the qualname."""
+    """Where a Python (or Java) frame's code lives: what a pprof Function and Line carry besides the
+    qualname (Java: `Class.method`)."""
 
-    system_name: str  # co_name
-    filename: str  # co_filename
-    start_line: int  # co_firstlineno
+    system_name: str  # co_name; Java: the method's name and descriptor, e.g. main([Ljava/lang/String;)V
+    filename: str  # co_filename; Java: the class's source file, e.g. Lines.java
+    start_line: int  # co_firstlineno; Java: the method's first line in its line number table
     line: int  # the line the frame was executing; 0 when the line table did not say
 
 

@@ -39,6 +39,7 @@ from pathlib import Path
 
 from agent.probes.events import StackEvent, UserStackCopy
 from agent.probes.records import MAX_STACK_DEPTH
+from agent.process.jvm.frames import InterpreterFrames
 from agent.process.maps import ProcessMaps
 from agent.types import Stack, StackStatus
 from agent.unwind.cfi import LOST
@@ -79,7 +80,9 @@ class Unwinder:
         self._lock = threading.Lock()
         self.tables = UnwindTables(proc_root)
         self._spaces: OrderedDict[int, AddressSpace] = OrderedDict()  # least recently used first
-        self._interned: dict[tuple[StackStatus, tuple[int, ...]], Stack] = {}
+        self._interned: dict[tuple[StackStatus, tuple[int, ...], tuple[int, ...]], Stack] = {}
+        # JVMs whose interpreter frames are read as their stacks are unwound (agent/flow/jvm.py sets them).
+        self._java: dict[int, InterpreterFrames] = {}
         # outcome -> events: complete, truncated; no_mappings and skipped: the frame-pointer stack was kept
         self.outcomes: Counter[str] = Counter()  # by UNWIND_OUTCOMES
         self.frames = 0  # frames unwound from stack copies
@@ -125,7 +128,16 @@ class Unwinder:
 
     def forget(self, pid: int) -> None:
         """The process exec'd or is new under a reused pid: its mappings must be read again."""
-        self._spaces.pop(pid, None)
+        self._spaces.pop(pid, None)  # the JVM flow, which owns the verdicts, clears `set_java`
+
+    def set_java(self, pid: int, interpreter: InterpreterFrames | None) -> None:
+        """Read the Method* and bytecode pointer of each frame of `pid` that runs in `interpreter` (a
+        HotSpot JVM's template interpreter) into the stacks' `java`; None stops it."""
+        with self._lock:  # the pipeline thread sets, the reader's decoders read
+            if interpreter is None:
+                self._java.pop(pid, None)
+            else:
+                self._java[pid] = interpreter
 
     def _space(self, pid: int) -> AddressSpace:
         space = self._spaces.get(pid)
@@ -155,6 +167,8 @@ class Unwinder:
         tables, proc_root = self.tables, self._proc_root
         address = copy.ip  # the leaf's own instruction; for callers, the call before the return address
         fp_steps = 0
+        interpreter = self._java.get(space.pid)
+        java: tuple[int, ...] = ()
         while len(frames) < MAX_STACK_DEPTH:
             step = memo.get(address) or step_at(address, tables, proc_root)
             kind, cfa_offset, ra_offset, rbp_offset = step
@@ -176,6 +190,11 @@ class Unwinder:
                 # No CFI here: the frame pointer is the only way on (JIT code keeps one).
                 if bp is None or not base <= bp <= last - 8:
                     break
+                if interpreter is not None and interpreter.code_start <= address < interpreter.code_end:
+                    method_at, bcp_at = bp + interpreter.method_offset, bp + interpreter.bcp_offset
+                    if base <= min(method_at, bcp_at) and max(method_at, bcp_at) <= last:
+                        method, bcp = _U64(data, method_at - base)[0], _U64(data, bcp_at - base)[0]
+                        java += (len(frames) - 1, method, bcp)
                 ra, cfa = _U64(data, bp + 8 - base)[0], bp + 16
                 bp = _U64(data, bp - base)[0]
                 fp_steps += 1
@@ -196,14 +215,14 @@ class Unwinder:
         self.frame_pointer_steps += fp_steps
         self.frames += len(frames)
         self.outcomes["complete" if complete else "truncated"] += 1
-        return self._intern(StackStatus.OK if complete else StackStatus.TRUNCATED, tuple(frames))
+        return self._intern(StackStatus.OK if complete else StackStatus.TRUNCATED, tuple(frames), java)
 
-    def _intern(self, status: StackStatus, frames: tuple[int, ...]) -> Stack:
+    def _intern(self, status: StackStatus, frames: tuple[int, ...], java: tuple[int, ...] = ()) -> Stack:
         """One shared object per distinct stack, as the stack decoder does: aggregation hashes them."""
-        key = (status, frames)
+        key = (status, frames, java)
         stack = self._interned.get(key)
         if stack is None:
             if len(self._interned) >= INTERNED_STACKS:
                 self._interned.clear()
-            stack = self._interned[key] = Stack(status, frames)
+            stack = self._interned[key] = Stack(status, frames, java)
         return stack

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from agent.probes.events import StackEvent, UserStackCopy
+from agent.process.jvm.frames import InterpreterFrames
 from agent.types import EMPTY_STACK, Stack, StackStatus
 from agent.unwind import spaces
 from agent.unwind.unwinder import Unwinder
@@ -315,3 +316,28 @@ def test_library_with_unaligned_text_segment_unwinds(
     unwinder = Unwinder(proc_root=fake_proc)
     stack = unwinder.unwind(event(leaf_fp_outer_copy(at, at("fp_ret"), at("outer_ret"))))
     assert stack == Stack(StackStatus.OK, (at("leaf_subbed"), at("fp_ret"), at("outer_ret")))
+
+
+def test_interpreter_frames_of_a_jvm_carry_their_method_and_bytecode_pointer(
+    process: Path, at: Callable[[str], int], fake_proc: Path
+) -> None:
+    """Two frames in a JVM's interpreter (the anonymous page): each frame's Method* (3 words below its
+    rbp) and bytecode pointer (8 below) go into the stack's `java`, with the frame's index; the native
+    caller does not. Without `set_java` nothing is read."""
+    interpreter = InterpreterFrames(ANON, ANON + 0x1000, -24, -64)
+    inner, outer = SP + 0x80, SP + 0x100  # two interpreter frames' rbp values
+    words = {
+        inner: outer, inner + 8: ANON + 0x40, inner - 24: 0x7000_1000, inner - 64: 0x7000_2000 + 5,
+        outer: 0, outer + 8: at("outer_ret"), outer - 24: 0x7000_3000, outer - 64: 0x7000_4000 + 9,
+    }  # fmt: skip
+    copy = stack_copy(ANON + 0x10, SP, inner, words, size=0x200)
+    unwinder = Unwinder(proc_root=fake_proc)
+    plain = unwinder.unwind(event(copy))
+    unwinder.set_java(PID, interpreter)
+    stack = unwinder.unwind(event(copy))
+    assert stack.addresses == plain.addresses == (ANON + 0x10, ANON + 0x40, at("outer_ret"))
+    assert plain.java == ()
+    assert stack.java == (0, 0x7000_1000, 0x7000_2005, 1, 0x7000_3000, 0x7000_4009)
+    assert stack != plain  # a different key for the aggregate stage
+    unwinder.set_java(PID, None)
+    assert unwinder.unwind(event(copy)).java == ()

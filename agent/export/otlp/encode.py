@@ -63,6 +63,7 @@ FRAME_TYPES = {
     FrameKind.NATIVE: "native",
     FrameKind.MARKER: "abort-marker",
     FrameKind.PYTHON: "cpython",
+    FrameKind.JVM: "jvm",
 }
 BUILD_ID_GNU = "process.executable.build_id.gnu"
 BUILD_ID_HTLHASH = "process.executable.build_id.htlhash"

@@ -12,6 +12,7 @@ anything relies on it, that methods read back as sensible names. Every failure i
 from __future__ import annotations
 
 import struct
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -44,10 +45,18 @@ class JavaMethod:
     signature: str  # the JVM descriptor: ([Ljava/lang/String;)V
     source_file: str  # "Main.java"; "" when the class has none
     lines: tuple[tuple[int, int], ...]  # (start bci, line), in the table's order; () without a table
+    code_start: int = 0  # where its bytecodes are (right after its ConstMethod), to place a bytecode pointer
+    code_size: int = 0
 
     @property
     def qualified(self) -> str:
         return f"{self.class_name}.{self.name}"
+
+    def bci(self, bcp: int) -> int:
+        """The bytecode index a frame's bytecode pointer stands at; -1 when it is not inside the
+        method's bytecodes (a frame caught while it was being set up)."""
+        offset = bcp - self.code_start
+        return offset if 0 <= offset < self.code_size else -1
 
     def line_at(self, bci: int) -> int:
         """The source line of bytecode index `bci`: the entry with the highest start at or below it, as
@@ -128,16 +137,38 @@ class MethodReader:
         except KeyError as e:
             raise MethodReadError(f"this JVM's vmStructs lack {e.args[0]}") from None
         self._memory = memory
+        # The pipeline thread reads methods while the JVM lives (`agent.flow.jvm`); the report thread
+        # names frames from them, maybe after it has exited.
+        self._lock = threading.Lock()
         self._cache: LruCache[tuple[int, int], JavaMethod] = LruCache(cache_size)
+        self._latest: LruCache[int, JavaMethod] = LruCache(cache_size)  # by Method* alone
 
     def method(self, method: int) -> JavaMethod:
-        """The method at `method` (a Method*), from the cache when its ConstMethod is the same."""
-        lay = self._layout
-        const = self._ptr(method + lay.method_const)
-        key = (method, const)
-        cached = self._cache.get(key)
-        if cached is not None:
+        """The method at `method` (a Method*), from the cache when its ConstMethod is the same (a class
+        redefined since has another); when the JVM can no longer be read (it exited), the one last read
+        at that address."""
+        with self._lock:
+            try:
+                const = self._ptr(method + self._layout.method_const)
+            except MethodReadError:
+                latest = self._latest.get(method)
+                if latest is None:
+                    raise
+                return latest
+            cached = self._cache.get((method, const))
+            if cached is None:
+                cached = self._read_method(method, const)
+                self._cache.put((method, const), cached)
+                self._latest.put(method, cached)
             return cached
+
+    def bci(self, method: int, bcp: int) -> int:
+        """The bytecode index a frame's bytecode pointer stands at, in `method`; -1 when it is not
+        inside the method's bytecodes (a frame caught while it was being set up)."""
+        return self.method(method).bci(bcp)
+
+    def _read_method(self, method: int, const: int) -> JavaMethod:
+        lay = self._layout
         pool = self._ptr(const + lay.const_constants)
         holder = self._ptr(pool + lay.pool_holder)
         found = JavaMethod(
@@ -146,17 +177,10 @@ class MethodReader:
             signature=self._pool_symbol(pool, self._u16(const + lay.const_signature_index)),
             source_file=self._source_file(pool),
             lines=self._lines(const),
+            code_start=const + lay.const_size,
+            code_size=self._u16(const + lay.const_code_size),
         )
-        self._cache.put(key, found)
         return found
-
-    def bci(self, method: int, bcp: int) -> int:
-        """The bytecode index a frame's bytecode pointer stands at, in `method`; -1 when it is not
-        inside the method's bytecodes (a frame caught while it was being set up)."""
-        lay = self._layout
-        const = self._ptr(method + lay.method_const)
-        offset = bcp - (const + lay.const_size)
-        return offset if 0 <= offset < self._u16(const + lay.const_code_size) else -1
 
     def symbol(self, address: int) -> str:
         """A Symbol's text (modified UTF-8, read as UTF-8)."""
