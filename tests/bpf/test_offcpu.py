@@ -29,7 +29,7 @@ from agent.probes.reader import PerfReader
 from agent.probes.records import STACK_EVENT_SIZE
 from agent.probes.settings import OffCpuConfig
 from tests.support.agent import STARTUP_TIMEOUT_S, free_port, start_agent, wait_for_log
-from tests.support.blocks import kernel_bounds, read_blocks, stolen_ns
+from tests.support.blocks import STAT_TICK_NS, kernel_bounds, read_blocks, stolen_ns
 from tests.support.config import profiling
 from tests.support.profiles import ReadSample, read_all, read_pprof, samples_of
 from tests.support.stats import binomial_tolerance, poisson_tolerance
@@ -173,9 +173,10 @@ def profile_in_process(
     offcpu: OffCpuConfig,
     sample_every: int = 1,
     env: dict[str, str] | None = None,
-) -> tuple[list[StackEvent], dict[str, float], dict[str, int]]:
+) -> tuple[list[StackEvent], dict[str, float], dict[str, int], int]:
     """Run the workload (SECONDS THREADS SLICE_US) under the probe alone, limited to its pid; returns
-    its decoded events, its truth and what the probe counted as lost. `env` adds to its environment."""
+    its decoded events, its truth, what the probe counted as lost, and the hypervisor steal while it
+    ran (`stolen_ns`, for `kernel_bounds`). `env` adds to its environment."""
     workload = subprocess.Popen(
         [str(binary), *args, "gate"],
         stdin=subprocess.PIPE,
@@ -193,10 +194,12 @@ def profile_in_process(
         program.attach()
         reader = PerfReader(program)
         assert workload.stdin is not None
+        stolen_before = stolen_ns()
         workload.stdin.write("g")
         workload.stdin.flush()
         while workload.poll() is None:
             reader.poll(100)
+        stolen = stolen_ns() - stolen_before
         reader.drain()
         output = workload.communicate(timeout=10)[0]
     finally:
@@ -205,7 +208,7 @@ def profile_in_process(
     assert workload.returncode == 0
     stack_events = [e for e in events if isinstance(e, StackEvent)]
     assert {e.pid for e in stack_events} == {workload.pid}  # the pid filter, in the kernel
-    return stack_events, truth_of(output), probe.stats.lost
+    return stack_events, truth_of(output), probe.stats.lost, stolen
 
 
 MIN_BLOCK_US = 450
@@ -218,7 +221,7 @@ def test_min_block_is_applied_in_the_kernel(tmp_path: Path) -> None:
     around its syscall, not the length it asked for."""
     binary = compile_workload("offcpu_split", tmp_path)
     durations = tmp_path / "durations"
-    events, truth, lost = profile_in_process(
+    events, truth, lost, stolen = profile_in_process(
         binary,
         ["2", "2", "300"],
         OffCpuConfig(min_block_us=MIN_BLOCK_US, attach="auto"),
@@ -230,9 +233,11 @@ def test_min_block_is_applied_in_the_kernel(tmp_path: Path) -> None:
     minimum = MIN_BLOCK_US * 1000
     assert all(e.values[1] >= minimum for e in events)
     # No sampling, so no statistical tolerance: the bounds come from the measured blocks (see
-    # kernel_bounds), and leave free only those within EDGE_NS of the minimum and the preempted ones.
-    bounds = kernel_bounds(blocks, minimum, threads=2)
-    assert bounds.min_count >= 0.4 * len(blocks), (bounds, truth)  # wait_a's blocks (half) are all sure
+    # kernel_bounds), and leave free only those within EDGE_NS of the minimum, the preempted ones, and
+    # what the hypervisor's steal over the run could have spoiled. Without steal, wait_a's blocks
+    # (half) are all sure: the measurement itself can tell kept from dropped.
+    assert kernel_bounds(blocks, minimum, threads=2).min_count >= 0.4 * len(blocks), truth
+    bounds = kernel_bounds(blocks, minimum, threads=2, stolen=stolen)
     assert bounds.min_count <= len(events) <= bounds.max_count, (len(events), bounds, truth)
     kept_ns = sum(e.values[1] for e in events)
     assert bounds.min_ns <= kept_ns <= bounds.max_ns, (kept_ns, bounds, truth)
@@ -244,7 +249,7 @@ def test_sampling_keeps_one_in_n_with_unbiased_weights(tmp_path: Path) -> None:
     every = 4
     binary = compile_workload("offcpu_split", tmp_path)
     durations = tmp_path / "durations"
-    events, truth, lost = profile_in_process(
+    events, truth, lost, stolen = profile_in_process(
         binary,
         ["3", "2", "500"],
         OffCpuConfig(min_block_us=100, attach="auto"),
@@ -255,7 +260,7 @@ def test_sampling_keeps_one_in_n_with_unbiased_weights(tmp_path: Path) -> None:
     blocks = read_blocks(durations)
     assert len(blocks) == truth["blocks"], truth
     assert events and all(e.values[0] == every for e in events)
-    bounds = kernel_bounds(blocks, 100_000, threads=2)
+    bounds = kernel_bounds(blocks, 100_000, threads=2, stolen=stolen)
     # Each block the kernel timed is kept with probability 1/4, independently: the number kept is
     # binomial, within 4 standard errors (sqrt(p(1-p)/n) of the share) of a quarter of those blocks.
     share = 1 / every
@@ -284,7 +289,7 @@ def test_blocks_whose_stacks_were_evicted_are_counted(tmp_path: Path, monkeypatc
     monkeypatch.setattr(offcpu, "STACK_MAP_BYTES", 4 * STACK_EVENT_SIZE)
     binary = compile_workload("offcpu_split", tmp_path)
     durations = tmp_path / "durations"
-    events, truth, lost = profile_in_process(
+    events, truth, lost, stolen = profile_in_process(
         binary,
         ["2", "16", "2000"],
         OffCpuConfig(min_block_us=100, attach="auto"),
@@ -295,7 +300,7 @@ def test_blocks_whose_stacks_were_evicted_are_counted(tmp_path: Path, monkeypatc
     evicted = lost.get("stacks_evicted", 0)
     assert evicted > 0, lost
     # Nothing sampled: every block the kernel timed is sent or counted, within the measured bounds.
-    bounds = kernel_bounds(blocks, 100_000, threads=16)
+    bounds = kernel_bounds(blocks, 100_000, threads=16, stolen=stolen)
     assert bounds.min_count <= len(events) + evicted <= bounds.max_count, (len(events), lost, bounds)
     # Each record carries its own block's stacks: at one syscall site (user leaf) the blocks are all
     # wait_a's (asked for 4 ms, never shorter than 3 ms) or all wait_b's (asked for 2 ms; a late wake-up
@@ -316,13 +321,19 @@ def test_blocks_whose_stacks_were_evicted_are_counted(tmp_path: Path, monkeypatc
             durations_at[event.user.addresses[0]].append(event.values[1])
     sites = [site for site in durations_at.values() if len(site) >= 3]
     assert sites, durations_at
-    mixed = []
+    # A wait_a site's block can still be timed under 3 ms by the kernel: hypervisor steal between the
+    # sleep's start and the switch-out (see tests/support/blocks.py) shortens it as the kernel sees
+    # it, by 1 ms or more for that, and nothing else can. So the sites that are clearly not wait_b's
+    # hold, in all, no more short blocks than the steal counted over the run could have made.
+    spoilable = (stolen + STAT_TICK_NS) // 1_000_000
+    a_like = []
     for site in sites:
         share = sum(d > 3e6 for d in site) / len(site)
         slack = binomial_tolerance(long_share["b"], len(site)) + 1 / len(site)
-        if share < 1.0 and share > long_share["b"] + slack:
-            mixed.append((share, len(site)))
-    assert not mixed, (mixed, long_share)
+        if share > long_share["b"] + slack:
+            a_like.append(site)
+    spoiled = sum(sum(d <= 3e6 for d in site) for site in a_like)
+    assert spoiled <= spoilable, (spoiled, spoilable, [(len(site), sum(d > 3e6 for d in site)) for site in a_like])
 
 
 @pytest.mark.parametrize(("filter_pids", "stack_bytes"), [(0, 0), (1, 0), (0, 8192)])
