@@ -64,8 +64,10 @@ def test_unreadable_kallsyms_is_counted_not_raised(tmp_path: Path) -> None:
 
 
 def test_cache_reloads_only_after_the_interval(tmp_path: Path) -> None:
+    """With a modules file that cannot be read (here a directory), the interval alone decides."""
     path = tmp_path / "kallsyms"
     path.write_text("ffffffff81000000 T first_name\n")
+    (tmp_path / "modules").mkdir()
     now = [1000.0]
     stats = SymbolizerStats()
     cache = KallsymsCache(path, stats, reload_interval_s=300.0, clock=lambda: now[0])
@@ -96,3 +98,18 @@ def test_cache_reloads_only_when_the_modules_changed(tmp_path: Path) -> None:
     now[0] += 300.0
     assert cache.table().lookup(0xFFFFFFFF81000010) == "second_name"
     assert stats.kallsyms_loads == 2
+
+
+def test_a_kernel_without_modules_has_its_kallsyms_read_once(tmp_path: Path) -> None:
+    """No /proc/modules (a kernel built without module support, as this VM's): its text never changes,
+    so kallsyms is not parsed again. Parsing it again every 300 s grew the agent's RSS by 15 MB in one
+    step, which Python's allocator never handed back (#17)."""
+    path = tmp_path / "kallsyms"
+    path.write_text("ffffffff81000000 T first_name\n")
+    now = [1000.0]
+    stats = SymbolizerStats()
+    cache = KallsymsCache(path, stats, reload_interval_s=300.0, clock=lambda: now[0])
+    for _ in range(4):
+        assert cache.table().lookup(0xFFFFFFFF81000010) == "first_name"
+        now[0] += 300.0
+    assert stats.kallsyms_loads == 1
