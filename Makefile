@@ -54,6 +54,13 @@ install-service:
 image: setup
 	@$(AS_ROOT); deploy/image/build.sh
 
+# Ten minutes of every profiler on a mixed load, OTLP to the real Collector and files on (as root; not
+# in CI): writes docs/soak.md. SOAK_ARGS passes options, e.g. SOAK_ARGS="--minutes 2".
+SOAK_ARGS ?=
+.PHONY: soak
+soak: setup
+	@$(AS_ROOT); $(PY) -m bench.soak --command "$(strip make soak $(SOAK_ARGS))" $(SOAK_ARGS)
+
 # Benchmarks (as root): builds bench/workloads, runs every scenario beside BCC's tools, and writes
 # docs/benchmarks.md and docs/benchmarks.json. BENCH_ARGS passes options, e.g. BENCH_ARGS="--reps 1".
 BENCH_ARGS ?=

@@ -23,13 +23,12 @@ import pytest
 
 from agent._proto import profile_pb2
 from tests.support.agent import STARTUP_TIMEOUT_S, free_port, start_agent, wait_for_log
+from tests.support.otelcol import start_collector, stop_collector
 from tests.support.stats import binomial_tolerance
 from tests.support.workloads import compile_workload
 
-from .conftest import start_collector, stop_collector
-
 if TYPE_CHECKING:
-    from tests.e2e.conftest import Collector
+    from tests.support.otelcol import Collector
 
 pytestmark = pytest.mark.bpf
 

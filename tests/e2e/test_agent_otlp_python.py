@@ -23,7 +23,7 @@ from tests.support.stats import binomial_tolerance
 from .test_agent_otlp import _assert_clean, _inclusive_weights, _profiles
 
 if TYPE_CHECKING:
-    from tests.e2e.conftest import Collector
+    from tests.support.otelcol import Collector
 
 pytestmark = pytest.mark.bpf
 FREQUENCY = 99

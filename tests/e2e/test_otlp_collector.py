@@ -32,7 +32,7 @@ from agent.symbolize.types import (
 from agent.types import ProfileSpec, ValueType
 
 if TYPE_CHECKING:  # the fixture type only; pytest itself loads conftest
-    from tests.e2e.conftest import Collector
+    from tests.support.otelcol import Collector
 
 CPU = ProfileSpec(
     name="cpu",
