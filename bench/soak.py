@@ -73,7 +73,7 @@ def start_load(binaries: dict[str, Path], directory: Path) -> list[subprocess.Po
     time.sleep(1)
     for process in load:
         if process.poll() is not None:
-            raise RuntimeError(f"{process.args} exited at once ({process.returncode})")
+            raise RuntimeError(f"{process.args!r} exited at once ({process.returncode})")
     return load
 
 
