@@ -135,7 +135,9 @@ class Daemon:
         if config.jvm.enabled and self.unwinder is not None:
             self.java = JavaFrames(self.processes.get, self.unwinder)
         self.probes = make_probes(config, self._events.put, copy_bytes, unwind)
-        self.program = ProbeProgram(config.profiling, self.probes, self._events.put, config.python)
+        self.program = ProbeProgram(
+            config.profiling, self.probes, self._events.put, config.python, announced=self.processes.announced
+        )
         self.sampler: AdaptiveSampler | None = None
         self.sinks: list[Sink] = []
         self.otlp: OtlpSink | None = None

@@ -4,15 +4,17 @@ Stack events pass the sampling stage's keep decision and are summed into their p
 (aggregate). CPU and off-CPU events whose program copies the user stack arrive unwound already (the
 reader's decoder runs the unwind stage inside the perf-buffer callback, see `agent.unwind.unwinder`);
 allocation events that carry a copy are unwound here, after the keep decision; with `fp` the kernel's
-frame-pointer stack is the user stack. Process events tell the process registry
-(`agent.process.registry`) to capture a process's mappings while it is alive; an `IntervalMark` hands
+frame-pointer stack is the user stack. The process registry (`agent.process.registry`) has captured
+an announced process's mappings as the reader read the event; here a process event resets what the
+selector, the unwinder and the interpreter stages knew of the pid; an `IntervalMark` hands
 each profiler's finished interval to `deliver`. This module starts no threads:
 `agent.daemon` runs `Pipeline.handle` on the thread it owns, and `Pipeline.poll` between batches (the
 timed work of Python processes: the start-up scan and the retries of interpreters not ready yet).
 
 Process filters: with a selector (`agent.metadata.selector.ProcessSelector`), stack events of
 rejected processes are dropped before they are aggregated and counted in `filtered`, and rejected
-processes are never captured by the process registry. Every process event makes the selector forget its
+processes are not inspected; their snapshots, taken at the announcement, expire unseen (after
+`symbolize.process_ttl_intervals`). Every process event makes the selector forget its
 decision about the pid, since a new process or an exec changes what the filters look at. Kernel
 threads are decided by their name alone: with any include pattern they are dropped (see the selector).
 """
@@ -56,12 +58,10 @@ class UnwinderLike(Protocol):
 
 
 class ProcessObserver(Protocol):
-    """What the pipeline needs from the process registry (`agent.process.registry.ProcessRegistry`):
-    capture a live process's mappings, and retire them when its image changes."""
+    """What the pipeline needs from the process registry (`agent.process.registry.ProcessRegistry`): a
+    live process's mappings, captured now unless they were (a process whose announcement was lost)."""
 
     def observe_process(self, pid: int) -> None: ...
-
-    def on_exec(self, pid: int, ended_ns: int = 0) -> None: ...
 
 
 class ProcessSelectorLike(Protocol):
@@ -170,16 +170,15 @@ class Pipeline:
         return self._selector.admits(event.pid)
 
     def _on_process_event(self, event: ProcessEvent) -> None:
-        # NEW comes once per process image (first sample, or first after exec): always capture afresh,
-        # since a reused pid or a finished exec makes an older snapshot wrong. The same goes for the
-        # filters' decision, which is taken again now, while the process is alive.
+        # NEW comes once per process image (first sample, or first after exec): a reused pid or a
+        # finished exec makes what was known of the pid wrong. The filters' decision too is taken
+        # again now, while the process is alive.
         if self._selector is not None:
             self._selector.forget(event.pid)
         if self._unwinder is not None:
             self._unwinder.forget(event.pid)
-        # The older image ended by this event: its samples, which may still be on their way, are named
-        # from it (the registry keeps it, with this time).
-        self._processes.on_exec(event.pid, event.timestamp_ns)
+        # The registry has retired the older image (with this time: its samples, which may still be on
+        # their way, are named from it) and captured the new one as the event was read.
         if self._python is not None:
             self._python.on_exec(event.pid, exec_=event.kind is ProcessEventKind.EXEC)
         if self._java is not None:

@@ -2,8 +2,9 @@
 
 `bpf/agent.bpf.c` is compiled once with the union of the enabled profilers' cflags (`PROFILE_CPU=1`,
 ...): one `known_pids` map, so each process is announced once however many profilers sample it; one
-exec/exit tracepoint pair; one `proc_events` buffer, opened here, whose events go to the probes'
-`note_process_event` hooks and then downstream. Each probe attaches its own events and opens its own
+exec/exit tracepoint pair; one `proc_events` buffer, opened here, whose events go first to the
+`announced` hook (the process registry's capture), then to the probes' `note_process_event` hooks,
+then downstream. Each probe attaches its own events and opens its own
 buffer on the shared object; `readers()` and `drain()` cover every buffer, for one `PerfReader`.
 Counts process events by kind (`process_events`) and logs each announcement at debug level.
 
@@ -19,7 +20,7 @@ import ctypes
 import logging
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from agent.errors import BpfLoadError
@@ -42,6 +43,8 @@ KNOWN_PIDS_ENTRIES = 65536
 PROC_EVENT_PAGES = 8
 PROCESS_EVENTS = "proc_events"
 
+Announced = Callable[[int, int, bool], None]  # (pid, timestamp_ns, exec_)
+
 
 class ProbeProgram:
     def __init__(
@@ -51,11 +54,15 @@ class ProbeProgram:
         emit: Emit,
         python: PythonSettings | None = None,
         features: KernelFeatures | None = None,
+        announced: Announced | None = None,
     ) -> None:
-        """`python`: the walker's settings (None: no Python frames); `features` default to this host's."""
+        """`python`: the walker's settings (None: no Python frames); `features` default to this host's.
+        `announced(pid, timestamp_ns, exec_)` hears each exec and first record as it is read, before
+        it is emitted (the process registry captures the process then, while it is surely alive)."""
         self._config = config
         self.probes = tuple(probes)
         self._emit = emit
+        self._announced = announced
         self._python = python
         self._features = features
         self._bpf: Any = None
@@ -141,6 +148,8 @@ class ProbeProgram:
         if event.kind is ProcessEventKind.PYTHON_CODE:
             return  # counted for the reader's pace only: the code object comes with the stack events
         logger.debug("process %d announced (%s)", event.pid, kind)
+        if self._announced is not None:
+            self._announced(event.pid, event.timestamp_ns, event.kind is ProcessEventKind.EXEC)
         for probe in self.probes:
             probe.note_process_event(event)
         self._emit(event)

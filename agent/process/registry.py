@@ -18,7 +18,11 @@ retired, or current, snapshot back, so the samples it left in the interval are s
 matters because a multi-threaded process is announced again when its main thread exits before the
 others, and that announcement retires the snapshot like an exec does.
 
-`observe_process` and `on_exec` run on the pipeline thread, the symbolizer's `observe`, `refresh` and
+`announced` runs on the perf-reader thread, as each process event is read: a process may live a few
+milliseconds (a build's compiler, a shell's `sed`), and the pipeline thread can be busy for longer (the
+first inspection of an interpreter reads its ELF symbols: ~50 ms), so waiting for it lost whole short
+processes (seen: a 70 ms process's samples left with no mapping at all). `observe_process` runs on the
+pipeline thread, the symbolizer's `observe`, `refresh` and
 `end_interval` on the report thread, and `get` also on the perf-reader thread (the unwind stage, for
 CPU and off-CPU stack copies) and on the pipeline thread (for allocation stack copies). The lock only guards
 the dictionaries and the counters; /proc (maps and cgroup alike) is read outside it, so no thread waits
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +69,7 @@ class _Tracked:
     maps: ProcessMaps
     labels: ProcessLabels
     last_seen: int  # the registry generation (count of ended intervals) when the pid was last seen
+    captured_ns: int  # CLOCK_MONOTONIC just before its /proc files were read
 
 
 # A retired snapshot is kept through two ended intervals: the one being symbolized when it was retired,
@@ -126,11 +132,23 @@ class ProcessRegistry:
             for observer in self._observers:
                 observer(pid)
 
+    def announced(self, pid: int, timestamp_ns: int, exec_: bool) -> None:
+        """A process event, at once as it is read (see the module docstring): an exec (`exec_`) retires
+        the pid's image; a process's first record (or its first after an exec, or under a reused pid)
+        retires any older snapshot and captures the image it runs now."""
+        self.on_exec(pid, timestamp_ns)
+        if not exec_:
+            self.capture(pid)
+
     def on_exec(self, pid: int, ended_ns: int = 0) -> None:
         """Retire the pid's snapshot: exec replaced its image (at `ended_ns`, CLOCK_MONOTONIC, when
         known), the next observation recaptures it (see the module docstring for why it is retired
-        rather than dropped)."""
+        rather than dropped). A snapshot read after `ended_ns` already shows the new image and stays:
+        events from different CPUs' buffers arrive out of order, the exec after a first record."""
         with self._lock:
+            current = self._tracked.get(pid)
+            if current is not None and ended_ns and current.captured_ns > ended_ns:
+                return
             tracked = self._tracked.pop(pid, None)
             if tracked is not None:
                 images = self._retired.setdefault(pid, [])
@@ -170,6 +188,7 @@ class ProcessRegistry:
         and return None."""
         if pid <= 0:
             return None  # pid 0 is the idle task: no /proc entry, no user space
+        started_ns = time.monotonic_ns()  # the kernel's events are stamped with this clock
         try:
             maps = read_process_maps(self.proc_root, pid)
         except (FileNotFoundError, ProcessLookupError):
@@ -190,7 +209,7 @@ class ProcessRegistry:
         # Best effort and never raises: a process gone by now keeps its snapshot with empty labels.
         labels = self._metadata.read(pid)
         with self._lock:
-            self._tracked[pid] = _Tracked(maps, labels, self._generation)
+            self._tracked[pid] = _Tracked(maps, labels, self._generation, started_ns)
             # Retired images stay for the samples from before their exec; one whose end is unknown
             # names nothing the new snapshot does not.
             images = self._retired.get(pid)

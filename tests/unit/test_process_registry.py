@@ -5,6 +5,7 @@ through a `Symbolizer`, which reads its snapshots and ends its intervals as the 
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,42 @@ def test_on_exec_makes_the_next_observation_recapture(
     symbolizer.processes.on_exec(20)
     symbolizer.processes.observe_process(20)
     assert symbolizer.symbolize(interval(agg(20))).processes[20].comm == "python3"
+
+
+def test_an_announcement_captures_at_once_and_an_exec_retires_first(
+    fake_proc: Path, add_fake_process: AddFakeProcess
+) -> None:
+    """What the perf-reader thread does with each process event (seen without it: a 70 ms process that
+    the busy pipeline thread reached only after it had exited, all its samples left unnamed)."""
+    processes = ProcessRegistry(fake_proc)
+    add_fake_process(21, [], comm="sh")
+    processes.announced(21, time.monotonic_ns(), exec_=False)
+    assert processes.stats.captured == 1 and (snapshot := processes.snapshot(21)) is not None
+    assert snapshot.maps.comm == "sh"
+    exec_ns = time.monotonic_ns()
+    (fake_proc / "21" / "comm").write_text("python3\n")
+    processes.announced(21, exec_ns, exec_=True)  # retires the image; the next first record captures
+    assert processes.get(21) is None and processes.stats.captured == 1
+    retired = processes.retired_at(21, exec_ns - 1)
+    assert retired is not None and retired.maps.comm == "sh"
+    processes.announced(21, time.monotonic_ns(), exec_=False)
+    assert (current := processes.snapshot(21)) is not None and current.maps.comm == "python3"
+
+
+def test_an_exec_read_after_the_new_image_was_captured_keeps_that_capture(
+    fake_proc: Path, add_fake_process: AddFakeProcess
+) -> None:
+    """Each CPU has its own buffer: the new image's first record (another CPU) can be read before the
+    exec's event. The snapshot it captured, read after the exec, is the new image's: it stays current."""
+    processes = ProcessRegistry(fake_proc)
+    add_fake_process(22, [], comm="sed")
+    exec_ns = time.monotonic_ns()
+    processes.announced(22, time.monotonic_ns(), exec_=False)
+    processes.announced(22, exec_ns, exec_=True)
+    assert (current := processes.snapshot(22)) is not None and current.maps.comm == "sed"
+    assert processes.retired_at(22, exec_ns - 1) is None
+    processes.on_exec(22, time.monotonic_ns())  # a later exec does retire it
+    assert processes.get(22) is None
 
 
 def test_vanished_and_unreadable_pids_do_not_raise(symbolizer: Symbolizer, add_fake_process: AddFakeProcess) -> None:

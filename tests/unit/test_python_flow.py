@@ -124,9 +124,6 @@ class Observer:
     def observe_process(self, pid: int) -> None:
         pass
 
-    def on_exec(self, pid: int, ended_ns: int = 0) -> None:
-        pass
-
 
 ENABLED = PythonProcess(
     PID, PythonState.ENABLED, version=(3, 12), layout=PY312, spec=spec_of_layout(PY312, TlsSlot(792))

@@ -153,9 +153,6 @@ class RecordingObserver:
     def observe_process(self, pid: int) -> None:
         self.calls.append(("observe_process", pid))
 
-    def on_exec(self, pid: int, ended_ns: int = 0) -> None:
-        self.calls.append(("on_exec", pid))
-
 
 class Harness:
     def __init__(self) -> None:
@@ -260,20 +257,22 @@ def test_each_profiler_aggregates_into_its_own_interval(h: Harness) -> None:
     assert h.observer.calls == [("observe_process", 100), ("observe_process", 200)]
 
 
-def test_new_process_event_calls_on_exec_then_observe_process(h: Harness) -> None:
+def test_new_process_event_observes_the_process_once(h: Harness) -> None:
+    # The registry captured it as the reader read the event (ProcessRegistry.announced): the pipeline
+    # only marks it seen, which tells the registry's observers (the perf-map store).
     h.pipeline.handle(ProcessEvent(1, 300, ProcessEventKind.NEW))
-    assert h.observer.calls == [("on_exec", 300), ("observe_process", 300)]
-    h.pipeline.handle(cpu_event(300))  # already captured: not again
-    assert h.observer.calls == [("on_exec", 300), ("observe_process", 300)]
+    assert h.observer.calls == [("observe_process", 300)]
+    h.pipeline.handle(cpu_event(300))  # already observed: not again
+    assert h.observer.calls == [("observe_process", 300)]
 
 
-def test_exec_event_calls_on_exec_only(h: Harness) -> None:
+def test_exec_event_makes_the_next_sample_observe_the_process_again(h: Harness) -> None:
     h.pipeline.handle(cpu_event(300))
     h.observer.calls.clear()
     h.pipeline.handle(ProcessEvent(1, 300, ProcessEventKind.EXEC))
-    assert h.observer.calls == [("on_exec", 300)]
-    h.pipeline.handle(cpu_event(300))  # the new image's mappings are captured on its next sample
-    assert h.observer.calls == [("on_exec", 300), ("observe_process", 300)]
+    assert h.observer.calls == []
+    h.pipeline.handle(cpu_event(300))  # covers a new image whose announcement was lost
+    assert h.observer.calls == [("observe_process", 300)]
 
 
 def test_first_cpu_event_of_an_unseen_pid_observes_it_once_per_interval(h: Harness) -> None:

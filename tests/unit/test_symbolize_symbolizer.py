@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -179,8 +180,8 @@ def test_samples_from_before_an_exec_are_named_from_the_image_they_ran_in(
     registry = ProcessRegistry(fake_proc)
     symbolizer = Symbolizer(registry)
     registry.observe_process(102)
-    exec_ns = 5_000
-    registry.on_exec(102, exec_ns)  # as the pipeline does on the EXEC event, with its timestamp
+    exec_ns = time.monotonic_ns()  # after that capture, as the exec that ends its image
+    registry.announced(102, exec_ns, exec_=True)  # as the reader does with the EXEC event
     (pid_dir / "maps").write_text("".join(line + "\n" for line in maps_for(nopie, 0)))
     (pid_dir / "comm").write_text("after\n")
     (pid_dir / "exe").unlink()
@@ -188,10 +189,13 @@ def test_samples_from_before_an_exec_are_named_from_the_image_they_ran_in(
     registry.observe_process(102)
     pie_nm, nopie_nm = nm_functions(pie), nm_functions(nopie)
     before = AggregatedSample(
-        SampleKey(102, 102, 0, EMPTY_STACK, user_stack(PIE_BASE + pie_nm["leaf_a"][0] + 4)), "before", (1,), (4_000,)
+        SampleKey(102, 102, 0, EMPTY_STACK, user_stack(PIE_BASE + pie_nm["leaf_a"][0] + 4)),
+        "before",
+        (1,),
+        (exec_ns - 1_000,),
     )
     after = AggregatedSample(
-        SampleKey(102, 102, 0, EMPTY_STACK, user_stack(nopie_nm["outer_c"][0] + 4)), "after", (1,), (6_000,)
+        SampleKey(102, 102, 0, EMPTY_STACK, user_stack(nopie_nm["outer_c"][0] + 4)), "after", (1,), (exec_ns + 1_000,)
     )
     profile = symbolizer.symbolize(interval(before, after))
     assert [functions(profile, i) for i in range(2)] == [["leaf_a"], ["outer_c"]]
