@@ -220,3 +220,24 @@ def test_libc_function_entries_have_the_entry_rule() -> None:
     assert len(starts) > 1000
     wrong = {hex(address): table.lookup(address) for address in sorted(starts) if table.lookup(address) != ENTRY}
     assert not wrong
+
+
+def test_plt_stubs_get_the_rule_of_the_linkers_plt_expression(tmp_path: Path) -> None:
+    """The .plt's FDE computes its CFA with an expression of rip: rsp + 8 until a stub's push, rsp + 16
+    after it. Seen as CFA_UNSUPPORTED: a sample in a stub named its caller's caller instead of its caller."""
+    require_toolchain()
+    source = tmp_path / "calls_libc.c"
+    source.write_text('#include <stdio.h>\n#include <stdlib.h>\nint main(void) { puts("x"); return abs(rand()); }\n')
+    binary = tmp_path / "calls_libc"
+    subprocess.run(["gcc", "-O1", "-o", str(binary), str(source)], check=True)
+    with open(binary, "rb") as f:
+        plt = ELFFile(f).get_section_by_name(".plt")
+        assert plt is not None, "the linker wrote no .plt"
+        start, size = plt["sh_addr"], plt["sh_size"]
+    table = read_unwind_table(binary)
+    assert size >= 32  # PLT0 and at least one stub
+    for stub in range(start + 16, start + size, 16):
+        assert table.lookup(stub) == ENTRY  # at the stub's jmp: the return address on top of the stack
+        assert table.lookup(stub + 10) == ENTRY
+        assert table.lookup(stub + 11) == Rule(RSP, 16, None, -8)  # after its push of the relocation index
+        assert table.lookup(stub + 15) == Rule(RSP, 16, None, -8)
