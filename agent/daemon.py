@@ -221,6 +221,8 @@ class Daemon:
             self.python_inspector = self.python_codes = None  # loaded without the walker: nothing to inspect
         self.program.attach()
         self._reader = PerfReader(self.program)
+        if self.unwinder is not None:
+            self.unwinder.catch_up = self._reader.read_announcements
         self.sampler = AdaptiveSampler(self.config.sampling, self.probes, self.keep)
 
     def _describe(self) -> str:

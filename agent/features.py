@@ -5,7 +5,9 @@ and their registry choose their fallbacks from them (hardware cycles or the soft
 kprobe on the scheduler or the sched_switch tracepoint, a user stack copy for DWARF unwinding or frame
 pointers only). Owns every such probe: the perf-event PMU, kprobes (and the scheduler symbol they would
 hook), BTF, the task user registers (`bpf_task_pt_regs`) that a stack copy needs, and the offset of a
-task's TLS base (`task_struct.thread.fsbase`, from BTF via `agent.btf`) that the Python walker needs.
+task's TLS base (`task_struct.thread.fsbase`, from BTF via `agent.btf`) that the Python walker needs,
+and the offsets of the fields that say where a process image lies (`IMAGE_MEMBERS`: its executable's
+text, its mmap region, its vDSO, its executable's inode), which a process announcement carries.
 `kernel_features()` probes once per process and caches the result; the functions below take their
 roots as parameters so unit tests can give fake ones.
 """
@@ -24,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.btf import BtfError, read_member_offset
+from agent.btf import Btf, BtfError, read_member_offset
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,20 @@ BTF_VMLINUX = Path("/sys/kernel/btf/vmlinux")
 TASK_REGS_MIN_KERNEL = (5, 15)  # bpf_task_pt_regs
 # Where x86-64 keeps a task's FS base (its TLS base; glibc's and musl's pthread_t) while it is not running.
 TASK_FSBASE_MEMBERS = {"x86_64": ("thread", "fsbase")}
+# -D name -> (struct, member path): what a process announcement reads to lay out a process that has
+# gone before its maps could be read (agent/process/templates.py). `mm_context_t.vdso` is x86-64's
+# (and arm64's) name.
+IMAGE_MEMBERS = {
+    "TASK_MM_OFFSET": ("task_struct", ("mm",)),
+    "MM_START_CODE_OFFSET": ("mm_struct", ("start_code",)),
+    "MM_MMAP_BASE_OFFSET": ("mm_struct", ("mmap_base",)),
+    "MM_VDSO_OFFSET": ("mm_struct", ("context", "vdso")),
+    "MM_EXE_FILE_OFFSET": ("mm_struct", ("exe_file",)),
+    "FILE_INODE_OFFSET": ("file", ("f_inode",)),
+    "INODE_INO_OFFSET": ("inode", ("i_ino",)),
+    "INODE_SB_OFFSET": ("inode", ("i_sb",)),
+    "SB_DEV_OFFSET": ("super_block", ("s_dev",)),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +71,9 @@ class KernelFeatures:
     # thread's TLS base there), or None, with the reason, when BTF cannot tell.
     task_fsbase_offset: int | None = None
     task_fsbase_unavailable: str = "not probed"
+    # IMAGE_MEMBERS' offsets (by -D name) in the running kernel, or None, with the reason.
+    image_offsets: dict[str, int] | None = None
+    image_offsets_unavailable: str = "not probed"
 
     @property
     def switch_kprobe(self) -> str | None:
@@ -139,12 +158,28 @@ def task_fsbase_offset(btf: Path = BTF_VMLINUX, machine: str | None = None) -> t
         return None, f"task_struct.{'.'.join(members)} not found in {btf}: {e}"
 
 
+def image_offsets(btf: Path = BTF_VMLINUX) -> tuple[dict[str, int] | None, str]:
+    """(IMAGE_MEMBERS' offsets by -D name, "") from the kernel's BTF, or (None, why not)."""
+    try:
+        data = btf.read_bytes()
+    except OSError as e:
+        return None, f"cannot read {btf}: {e.strerror or e}"
+    try:
+        types = Btf(data)
+        return {name: types.member_offset(struct, path) for name, (struct, path) in IMAGE_MEMBERS.items()}, ""
+    except BtfError as e:
+        return None, f"{btf}: {e}"
+
+
 def read_kernel_features(root: Path = Path("/"), release: str | None = None) -> KernelFeatures:
     kprobes = kprobes_available(root)
     btf = root / BTF_VMLINUX.relative_to("/")
     fsbase_offset, fsbase_unavailable = task_fsbase_offset(btf)
     if fsbase_offset is None:
         logger.warning("Python frames are off: %s", fsbase_unavailable)
+    offsets, offsets_unavailable = image_offsets(btf)
+    if offsets is None:
+        logger.warning("processes that exit before their maps are read stay unnamed: %s", offsets_unavailable)
     return KernelFeatures(
         hardware_cycles=hardware_cycles_available(),
         kprobes=kprobes,
@@ -152,6 +187,8 @@ def read_kernel_features(root: Path = Path("/"), release: str | None = None) -> 
         task_regs_unavailable=task_regs_unavailable(release, btf),
         task_fsbase_offset=fsbase_offset,
         task_fsbase_unavailable=fsbase_unavailable,
+        image_offsets=offsets,
+        image_offsets_unavailable=offsets_unavailable,
     )
 
 

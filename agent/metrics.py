@@ -265,7 +265,7 @@ class AgentCollector(Collector):
         frames.add_metric(["named"], stats.frames_symbolized)
         frames.add_metric(["unnamed"], stats.frames_unsymbolized)
         processes = _counter("symbolize_processes", "Process snapshots, by event.", ("event",))
-        for event in ("captured", "vanished", "refreshed", "expired"):
+        for event in ("captured", "vanished", "refreshed", "expired", "laid_out"):
             processes.add_metric([event], getattr(process_stats, event))
         jit = _counter("symbolize_jit_addresses", "JIT addresses looked up in perf maps, by result.", ("result",))
         jit.add_metric(["named"], stats.perf_map_hits)

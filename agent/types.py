@@ -1,7 +1,9 @@
 """Base module: the value types every stage shares, from the probes to the exporters.
 
 This module owns `Stack` (one captured stack of raw addresses, with the kernel's `StackStatus`),
-`EMPTY_STACK`, `ValueType` and `ProfileSpec` (what one profiler's sample values mean). The probes make
+`EMPTY_STACK`, `ValueType` and `ProfileSpec` (what one profiler's sample values mean), and
+`ImageLayout` (where a process image lies, as its announcement says: the probes make it, the process
+registry lays out a process that has gone from it). The probes make
 stacks and declare specs, the unwind stage replaces user stacks, and the aggregate, symbolize, pprof
 and export stages read both; keeping them here, upstream of every stage, lets each import them without
 importing a stage downstream of itself (see tests/unit/test_layering.py).
@@ -117,3 +119,17 @@ class ProfileSpec:
     sample_types: tuple[ValueType, ...]
     period_type: ValueType
     period: int
+
+
+@dataclass(frozen=True, slots=True)
+class ImageLayout:
+    """Where a process image's randomized regions lie and which executable it runs, read by BPF as the
+    process was announced (bpf/common.h, struct proc_event). `exe_dev` is the kernel's dev_t encoding
+    (major << 20 | minor), compared only with other announcements'."""
+
+    exe_dev: int
+    exe_ino: int
+    start_code: int  # the executable's text: it moves with the executable's load base
+    mmap_base: int  # the top of the mmap region: the dynamic loader and the shared libraries move with it
+    vdso: int
+    comm: str

@@ -26,7 +26,8 @@
  *   (user stack copied per record for DWARF unwinding; 0: none); off-CPU: USE_KPROBE (0/1),
  *   BLOCKED_ENTRIES, STACK_ENTRIES; allocations: THREAD_ENTRIES; Python frames: PYTHON_FRAMES (the walk's
  *   limit, python.max_frames; 0 compiles the walker out), TASK_FSBASE_OFFSET, PYTHON_PROCS_ENTRIES,
- *   PYTHON_THREADS_ENTRIES, PYTHON_CODES_SEEN_ENTRIES.
+ *   PYTHON_THREADS_ENTRIES, PYTHON_CODES_SEEN_ENTRIES; announcements: IMAGE_LAYOUT (0/1) and the BTF
+ *   offsets it reads at (agent.features.IMAGE_MEMBERS: TASK_MM_OFFSET, ..., SB_DEV_OFFSET).
  */
 #include <uapi/linux/ptrace.h>
 #include <uapi/linux/bpf_perf_event.h>
@@ -50,6 +51,38 @@ BPF_TABLE("lru_hash", u32, u8, known_pids, KNOWN_PIDS_ENTRIES); /* processes alr
 BPF_HASH(pid_filter, u32, u8, 4096);                            /* used only when FILTER_PIDS */
 BPF_PERF_OUTPUT(proc_events);
 
+#ifndef IMAGE_LAYOUT
+#define IMAGE_LAYOUT 0
+#endif
+#if IMAGE_LAYOUT && !defined(SB_DEV_OFFSET)
+#error "IMAGE_LAYOUT needs the BTF offsets of agent.features.IMAGE_MEMBERS"
+#endif
+
+/* Where the current process's image lies and which executable it runs (struct proc_event), read at
+ * the offsets user space took from the kernel's BTF (the headers BCC compiles against may not be this
+ * kernel's). A read that fails leaves its fields 0. */
+static __always_inline void fill_image(struct proc_event *e)
+{
+    bpf_get_current_comm(&e->comm, sizeof(e->comm));
+#if IMAGE_LAYOUT
+    u8 *task = (u8 *)bpf_get_current_task();
+    u8 *mm = 0, *exe = 0, *inode = 0, *sb = 0;
+    if (bpf_probe_read_kernel(&mm, sizeof(mm), task + TASK_MM_OFFSET) != 0 || !mm)
+        return;
+    bpf_probe_read_kernel(&e->start_code, sizeof(e->start_code), mm + MM_START_CODE_OFFSET);
+    bpf_probe_read_kernel(&e->mmap_base, sizeof(e->mmap_base), mm + MM_MMAP_BASE_OFFSET);
+    bpf_probe_read_kernel(&e->vdso, sizeof(e->vdso), mm + MM_VDSO_OFFSET);
+    if (bpf_probe_read_kernel(&exe, sizeof(exe), mm + MM_EXE_FILE_OFFSET) != 0 || !exe)
+        return;
+    if (bpf_probe_read_kernel(&inode, sizeof(inode), exe + FILE_INODE_OFFSET) != 0 || !inode)
+        return;
+    bpf_probe_read_kernel(&e->exe_ino, sizeof(e->exe_ino), inode + INODE_INO_OFFSET);
+    if (bpf_probe_read_kernel(&sb, sizeof(sb), inode + INODE_SB_OFFSET) != 0 || !sb)
+        return;
+    bpf_probe_read_kernel(&e->exe_dev, sizeof(e->exe_dev), sb + SB_DEV_OFFSET);
+#endif
+}
+
 /* The first record of a process (from any profiler) announces it, once until it execs or exits. A
  * record of an exiting task (SAMPLE_FLAG_EXITING: the rest of do_exit, after sched_process_exit has
  * forgotten the pid) announces nothing: the process is going, and it would be announced twice. */
@@ -62,6 +95,9 @@ static __always_inline void announce_process(void *ctx, u32 pid, u64 now, u32 fl
         return;
     known_pids.update(&pid, &one);
     struct proc_event event = {.timestamp_ns = now, .pid = pid, .kind = PROC_EVENT_NEW};
+    /* Only from the process itself: an off-CPU record is sent by whichever task switches next. */
+    if ((bpf_get_current_pid_tgid() >> 32) == pid)
+        fill_image(&event);
     proc_events.perf_submit(ctx, &event, sizeof(event));
 }
 
@@ -351,8 +387,8 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
     collect_stacks(ctx, e);
     walk_python(ctx, e);
     copy_current_user_stack(r, CPU_STACK_BYTES); /* after the frames: see stack_copy_offset */
+    announce_process(ctx, pid, e->timestamp_ns, e->flags); /* first: its announcement is read first */
     cpu_samples.perf_submit(ctx, r, record_size(e, CPU_STACK_BYTES));
-    announce_process(ctx, pid, e->timestamp_ns, e->flags);
     return 0;
 }
 #endif
@@ -468,8 +504,8 @@ static __always_inline u32 offcpu_fill(void *ctx, struct offcpu_record *r, u64 i
 
 static __always_inline void offcpu_submit(void *ctx, struct offcpu_record *r, u32 size, u64 now)
 {
-    offcpu_samples.perf_submit(ctx, r, size);
     announce_process(ctx, r->event.pid, now, r->event.flags);
+    offcpu_samples.perf_submit(ctx, r, size);
 }
 
 #if !USE_KPROBE
@@ -612,8 +648,8 @@ static __always_inline void send_sample(struct pt_regs *ctx, u32 pid, u32 tid, u
      * allocation function, whose CFI row names the caller without any splicing. The copy goes after
      * the frames (see stack_copy_offset), so the walk comes first. */
     copy_user_stack(r, ALLOC_STACK_BYTES, PT_REGS_IP(ctx), PT_REGS_SP(ctx), PT_REGS_FP(ctx));
-    alloc_samples.perf_submit(ctx, r, record_size(e, ALLOC_STACK_BYTES));
     announce_process(ctx, pid, e->timestamp_ns, e->flags);
+    alloc_samples.perf_submit(ctx, r, record_size(e, ALLOC_STACK_BYTES));
 }
 
 /* Every probe: `outer` for the functions that may call malloc themselves. */
@@ -700,9 +736,17 @@ int on_aligned_alloc(struct pt_regs *ctx)
 
 /* ---- process lifetimes, for every profiler ---- */
 
+/* An exec: a pid never announced has nothing in user space to retire (its next record announces the
+ * new image), so only an announced one sends EXEC: under an exec storm most short processes are never
+ * sampled, and an event (a wakeup) for each would cost more than all their samples. */
 TRACEPOINT_PROBE(sched, sched_process_exec)
 {
     u32 pid = bpf_get_current_pid_tgid() >> 32;
+#if PYTHON_FRAMES > 0
+    python_procs.delete(&pid); /* walked as the old image's interpreter: not this one */
+#endif
+    if (!known_pids.lookup(&pid))
+        return 0;
     known_pids.delete(&pid);
     struct proc_event event = {.timestamp_ns = bpf_ktime_get_ns(), .pid = pid, .kind = PROC_EVENT_EXEC};
     proc_events.perf_submit(args, &event, sizeof(event));

@@ -130,10 +130,21 @@ struct python_thread_key {
     u64 pthread;
 };
 
+/* NEW also says where the image lies and which executable it runs, so that a process gone before user
+ * space could read its maps is laid out from an earlier process of the same executable
+ * (agent/process/templates.py): its executable's text and its mmap region (shared libraries, the
+ * dynamic loader) are each randomized as a whole. 0 where unknown (no BTF offsets, a failed read). */
 struct proc_event {
     u64 timestamp_ns;
     u32 pid;
     u32 kind;               /* PROC_EVENT_* */
+    u64 start_code;         /* mm->start_code: the executable's text */
+    u64 mmap_base;          /* mm->mmap_base: the top of the mmap region */
+    u64 vdso;               /* mm->context.vdso */
+    u64 exe_ino;            /* mm->exe_file's inode number */
+    u32 exe_dev;            /* and its superblock's s_dev (the kernel's dev_t encoding) */
+    u32 padding;
+    char comm[AGENT_COMM_LEN];
 };
 
 /* Bytes from a record's start to the end of its last filled slot: its kernel and user frames and its

@@ -40,7 +40,7 @@ from agent.probes.records import (
     StackEventRecord,
 )
 from agent.probes.stacks import StackDecoder
-from agent.types import NO_INTERPRETER_STACK, InterpreterStack, InterpreterStatus, Stack
+from agent.types import NO_INTERPRETER_STACK, ImageLayout, InterpreterStack, InterpreterStatus, Stack
 
 R = TypeVar("R", bound=ctypes.Structure)
 
@@ -144,6 +144,7 @@ class ProcessEvent:
     timestamp_ns: int
     pid: int
     kind: ProcessEventKind
+    layout: ImageLayout | None = None  # NEW: where its image lies, when BPF could read it
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,4 +379,8 @@ def decode_proc_event(data: int, size: int) -> ProcessEvent:
         kind = ProcessEventKind(record.kind)
     except ValueError:
         raise MalformedRecord(f"proc_event: kind {record.kind}") from None
-    return ProcessEvent(timestamp_ns=record.timestamp_ns, pid=record.pid, kind=kind)
+    layout = None
+    if kind is ProcessEventKind.NEW and record.exe_ino and record.start_code and record.mmap_base:
+        comm = record.comm.split(b"\0", 1)[0].decode("utf-8", "replace")
+        layout = ImageLayout(record.exe_dev, record.exe_ino, record.start_code, record.mmap_base, record.vdso, comm)
+    return ProcessEvent(timestamp_ns=record.timestamp_ns, pid=record.pid, kind=kind, layout=layout)

@@ -35,6 +35,7 @@ from agent.probes.python_maps import (
     PythonMaps,
 )
 from agent.probes.settings import ProfilingConfig, PythonSettings
+from agent.types import ImageLayout
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ KNOWN_PIDS_ENTRIES = 65536
 PROC_EVENT_PAGES = 8
 PROCESS_EVENTS = "proc_events"
 
-Announced = Callable[[int, int, bool], None]  # (pid, timestamp_ns, exec_)
+Announced = Callable[[int, int, bool, ImageLayout | None], None]  # (pid, timestamp_ns, exec_, layout)
 
 
 class ProbeProgram:
@@ -57,7 +58,7 @@ class ProbeProgram:
         announced: Announced | None = None,
     ) -> None:
         """`python`: the walker's settings (None: no Python frames); `features` default to this host's.
-        `announced(pid, timestamp_ns, exec_)` hears each exec and first record as it is read, before
+        `announced(pid, timestamp_ns, exec_, layout)` hears each exec and first record as it is read, before
         it is emitted (the process registry captures the process then, while it is surely alive)."""
         self._config = config
         self.probes = tuple(probes)
@@ -82,6 +83,8 @@ class ProbeProgram:
             "AGENT_PID": os.getpid(),
         }
         defines.update(self._python_defines())
+        offsets = (self._features or kernel_features()).image_offsets
+        defines.update({"IMAGE_LAYOUT": 1, **offsets} if offsets is not None else {"IMAGE_LAYOUT": 0})
         for probe in self.probes:
             for key, value in probe.defines.items():
                 if defines.setdefault(key, value) != value:
@@ -149,7 +152,7 @@ class ProbeProgram:
             return  # counted for the reader's pace only: the code object comes with the stack events
         logger.debug("process %d announced (%s)", event.pid, kind)
         if self._announced is not None:
-            self._announced(event.pid, event.timestamp_ns, event.kind is ProcessEventKind.EXEC)
+            self._announced(event.pid, event.timestamp_ns, event.kind is ProcessEventKind.EXEC, event.layout)
         for probe in self.probes:
             probe.note_process_event(event)
         self._emit(event)
@@ -157,6 +160,13 @@ class ProbeProgram:
     def readers(self) -> list[int]:
         """The perf readers of every open buffer, for one poll across all of them."""
         return list(self._bpf.perf_buffers.values()) if self._bpf is not None else []
+
+    def announcement_readers(self) -> list[int]:
+        """The perf readers of the process-event buffer (one per CPU)."""
+        if self._bpf is None:
+            return []
+        table = self._bpf[PROCESS_EVENTS.encode()]  # BCC keys its readers by (id(table), cpu)
+        return [reader for (owner, _cpu), reader in self._bpf.perf_buffers.items() if owner == id(table)]
 
     def read_kernel_counts(self) -> None:
         """After the buffers were drained (`agent.probes.reader`): the probes' in-kernel loss counters."""

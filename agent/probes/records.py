@@ -86,6 +86,13 @@ class ProcEventRecord(ctypes.Structure):
         ("timestamp_ns", ctypes.c_uint64),
         ("pid", ctypes.c_uint32),
         ("kind", ctypes.c_uint32),
+        ("start_code", ctypes.c_uint64),
+        ("mmap_base", ctypes.c_uint64),
+        ("vdso", ctypes.c_uint64),
+        ("exe_ino", ctypes.c_uint64),
+        ("exe_dev", ctypes.c_uint32),
+        ("padding", ctypes.c_uint32),
+        ("comm", ctypes.c_char * AGENT_COMM_LEN),
     )
 
 

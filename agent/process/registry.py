@@ -42,6 +42,8 @@ from typing import NamedTuple
 from agent.metadata.process import ProcessLabels, ProcessMetadata
 from agent.process.maps import MapKind, ProcessMaps, map_files_path, read_process_maps
 from agent.process.pinned import PINNED
+from agent.process.templates import ProcessTemplates
+from agent.types import ImageLayout
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ class ProcessStats:
     vanished: int = 0  # pids gone before they could be captured
     refreshed: int = 0  # snapshots retaken because an address fell outside every mapping
     expired: int = 0  # snapshots dropped after `ttl_intervals` intervals unseen
+    laid_out: int = 0  # processes gone unread, laid out from their executable's template
     unreadable: int = 0  # /proc/PID/maps exists but could not be read (permissions, I/O)
 
 
@@ -119,6 +122,7 @@ class ProcessRegistry:
         self._forgotten: dict[int, int] = {}  # pid -> end of the newest image dropped past _RETIRED_IMAGES
         self._generation = 0
         self._observers: list[Callable[[int], None]] = []
+        self._templates = ProcessTemplates()
 
     def add_observer(self, observer: Callable[[int], None]) -> None:
         """Call `observer(pid)` after each `observe_process` that finds or takes a snapshot, on that thread
@@ -132,13 +136,30 @@ class ProcessRegistry:
             for observer in self._observers:
                 observer(pid)
 
-    def announced(self, pid: int, timestamp_ns: int, exec_: bool) -> None:
+    def announced(self, pid: int, timestamp_ns: int, exec_: bool, layout: ImageLayout | None = None) -> None:
         """A process event, at once as it is read (see the module docstring): an exec (`exec_`) retires
         the pid's image; a process's first record (or its first after an exec, or under a reused pid)
-        retires any older snapshot and captures the image it runs now."""
+        retires any older snapshot and captures the image it runs now. With `layout` (where BPF saw the
+        image lie), a capture teaches its executable's template, and a process already gone is laid
+        out from that template (`agent.process.templates`)."""
         self.on_exec(pid, timestamp_ns)
-        if not exec_:
-            self.capture(pid)
+        if exec_:
+            return
+        maps = self.capture(pid, restore=layout is None)
+        if layout is None:
+            return
+        if maps is not None and not _exiting(maps):
+            with self._lock:
+                self._templates.learn(layout, maps)
+            return
+        with self._lock:
+            laid_out = self._templates.lay_out(pid, layout)
+            if laid_out is not None:
+                # Read from nothing of this process: no labels (another container may run the same file).
+                self._tracked[pid] = _Tracked(laid_out, ProcessLabels(pid, comm=layout.comm), self._generation, 0)
+                self.stats.laid_out += 1
+            else:
+                self._restore(pid)
 
     def on_exec(self, pid: int, ended_ns: int = 0) -> None:
         """Retire the pid's snapshot: exec replaced its image (at `ended_ns`, CLOCK_MONOTONIC, when
@@ -183,25 +204,26 @@ class ProcessRegistry:
         captured = self.capture(pid)
         return captured if captured is not None else self.get(pid)
 
-    def capture(self, pid: int) -> ProcessMaps | None:
-        """Take a fresh snapshot, replacing any older one; on failure keep (or bring back) the older one
-        and return None."""
+    def capture(self, pid: int, restore: bool = True) -> ProcessMaps | None:
+        """Take a fresh snapshot, replacing any older one; on failure keep (or, with `restore`, bring
+        back) the older one and return None."""
         if pid <= 0:
             return None  # pid 0 is the idle task: no /proc entry, no user space
         started_ns = time.monotonic_ns()  # the kernel's events are stamped with this clock
         try:
             maps = read_process_maps(self.proc_root, pid)
         except (FileNotFoundError, ProcessLookupError):
-            self._vanished(pid)
+            self._vanished(pid, restore)
             return None
         except OSError as e:
             with self._lock:
                 self.stats.unreadable += 1
-                self._restore(pid)
+                if restore:
+                    self._restore(pid)
             logger.debug("cannot read mappings of pid %d: %s", pid, e)
             return None
-        if _exiting(maps) and self._has_mappings(pid):
-            self._vanished(pid)  # an exiting process's empty maps never replace what it had mapped
+        if _exiting(maps) and (not restore or self._has_mappings(pid)):
+            self._vanished(pid, restore)  # an exiting process's empty maps never replace what it had mapped
             return None
         for entry in maps.mappings:  # reachable only through this process's link: hold it while it lasts
             if entry.kind is MapKind.DELETED and entry.identity is not None:
@@ -229,10 +251,11 @@ class ProcessRegistry:
                 self.stats.refreshed += 1
         return maps
 
-    def _vanished(self, pid: int) -> None:
+    def _vanished(self, pid: int, restore: bool = True) -> None:
         with self._lock:
             self.stats.vanished += 1
-            self._restore(pid)
+            if restore:
+                self._restore(pid)
         logger.debug("pid %d vanished before its mappings could be read", pid)
 
     def _restore(self, pid: int) -> None:
@@ -285,7 +308,9 @@ class ProcessRegistry:
 
     def sizes(self) -> dict[str, int]:
         """Current entry counts (snapshots, and the label cache they read through), for the metrics stage."""
-        return {"processes": len(self), "process_labels": len(self._metadata)}
+        with self._lock:
+            templates = len(self._templates)
+        return {"processes": len(self), "process_labels": len(self._metadata), "process_templates": templates}
 
     def __len__(self) -> int:
         with self._lock:

@@ -167,9 +167,12 @@ class AddressSpace:
     def refresh(self, proc_root: Path) -> None:
         self.read_at = time.monotonic()
         try:
-            self.maps = read_process_maps(proc_root, self.pid)
+            maps = read_process_maps(proc_root, self.pid)
         except OSError as e:
             logger.debug("cannot read the mappings of pid %d: %s", self.pid, e)
             return  # keep the older snapshot: the process may have exited with its samples in flight
+        if not maps.mappings and not maps.exe_path and self.maps is not None:
+            return  # the same for an exited process not yet reaped: its memory is gone, not changed
+        self.maps = maps
         self.memo.clear()
         self.tables.clear()

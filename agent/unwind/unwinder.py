@@ -88,6 +88,9 @@ class Unwinder:
         self.frames = 0  # frames unwound from stack copies
         self.frame_pointer_steps = 0  # of which found by the frame pointer, for lack of CFI
         self.seconds = 0.0  # time spent here (table loading included), for the metrics
+        # Reads the process announcements waiting now (the perf reader's, set once it exists): a
+        # pid's record can come before its announcement, which makes the registry read or lay it out.
+        self.catch_up: Callable[[], None] | None = None
 
     @property
     def tables_loaded(self) -> int:
@@ -146,12 +149,22 @@ class Unwinder:
             # use that snapshot rather than reading /proc/PID/maps (and stat'ing every file) again. An
             # address outside it makes the space re-read /proc at once (read_at 0).
             maps = self._snapshots(pid) if self._snapshots is not None else None
+            if maps is None and self._snapshots is not None and self.catch_up is not None:
+                self.catch_up()  # a short process is often gone already: only its announcement lays it out
+                maps = self._snapshots(pid)
             space = AddressSpace(pid, maps, 0.0)
             if maps is None:
                 space.refresh(self._proc_root)
             self._spaces[pid] = space
             if len(self._spaces) > MAX_PROCESSES:
                 self._spaces.popitem(last=False)
+        elif (space.maps is None or not space.maps.mappings) and self._snapshots is not None:
+            # Read from /proc after the process had gone (its first samples can be read before its
+            # announcement): the registry may have laid it out since, from its executable's template.
+            maps = self._snapshots(pid)
+            if maps is not None and maps.mappings:
+                space = self._spaces[pid] = AddressSpace(pid, maps, 0.0)
+            self._spaces.move_to_end(pid)
         else:
             self._spaces.move_to_end(pid)
         return space

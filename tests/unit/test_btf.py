@@ -18,7 +18,7 @@ from agent.btf import (
     BtfError,
     read_member_offset,
 )
-from agent.features import BTF_VMLINUX, task_fsbase_offset
+from agent.features import BTF_VMLINUX, IMAGE_MEMBERS, image_offsets, task_fsbase_offset
 
 KIND_FWD, KIND_ENUM = 7, 6
 
@@ -157,3 +157,20 @@ def test_this_kernels_task_fsbase_offset() -> None:
     assert btf.member_offset("task_struct", ["pid"]) < btf.member_offset("task_struct", ["tgid"]) < offset
     if os.uname().machine == "x86_64":
         assert task_fsbase_offset() == (offset, "")
+
+
+def test_image_offsets_say_why_they_are_missing(tmp_path: Path) -> None:
+    offsets, reason = image_offsets(tmp_path / "vmlinux")
+    assert offsets is None and "cannot read" in reason
+    (tmp_path / "vmlinux").write_bytes(tiny_kernel())  # a task_struct with no mm
+    offsets, reason = image_offsets(tmp_path / "vmlinux")
+    assert offsets is None and "task_struct has no member mm" in reason
+
+
+@pytest.mark.skipif(not os.path.exists(BTF_VMLINUX), reason="this kernel has no BTF (CONFIG_DEBUG_INFO_BTF)")
+def test_this_kernels_image_offsets() -> None:
+    """Every field an announcement reads is found (the BPF exec-storm test checks what they read)."""
+    offsets, reason = image_offsets()
+    assert offsets is not None and reason == ""
+    assert set(offsets) == set(IMAGE_MEMBERS)
+    assert offsets["MM_START_CODE_OFFSET"] % 8 == 0 and offsets["MM_MMAP_BASE_OFFSET"] % 8 == 0

@@ -38,7 +38,7 @@ from agent.probes.records import (
     StackEventRecord,
 )
 from agent.probes.stacks import StackDecoder
-from agent.types import EMPTY_STACK, Stack, StackStatus
+from agent.types import EMPTY_STACK, ImageLayout, Stack, StackStatus
 
 KERNEL = (0xFFFFFFFF81000110, 0xFFFFFFFF81000010)
 USER = (0x401234, 0x402345, 0x403456)
@@ -368,8 +368,21 @@ def test_unknown_proc_event_kind_is_malformed(kind: int) -> None:
 
 def test_too_short_proc_event_is_malformed() -> None:
     record = ProcEventRecord(timestamp_ns=1, pid=2, kind=PROC_EVENT_NEW)
-    with pytest.raises(MalformedRecord, match="ProcEventRecord: 12 bytes, expected at least 16"):
+    size = ctypes.sizeof(ProcEventRecord)
+    with pytest.raises(MalformedRecord, match=f"ProcEventRecord: 12 bytes, expected at least {size}"):
         decode_proc_event(ctypes.addressof(record), 12)
+
+
+def test_an_announcement_says_where_its_image_lies() -> None:
+    fields = {"start_code": 0x5555_5555_5000, "mmap_base": 0x7FFF_F7FF_F000, "vdso": 0x7FFF_F7FC_1000}
+    record = ProcEventRecord(timestamp_ns=5, pid=7, kind=PROC_EVENT_NEW, exe_ino=42, exe_dev=(8 << 20) | 1, **fields)
+    record.comm = b"sed"
+    event = decode_proc_event(ctypes.addressof(record), ctypes.sizeof(record))
+    assert event.layout == ImageLayout((8 << 20) | 1, 42, 0x5555_5555_5000, 0x7FFF_F7FF_F000, 0x7FFF_F7FC_1000, "sed")
+    # BPF could not read the image (no BTF offsets, a kernel thread's missing mm): no layout, as for EXEC.
+    for kind, exe_ino in ((PROC_EVENT_NEW, 0), (PROC_EVENT_EXEC, 42)):
+        record = ProcEventRecord(timestamp_ns=5, pid=7, kind=kind, exe_ino=exe_ino, **fields)
+        assert decode_proc_event(ctypes.addressof(record), ctypes.sizeof(record)).layout is None
 
 
 # StackEventDecoder: what its cache shares between records, and what it reads afresh

@@ -14,6 +14,7 @@ import pytest
 
 from agent.probes.events import StackEvent, UserStackCopy
 from agent.process.jvm.frames import InterpreterFrames
+from agent.process.maps import ProcessMaps
 from agent.types import EMPTY_STACK, Stack, StackStatus
 from agent.unwind import spaces
 from agent.unwind.unwinder import Unwinder
@@ -228,6 +229,40 @@ def test_a_snapshot_stands_in_for_the_maps_of_a_process_gone(
     unwinder.tables = spaces.UnwindTables(fake_proc)  # the files themselves are still reachable
     stack = unwinder.unwind(event(leaf_fp_outer_copy(at, at("fp_ret"), at("outer_ret"))))
     assert stack == Stack(StackStatus.OK, (at("leaf_subbed"), at("fp_ret"), at("outer_ret")))
+
+
+def test_a_record_read_before_its_announcement_reads_the_announcements_first(
+    process: Path, at: Callable[[str], int], fake_proc: Path, tmp_path: Path
+) -> None:
+    """The record of a process already gone came from another CPU's buffer than its announcement: the
+    unwinder reads the waiting announcements (which lay the process out) before it settles for none."""
+    from agent.process.maps import read_process_maps
+
+    snapshots: dict[int, ProcessMaps] = {}
+    unwinder = Unwinder(proc_root=tmp_path / "empty-proc", snapshots=snapshots.get)
+    unwinder.tables = spaces.UnwindTables(fake_proc)
+
+    def announcement_read() -> None:  # as ProcessRegistry.announced does, from the reader's catch-up
+        snapshots[PID] = read_process_maps(fake_proc, PID)
+
+    unwinder.catch_up = announcement_read
+    stack = unwinder.unwind(event(leaf_fp_outer_copy(at, at("fp_ret"), at("outer_ret"))))
+    assert stack == Stack(StackStatus.OK, (at("leaf_subbed"), at("fp_ret"), at("outer_ret")))
+
+
+def test_a_space_read_after_the_process_had_gone_takes_its_later_snapshot(
+    process: Path, at: Callable[[str], int], fake_proc: Path, tmp_path: Path
+) -> None:
+    """No snapshot and no /proc at the first record; the registry laid the process out since."""
+    from agent.process.maps import read_process_maps
+
+    snapshots: dict[int, ProcessMaps] = {}
+    unwinder = Unwinder(proc_root=tmp_path / "empty-proc", snapshots=snapshots.get)
+    unwinder.tables = spaces.UnwindTables(fake_proc)
+    copy = leaf_fp_outer_copy(at, at("fp_ret"), at("outer_ret"))
+    assert unwinder.unwind(event(copy)).addresses != (at("leaf_subbed"), at("fp_ret"), at("outer_ret"))
+    snapshots[PID] = read_process_maps(fake_proc, PID)
+    assert unwinder.unwind(event(copy)) == Stack(StackStatus.OK, (at("leaf_subbed"), at("fp_ret"), at("outer_ret")))
 
 
 def test_forget_rereads_the_maps(
