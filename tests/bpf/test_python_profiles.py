@@ -23,9 +23,13 @@ of sqrt(p(1-p)(1/n1 + 1/n2)) = 0.0061 at 10,000 each, so 4 of them (0.025) fit i
 longer run, rather than let the fixed bound fall below 4 standard errors.
 
 py-spy itself is a sample of wall time (while the thread is runnable), the agent one of CPU time. On
-this 2-core machine beside other load, py-spy's shares were within 1.3 points of the workload's own
-clock (time.thread_time) for every function; the agent is held to that clock too, within 4 binomial
-standard errors (1.7 points at 10,000 samples).
+this 2-core machine beside a steady load, py-spy's shares were within 1.3 points of the workload's own
+clock (time.thread_time) for every function. Beside a bursty one the two clocks part: the time a task
+waited for a CPU counts for py-spy only (seen: `recurse` 25.0% of the CPU time, 19.8% of py-spy's
+samples, in a run beside an exec storm). The workload measures both clocks for each task, so the
+comparison with py-spy allows, beyond the ±3 points, the difference of the task's two shares in that
+run (0 when nothing waited). The agent is held to the CPU clock itself, within 4 binomial standard
+errors (1.7 points at 10,000 samples).
 """
 
 from __future__ import annotations
@@ -65,6 +69,8 @@ SPY_ERROR_SHARE = 0.001  # py-spy's failed reads, per sample taken
 FUNCTIONS = ("Mixer.churn", "recurse", "squares", "compress")
 # cpu_split's tasks (what it times) and the function each is.
 TASKS = {"churn": "Mixer.churn", "recurse": "recurse", "drain": "drain", "compress": "compress"}
+# The task each compared function runs in: the generator `squares` is consumed by `drain`.
+TASK_OF = {"Mixer.churn": "churn", "recurse": "recurse", "squares": "drain", "compress": "compress"}
 OFFCPU_ARGS = ["4", "2", "4"]  # seconds, threads, slice ms: wait_a blocks 8 ms, wait_b 4 ms
 ALLOC_MB = 512
 
@@ -138,6 +144,7 @@ def test_cpu_split_matches_py_spy(run: Run) -> None:
     ours_n, spy_n = weight(samples), pyspy.total(spy)
     assert run.cpu_lost == 0, "the agent lost CPU records: shares of a rotating workload would be biased"
     shares = {}
+    cpu_s, wall_s = run.cpu_truth["tasks"], run.cpu_truth["wall"]
     for qualname in FUNCTIONS:
         name = run.name(qualname)
         ours = inclusive(samples, name, run.cpu.filename) / ours_n
@@ -146,7 +153,9 @@ def test_cpu_split_matches_py_spy(run: Run) -> None:
         pooled = (ours * ours_n + theirs * spy_n) / (ours_n + spy_n)
         needed = _enough_for_split(pooled, ours_n, spy_n)
         assert needed <= SPLIT_POINTS, f"{ours_n} and {spy_n} samples: 4 SE = {needed:.4f}; raise CPU_SECONDS"
-        assert abs(ours - theirs) <= SPLIT_POINTS, (qualname, shares, ours_n, spy_n)
+        task = TASK_OF[qualname]
+        clocks_apart = abs(cpu_s[task] / sum(cpu_s.values()) - wall_s[task] / sum(wall_s.values()))
+        assert abs(ours - theirs) <= SPLIT_POINTS + clocks_apart, (qualname, shares, ours_n, spy_n, clocks_apart)
     # The workload's own clock says the same: each task's share of its CPU time (time.thread_time around
     # the calls, the process's rusage for the whole) is within 4 binomial standard errors of ours.
     process_cpu = run.cpu.usage.ru_utime + run.cpu.usage.ru_stime

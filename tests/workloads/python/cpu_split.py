@@ -9,7 +9,9 @@ Rounds of four tasks, each sized (after a first calibration round) to take about
 - `compress`, whose time is in zlib's C code (a C extension called from Python).
 It runs until the process has used CPU_SECONDS of CPU (not wall time, so a busy host gives the same
 number of samples, only later), then writes the CPU seconds of each task (time.thread_time around each
-call: the clock the kernel's CPU accounting keeps) and of the whole process to TRUTH_FILE. The hot line
+call: the clock the kernel's CPU accounting keeps) and of the whole process to TRUTH_FILE, and the
+wall seconds of each task (time.perf_counter around the same calls: what a sampler of a runnable
+thread's wall time, py-spy, sees; it exceeds the CPU time by the time the thread waited for a CPU). The hot line
 of each function is the one marked `# hot`: the tests find it by that comment.
 """
 
@@ -72,17 +74,20 @@ def main() -> None:
         "compress": (compress, 1),
     }
     spent = dict.fromkeys(tasks, 0.0)
+    wall = dict.fromkeys(tasks, 0.0)
     sizes = {name: size for name, (_, size) in tasks.items()}
     start = time.process_time()
     while time.process_time() - start < cpu_seconds:
         for name, (task, _) in tasks.items():
-            begun = time.thread_time()
+            begun, begun_wall = time.thread_time(), time.perf_counter()
             task(sizes[name])
             took = time.thread_time() - begun
+            wall[name] += time.perf_counter() - begun_wall
             spent[name] += took
             if took > 0:  # the next call's size, towards ROUND_S (at most 4x bigger at once)
                 sizes[name] = max(1, int(sizes[name] * min(4.0, ROUND_S / took)))
-    write_truth(truth_path, {"tasks": spent, "process_cpu_s": time.process_time() - start, "sizes": sizes})
+    truth = {"tasks": spent, "wall": wall, "process_cpu_s": time.process_time() - start, "sizes": sizes}
+    write_truth(truth_path, truth)
 
 
 if __name__ == "__main__":
