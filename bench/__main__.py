@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import accuracy, ingest, pyhost, scale, slowdown, startup, steady, unwind, versus
+from bench import accuracy, ingest, pyhost, scale, slowdown, startup, steady, storm, unwind, versus
 from bench.build import REPO, build_workloads, ensure_tools
 from bench.carry import carried_over
 from bench.context import Context, online_cpus, registered_profilers
@@ -30,6 +30,7 @@ SCENARIOS: dict[str, Callable[[Context], ScenarioResult]] = {
     "scale": scale.run,
     "unwind": unwind.run,
     "python": pyhost.run,
+    "storm": storm.run,
     "versus": versus.run,
 }
 

@@ -23,7 +23,7 @@ TEST_WORKLOADS = REPO / "tests" / "workloads"
 CFLAGS = ("-O2", "-g", "-fno-omit-frame-pointer", "-pthread")
 TEST_CFLAGS = ("-O1", "-g", "-fno-omit-frame-pointer", "-pthread")  # as tests/support/workloads.py
 LIBRARIES = ("ingest_driver",)  # built as shared objects, loaded with ctypes
-TEST_PROGRAMS = ("cpu_split", "offcpu_split", "alloc_sites", "frameless_leaf")
+TEST_PROGRAMS = ("cpu_split", "offcpu_split", "alloc_sites", "frameless_leaf", "exec_storm")
 # Debian package -> a file it installs that the benchmarks run.
 TOOLS = {
     "time": "/usr/bin/time",
