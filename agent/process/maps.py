@@ -126,7 +126,7 @@ def root_path(proc_root: Path, pid: int, path: str) -> Path:
     return proc_root / str(pid) / "root" / path.lstrip("/")
 
 
-def _stat_identity(path: Path) -> FileIdentity | None:
+def _stat_identity(path: Path | str) -> FileIdentity | None:
     try:
         return FileIdentity.of(os.stat(path))
     except OSError:
@@ -144,13 +144,19 @@ def read_process_maps(proc_root: Path, pid: int) -> ProcessMaps:
         lines = f.readlines()
     identities: dict[str, FileIdentity | None] = {}
     entries: list[MapEntry] = []
+    root = f"{proc_root}/{pid}/root/"
     for line in lines:
+        # Most lines are data, not code: skip them before parsing (`start-end rwxp ...`: x is the third
+        # letter of perms). An exec storm captures hundreds of processes a second (#16).
+        space = line.find(" ")
+        if line[space + 3 : space + 4] != "x":
+            continue
         entry = parse_maps_line(line)
         if entry is None or "x" not in entry.perms:
             continue
         if entry.kind is MapKind.FILE:
             if entry.path not in identities:
-                identities[entry.path] = _stat_identity(root_path(proc_root, pid, entry.path))
+                identities[entry.path] = _stat_identity(root + entry.path.lstrip("/"))
             entry = dataclasses.replace(entry, identity=identities[entry.path])
         elif entry.kind is MapKind.DELETED:
             # Unlinked (a package upgrade replaces binaries under running processes): the mapping's
