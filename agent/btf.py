@@ -147,10 +147,15 @@ class Btf:
         return bits // 8
 
 
-def read_member_offset(path: Path, struct_name: str, members: Sequence[str]) -> int:
-    """`Btf.member_offset` of the blob at `path`; BtfError (with the reason) when it cannot be read."""
+def read_btf(path: Path) -> Btf:
+    """The blob at `path`, parsed; BtfError (with the reason) when it cannot be read."""
     try:
         data = path.read_bytes()
     except OSError as e:
         raise BtfError(f"cannot read {path}: {e.strerror or e}") from e
-    return Btf(data).member_offset(struct_name, members)
+    return Btf(data)
+
+
+def read_member_offset(path: Path, struct_name: str, members: Sequence[str]) -> int:
+    """`Btf.member_offset` of the blob at `path`; BtfError (with the reason) when it cannot be read."""
+    return read_btf(path).member_offset(struct_name, members)

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.btf import Btf, BtfError, read_member_offset
+from agent.btf import Btf, BtfError, read_btf
 
 logger = logging.getLogger(__name__)
 
@@ -146,27 +146,27 @@ def task_regs_unavailable(release: str | None = None, btf: Path = BTF_VMLINUX) -
     return ""
 
 
-def task_fsbase_offset(btf: Path = BTF_VMLINUX, machine: str | None = None) -> tuple[int | None, str]:
-    """(the offset of a task's FS base in task_struct, "") from the kernel's BTF, or (None, why not)."""
+def task_fsbase_offset(
+    btf: Path = BTF_VMLINUX, machine: str | None = None, types: Btf | None = None
+) -> tuple[int | None, str]:
+    """(the offset of a task's FS base in task_struct, "") from the kernel's BTF (`types`: already
+    parsed from `btf`), or (None, why not)."""
     machine = machine or platform.machine()
     members = TASK_FSBASE_MEMBERS.get(machine)
     if members is None:
         return None, f"no TLS base member known for {machine}"
     try:
-        return read_member_offset(btf, "task_struct", members), ""
+        return (types or read_btf(btf)).member_offset("task_struct", members), ""
     except BtfError as e:
         return None, f"task_struct.{'.'.join(members)} not found in {btf}: {e}"
 
 
-def image_offsets(btf: Path = BTF_VMLINUX) -> tuple[dict[str, int] | None, str]:
-    """(IMAGE_MEMBERS' offsets by -D name, "") from the kernel's BTF, or (None, why not)."""
+def image_offsets(btf: Path = BTF_VMLINUX, types: Btf | None = None) -> tuple[dict[str, int] | None, str]:
+    """(IMAGE_MEMBERS' offsets by -D name, "") from the kernel's BTF (`types`: already parsed from
+    `btf`), or (None, why not)."""
     try:
-        data = btf.read_bytes()
-    except OSError as e:
-        return None, f"cannot read {btf}: {e.strerror or e}"
-    try:
-        types = Btf(data)
-        return {name: types.member_offset(struct, path) for name, (struct, path) in IMAGE_MEMBERS.items()}, ""
+        parsed = types or read_btf(btf)
+        return {name: parsed.member_offset(struct, path) for name, (struct, path) in IMAGE_MEMBERS.items()}, ""
     except BtfError as e:
         return None, f"{btf}: {e}"
 
@@ -174,10 +174,14 @@ def image_offsets(btf: Path = BTF_VMLINUX) -> tuple[dict[str, int] | None, str]:
 def read_kernel_features(root: Path = Path("/"), release: str | None = None) -> KernelFeatures:
     kprobes = kprobes_available(root)
     btf = root / BTF_VMLINUX.relative_to("/")
-    fsbase_offset, fsbase_unavailable = task_fsbase_offset(btf)
+    try:
+        types: Btf | None = read_btf(btf)  # parsed once for every offset below (~0.15 s of start-up each)
+    except BtfError:
+        types = None  # each lookup below reads it again and says why it cannot
+    fsbase_offset, fsbase_unavailable = task_fsbase_offset(btf, types=types)
     if fsbase_offset is None:
         logger.warning("Python frames are off: %s", fsbase_unavailable)
-    offsets, offsets_unavailable = image_offsets(btf)
+    offsets, offsets_unavailable = image_offsets(btf, types)
     if offsets is None:
         logger.warning("processes that exit before their maps are read stay unnamed: %s", offsets_unavailable)
     return KernelFeatures(

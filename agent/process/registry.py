@@ -148,7 +148,7 @@ class ProcessRegistry:
         maps = self.capture(pid, restore=layout is None)
         if layout is None:
             return
-        if maps is not None and not _exiting(maps):
+        if maps is not None:  # without `restore`, an exiting process's empty maps come back as None
             with self._lock:
                 self._templates.learn(layout, maps)
             return
