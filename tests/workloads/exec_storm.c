@@ -69,7 +69,8 @@ static long reap(int options)
 static int drive(double rate, double seconds, const char *ms)
 {
     long spawned = 0, reaped = 0, failed = 0, late = 0;
-    double period = 1.0 / rate, start = mono_now(), due = start;
+    double period = 1.0 / rate, start = mono_now();
+    long slots = (long)(rate * seconds + 0.5); /* counted, not compared in floating point: exactly this many */
     /* The file itself, not /proc/self/exe: the children's comm is taken from the name exec'd. */
     char self[4096];
     ssize_t length = readlink("/proc/self/exe", self, sizeof(self) - 1);
@@ -77,14 +78,14 @@ static int drive(double rate, double seconds, const char *ms)
         return 1;
     self[length] = 0;
     char *argv[] = {self, "child", (char *)ms, NULL};
-    while (due < start + seconds) {
+    for (long slot = 0; slot < slots; slot++) {
         pid_t pid;
         if (posix_spawn(&pid, self, NULL, NULL, argv, environ) == 0)
             spawned++;
         else
             failed++;
         reaped += reap(WNOHANG);
-        due += period;
+        double due = start + (double)(slot + 1) * period;
         double now = mono_now();
         if (now > due + period)
             late++;
